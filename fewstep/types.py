@@ -1,0 +1,282 @@
+"""Payloads passed through the hooks (DESIGN.md §4).
+
+Everything here is a frozen dataclass: a hook receives a payload, reads it, and returns a new value;
+it never mutates what the core handed it. The only mutable objects reachable from a payload are
+networks (their parameters change when an optimizer steps) and the dictionary of extra networks,
+which the core fills once before training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from fewstep.teacher import Teacher
+
+__all__ = [
+    "Batch",
+    "Cond",
+    "LossOutput",
+    "Nets",
+    "OptimizerGroup",
+    "Phase",
+    "RunContext",
+    "StepInfo",
+]
+
+
+@dataclass(frozen=True)
+class Cond:
+    """Conditioning for one batch; every field is optional and batch-first.
+
+    labels: (B,) int64 class ids; the null (unconditional) class is ``num_classes``.
+    embeddings: (B, L, D) text-encoder hidden states (``encoder_hidden_states`` in diffusers).
+    pooled: (B, D) pooled text embedding, for backbones that take one.
+    prompts: the raw prompts, kept for logging and model cards; never fed to a network.
+    """
+
+    labels: Tensor | None = None
+    embeddings: Tensor | None = None
+    pooled: Tensor | None = None
+    prompts: tuple[str, ...] | None = None
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {k: v for k in ("labels", "embeddings", "pooled") if (v := getattr(self, k)) is not None}
+
+    @property
+    def is_empty(self) -> bool:
+        return not self._tensors()
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Cond:
+        """Move tensors to ``device``; floating tensors are also cast to ``dtype`` when given."""
+        moved = {}
+        for k, v in self._tensors().items():
+            moved[k] = v.to(device, dtype) if (dtype is not None and v.is_floating_point()) else v.to(device)
+        return dataclasses.replace(self, **moved)
+
+    def index(self, idx: Tensor | slice) -> Cond:
+        """Select samples along the batch dimension."""
+        out = {k: v[idx] for k, v in self._tensors().items()}
+        if self.prompts is not None:
+            rows = range(len(self.prompts))[idx] if isinstance(idx, slice) else idx.tolist()
+            out["prompts"] = tuple(self.prompts[i] for i in rows)
+        return dataclasses.replace(self, **out)
+
+    def repeat(self, n: int) -> Cond:
+        """Repeat every sample ``n`` times (sample-major), e.g. for several noises per condition."""
+        out = {k: v.repeat_interleave(n, dim=0) for k, v in self._tensors().items()}
+        if self.prompts is not None:
+            out["prompts"] = tuple(p for p in self.prompts for _ in range(n))
+        return dataclasses.replace(self, **out)
+
+    @staticmethod
+    def cat(conds: list[Cond]) -> Cond:
+        """Concatenate along the batch dimension (used to batch the cond and uncond passes of CFG)."""
+        first = conds[0]
+        out: dict[str, Any] = {k: torch.cat([getattr(c, k) for c in conds]) for k in first._tensors()}
+        if first.prompts is not None:
+            out["prompts"] = tuple(p for c in conds for p in (c.prompts or ()))
+        return Cond(**out)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch as the loss hook sees it, already on the run's device.
+
+    x0: (B, C, H, W) clean samples in model space (VAE latents for a latent teacher), or None for
+        data-free methods. cond / uncond: the condition and its null counterpart (uncond is None
+        when the teacher is unconditional). pairs: (noise, x0) couplings from the teacher, or None.
+    """
+
+    x0: Tensor | None
+    cond: Cond
+    uncond: Cond | None = None
+    pairs: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def size(self) -> int:
+        if self.x0 is not None:
+            return self.x0.shape[0]
+        if self.pairs is not None:
+            return self.pairs[0].shape[0]
+        tensors = self.cond._tensors()
+        if not tensors:
+            raise ValueError("Batch has neither data nor conditioning, so its size is unknown")
+        return next(iter(tensors.values())).shape[0]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where training stands, and the random numbers for this micro-batch.
+
+    Curricula are pure functions of these fields (STYLE.md rule 5). Random draws go through
+    :meth:`randn` / :meth:`rand` / :meth:`randint`: they draw for the *global* batch from a generator
+    seeded by (seed, nimg, micro-step) and return this process's slice, so a run gives the same
+    numbers whatever the number of processes, and a resumed run replays exactly.
+    """
+
+    step: int
+    nimg: int
+    total_nimg: int
+    phase: str
+    phase_progress: float
+    progress: float
+    generator: torch.Generator
+    rank: int = 0
+    world_size: int = 1
+    local_batch: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def _global(self, draw: Tensor) -> Tensor:
+        lo = self.rank * self.local_batch
+        return draw[lo : lo + self.local_batch].to(self.device)
+
+    def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(B_local, *shape) standard normal draws."""
+        g = self.world_size * self.local_batch
+        return self._global(torch.randn((g, *shape), generator=self.generator, dtype=dtype))
+
+    def rand(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(B_local, *shape) uniform draws in [0, 1)."""
+        g = self.world_size * self.local_batch
+        return self._global(torch.rand((g, *shape), generator=self.generator, dtype=dtype))
+
+    def randint(self, low: int, high: int, *shape: int) -> Tensor:
+        """(B_local, *shape) integers in [low, high)."""
+        g = self.world_size * self.local_batch
+        return self._global(torch.randint(low, high, (g, *shape), generator=self.generator))
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        """Standard normal noise shaped like the local batch ``x``: (B_local, ...)."""
+        return self.randn(*x.shape[1:], dtype=torch.float32).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """What ``fewstep_loss`` returns.
+
+    loss: (B,) per-sample losses; the trainer owns reduction, accumulation and backward.
+    terms: scalar log values (detached), averaged over micro-batches and logged as ``<group>/<name>``.
+    images: optional (B, C, H, W) tensors in data space for the validation grid.
+    """
+
+    loss: Tensor
+    terms: Mapping[str, Tensor | float] = field(default_factory=dict)
+    images: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+OptimizerName = Literal["adam", "adamw", "radam", "sgd"]
+
+
+@dataclass(frozen=True)
+class OptimizerGroup:
+    """A set of networks stepped together by one optimizer.
+
+    modules: names of networks in :class:`Nets` (``"student"`` or a key of ``Nets.extra``).
+    every_n_steps: the group steps on trainer steps where ``step % every_n_steps == 0``; with a
+        student at 5 and a fake-score group at 1, the fake score steps five times per student step.
+    max_grad_norm: clip the group's gradient norm to this value (None: no clipping).
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    lr: float
+    optimizer: OptimizerName = "adam"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    every_n_steps: int = 1
+    max_grad_norm: float | None = None
+    warmup_nimg: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise ValueError(f"optimizer group {self.name!r} names no modules")
+        if self.every_n_steps < 1:
+            raise ValueError(f"optimizer group {self.name!r}: every_n_steps must be >= 1, got {self.every_n_steps}")
+        if self.lr <= 0:
+            raise ValueError(f"optimizer group {self.name!r}: lr must be > 0, got {self.lr}")
+
+    def due(self, step: int) -> bool:
+        """Whether this group steps on trainer step ``step`` (0-based)."""
+        return step % self.every_n_steps == 0
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of training in which only ``groups`` step.
+
+    duration_nimg: images seen in this phase; None means "until the end of training" and is only
+    allowed for the last phase.
+    """
+
+    name: str
+    groups: tuple[str, ...]
+    duration_nimg: int | None = None
+
+
+@dataclass(frozen=True)
+class Nets:
+    """All networks of a run.
+
+    teacher: the frozen teacher (never wrapped by accelerate, never given to an optimizer).
+    student: the network being distilled (trainable).
+    extra: additional networks from ``fewstep_extra_networks`` (target, fake_score, disc, ema...).
+    Networks are looked up by name with :meth:`get`; optimizer groups refer to the same names.
+    """
+
+    teacher: Teacher
+    student: nn.Module
+    extra: dict[str, nn.Module] = field(default_factory=dict)
+
+    def get(self, name: str) -> nn.Module:
+        if name == "student":
+            return self.student
+        try:
+            return self.extra[name]
+        except KeyError:
+            known = ", ".join(["student", *self.extra])
+            raise KeyError(f"no network named {name!r}; networks of this run: {known}") from None
+
+    def names(self) -> list[str]:
+        return ["student", *self.extra]
+
+    @property
+    def ema(self) -> nn.Module | None:
+        """The evaluation EMA of the student, when the ``ema`` plugin is active."""
+        return self.extra.get("ema")
+
+    def replace(self, **networks: nn.Module) -> Nets:
+        """A view with some networks swapped (the trainer uses it to hand wrapped modules to a loss)."""
+        student = networks.pop("student", self.student)
+        return Nets(self.teacher, student, {**self.extra, **networks})
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a plugin knows about the run.
+
+    method: the plugin's own validated sub-config (its pydantic model); config: the whole run config.
+    dtype: the compute dtype (bf16/fp16 under mixed precision, else fp32); the frozen teacher lives in it.
+    global_batch: images per optimizer step over all processes and accumulation rounds.
+    """
+
+    method: BaseModel
+    config: Any
+    device: torch.device
+    dtype: torch.dtype
+    run_dir: Path
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    global_batch: int = 1
+    is_main: bool = True
