@@ -9,7 +9,7 @@ which the core fills once before training.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -76,6 +76,15 @@ class Cond:
         out = {k: v.repeat_interleave(n, dim=0) for k, v in self._tensors().items()}
         if self.prompts is not None:
             out["prompts"] = tuple(p for p in self.prompts for _ in range(n))
+        return dataclasses.replace(self, **out)
+
+    def where(self, mask: Tensor, other: Cond) -> Cond:
+        """Per sample, ``other`` where ``mask`` (B,) is True, else self (label dropout for CFG training)."""
+        out = {}
+        for k, v in self._tensors().items():
+            o = getattr(other, k)
+            m = mask.view(-1, *([1] * (v.ndim - 1)))
+            out[k] = torch.where(m, o.to(v.device), v)
         return dataclasses.replace(self, **out)
 
     @staticmethod
@@ -154,6 +163,10 @@ class StepInfo:
         """(B_local, *shape) integers in [low, high)."""
         g = self.world_size * self.local_batch
         return self._global(torch.randint(low, high, (g, *shape), generator=self.generator))
+
+    def draw(self, fn: Callable[[int, torch.Generator], Tensor]) -> Tensor:
+        """Any other draw: ``fn(global_batch, generator)`` returns (global_batch, ...); this process's slice."""
+        return self._global(fn(self.world_size * self.local_batch, self.generator))
 
     def randn_like(self, x: Tensor) -> Tensor:
         """Standard normal noise shaped like the local batch ``x``: (B_local, ...)."""

@@ -1,0 +1,348 @@
+"""One calling convention over the diffusers denoisers fewstep distils.
+
+:class:`Backbone` wraps a diffusers ``UNet2DModel``, ``UNet2DConditionModel`` or
+``DiTTransformer2DModel`` behind ``backbone(x, timestep, cond, **scalars) -> (B, C, H, W)``, so the
+diffusion maths (``fewstep/diffusion.py``) and every method plugin call all three the same way.
+
+Extra scalar inputs. Several methods condition the student on a scalar the teacher never saw: the
+target time ``s`` of CTM and flow maps, the guidance scale ``w`` of guided / LCM-style distillation.
+:meth:`Backbone.add_scalar_inputs` adds one embedding per scalar, built like the backbone's own time
+embedding (sinusoidal features -> Linear -> SiLU -> Linear) with the last Linear zero-initialised,
+and adds its output to the backbone's time embedding through forward hooks. At step 0 the student is
+therefore exactly its teacher. The backbone embeds whatever float it is given, with the same
+sinusoidal features (same width, frequencies and flip) as its timesteps: the caller maps a scalar
+to a sensible range first (by convention the target time ``s`` is given in the same model-time units
+as ``timestep``, e.g. ``NoiseProcess.model_time(s)``; a guidance scale ``w`` is given as is).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from fewstep.types import Cond
+
+__all__ = ["SUPPORTED_MODELS", "Backbone", "ScalarEmbedding", "enable_gradient_checkpointing"]
+
+# diffusers class name -> (Backbone.kind, class)
+SUPPORTED_MODELS: dict[str, tuple[str, type[nn.Module]]] = {
+    "UNet2DModel": ("unet2d", UNet2DModel),
+    "UNet2DConditionModel": ("unet2d_condition", UNet2DConditionModel),
+    "DiTTransformer2DModel": ("dit", DiTTransformer2DModel),
+}
+
+BACKBONE_META = "fewstep_backbone.json"
+EXTRA_WEIGHTS = "fewstep_extra.safetensors"
+
+
+def _unsupported(name: str) -> ValueError:
+    return ValueError(
+        f"unsupported backbone class {name!r}; fewstep supports {', '.join(SUPPORTED_MODELS)} "
+        "(a diffusers model folder's config.json names its class in '_class_name')"
+    )
+
+
+class ScalarEmbedding(nn.Module):
+    """Sinusoidal features of a (B,) scalar -> Linear -> SiLU -> Linear (zero-initialised).
+
+    ``proj`` copies the backbone's timestep features (width, frequency shift, flip), ``mlp`` is a
+    diffusers ``TimestepEmbedding`` whose ``linear_2`` weight and bias start at zero, so the module
+    outputs exact zeros until it is trained.
+    """
+
+    def __init__(self, proj: Timesteps, out_dim: int) -> None:
+        super().__init__()
+        self.proj = Timesteps(proj.num_channels, proj.flip_sin_to_cos, proj.downscale_freq_shift, proj.scale)
+        self.mlp = TimestepEmbedding(proj.num_channels, out_dim)
+        nn.init.zeros_(self.mlp.linear_2.weight)
+        nn.init.zeros_(self.mlp.linear_2.bias)
+
+    def forward(self, value: Tensor) -> Tensor:
+        """value: (B,) float -> (B, out_dim)."""
+        return self.mlp(self.proj(value).to(self.mlp.linear_1.weight.dtype))
+
+
+class Backbone(nn.Module):
+    """One call for diffusers UNet2DModel, UNet2DConditionModel and DiTTransformer2DModel.
+
+    model: the wrapped diffusers model. kind: "unet2d" | "unet2d_condition" | "dit".
+    in_channels / out_channels: data channels. A model predicting twice its input channels (learned
+        variance, e.g. DiT with learned sigma) reports ``out_channels == in_channels`` and
+        :meth:`forward` keeps the first half of its output (the mean prediction).
+    num_classes: number of real classes; the null (unconditional) label is ``num_classes``. Defaults:
+        UNet with ``num_class_embeds``: ``num_class_embeds`` (no null slot; a fewstep teacher stores
+        ``num_classes + 1`` embeddings and records ``num_classes`` in its metadata, so pass it);
+        DiT: ``num_embeds_ada_norm`` (diffusers adds the null row after the real classes).
+    conditioning: "none" | "class" | "text".
+
+    The DiT label embedder drops labels at random in training mode (its ``class_dropout_prob``);
+    fewstep turns that off on wrapping, because label dropout for guidance is decided by the data
+    pipeline (null labels in ``Cond``), and a network that silently changes its inputs would make
+    online and target passes disagree.
+    """
+
+    def __init__(
+        self, model: nn.Module, extra_scalars: Sequence[str] = (), *, num_classes: int | None = None
+    ) -> None:
+        super().__init__()
+        name = type(model).__name__
+        if name not in SUPPORTED_MODELS or not isinstance(model, SUPPORTED_MODELS[name][1]):
+            raise _unsupported(name)
+        self.model = model
+        self.kind: str = SUPPORTED_MODELS[name][0]
+        cfg = model.config
+        self.in_channels: int = int(cfg.in_channels)
+        model_out = int(cfg.out_channels) if cfg.out_channels is not None else self.in_channels
+        self._model_out_channels = model_out
+        self.out_channels: int = self.in_channels if model_out == 2 * self.in_channels else model_out
+        size = cfg.sample_size
+        self.sample_size: int = int(size[0] if isinstance(size, (tuple, list)) else size)
+
+        label_rows: int | None = None
+        if self.kind == "dit":
+            self.conditioning = "class"
+            default_classes: int | None = int(cfg.num_embeds_ada_norm)
+            for block in model.transformer_blocks:
+                block.norm1.emb.class_embedder.dropout_prob = 0.0
+            label_rows = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
+        else:
+            has_labels = getattr(model, "class_embedding", None) is not None
+            if has_labels and cfg.class_embed_type is not None:
+                raise ValueError(
+                    f"{name} with class_embed_type={cfg.class_embed_type!r} is not supported; fewstep "
+                    "supports integer class labels through num_class_embeds (class_embed_type=None)"
+                )
+            default_classes = int(cfg.num_class_embeds) if has_labels else None
+            label_rows = default_classes
+            self.conditioning = (
+                "text" if self.kind == "unet2d_condition" else ("class" if has_labels else "none")
+            )
+        if num_classes is not None and (label_rows is None or num_classes > label_rows):
+            raise ValueError(
+                f"num_classes={num_classes} but the {name} has {label_rows or 0} label embeddings; "
+                "num_classes counts real classes only (the null label is num_classes)"
+            )
+        self.num_classes: int | None = num_classes if num_classes is not None else default_classes
+        self._label_rows = label_rows
+
+        self.extra_scalars: tuple[str, ...] = ()
+        self.scalar_embeddings = nn.ModuleDict()
+        # Extra embedding of the forward in progress. For DiT the blocks' embedders may run again
+        # during backward (gradient checkpointing recomputes them), possibly after another forward:
+        # there the embedding is looked up by the timestep tensor that forward handed to the model.
+        self._current_extra: Tensor | None = None
+        self._extra_by_timestep = WeakIdKeyDictionary()
+        self._hooked = False
+        if extra_scalars:
+            self.add_scalar_inputs(extra_scalars)
+
+    @property
+    def has_null_class(self) -> bool:
+        """Whether label ``num_classes`` (the null class for guidance) has an embedding."""
+        return (
+            self.num_classes is not None
+            and self._label_rows is not None
+            and self._label_rows > self.num_classes
+        )
+
+    # ----------------------------------------------------------------------------------- forward
+
+    def forward(self, x: Tensor, timestep: Tensor, cond: Cond | None = None, **scalars: Tensor) -> Tensor:
+        """x: (B, C, H, W) network input; timestep: (B,) float model time; cond: labels for class
+        models, embeddings (B, L, D) for text models; scalars: (B,) floats named in ``extra_scalars``
+        (a declared scalar left out counts as 0). Returns (B, out_channels, H, W) in the model's dtype.
+
+        ``x`` and text embeddings are cast to the model's parameter dtype (a bf16 teacher fed by
+        float32 sigma-space maths); timesteps and scalars stay float, as diffusers embeds them in float32.
+        """
+        unknown = [k for k in scalars if k not in self.extra_scalars]
+        if unknown:
+            raise ValueError(
+                f"unknown scalar input(s) {unknown}; this backbone takes {list(self.extra_scalars) or 'none'} "
+                "(add new ones with Backbone.add_scalar_inputs)"
+            )
+        batch = x.shape[0]
+        timestep = torch.as_tensor(timestep, device=x.device)
+        # A fresh view per call: its identity keys this call's extra embedding (see __init__).
+        timestep = timestep.reshape(-1).expand(batch)
+        x = x.to(self.model.dtype)
+        kwargs = self._model_kwargs(cond, x.dtype)
+        extra = self._embed_scalars(scalars, batch, x.device)
+        if extra is not None and self.kind == "dit":
+            self._extra_by_timestep[timestep] = extra
+        self._current_extra = extra
+        try:
+            out = self.model(x, timestep, return_dict=False, **kwargs)[0]
+        finally:
+            self._current_extra = None
+        if self._model_out_channels != self.out_channels:
+            out = out[:, : self.out_channels]
+        return out
+
+    def _model_kwargs(self, cond: Cond | None, dtype: torch.dtype) -> dict[str, Any]:
+        labels = cond.labels if cond is not None else None
+        kwargs: dict[str, Any] = {}
+        if self.kind == "unet2d_condition":
+            if cond is None or cond.embeddings is None:
+                raise ValueError(
+                    "this UNet2DConditionModel needs text embeddings: pass Cond(embeddings=(B, L, D)), "
+                    "e.g. from Teacher.encode_prompts or Teacher.null_cond"
+                )
+            kwargs["encoder_hidden_states"] = cond.embeddings.to(dtype)
+        if self._label_rows is not None:
+            if labels is None:
+                raise ValueError(
+                    f"this {type(self.model).__name__} is class-conditional: pass Cond(labels=(B,) int64) "
+                    f"with classes in [0, {self.num_classes}) or the null label {self.num_classes}"
+                )
+            kwargs["class_labels"] = labels
+        return kwargs
+
+    # ------------------------------------------------------------------------ extra scalar inputs
+
+    def add_scalar_inputs(self, names: Sequence[str]) -> None:
+        """Add a zero-initialised embedding for each new scalar name (already present: skipped).
+
+        The embeddings' output is added to the time embedding: the output of ``model.time_embedding``
+        for UNets, and for DiT the output of every block's ``norm1.emb`` (timestep + label embedder,
+        which also conditions the final ``proj_out`` through block 0's embedder). All DiT blocks
+        share one extra embedding, as the original DiT shares one timestep embedder.
+        """
+        new = [n for n in dict.fromkeys(names) if n not in self.extra_scalars]
+        if not new:
+            return
+        for n in new:
+            if not n.isidentifier():
+                raise ValueError(
+                    f"scalar input name {n!r} must be a Python identifier (it is a keyword argument)"
+                )
+        proj, width = self._time_features()
+        ref = next(self.model.parameters())
+        for n in new:
+            self.scalar_embeddings[n] = ScalarEmbedding(proj, width).to(ref.device, ref.dtype)
+        self.extra_scalars = (*self.extra_scalars, *new)
+        if not self._hooked:
+            if self.kind == "dit":
+                for block in self.model.transformer_blocks:
+                    block.norm1.emb.register_forward_hook(self._add_extra_dit)
+            else:
+                self.model.time_embedding.register_forward_hook(self._add_extra)
+            self._hooked = True
+
+    def _time_features(self) -> tuple[Timesteps, int]:
+        """The backbone's own sinusoidal timestep features and the time-embedding width."""
+        if self.kind == "dit":
+            emb = self.model.transformer_blocks[0].norm1.emb
+            return emb.time_proj, emb.timestep_embedder.linear_2.out_features
+        te = self.model.time_embedding
+        proj = self.model.time_proj
+        # Fourier / learned time features: use plain sinusoids of the same width.
+        if not isinstance(proj, Timesteps):
+            proj = Timesteps(te.linear_1.in_features, True, 0)
+        return proj, te.linear_2.out_features
+
+    def _embed_scalars(self, scalars: dict[str, Tensor], batch: int, device: torch.device) -> Tensor | None:
+        if not self.extra_scalars:
+            return None
+        total = None
+        for name in self.extra_scalars:
+            value = scalars.get(name)
+            value = (
+                torch.zeros(batch, device=device) if value is None else torch.as_tensor(value, device=device)
+            )
+            emb = self.scalar_embeddings[name](value.reshape(-1).expand(batch))
+            total = emb if total is None else total + emb
+        return total
+
+    # Hooks are bound methods, so copy.deepcopy(backbone) gives the copy hooks bound to the copy.
+    def _add_extra(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        extra = self._current_extra
+        return output if extra is None else output + extra.to(output.dtype)
+
+    def _add_extra_dit(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        extra = self._extra_by_timestep.get(args[0]) if args else None
+        if extra is None:
+            extra = self._current_extra
+        return output if extra is None else output + extra.to(output.dtype)
+
+    # ---------------------------------------------------------------------------- serialisation
+
+    def config_dict(self) -> dict[str, Any]:
+        """JSON-able description sufficient to rebuild this backbone (weights not included)."""
+        model_config = {k: v for k, v in self.model.config.items() if not k.startswith("_")}
+        return {
+            "kind": self.kind,
+            "model_class": type(self.model).__name__,
+            "model_config": json.loads(json.dumps(model_config)),
+            "extra_scalars": list(self.extra_scalars),
+            "num_classes": self.num_classes,
+        }
+
+    @classmethod
+    def from_config_dict(cls, cfg: dict[str, Any]) -> Backbone:
+        """Rebuild with random weights (load them afterwards with ``load_state_dict``)."""
+        name = cfg["model_class"]
+        if name not in SUPPORTED_MODELS:
+            raise _unsupported(name)
+        model = SUPPORTED_MODELS[name][1].from_config(cfg["model_config"])
+        return cls(model, cfg.get("extra_scalars", ()), num_classes=cfg.get("num_classes"))
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """diffusers model folder (config.json + safetensors) plus fewstep's metadata and extra weights."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        meta = {"kind": self.kind, "extra_scalars": list(self.extra_scalars), "num_classes": self.num_classes}
+        (folder / BACKBONE_META).write_text(json.dumps(meta, indent=2) + "\n")
+        extra_file = folder / EXTRA_WEIGHTS
+        if self.extra_scalars:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.scalar_embeddings.state_dict().items()}
+            save_file(state, extra_file)
+        elif extra_file.exists():
+            extra_file.unlink()
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, num_classes: int | None = None) -> Backbone:
+        """Load a folder written by :meth:`save_pretrained`, or a plain diffusers model folder.
+
+        num_classes: overrides the value in fewstep's metadata (see the class docstring)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder).expanduser().resolve()
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"no diffusers model at {folder}: {config_file.name} is missing (expected a folder written "
+                "by save_pretrained of a diffusers model)"
+            )
+        name = json.loads(config_file.read_text()).get("_class_name")
+        if name not in SUPPORTED_MODELS:
+            raise _unsupported(str(name))
+        model = SUPPORTED_MODELS[name][1].from_pretrained(folder, local_files_only=True)
+        meta_file = folder / BACKBONE_META
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if num_classes is None:
+            num_classes = meta.get("num_classes")
+        backbone = cls(model, meta.get("extra_scalars", ()), num_classes=num_classes)
+        if backbone.extra_scalars:
+            extra_file = folder / EXTRA_WEIGHTS
+            if not extra_file.is_file():
+                raise FileNotFoundError(
+                    f"{meta_file} declares extra scalars {list(backbone.extra_scalars)} but {extra_file} is missing"
+                )
+            backbone.scalar_embeddings.load_state_dict(load_file(extra_file))
+        return backbone
+
+
+def enable_gradient_checkpointing(backbone: Backbone) -> None:
+    """Recompute the diffusers model's blocks in backward (the extra scalar hooks stay correct)."""
+    backbone.model.enable_gradient_checkpointing()

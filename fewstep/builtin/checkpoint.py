@@ -1,0 +1,80 @@
+"""Checkpoints: every network as safetensors plus accelerate's state (optimizers, grad scaler, RNG).
+
+Layout: ``RUN/checkpoints/step-XXXXXXXX/{nets/<name>.safetensors, accelerate/, trainer_state.json}``.
+A checkpoint is written into a hidden temporary folder and renamed into place only when complete, so
+an interrupted write never leaves a checkpoint that ``--resume`` would pick up. The teacher is never
+saved (it is a frozen input). accelerate's own model saving is switched off: fewstep writes every
+network itself, trainable or not (targets, EMA), in one format.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+
+from fewstep.hookspecs import hookimpl
+from fewstep.nn import unwrap
+from fewstep.types import Nets, RunContext
+
+_PREFIX = "step-"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob(f"{_PREFIX}*") if (p / "trainer_state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def _skip_accelerate_models(accelerator: Any) -> None:
+    if getattr(accelerator, "_fewstep_hooks", False):
+        return
+    accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+    accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
+    accelerator._fewstep_hooks = True
+
+
+@hookimpl
+def fewstep_save_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets, state: dict[str, Any]) -> Path:
+    _skip_accelerate_models(accelerator)
+    root = ctx.run_dir / "checkpoints"
+    final = root / f"{_PREFIX}{state['step']:08d}"
+    tmp = root / f".tmp-{final.name}"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "nets").mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "accelerate"))
+    if ctx.is_main:
+        for name in nets.names():
+            save_model(unwrap(nets.get(name)), str(tmp / "nets" / f"{name}.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(ctx.run_dir)[: -ctx.config.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+@hookimpl
+def fewstep_load_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets) -> dict[str, Any] | None:
+    found = checkpoint_dirs(ctx.run_dir)
+    if not found:
+        return None
+    _skip_accelerate_models(accelerator)
+    latest = found[-1]
+    for name in nets.names():
+        path = latest / "nets" / f"{name}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {latest} has no weights for network {name!r} ({path}); it was "
+                                    "written by a run with different networks: resume with the same recipe")
+        load_model(unwrap(nets.get(name)), str(path), device=str(ctx.device))
+    accelerator.load_state(str(latest / "accelerate"))
+    return json.loads((latest / "trainer_state.json").read_text())

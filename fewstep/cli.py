@@ -1,0 +1,157 @@
+"""``fewstep`` command line: thin; parse -> config -> trainer / sampler.
+
+Heavy libraries (torch, diffusers, accelerate) are imported inside the commands so ``--help`` is instant.
+Invalid recipes and unknown plugins exit with status 2 and one message, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", type=Path, help="YAML recipe (relative paths inside resolve against its folder)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set train.total_nimg=20000 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fewstep", description="Distil diffusers checkpoints into 1-4 step generators.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, help_ in (("distill", "train a student with a method plugin (also teacher pretraining: method 'diffusion')"),
+                        ("train", "alias of distill")):
+        p = sub.add_parser(name, help=help_)
+        _add_recipe_args(p)
+        p.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/<recipe name>)")
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+
+    p = sub.add_parser("validate", help="check a recipe without building anything")
+    _add_recipe_args(p)
+
+    sub.add_parser("plugins", help="list installed plugins, their source package and method names")
+
+    p = sub.add_parser("sample", help="sample a grid from a run folder")
+    p.add_argument("run", type=Path, help="run folder written by `fewstep distill`")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="student step counts (one grid row each)")
+    p.add_argument("--num", type=int, default=16, help="images per row")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--teacher-steps", type=int, default=None, help="add a teacher row with this many steps")
+    p.add_argument("--out", type=Path, default=None, help="PNG path, or a folder for one PNG per image "
+                   "(default: RUN/samples/sample.png)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fewstep.config import ConfigError
+    from fewstep.plugin import PluginError
+
+    try:
+        return {"distill": cmd_distill, "train": cmd_distill, "validate": cmd_validate,
+                "plugins": cmd_plugins, "sample": cmd_sample}[args.command](args)
+    except (ConfigError, PluginError) as exc:
+        print(f"fewstep: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, ValueError) as exc:
+        # Bad inputs found while building (missing teacher folder, unsupported model...): one clear line.
+        print(f"fewstep: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _load(args: argparse.Namespace):
+    from fewstep.config import load_config
+    from fewstep.plugin import discover, method_registry
+
+    plugins = discover()
+    import yaml
+
+    raw = yaml.safe_load(args.recipe.read_text()) if args.recipe.is_file() else {}
+    disabled = set(((raw or {}).get("plugins") or {}).get("disable") or [])
+    config = load_config(args.recipe, args.overrides, method_registry(plugins, disabled))
+    return config, plugins
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from fewstep.plugin import build_manager
+
+    config, plugins = _load(args)
+    build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
+    print(f"{args.recipe}: ok (method {config.method.name!r}, {config.train.total_nimg} images, "
+          f"batch {config.train.batch_size})")
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from fewstep.config import ConfigError, write_resolved
+    from fewstep.plugin import build_manager
+    from fewstep.trainer import Trainer
+
+    config, plugins = _load(args)
+    pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
+    run_dir = args.run_dir or Path("runs") / args.recipe.stem
+    if not args.resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise ConfigError(f"run folder {run_dir} already holds checkpoints; pass --resume to continue it, "
+                          "or --run-dir to start a new run elsewhere")
+    write_resolved(config, run_dir)
+    Trainer(config, pm, run_dir, resume=args.resume).fit()
+    print(f"done: {run_dir} (samples in {run_dir / 'samples'}, export in {run_dir / 'export'})")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from fewstep.plugin import BUILTIN_PLUGINS, discover
+
+    print("method plugins (entry-point group fewstep.plugins):")
+    for info in sorted(discover().values(), key=lambda i: i.name):
+        if info.error:
+            print(f"  {info.name:<12} {info.source:<24} FAILED: {info.error}")
+        else:
+            print(f"  {info.name:<12} {info.source:<24} methods: {', '.join(info.methods) or '-'}")
+    print("core plugins (disable with plugins.disable in a recipe): " + ", ".join(BUILTIN_PLUGINS))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from fewstep.config import load_config
+    from fewstep.images import save_grid_rows, save_images
+    from fewstep.plugin import build_manager
+    from fewstep.sampling import generate, teacher_rows
+    from fewstep.trainer import Trainer
+
+    config_path = args.run / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{args.run} is not a run folder: {config_path} is missing")
+    config = load_config(config_path, ["train.progress_bar=false"])
+    pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable)
+    trainer = Trainer(config, pm, args.run, resume=True)
+    trainer.setup()
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn((args.num, *trainer.nets.teacher.sample_shape), generator=g).to(trainer.ctx.device)
+    config.validation.num_images = args.num
+    _, cond = trainer.validation_inputs()
+    rows = {}
+    if args.teacher_steps:
+        vcfg = config.validation.model_copy(update={"teacher_steps": args.teacher_steps})
+        rows.update(teacher_rows(trainer.nets.teacher, noise, cond, vcfg, config.teacher.guidance))
+    for k in args.steps:
+        rows[f"student {k} step" + ("s" if k > 1 else "")] = generate(pm.hook, trainer.ctx, trainer.nets, noise, cond, k,
+                                                                      seed=args.seed + k)
+    out = args.out or args.run / "samples" / "sample.png"
+    if out.suffix.lower() == ".png":
+        save_grid_rows(rows, out, upscale=config.validation.upscale)
+    else:
+        for label, images in rows.items():
+            save_images(images, out, prefix=label.replace(" ", "_") + "_")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

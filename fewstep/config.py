@@ -1,0 +1,246 @@
+"""Run configuration: pydantic v2 models, YAML recipes and ``--set a.b=c`` overrides.
+
+A recipe is YAML data. The ``method:`` section is validated by the model that the plugin providing
+``method.name`` registers (``fewstep_method_config``); everything else by the models below. Every
+model forbids unknown fields. Relative paths in a recipe resolve against the recipe's folder.
+Errors are collected into one :class:`ConfigError` whose message names each bad field, the bad
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fewstep.data import DataConfig
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid. ``str(exc)`` is the message shown to the user."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class MethodConfig(Strict):
+    """Base for a method plugin's config: every method section has a ``name``."""
+
+    name: str = Field(description="Registered method name, as listed by `fewstep plugins`.")
+
+
+class TeacherConfig(Strict):
+    pretrained: Path | None = Field(
+        None, description="Local diffusers folder of the teacher (pipeline folder with model_index.json, or a "
+        "model folder with config.json and a scheduler config). Relative to the recipe's folder.")
+    guidance: float = Field(1.0, ge=0.0, description="Classifier-free guidance scale used wherever the teacher is "
+                            "guided and the method does not set its own; 1.0 means unguided.")
+
+
+class OptimizerConfig(Strict):
+    name: Literal["adam", "adamw", "radam", "sgd"] = Field("adam", description="Optimizer of the student group.")
+    lr: float = Field(1e-4, gt=0, description="Learning rate (per optimizer step).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas; torch defaults.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon; torch default.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    max_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this value; none: no clip.")
+    warmup_nimg: int = Field(0, ge=0, description="Linear learning-rate warm-up length in images seen.")
+
+
+class TrainConfig(Strict):
+    total_nimg: int = Field(..., gt=0, description="Training length in images seen (all processes).")
+    batch_size: int = Field(..., gt=0, description="Global batch: images per optimizer step over all processes "
+                            "and accumulation rounds.")
+    accumulation: int = Field(1, ge=1, description="Gradient-accumulation rounds per optimizer step.")
+    seed: int = Field(0, ge=0, description="Seed of every random draw; (seed, images seen) fixes a step's noise.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="accelerate mixed precision; the frozen teacher is cast to this dtype.")
+    cpu: bool = Field(False, description="Force the CPU even when a GPU is present.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in trainable backbones.")
+    log_every_nimg: int = Field(1024, gt=0, description="Metrics line interval in images.")
+    checkpoint_every_nimg: int | None = Field(None, gt=0, description="Checkpoint interval in images; none: only "
+                                              "at the end (and on interruption).")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
+    progress_bar: bool = Field(True, description="Show a progress bar on the main process.")
+
+
+class EMAConfig(Strict):
+    halflife_nimg: float = Field(5000.0, gt=0, description="Half-life of the evaluation EMA in images (EDM2-style).")
+    rampup_ratio: float | None = Field(0.05, gt=0, description="Cap the half-life at this fraction of images seen "
+                                       "(EDM Appendix F.3 uses 0.05); none: no ramp-up.")
+
+
+class ValidationConfig(Strict):
+    every_nimg: int | None = Field(None, gt=0, description="Sample-grid interval in images; none: only at the end.")
+    steps: list[int] = Field([1, 2], description="Student step counts shown in the grid.")
+    num_images: int = Field(16, gt=0, le=256, description="Images per row.")
+    teacher_steps: int | None = Field(32, gt=0, description="Teacher row with this many ODE steps; none: no row.")
+    teacher_solver: Literal["euler", "ddim", "heun"] = Field("heun", description="Solver of the teacher row.")
+    upscale: int = Field(4, ge=1, description="Nearest-neighbour upscale of the PNG grid (small images).")
+
+
+class ExportConfig(Strict):
+    enabled: bool = Field(True, description="Write an export folder at the end of training.")
+    steps: int = Field(1, ge=1, description="Default number of sampling steps written into the export.")
+
+
+class PluginsConfig(Strict):
+    disable: list[str] = Field([], description="Built-in or installed plugins to switch off by name.")
+    extra: list[str] = Field([], description="Installed plugins to activate in addition to the method's.")
+
+
+class RunConfig(Strict):
+    method: Any = Field(..., description="The method section, validated by the plugin that provides method.name.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    ema: EMAConfig = Field(default_factory=EMAConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+
+    def dump(self) -> dict[str, Any]:
+        """The resolved config as plain data (paths as strings), ready for YAML."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` -> (["a", "b"], value parsed as YAML, so numbers, lists and null work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. --set train.batch_size=32")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML: {exc}") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"--set {text!r}: {where} is a value ({child!r}), not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _resolve_paths(config: RunConfig, base_dir: Path) -> RunConfig:
+    """Make recipe-relative paths absolute so the resolved config is usable from anywhere."""
+    def resolve(p: str | Path | None) -> Any:
+        if p is None or str(p) == "digits":
+            return p
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else (base_dir / path).resolve()
+
+    teacher = config.teacher.model_copy(update={"pretrained": resolve(config.teacher.pretrained)})
+    data_update = {k: (str(resolve(v)) if v is not None else None)
+                   for k in ("source", "labels", "prompts") if (v := getattr(config.data, k)) is not None}
+    data = config.data.model_copy(update=data_update)
+    return config.model_copy(update={"teacher": teacher, "data": data})
+
+
+def _format_errors(exc: ValidationError, prefix: str, model: type[BaseModel]) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = [str(x) for x in err["loc"]]
+        where = ".".join([prefix, *loc] if prefix else loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _fields_at(model, loc[:-1])
+            msg = f"{where}: unknown field"
+            if allowed:
+                close = difflib.get_close_matches(loc[-1], allowed, n=1)
+                msg += f" (did you mean {close[0]!r}?)" if close else ""
+                msg += f"; allowed fields: {', '.join(allowed)}"
+            lines.append(msg)
+            continue
+        got = err.get("input")
+        shown = "" if err["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"{where}: {err['msg']}{shown}")
+    return lines
+
+
+def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """Names of the fields of the sub-model at ``loc`` (best effort, for error messages)."""
+    for part in loc:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def validate_config(data: dict[str, Any], methods: dict[str, tuple[str, Any]], *, base_dir: Path = Path("."),
+                    source: str = "recipe") -> RunConfig:
+    """Validate plain ``data`` against the core models and the method's registered model."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    errors: list[str] = []
+    config = None
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        errors += _format_errors(exc, "", RunConfig)
+    method_data = data.get("method")
+    method = None
+    if not isinstance(method_data, dict) or "name" not in method_data:
+        if "method" in data:
+            errors.append(f"method: expected a section with a 'name' (one of: {', '.join(sorted(methods))}), "
+                          f"got {method_data!r}")
+    elif method_data["name"] not in methods:
+        from fewstep.plugin import _unknown_method_message
+
+        errors.append(_unknown_method_message(str(method_data["name"]), methods, {}))
+    else:
+        model = methods[method_data["name"]][1]
+        try:
+            method = model.model_validate(method_data)
+        except ValidationError as exc:
+            errors += _format_errors(exc, "method", model)
+    if errors:
+        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(errors))
+    assert config is not None
+    return _resolve_paths(config.model_copy(update={"method": method}), base_dir)
+
+
+def load_config(path: str | Path, overrides: list[str] = (), methods: dict[str, tuple[str, Any]] | None = None) -> RunConfig:
+    """Read a YAML recipe, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist (looked in {path.resolve().parent})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = apply_overrides(data, list(overrides))
+    if methods is None:
+        from fewstep.plugin import discover, method_registry
+
+        disabled = set(((data.get("plugins") or {}).get("disable")) or [])
+        methods = method_registry(discover(), disabled)
+    return validate_config(data, methods, base_dir=path.resolve().parent, source=str(path))
+
+
+def write_resolved(config: RunConfig, run_dir: Path) -> Path:
+    """Write the resolved config into the run directory (atomically)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.yaml"
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(config.dump(), sort_keys=False))
+    tmp.replace(out)
+    return out

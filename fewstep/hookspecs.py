@@ -1,0 +1,151 @@
+"""Every hook a fewstep plugin can implement: the single source of truth (DESIGN.md §4).
+
+Kinds:
+- *collect*: every active plugin's result is gathered into a list.
+- *first* (``firstresult=True``): the first non-None result wins. Core defaults are registered
+  ``trylast``, so a method plugin's implementation always takes precedence.
+- *observe*: every implementation runs; return values are ignored.
+
+An implementation may accept any subset of a hook's arguments (pluggy passes arguments by name),
+so specs can grow. Arguments are never renamed or removed. Compared with DESIGN.md §4, several
+hooks also receive ``ctx`` (the run context): plugins stay stateless modules and read their own
+validated sub-config from ``ctx.method`` instead of keeping globals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from torch import Tensor, nn
+
+    from fewstep.teacher import Teacher
+    from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, Phase, RunContext, StepInfo
+
+PROJECT = "fewstep"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def fewstep_method_config() -> list[tuple[str, type[BaseModel]]] | tuple[str, type[BaseModel]]:
+    """Collect. Declare the method names this plugin provides and the pydantic model of each.
+
+    Return one ``(name, Model)`` pair or a list of them. ``Model`` validates the recipe's ``method:``
+    section (it must accept the key ``name``). Called on every installed plugin at discovery, also
+    for plugins not active in the run, so keep it import-light.
+    """
+
+
+@hookspec
+def fewstep_configure(config: Any) -> None:
+    """Observe. Check cross-field constraints of the whole run config; raise ``ValueError`` with a
+    message naming the fields and the fix. Runs before anything is built."""
+
+
+@hookspec(firstresult=True)
+def fewstep_build_teacher(ctx: RunContext) -> Teacher | None:
+    """First. Load and freeze the teacher (eval mode, no gradients, compute dtype).
+    The core default loads ``config.teacher.pretrained`` with :func:`fewstep.teacher.load_teacher`."""
+
+
+@hookspec(firstresult=True)
+def fewstep_build_student(ctx: RunContext, teacher: Teacher) -> nn.Module | None:
+    """First. Return the trainable student network. Core default: a copy of the teacher's backbone in
+    fp32 with gradients on; a method that needs extra scalar inputs (target time s, guidance w) adds
+    them with ``Backbone.add_scalar_inputs`` so the student equals its teacher at step 0."""
+
+
+@hookspec
+def fewstep_extra_networks(ctx: RunContext, teacher: Teacher, student: nn.Module) -> dict[str, nn.Module] | None:
+    """Collect. Return additional networks by name (``target``, ``fake_score``, ``disc``, ``ema``...).
+
+    Names must be unique across plugins. Networks named in an optimizer group are trained; the rest
+    (targets, EMAs) are moved to the device, checkpointed and exported but never given gradients.
+    """
+
+
+@hookspec(firstresult=True)
+def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup] | None:
+    """First. Declare optimizer groups as data. Core default: one group ``student`` from the config's
+    ``optimizer`` section."""
+
+
+@hookspec(firstresult=True)
+def fewstep_phases(ctx: RunContext, groups: list[OptimizerGroup]) -> list[Phase] | None:
+    """First. Declare the phases of training as data, given the declared optimizer ``groups``. Core
+    default: a single phase ``train`` in which every group steps, lasting ``train.total_nimg``. The durations must add up to at most
+    ``train.total_nimg``; only the last phase may have ``duration_nimg=None`` (until the end)."""
+
+
+@hookspec
+def fewstep_on_train_start(ctx: RunContext, nets: Nets, step: StepInfo) -> None:
+    """Observe. Called once after everything is built and any checkpoint restored."""
+
+
+@hookspec(firstresult=True)
+def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Nets, step: StepInfo) -> LossOutput | None:
+    """First, required. Compute the loss of optimizer group ``group`` on one micro-batch.
+
+    Only compute: no backward, no optimizer, no logging, no files. Return per-sample losses ``(B,)``;
+    the trainer reduces, scales for accumulation and back-propagates. Networks of ``group`` arrive
+    ready to train (wrapped for multi-process training); every other trainable network arrives
+    unwrapped with gradients off, so nothing leaks into groups that are not due. Draw random numbers
+    with ``step.randn`` / ``step.rand`` / ``step.randint`` so results do not depend on world size.
+    """
+
+
+@hookspec
+def fewstep_after_optimizer_step(ctx: RunContext, group: OptimizerGroup, nets: Nets, step: StepInfo) -> None:
+    """Observe. Called after ``group``'s optimizer stepped (target-network EMA, evaluation EMA...)."""
+
+
+@hookspec
+def fewstep_on_step_end(ctx: RunContext, step: StepInfo, logs: dict[str, float]) -> None:
+    """Observe. Called once per trainer step with the averaged log terms (main and other ranks)."""
+
+
+@hookspec
+def fewstep_on_phase_end(ctx: RunContext, phase: Phase, nets: Nets) -> None:
+    """Observe. Called when a phase ends (e.g. hand the student over as the next round's teacher)."""
+
+
+@hookspec(firstresult=True)
+def fewstep_sample(
+    ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int, generator: Any
+) -> Tensor | None:
+    """First. Generate samples with the student in ``num_steps`` network evaluations.
+
+    noise: (B, C, H, W) standard normal in model space. Returns (B, C, H, W) in model space (the core
+    decodes latents). Uses ``nets.ema`` when present. ``generator`` seeds any fresh noise the
+    sampler injects (a ``torch.Generator``)."""
+
+
+@hookspec
+def fewstep_on_validation(ctx: RunContext, step: StepInfo, images: dict[str, Tensor], cond: Cond | None) -> None:
+    """Observe. Validation samples in data space, keyed by a row label ("student 1 step", "teacher")."""
+
+
+@hookspec(firstresult=True)
+def fewstep_export(ctx: RunContext, nets: Nets, out_dir: Path) -> Path | None:
+    """First. Write the student as a folder loadable with diffusers; return its path."""
+
+
+@hookspec(firstresult=True)
+def fewstep_save_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets, state: dict[str, Any]) -> Path | None:
+    """First. Write a checkpoint of the run (weights, optimizer and RNG state, trainer ``state``)."""
+
+
+@hookspec(firstresult=True)
+def fewstep_load_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets) -> dict[str, Any] | None:
+    """First. Restore the latest checkpoint of ``ctx.run_dir`` in place and return the trainer state
+    that was saved with it, or None when there is none."""
+
+
+@hookspec
+def fewstep_on_train_end(ctx: RunContext, nets: Nets) -> None:
+    """Observe. Called once when training finishes normally."""

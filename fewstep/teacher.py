@@ -1,0 +1,379 @@
+"""Load, freeze and query a local diffusers teacher.
+
+A teacher is a :class:`~fewstep.backbones.Backbone`, the :class:`~fewstep.diffusion.NoiseProcess`
+read from its scheduler config, and, where the checkpoint has them, a VAE (latent teachers) and a
+text encoder with its tokenizer (text-conditional teachers). Everything downstream talks to it in
+sigma space (``x = x0 + sigma * eps``) through :meth:`Teacher.denoise`, whatever the teacher's own
+process and parameterisation.
+
+Folder layouts read by :func:`load_teacher` (never any network access):
+
+(a) a pipeline folder with ``model_index.json``: the backbone in ``unet/`` or ``transformer/``, the
+    scheduler in ``scheduler/scheduler_config.json``, optional ``vae/``, ``text_encoder/`` and ``tokenizer/``;
+(b) a model folder with ``config.json`` and a scheduler config in the same folder
+    (``scheduler_config.json``) or in a ``scheduler/`` folder inside it or beside it.
+
+An optional ``fewstep_teacher.json`` at the top holds ``{"num_classes": int}``: how many real classes a
+class-conditional UNet2DModel has (its label table has one more row, the null class).
+
+:func:`save_teacher` writes layout (a). An unconditional pixel UNet with a VP process is saved as a
+stock ``DDPMPipeline`` (``diffusers.DiffusionPipeline.from_pretrained`` loads it); every other teacher
+gets ``"_class_name": "FewStepTeacher"`` in ``model_index.json``, a marker only fewstep's loader reads
+(there is no pipeline class of that name; the components are still ordinary diffusers/transformers folders).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fewstep.backbones import SUPPORTED_MODELS, Backbone
+from fewstep.diffusion import NoiseProcess, cfg, process_from_scheduler_config, sample_ode
+from fewstep.types import Cond
+
+__all__ = ["FEWSTEP_PIPELINE", "Teacher", "load_teacher", "save_teacher"]
+
+FEWSTEP_PIPELINE = "FewStepTeacher"
+TEACHER_META = "fewstep_teacher.json"
+_SCHEDULER_HINT = (
+    "add scheduler/scheduler_config.json describing the teacher's training noise schedule, e.g. "
+    "`diffusers.DDPMScheduler(...).save_pretrained(folder / 'scheduler')` (or EDMEulerScheduler / "
+    "FlowMatchEulerDiscreteScheduler for EDM / flow-matching teachers)"
+)
+
+
+class Teacher:
+    """Frozen teacher: eval mode, ``requires_grad`` False, in the compute dtype (the VAE stays in
+    float32 when its config sets ``force_upcast``, as in diffusers pipelines).
+
+    net: the backbone; process: its noise process. vae: diffusers AutoencoderKL or None (pixel teacher).
+    vae_scale / vae_shift: latent = (vae mean - shift) * scale (1.0 / 0.0 for pixel teachers).
+    text_encoder / tokenizer: transformers CLIP text model and tokenizer, or None.
+    conditioning: "none" | "class" | "text"; num_classes: real classes (null label = num_classes).
+    sample_shape: (C, H, W) in model space (latents for a latent teacher); data_shape: (C, H, W) of images.
+    """
+
+    def __init__(
+        self,
+        net: Backbone,
+        process: NoiseProcess,
+        *,
+        vae: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+        tokenizer: Any | None = None,
+        source: Path | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.net = net
+        self.process = process
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.source = Path(source) if source is not None else Path(".")
+        self.conditioning: str = net.conditioning
+        self.num_classes: int | None = net.num_classes if net.conditioning == "class" else None
+        if self.conditioning == "text" and (text_encoder is None or tokenizer is None):
+            raise ValueError(
+                f"teacher at {self.source} is text-conditional but has no text_encoder/tokenizer; "
+                "add text_encoder/ and tokenizer/ folders next to the backbone"
+            )
+        self.sample_shape: tuple[int, int, int] = (net.in_channels, net.sample_size, net.sample_size)
+        if vae is not None:
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            size = net.sample_size * factor
+            self.data_shape: tuple[int, int, int] = (int(vae.config.in_channels), size, size)
+            self.vae_scale = float(vae.config.scaling_factor)
+            self.vae_shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        else:
+            self.data_shape = self.sample_shape
+            self.vae_scale, self.vae_shift = 1.0, 0.0
+        self._null_text: Cond | None = None
+        for module in self._modules():
+            module.eval().requires_grad_(False)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.to(device, dtype)
+
+    def _modules(self) -> list[nn.Module]:
+        return [m for m in (self.net, self.vae, self.text_encoder) if m is not None]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Teacher:
+        """Move every network (and change the compute dtype when ``dtype`` is given); returns self."""
+        self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        for module in self._modules():
+            module.to(self.device, self._vae_dtype if module is self.vae else self.dtype)
+        self._null_text = None
+        return self
+
+    @property
+    def _vae_dtype(self) -> torch.dtype:
+        # diffusers pipelines run a VAE whose config says force_upcast (e.g. SD/SDXL) in float32.
+        upcast = self.vae is not None and getattr(self.vae.config, "force_upcast", False)
+        return torch.float32 if upcast else self.dtype
+
+    # ------------------------------------------------------------------------------ prediction
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        x: Tensor,
+        sigma: Tensor | float,
+        cond: Cond | None = None,
+        *,
+        uncond: Cond | None = None,
+        guidance: float | Tensor = 1.0,
+    ) -> Tensor:
+        """Sigma-space x0 prediction D(x, sigma) for x = x0 + sigma*eps: (B, C, H, W), sigma (B,).
+
+        Runs in the teacher's dtype, returns x's dtype. With ``guidance != 1`` (a float or (B,)),
+        classifier-free guidance in x0 space, uncond + w * (cond - uncond), from one batched pass
+        over [cond; uncond]; at a fixed x this equals guidance on eps, v or velocity.
+        """
+        guided = isinstance(guidance, Tensor) or guidance != 1.0
+        xd = x.to(self.device, self.dtype)
+        sigma = torch.as_tensor(sigma, device=self.device)
+        if not guided:
+            return self.process.denoise(self.net, xd, sigma, self._cast(cond)).to(x.dtype)
+        if uncond is None or cond is None:
+            raise ValueError(
+                f"guidance={guidance} needs both cond and uncond (e.g. uncond=teacher.null_cond(batch)); "
+                "pass guidance=1.0 for the plain conditional prediction"
+            )
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        both = self.process.denoise(
+            self.net, torch.cat([xd, xd]), torch.cat([sigma, sigma]), self._cast(Cond.cat([cond, uncond]))
+        )
+        cond_x0, uncond_x0 = both.chunk(2)
+        if isinstance(guidance, Tensor):
+            guidance = guidance.to(self.device)
+        return cfg(cond_x0, uncond_x0, guidance).to(x.dtype)
+
+    def _cast(self, cond: Cond | None) -> Cond | None:
+        return None if cond is None else cond.to(self.device, self.dtype)
+
+    # ---------------------------------------------------------------------------- conditioning
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """Prompts -> Cond(embeddings (B, L, D) last hidden state, pooled (B, D), prompts)."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                f"teacher at {self.source} has no text encoder; it is {self.conditioning!r}-conditioned"
+            )
+        prompts = list(prompts)
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        out = self.text_encoder(tokens.input_ids.to(self.device))
+        pooled = getattr(out, "pooler_output", None)
+        return Cond(
+            embeddings=out.last_hidden_state.to(self.dtype),
+            pooled=None if pooled is None else pooled.to(self.dtype),
+            prompts=tuple(prompts),
+        )
+
+    def null_cond(self, n: int, device: torch.device | str | None = None) -> Cond | None:
+        """The unconditional Cond for ``n`` samples: null labels, the empty prompt, or None."""
+        device = self.device if device is None else torch.device(device)
+        if self.conditioning == "class":
+            if not self.net.has_null_class:
+                raise ValueError(
+                    f"teacher at {self.source} has no null class (label {self.num_classes} has no embedding), "
+                    f"so it cannot be guided; if it was trained with one, write {TEACHER_META} with "
+                    '{"num_classes": <number of real classes>} at the top of the folder'
+                )
+            return Cond(labels=torch.full((n,), self.num_classes, dtype=torch.long, device=device))
+        if self.conditioning == "text":
+            if self._null_text is None:
+                self._null_text = self.encode_prompts([""])
+            return self._null_text.repeat(n).to(device)
+        return None
+
+    # --------------------------------------------------------------------------- latent space
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1], (B, *data_shape) -> model space (B, *sample_shape), in images' dtype."""
+        if self.vae is None:
+            return images
+        mean = self.vae.encode(images.to(self.device, self._vae_dtype)).latent_dist.mean
+        return ((mean - self.vae_shift) * self.vae_scale).to(images.dtype)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Model space -> images in [-1, 1] (roughly), in z's dtype. Not under no_grad: a loss may
+        backpropagate through the frozen decoder into the student's latents."""
+        if self.vae is None:
+            return z
+        out = self.vae.decode(z.to(self.device, self._vae_dtype) / self.vae_scale + self.vae_shift).sample
+        return out.to(z.dtype)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        noise: Tensor,
+        cond: Cond | None = None,
+        *,
+        num_steps: int = 32,
+        solver: str = "heun",
+        uncond: Cond | None = None,
+        guidance: float | Tensor = 1.0,
+    ) -> Tensor:
+        """The teacher's multistep ODE sampler: unit noise (B, *sample_shape) -> images (B, *data_shape)."""
+        sigmas = self.process.sampling_sigmas(num_steps).to(noise.device)
+        x = noise.float() * sigmas[0]
+
+        def denoise_fn(x_: Tensor, sigma: Tensor) -> Tensor:
+            return self.denoise(x_, sigma, cond, uncond=uncond, guidance=guidance)
+
+        return self.decode(sample_ode(denoise_fn, x, sigmas, solver))
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def _component_class(index: dict[str, Any], name: str, library: str, default: str) -> Any:
+    import importlib
+
+    entry = index.get(name)
+    lib, cls = (entry[0], entry[1]) if isinstance(entry, list) and len(entry) == 2 else (library, default)
+    module = importlib.import_module(lib)
+    if not hasattr(module, cls):
+        raise ValueError(f"model_index.json names {name} class {lib}.{cls}, which does not exist")
+    return getattr(module, cls)
+
+
+def _load_backbone(folder: Path, num_classes: int | None, top: Path) -> Backbone:
+    name = _read_json(folder / "config.json").get("_class_name")
+    if name not in SUPPORTED_MODELS:
+        raise ValueError(
+            f"teacher backbone {folder / 'config.json'} is a {name!r}; fewstep supports "
+            f"{', '.join(SUPPORTED_MODELS)}. Point teacher.pretrained at a checkpoint with one of those (got {top})"
+        )
+    return Backbone.from_pretrained(folder, num_classes=num_classes)
+
+
+def load_teacher(
+    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Teacher:
+    """Load a local diffusers teacher folder (layout (a) or (b), see the module docstring), frozen."""
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"teacher folder not found: {root} (from {str(path)!r}); teacher.pretrained must be a local "
+            "diffusers folder (nothing is downloaded); create one with save_pretrained or fewstep.teacher.save_teacher"
+        )
+    meta_file = root / TEACHER_META
+    num_classes = _read_json(meta_file).get("num_classes") if meta_file.is_file() else None
+
+    vae = text_encoder = tokenizer = None
+    if (root / "model_index.json").is_file():
+        index = _read_json(root / "model_index.json")
+        sub = next((s for s in ("unet", "transformer") if (root / s / "config.json").is_file()), None)
+        if sub is None:
+            raise FileNotFoundError(
+                f"pipeline folder {root} has no unet/config.json or transformer/config.json; fewstep needs "
+                "the denoiser in one of those subfolders"
+            )
+        scheduler_file = root / "scheduler" / "scheduler_config.json"
+        if not scheduler_file.is_file():
+            raise FileNotFoundError(
+                f"teacher {root}: no scheduler config at {scheduler_file}; {_SCHEDULER_HINT}"
+            )
+        net = _load_backbone(root / sub, num_classes, root)
+        if (root / "vae" / "config.json").is_file():
+            vae_cls = _component_class(index, "vae", "diffusers", "AutoencoderKL")
+            vae = vae_cls.from_pretrained(root / "vae", local_files_only=True)
+        if (root / "text_encoder").is_dir():
+            enc_cls = _component_class(index, "text_encoder", "transformers", "CLIPTextModel")
+            text_encoder = enc_cls.from_pretrained(root / "text_encoder", local_files_only=True)
+        if (root / "tokenizer").is_dir():
+            tok_cls = _component_class(index, "tokenizer", "transformers", "CLIPTokenizer")
+            tokenizer = tok_cls.from_pretrained(root / "tokenizer", local_files_only=True)
+    elif (root / "config.json").is_file():
+        candidates = [
+            root / "scheduler_config.json",
+            root / "scheduler" / "scheduler_config.json",
+            root.parent / "scheduler" / "scheduler_config.json",
+        ]
+        scheduler_file = next((c for c in candidates if c.is_file()), None)
+        if scheduler_file is None:
+            looked = ", ".join(str(c) for c in candidates)
+            raise FileNotFoundError(
+                f"teacher {root}: no scheduler config (looked at {looked}); {_SCHEDULER_HINT}"
+            )
+        net = _load_backbone(root, num_classes, root)
+    else:
+        raise FileNotFoundError(
+            f"{root} is not a diffusers folder: it has neither model_index.json (a pipeline) nor config.json "
+            "(a model); point teacher.pretrained at the folder that contains one of them"
+        )
+    process = process_from_scheduler_config(_read_json(scheduler_file))
+    return Teacher(
+        net,
+        process,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        source=root,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def save_teacher(
+    folder: str | Path,
+    net: Backbone,
+    process: NoiseProcess,
+    *,
+    vae: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    tokenizer: Any | None = None,
+) -> Path:
+    """Write a teacher as a layout-(a) pipeline folder (see the module docstring); returns the folder."""
+    import diffusers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sub = "transformer" if net.kind == "dit" else "unet"
+    net.save_pretrained(folder / sub)
+    scheduler_cfg = {**process.scheduler_config()}
+    scheduler_cfg.setdefault("_diffusers_version", diffusers.__version__)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_cfg, indent=2) + "\n")
+
+    ddpm = net.kind == "unet2d" and net.conditioning == "none" and vae is None and process.kind == "vp"
+    index: dict[str, Any] = {
+        "_class_name": "DDPMPipeline" if ddpm else FEWSTEP_PIPELINE,
+        "_diffusers_version": diffusers.__version__,
+        sub: ["diffusers", type(net.model).__name__],
+        "scheduler": ["diffusers", scheduler_cfg["_class_name"]],
+    }
+    for name, module in (("vae", vae), ("text_encoder", text_encoder), ("tokenizer", tokenizer)):
+        if module is None:
+            continue
+        module.save_pretrained(folder / name)
+        library = "diffusers" if name == "vae" else "transformers"
+        index[name] = [library, type(module).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / TEACHER_META).write_text(json.dumps({"num_classes": net.num_classes}, indent=2) + "\n")
+    return folder

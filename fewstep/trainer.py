@@ -1,0 +1,352 @@
+"""The training loop (DESIGN.md §6): one loop for every method; the only user of accelerate besides
+the checkpoint plugin and the CLI.
+
+For each batch, for each optimizer group due this step in the current phase: gradients go only to
+that group's networks; micro-batches are accumulated; ``fewstep_loss`` computes per-sample losses;
+the trainer back-propagates the mean, clips, steps, zeroes and calls
+``fewstep_after_optimizer_step``. Durations and intervals are in images seen, and every random draw
+is a function of (seed, images seen), so a resumed run replays exactly and a 2-process run equals a
+1-process run with the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewstep.config import RunConfig
+from fewstep.data import IndexStream, build_dataset, encode_latents
+from fewstep.nn import requires_grad
+from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, Phase, RunContext, StepInfo
+
+_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """A plugin broke the trainer's contract (e.g. a loss of the wrong shape)."""
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (stable across runs and platforms)."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    nimg: int = 0
+
+
+class Trainer:
+    """Builds a run from a validated config and a plugin manager, then :meth:`fit` trains it."""
+
+    def __init__(self, config: RunConfig, pm: Any, run_dir: Path, *, resume: bool = False,
+                 accelerator: Any = None) -> None:
+        self.config, self.pm, self.run_dir, self.resume = config, pm, Path(run_dir), resume
+        self._accelerator = accelerator
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------ the loop (one screen)
+    def fit(self) -> Nets:
+        self.setup()
+        hook, ctx, s = self.pm.hook, self.ctx, self.state
+        hook.fewstep_on_train_start(ctx=ctx, nets=self.nets, step=self.step_info())
+        phase = self.phase_at(s.nimg)
+        try:
+            while s.nimg < self.total_nimg:
+                logs: dict[str, float] = {}
+                for group in self.due_groups(phase, s.step):
+                    logs.update(self.train_group(group))
+                s.step, s.nimg = s.step + 1, s.nimg + self.global_batch
+                hook.fewstep_on_step_end(ctx=ctx, step=self.step_info(), logs=logs)
+                if s.nimg < self.total_nimg and (nxt := self.phase_at(s.nimg)) is not phase:
+                    hook.fewstep_on_phase_end(ctx=ctx, phase=phase, nets=self.nets)
+                    phase = nxt
+                if self._crossed(self.config.validation.every_nimg):
+                    self.validate()
+                if self._crossed(self.config.train.checkpoint_every_nimg):
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            self.save_checkpoint()  # nothing lost on interruption; --resume continues from here
+            raise
+        hook.fewstep_on_phase_end(ctx=ctx, phase=phase, nets=self.nets)
+        self.finish()
+        return self.nets
+
+    # ------------------------------------------------------------------ one optimizer group
+    def train_group(self, group: OptimizerGroup) -> dict[str, float]:
+        acc, s = self.accelerator, self.state
+        others = [self.nets.get(n) for g in self.groups.values() if g is not group for n in g.modules
+                  if n not in group.modules]
+        view = self.nets.replace(**{n: self.wrapped[n] for n in group.modules})
+        rounds = self.config.train.accumulation
+        totals: dict[str, float] = {}
+        with requires_grad(others, False):
+            for micro in range(rounds):
+                batch = self.batch(micro)
+                info = self.step_info(micro, group)
+                torch.manual_seed(mix_seed(self.config.train.seed, self.ctx.rank, s.nimg, micro, self.group_index[group.name]))
+                sync = contextlib.ExitStack()
+                if micro < rounds - 1:  # skip the gradient all-reduce until the last micro-batch
+                    for n in group.modules:
+                        sync.enter_context(acc.no_sync(self.wrapped[n]))
+                with sync:
+                    with acc.autocast():
+                        out = self.pm.hook.fewstep_loss(ctx=self.ctx, group=group, batch=batch, nets=view, step=info)
+                        loss = self._check_loss(out, group, batch).mean()
+                    acc.backward(loss / rounds)
+                totals["loss"] = totals.get("loss", 0.0) + loss.detach().item() / rounds  # host sync, once per micro-batch
+                for k, v in out.terms.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) / rounds
+        opt = self.optimizers[group.name]
+        for pg in opt.param_groups:  # linear warm-up, a pure function of images seen
+            pg["lr"] = group.lr * (min(1.0, (s.nimg + self.global_batch) / group.warmup_nimg) if group.warmup_nimg else 1.0)
+        if group.max_grad_norm is not None:
+            params = [p for n in group.modules for p in self.nets.get(n).parameters()]
+            totals["grad_norm"] = float(acc.clip_grad_norm_(params, group.max_grad_norm))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.pm.hook.fewstep_after_optimizer_step(ctx=self.ctx, group=group, nets=self.nets, step=self.step_info(0, group))
+        totals["lr"] = opt.param_groups[0]["lr"]
+        return {f"{group.name}/{k}": v for k, v in totals.items()}
+
+    @staticmethod
+    def _check_loss(out: LossOutput | None, group: OptimizerGroup, batch: Batch) -> torch.Tensor:
+        if out is None:
+            raise TrainingError("no active plugin implements fewstep_loss; the method plugin must provide it")
+        loss = out.loss
+        if loss.ndim != 1 or loss.shape[0] != batch.size:
+            raise TrainingError(f"fewstep_loss for group {group.name!r} returned shape {tuple(loss.shape)}; "
+                                f"expected per-sample losses of shape ({batch.size},)")
+        return loss
+
+    # ------------------------------------------------------------------ schedule
+    def phase_at(self, nimg: int) -> Phase:
+        for phase, end in zip(self.phases, self.phase_ends):
+            if nimg < end:
+                return phase
+        return self.phases[-1]
+
+    def due_groups(self, phase: Phase, step: int) -> list[OptimizerGroup]:
+        """The groups that step now: those of the current phase whose interval divides the step."""
+        return [self.groups[name] for name in phase.groups if self.groups[name].due(step)]
+
+    def _crossed(self, every: int | None) -> bool:
+        return every is not None and (self.state.nimg // every) > ((self.state.nimg - self.global_batch) // every)
+
+    def step_info(self, micro: int = 0, group: OptimizerGroup | None = None) -> StepInfo:
+        s = self.state
+        phase = self.phase_at(s.nimg)
+        i = self.phases.index(phase)
+        start = self.phase_ends[i - 1] if i else 0
+        span = (self.phase_ends[i] - start) if math.isfinite(self.phase_ends[i]) else (self.total_nimg - start)
+        gi = self.group_index[group.name] if group is not None else 0
+        generator = torch.Generator().manual_seed(mix_seed(self.config.train.seed, s.nimg, micro, gi))
+        return StepInfo(step=s.step, nimg=s.nimg, total_nimg=self.total_nimg, phase=phase.name,
+                        phase_progress=min(1.0, (s.nimg - start) / max(span, 1)),
+                        progress=min(1.0, s.nimg / self.total_nimg), generator=generator,
+                        rank=self.ctx.rank, world_size=self.ctx.world_size, local_batch=self.local_batch,
+                        device=self.ctx.device)
+
+    # ------------------------------------------------------------------ data
+    def batch(self, micro: int) -> Batch:
+        """This process's slice of global micro-batch ``micro`` of the current step."""
+        g_micro = self.local_batch * self.ctx.world_size
+        start = self.state.nimg + micro * g_micro
+        lo = self.ctx.rank * self.local_batch
+        idx = self.stream.indices(start, g_micro)[lo : lo + self.local_batch]
+        flip = self.stream.flips(start, g_micro)[lo : lo + self.local_batch] if self.config.data.flip else None
+        x, labels, prompts = self.dataset.get(idx, flip)
+        x = x.to(self.ctx.device) if x is not None else None
+        cond, uncond = self.make_cond(labels, prompts, len(idx))
+        return Batch(x0=x, cond=cond, uncond=uncond)
+
+    def make_cond(self, labels: torch.Tensor | None, prompts: tuple[str, ...] | None, n: int) -> tuple[Cond, Cond | None]:
+        teacher = self.nets.teacher
+        if teacher.conditioning == "class":
+            cond = Cond(labels=labels.to(self.ctx.device))
+        elif teacher.conditioning == "text":
+            cond = teacher.encode_prompts(list(prompts) if prompts is not None else [""] * n)
+        else:
+            return Cond(), None
+        return cond, teacher.null_cond(n, device=self.ctx.device)
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def accelerator(self) -> Any:
+        if self._accelerator is None:
+            from accelerate import Accelerator
+
+            self._accelerator = Accelerator(mixed_precision=self.config.train.mixed_precision, cpu=self.config.train.cpu)
+        return self._accelerator
+
+    def setup(self) -> None:
+        cfg, acc, hook = self.config, self.accelerator, self.pm.hook
+        world = acc.num_processes
+        per_round = cfg.train.batch_size // cfg.train.accumulation
+        if cfg.train.batch_size % (cfg.train.accumulation * world):
+            raise TrainingError(f"train.batch_size={cfg.train.batch_size} is not divisible by train.accumulation "
+                                f"({cfg.train.accumulation}) x processes ({world}); pick a multiple of "
+                                f"{cfg.train.accumulation * world}")
+        self.global_batch, self.local_batch = cfg.train.batch_size, per_round // world
+        self.total_nimg = cfg.train.total_nimg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ctx = RunContext(method=cfg.method, config=cfg, device=acc.device, dtype=_DTYPES[cfg.train.mixed_precision],
+                              run_dir=self.run_dir, seed=cfg.train.seed, rank=acc.process_index, world_size=world,
+                              global_batch=self.global_batch, is_main=acc.is_main_process)
+        hook.fewstep_configure(config=cfg)
+        torch.manual_seed(cfg.train.seed)  # network initialisation is identical on every rank
+        teacher = hook.fewstep_build_teacher(ctx=self.ctx)
+        student = hook.fewstep_build_student(ctx=self.ctx, teacher=teacher)
+        teacher.to(self.ctx.device, self.ctx.dtype)  # after the student copied the fp32 weights
+        extra: dict[str, nn.Module] = {}
+        for found in hook.fewstep_extra_networks(ctx=self.ctx, teacher=teacher, student=student):
+            if clash := set(found) & (set(extra) | {"student"}):
+                raise TrainingError(f"two plugins both provide the network(s) {sorted(clash)}")
+            extra.update(found or {})
+        self.nets = Nets(teacher, student.to(self.ctx.device), {k: v.to(self.ctx.device) for k, v in extra.items()})
+        self.groups = {g.name: g for g in hook.fewstep_optimizer_groups(ctx=self.ctx, nets=self.nets)}
+        self.group_index = {name: i for i, name in enumerate(self.groups)}
+        self.phases = hook.fewstep_phases(ctx=self.ctx, groups=list(self.groups.values()))
+        self._check_schedule()
+        if cfg.train.gradient_checkpointing:
+            from fewstep.backbones import enable_gradient_checkpointing
+
+            for name in {n for g in self.groups.values() for n in g.modules}:
+                enable_gradient_checkpointing(self.nets.get(name))
+        self.wrapped = {}
+        self.optimizers = {}
+        for group in self.groups.values():
+            for name in group.modules:
+                if name not in self.wrapped:
+                    self.wrapped[name] = acc.prepare_model(self.nets.get(name))
+            params = [p for n in group.modules for p in self.nets.get(n).parameters()]
+            self.optimizers[group.name] = acc.prepare_optimizer(make_optimizer(group, params))
+        self.dataset = self._build_data(teacher)
+        self.stream = IndexStream(len(self.dataset), cfg.train.seed)
+        if self.resume:
+            restored = hook.fewstep_load_checkpoint(ctx=self.ctx, accelerator=acc, nets=self.nets)
+            if restored is None:
+                raise TrainingError(f"--resume: no checkpoint found in {self.run_dir / 'checkpoints'}")
+            self.state = TrainState(step=int(restored["step"]), nimg=int(restored["nimg"]))
+        self._t0, self._nimg0 = time.perf_counter(), self.state.nimg
+
+    def _check_schedule(self) -> None:
+        known = set(self.groups)
+        ends, total = [], 0.0
+        for i, phase in enumerate(self.phases):
+            if missing := set(phase.groups) - known:
+                raise TrainingError(f"phase {phase.name!r} names unknown optimizer group(s) {sorted(missing)}; "
+                                    f"groups: {sorted(known)}")
+            if phase.duration_nimg is None and i != len(self.phases) - 1:
+                raise TrainingError(f"phase {phase.name!r}: only the last phase may run until the end (duration_nimg=None)")
+            total += phase.duration_nimg if phase.duration_nimg is not None else math.inf
+            ends.append(total)
+        if math.isfinite(total) and total < self.total_nimg:
+            ends[-1] = math.inf  # the last phase runs to the end of training
+        self.phase_ends = ends
+        for name in {n for g in self.groups.values() for n in g.modules}:
+            self.nets.get(name).requires_grad_(True).train()
+
+    def _build_data(self, teacher: Any) -> Any:
+        cfg = self.config.data
+        update: dict[str, Any] = {}
+        c, h, _ = teacher.data_shape
+        if cfg.resolution is None:
+            update["resolution"] = h
+        elif cfg.resolution != h:
+            raise TrainingError(f"data.resolution={cfg.resolution} but the teacher generates {h}x{h} images; "
+                                f"remove data.resolution or set it to {h}")
+        if cfg.channels is None:
+            update["channels"] = c
+        if teacher.conditioning == "class":
+            update["class_conditional"] = True
+        dataset = build_dataset(cfg.model_copy(update=update), base_dir=None)
+        if teacher.vae is not None and dataset.has_images:
+            cache = Path(cfg.source).parent / ".fewstep-cache" if cfg.source != "digits" else self.run_dir / "cache"
+            fingerprint = json.dumps([str(teacher.source), cfg.model_dump(mode="json"), update], sort_keys=True)
+            dataset = encode_latents(dataset, teacher.encode, cache_path=cache / "latents.safetensors",
+                                     fingerprint=fingerprint)
+        return dataset
+
+    # ------------------------------------------------------------------ periodic work
+    @torch.no_grad()
+    def validate(self) -> dict[str, torch.Tensor]:
+        """Sample the validation grid (student at each step count, teacher once) and hand it to observers."""
+        from fewstep.sampling import generate, teacher_rows
+
+        vcfg = self.config.validation
+        noise, cond = self.validation_inputs()
+        images = dict(self._teacher_rows if hasattr(self, "_teacher_rows") else {})
+        if not images and vcfg.teacher_steps:
+            images = self._teacher_rows = teacher_rows(self.nets.teacher, noise, cond, vcfg, self.config.teacher.guidance)
+        for k in vcfg.steps:
+            images[f"student {k} step" + ("s" if k > 1 else "")] = generate(
+                self.pm.hook, self.ctx, self.nets, noise, cond, k, seed=self.config.train.seed + k)
+        self.pm.hook.fewstep_on_validation(ctx=self.ctx, step=self.step_info(), images=images, cond=cond)
+        return images
+
+    def validation_inputs(self) -> tuple[torch.Tensor, Cond | None]:
+        n = self.config.validation.num_images
+        g = torch.Generator().manual_seed(mix_seed(self.config.train.seed, 0xF1E1D))
+        noise = torch.randn((n, *self.nets.teacher.sample_shape), generator=g).to(self.ctx.device)
+        teacher = self.nets.teacher
+        if teacher.conditioning == "class":
+            return noise, Cond(labels=torch.arange(n, device=self.ctx.device) % teacher.num_classes)
+        if teacher.conditioning == "text":
+            _, _, prompts = self.dataset.get(torch.arange(n) % len(self.dataset))
+            return noise, teacher.encode_prompts(list(prompts) if prompts else [""] * n)
+        return noise, None
+
+    def save_checkpoint(self) -> Path | None:
+        state = {"step": self.state.step, "nimg": self.state.nimg}
+        return self.pm.hook.fewstep_save_checkpoint(ctx=self.ctx, accelerator=self.accelerator, nets=self.nets, state=state)
+
+    def finish(self) -> None:
+        hook = self.pm.hook
+        self.save_checkpoint()
+        self.validate()
+        if self.config.export.enabled:
+            hook.fewstep_export(ctx=self.ctx, nets=self.nets, out_dir=self.run_dir / "export")
+        hook.fewstep_on_train_end(ctx=self.ctx, nets=self.nets)
+        if self.ctx.is_main:
+            self.write_summary()
+        self.accelerator.wait_for_everyone()
+
+    def write_summary(self) -> Path:
+        wall = time.perf_counter() - self._t0
+        seen = self.state.nimg - self._nimg0
+        summary = {"method": self.config.method.name, "nimg": self.state.nimg, "steps": self.state.step,
+                   "wall_time_s": round(wall, 2), "images_per_s": round(seen / max(wall, 1e-9), 2),
+                   "peak_memory_mb": round(peak_memory_mb(self.ctx.device), 1)}
+        path = self.run_dir / "summary.json"
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**previous, **summary}, indent=2))
+        return path
+
+
+def make_optimizer(group: OptimizerGroup, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if group.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=group.lr, momentum=group.betas[0], weight_decay=group.weight_decay)
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[group.optimizer]
+    return cls(params, lr=group.lr, betas=group.betas, eps=group.eps, weight_decay=group.weight_decay)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or peak resident memory of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,304 @@
+"""Consistency models: consistency distillation (``cd``, with the LCM-style variant), consistency
+training (``ct``) and improved consistency training (``ict``). Maths: specs/consistency.md §1-3.
+
+Everything is written in sigma space (``fewstep.diffusion``): x = x0 + sigma * eps with sigma the
+teacher's noise-to-signal ratio, so the same code distils VP/DDPM, EDM and flow-matching teachers.
+The consistency function wraps the network's denoiser with CM's boundary scalings,
+f(x, sigma) = consistency_from_denoiser(x, sigma, D(x, sigma)), which is exactly CM's
+parameterisation for an EDM network and gives f(x, sigma_min) = x for any teacher.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from fewstep.config import MethodConfig
+from fewstep.diffusion import (
+    append_dims,
+    consistency_from_denoiser,
+    euler_step,
+    heun_step,
+    karras_sigmas,
+    lcm_scalings,
+)
+from fewstep.hookspecs import hookimpl
+from fewstep.losses import distance
+from fewstep.nn import ema_update, frozen_copy, same_dropout
+from fewstep.sampling import consistency_sample, consistency_sigmas, sampling_net
+from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
+
+GUIDANCE_EMBED_SCALE = 100.0  # w is embedded as w * 100 with the timestep sinusoid (range of 0..1000 timesteps)
+
+
+class _Consistency(MethodConfig):
+    sigma_min: float | None = Field(None, gt=0, description="Boundary level epsilon in sigma space; none: the "
+                                    "teacher's smallest level (EDM teachers: 0.002, CM §1).")
+    sigma_max: float | None = Field(None, gt=0, description="Largest level; none: the teacher's (EDM: 80).")
+    sigma_data: float | None = Field(None, gt=0, description="sigma_d of the boundary scalings; none: the "
+                                     "teacher process's (0.5 for data in [-1, 1], CM §1).")
+    rho: float = Field(7.0, gt=0, description="Karras grid exponent (CM §1).")
+    distance: Literal["l2", "l1", "pseudo_huber"] = Field("l2", description="Distance d of the loss; LPIPS is not "
+                                                          "offered (its VGG weights are a download).")
+    huber_c: float | None = Field(None, gt=0, description="Pseudo-Huber c; none: 0.00054 * sqrt(D) (iCT).")
+    sample_sigmas: dict[int, list[float]] = Field(
+        {}, description="Levels tau_1 > ... > tau_N of the N-step sampler, per N; default: the first N points of "
+        "an (N+1)-point Karras grid (CM picks them by FID search, §2.7).")
+    clamp: bool = Field(True, description="Clamp pixel outputs to [-1, 1] after each sampler step (CM sampler); "
+                        "never applied to latents.")
+
+
+class CDConfig(_Consistency):
+    """Consistency distillation (CM §2.3); LCM-style with ``grid: teacher``, ``boundary: lcm``, ``guidance``."""
+
+    name: Literal["cd"] = "cd"
+    num_scales: int = Field(18, ge=2, description="N of the Karras training grid (CM CIFAR-10 CD: 18).")
+    solver: Literal["euler", "heun", "ddim"] = Field("heun", description="Teacher ODE step (CM: Heun for every CD "
+                                                     "run; DDIM equals Euler in sigma space, as LCM uses).")
+    target_ema: float = Field(0.0, ge=0.0, lt=1.0, description="Target-network EMA mu; 0: stop-gradient of the "
+                              "student (CM CIFAR-10 JAX config); ImageNet-64 used 0.95.")
+    grid: Literal["karras", "teacher"] = Field("karras", description="karras: N-point Karras grid; teacher: the "
+                                               "teacher's discrete timesteps every `skip` steps (LCM, VP only).")
+    skip: int = Field(20, ge=1, description="LCM skipping-step k on the 1000-step schedule (LCM: 20).")
+    boundary: Literal["cm", "lcm"] = Field("cm", description="cm: sigma_min-shifted EDM scalings (exact boundary); "
+                                           "lcm: LCM's scalings with timestep*10 (VP only).")
+    guidance: tuple[float, float] | None = Field(
+        None, description="LCM-style guided distillation: w ~ U[lo, hi] per sample, the teacher step uses CFG with "
+        "w and the student takes w as an extra input (zero-initialised). Range is [UNVERIFIED] (LCM paper "
+        "[2, 14], diffusers script [5, 15]); needs a conditional teacher.")
+    sample_guidance: float = Field(4.0, ge=0.0, description="w given to a guided student when sampling.")
+
+    @model_validator(mode="after")
+    def _check(self) -> CDConfig:
+        if self.guidance is not None and not (0 <= self.guidance[0] <= self.guidance[1]):
+            raise ValueError(f"guidance must be (lo, hi) with 0 <= lo <= hi, got {self.guidance}")
+        return self
+
+
+class CTConfig(_Consistency):
+    """Consistency training (CM §2.4-2.5): no teacher network in the loss, an adaptive target EMA."""
+
+    name: Literal["ct"] = "ct"
+    s0: int = Field(2, ge=1, description="Initial discretisation (CM CIFAR-10: 2).")
+    s1: int = Field(150, ge=2, description="Final discretisation (CM CIFAR-10: 150).")
+    mu0: float = Field(0.9, gt=0.0, lt=1.0, description="Initial target EMA (CM CIFAR-10: 0.9).")
+    init: Literal["teacher", "random"] = Field("teacher", description="teacher: start from the teacher's weights (as "
+                                               "the official ImageNet CT commands do); random: from scratch.")
+
+
+class ICTConfig(_Consistency):
+    """Improved consistency training (iCT, consistency.md §3): stop-gradient target, lognormal pair
+    distribution, exponential curriculum, pseudo-Huber loss with 1/(sigma_hi - sigma_lo) weighting."""
+
+    name: Literal["ict"] = "ict"
+    distance: Literal["l2", "l1", "pseudo_huber"] = Field("pseudo_huber", description="iCT: pseudo-Huber.")
+    s0: int = Field(10, ge=1, description="Initial discretisation (iCT: 10).")
+    s1: int = Field(1280, ge=2, description="Final discretisation (iCT: 1280).")
+    p_mean: float = Field(-1.1, description="Lognormal mean of the pair distribution (iCT: -1.1).")
+    p_std: float = Field(2.0, gt=0, description="Lognormal std (iCT: 2.0).")
+    init: Literal["teacher", "random"] = Field("teacher", description="teacher: start from the teacher's "
+                                               "weights; random: from scratch as in the paper.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Curricula: pure functions of training progress (k / K).
+
+
+def ct_num_scales(progress: float, s0: int, s1: int) -> int:
+    """N(k) = ceil(sqrt(k/K ((s1+1)^2 - s0^2) + s0^2) - 1) + 1 (CM §2.5)."""
+    return math.ceil(math.sqrt(progress * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
+
+
+def ct_target_decay(progress: float, s0: int, s1: int, mu0: float) -> float:
+    """mu(k) = exp(s0 ln mu0 / (N(k) - 1)): the official code uses N - 1 in the exponent (CM §2.5)."""
+    return math.exp(s0 * math.log(mu0) / (ct_num_scales(progress, s0, s1) - 1))
+
+
+def ict_num_scales(progress: float, s0: int, s1: int) -> int:
+    """N(k) = min(s0 * 2^floor(k/K'), s1) + 1 with K' = K / (log2 floor(s1/s0) + 1) (iCT §3)."""
+    stages = math.log2(math.floor(s1 / s0)) + 1
+    return min(s0 * 2 ** math.floor(progress * stages), s1) + 1
+
+
+def ict_pair_probs(sigmas_asc: Tensor, p_mean: float, p_std: float) -> Tensor:
+    """p(i) ∝ erf((ln s_{i+1} - P_mean) / (sqrt2 P_std)) - erf((ln s_i - P_mean) / (sqrt2 P_std)) (iCT §3)."""
+    cdf = torch.erf((sigmas_asc.double().log() - p_mean) / (math.sqrt(2.0) * p_std))
+    p = cdf[1:] - cdf[:-1]
+    return (p / p.sum()).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# The consistency function
+
+
+def _range(cfg: _Consistency, process) -> tuple[float, float]:
+    return (cfg.sigma_min or process.sigma_min, cfg.sigma_max or process.sigma_max)
+
+
+def consistency_fn(net: nn.Module, process, cfg: _Consistency, x: Tensor, sigma: Tensor, cond: Cond | None,
+                   **scalars: Tensor) -> Tensor:
+    """f_theta(x, sigma): the network's sigma-space denoiser wrapped with boundary scalings."""
+    x0 = process.denoise(net, x, sigma, cond, **scalars)
+    if getattr(cfg, "boundary", "cm") == "lcm":
+        c_skip, c_out = lcm_scalings(process.sigma_to_t(sigma))
+        return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * x0
+    sigma_min, _ = _range(cfg, process)
+    return consistency_from_denoiser(x, sigma, x0, sigma_min, cfg.sigma_data or process.sigma_data)
+
+
+def cd_grid(cfg: CDConfig, process) -> Tensor:
+    """Descending training levels: Karras (CM §2.2) or the teacher's timesteps every ``skip`` (LCM)."""
+    if cfg.grid == "teacher":
+        if process.kind != "vp":
+            raise ValueError(f"method.grid: 'teacher' needs a VP (DDPM) teacher, this teacher is {process.kind!r}; "
+                             "use grid: karras")
+        n = process.num_train_timesteps
+        steps = torch.arange(n - 1, -1, -cfg.skip, dtype=torch.float64)  # 999, 979, ..., 19 for k = 20
+        return process.t_to_sigma(steps).float()
+    lo, hi = _range(cfg, process)
+    return karras_sigmas(cfg.num_scales, lo, hi, cfg.rho)
+
+
+def _guidance_inputs(cfg: _Consistency, w: Tensor | None) -> dict[str, Tensor]:
+    return {} if w is None else {"w": w * GUIDANCE_EMBED_SCALE}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks
+
+
+@hookimpl
+def fewstep_method_config():
+    return [("cd", CDConfig), ("ct", CTConfig), ("ict", ICTConfig)]
+
+
+@hookimpl
+def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module | None:
+    cfg = ctx.method
+    if getattr(cfg, "init", "teacher") == "random":
+        from fewstep.backbones import Backbone
+
+        return Backbone.from_config_dict(teacher.net.config_dict()).float().train()
+    if getattr(cfg, "guidance", None) is not None:
+        if teacher.conditioning == "none":
+            raise ValueError("method.guidance: guided (LCM-style) distillation needs a class- or text-conditional "
+                             "teacher; this teacher is unconditional. Remove method.guidance.")
+        import copy
+
+        student = copy.deepcopy(teacher.net).float()
+        student.add_scalar_inputs(["w"])
+        return student.requires_grad_(True).train()
+    return None  # the core default: a copy of the teacher
+
+
+@hookimpl
+def fewstep_extra_networks(ctx: RunContext, student: nn.Module) -> dict[str, nn.Module]:
+    cfg = ctx.method
+    needs_target = cfg.name == "ct" or (cfg.name == "cd" and cfg.target_ema > 0)
+    return {"target": frozen_copy(student).float()} if needs_target else {}
+
+
+@hookimpl
+def fewstep_on_train_start(ctx: RunContext, nets: Nets) -> None:
+    cfg = ctx.method
+    if getattr(cfg, "boundary", "cm") == "lcm" and nets.teacher.process.kind != "vp":
+        raise ValueError("method.boundary: 'lcm' scalings need a VP (DDPM) teacher; use boundary: cm")
+
+
+@hookimpl
+def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Nets, step: StepInfo) -> LossOutput:
+    cfg, teacher = ctx.method, nets.teacher
+    process = teacher.process
+    if batch.x0 is None:
+        raise ValueError(f"method {cfg.name!r} needs images: the data source has none")
+    x0 = batch.x0.float()
+    z = step.randn_like(x0)
+    w = None
+    if cfg.name == "ict":
+        lo, hi = _range(cfg, process)
+        asc = karras_sigmas(ict_num_scales(step.progress, cfg.s0, cfg.s1), lo, hi, cfg.rho).flip(0)
+        probs = ict_pair_probs(asc, cfg.p_mean, cfg.p_std)
+        i = step.draw(lambda n, g: torch.multinomial(probs, n, replacement=True, generator=g))
+        s_lo, s_hi = asc[i].to(x0.device), asc[i + 1].to(x0.device)
+        weight = 1.0 / (s_hi - s_lo)  # iCT lambda
+        x_lo = x0 + append_dims(s_lo, x0.ndim) * z  # CT estimator: same z for both points
+    else:
+        if cfg.name == "ct":
+            lo, hi = _range(cfg, process)
+            grid = karras_sigmas(ct_num_scales(step.progress, cfg.s0, cfg.s1), lo, hi, cfg.rho)
+        else:
+            grid = cd_grid(cfg, process)
+        n = step.randint(0, grid.numel() - 1)
+        s_hi, s_lo = grid.to(x0.device)[n], grid.to(x0.device)[n + 1]
+        weight = torch.ones_like(s_hi)  # CM: lambda = 1
+        if cfg.name == "ct":
+            x_lo = x0 + append_dims(s_lo, x0.ndim) * z
+    x_hi = x0 + append_dims(s_hi, x0.ndim) * z
+    if cfg.name == "cd":
+        if cfg.guidance is not None:
+            w = step.draw(lambda m, g: torch.rand(m, generator=g)).to(x0.device) * (cfg.guidance[1] - cfg.guidance[0]) + cfg.guidance[0]
+        x_lo = teacher_step(teacher, cfg, batch, x_hi, s_hi, s_lo, w)
+    scalars = _guidance_inputs(cfg, w)
+    with same_dropout():  # the target pass below reuses this pass's dropout masks
+        online = consistency_fn(nets.student, process, cfg, x_hi, s_hi, batch.cond, **scalars)
+    with torch.no_grad():
+        target_net = nets.extra.get("target", nets.student)
+        target = consistency_fn(target_net, process, cfg, x_lo, s_lo, batch.cond, **scalars)
+    loss = weight * distance(online, target.detach(), cfg.distance, cfg.huber_c)
+    terms = {"sigma_hi": s_hi.mean().detach()}
+    return LossOutput(loss=loss, terms=terms)
+
+
+@torch.no_grad()
+def teacher_step(teacher, cfg: CDConfig, batch: Batch, x_hi: Tensor, s_hi: Tensor, s_lo: Tensor,
+                 w: Tensor | None) -> Tensor:
+    """One teacher ODE step from s_hi to s_lo (CM §2.3 step 2), with CFG scale w when guided (LCM)."""
+    guided = w is not None
+
+    def denoise(x: Tensor, sigma: Tensor) -> Tensor:
+        if guided:
+            return teacher.denoise(x, sigma, batch.cond, uncond=batch.uncond, guidance=w).float()
+        return teacher.denoise(x, sigma, batch.cond).float()
+
+    if cfg.solver == "heun":
+        return heun_step(denoise, x_hi, s_hi, s_lo)
+    return euler_step(x_hi, s_hi, s_lo, denoise(x_hi, s_hi))
+
+
+@hookimpl
+def fewstep_after_optimizer_step(ctx: RunContext, group: OptimizerGroup, nets: Nets, step: StepInfo) -> None:
+    cfg = ctx.method
+    target = nets.extra.get("target")
+    if target is None or "student" not in group.modules:
+        return
+    if cfg.name == "ct":
+        mu = ct_target_decay(step.progress, cfg.s0, cfg.s1, cfg.mu0)
+    else:
+        mu = cfg.target_ema
+    ema_update(target, nets.student, mu)
+
+
+@hookimpl
+def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
+                   generator: torch.Generator) -> Tensor:
+    """Multistep consistency sampling (CM Algorithm 1) with the EMA student when there is one."""
+    cfg, teacher = ctx.method, nets.teacher
+    process = teacher.process
+    lo, hi = _range(cfg, process)
+    sigmas = cfg.sample_sigmas.get(num_steps) or consistency_sigmas(num_steps, lo, hi, cfg.rho)
+    if len(sigmas) != num_steps:
+        raise ValueError(f"method.sample_sigmas[{num_steps}] has {len(sigmas)} levels; expected {num_steps}")
+    net = sampling_net(nets)
+    w = None
+    if getattr(cfg, "guidance", None) is not None:
+        w = torch.full((noise.shape[0],), cfg.sample_guidance, device=noise.device)
+    scalars = _guidance_inputs(cfg, w)
+
+    def f(x: Tensor, sigma: Tensor) -> Tensor:
+        return consistency_fn(net, process, cfg, x, sigma, cond, **scalars)
+
+    return consistency_sample(f, noise.float(), sigmas, lo, generator, clamp=cfg.clamp and teacher.vae is None)

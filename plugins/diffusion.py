@@ -1,0 +1,179 @@
+"""Teacher pretraining (``diffusion``): denoising score matching on VP/DDPM and EDM processes, flow
+matching on rectified-flow processes, so the project can make its own teachers.
+
+Without ``teacher.pretrained`` the network is built from ``method.backbone`` (a diffusers
+UNet2DModel or DiTTransformer2DModel) and ``method.process``; with it, the given teacher is
+fine-tuned. The export is a teacher folder that ``teacher.pretrained`` of any recipe accepts (for an
+unconditional pixel UNet on a VP process it is also a stock diffusers ``DDPMPipeline``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from fewstep.config import MethodConfig
+from fewstep.diffusion import cfg as cfg_combine
+from fewstep.diffusion import sample_ode
+from fewstep.hookspecs import hookimpl
+from fewstep.nn import unwrap
+from fewstep.sampling import sampling_net
+from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
+
+
+class BackboneSpec(BaseModel):
+    """Architecture of a teacher trained from scratch (ignored when teacher.pretrained is given)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["unet", "dit"] = Field("unet", description="diffusers UNet2DModel or DiTTransformer2DModel.")
+    block_out_channels: list[int] = Field([32, 64, 64], min_length=1, description="UNet channels per level.")
+    layers_per_block: int = Field(1, ge=1, description="UNet residual blocks per level.")
+    attention_levels: list[int] = Field([2], description="UNet levels (0-based) with self-attention.")
+    norm_num_groups: int = Field(8, ge=1, description="GroupNorm groups (must divide every channel count).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="UNet dropout.")
+    num_layers: int = Field(4, ge=1, description="DiT blocks.")
+    num_attention_heads: int = Field(4, ge=1, description="DiT heads.")
+    attention_head_dim: int = Field(16, ge=1, description="DiT head width.")
+    patch_size: int = Field(2, ge=1, description="DiT patch size.")
+    num_classes: int | None = Field(None, ge=1, description="Class-conditional with this many classes (a null "
+                                    "class is added for classifier-free guidance); none: unconditional.")
+
+
+class ProcessSpec(BaseModel):
+    """Noise process of a teacher trained from scratch (ignored when teacher.pretrained is given)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["vp", "edm", "flow"] = Field("vp", description="VP/DDPM, EDM, or flow matching.")
+    prediction_type: Literal["epsilon", "v_prediction", "sample", "flow"] | None = Field(
+        None, description="Network output; none: v_prediction for vp, epsilon (EDM-preconditioned) for edm, "
+        "flow (velocity) for flow.")
+    num_train_timesteps: int = Field(1000, ge=2, description="Discrete timesteps (DDPM: 1000).")
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field("linear", description="VP betas.")
+    beta_start: float = Field(0.0001, gt=0, description="VP beta_1 (DDPM: 1e-4).")
+    beta_end: float = Field(0.02, gt=0, description="VP beta_T (DDPM: 0.02).")
+    sigma_min: float = Field(0.002, gt=0, description="EDM sigma_min (EDM: 0.002).")
+    sigma_max: float = Field(80.0, gt=0, description="EDM sigma_max (EDM: 80).")
+    sigma_data: float = Field(0.5, gt=0, description="EDM sigma_data (EDM: 0.5).")
+    shift: float = Field(1.0, gt=0, description="Flow-matching time shift (SD3 uses 3.0 at 1024px).")
+
+    def build(self):
+        from fewstep.diffusion import EDMProcess, FlowProcess, VPProcess
+
+        if self.kind == "vp":
+            return VPProcess(num_train_timesteps=self.num_train_timesteps, beta_start=self.beta_start,
+                             beta_end=self.beta_end, beta_schedule=self.beta_schedule,
+                             prediction_type=self.prediction_type or "v_prediction")
+        if self.kind == "edm":
+            return EDMProcess(sigma_min=self.sigma_min, sigma_max=self.sigma_max, sigma_data=self.sigma_data,
+                              prediction_type=self.prediction_type or "epsilon")
+        return FlowProcess(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
+
+
+class DiffusionConfig(MethodConfig):
+    name: Literal["diffusion"] = "diffusion"
+    backbone: BackboneSpec = Field(default_factory=BackboneSpec)
+    process: ProcessSpec = Field(default_factory=ProcessSpec)
+    p_uncond: float = Field(0.1, ge=0.0, lt=1.0, description="Condition dropout for classifier-free guidance "
+                            "(CFG paper: 0.1-0.2); only used by conditional teachers.")
+    solver: Literal["euler", "ddim", "heun"] = Field("heun", description="ODE solver of the sampler (EDM: Heun).")
+
+
+def build_backbone(spec: BackboneSpec, size: int, channels: int):
+    """A freshly initialised diffusers backbone wrapped as a fewstep Backbone."""
+    from fewstep.backbones import Backbone
+
+    if spec.type == "dit":
+        from diffusers import DiTTransformer2DModel
+
+        if spec.num_classes is None:
+            raise ValueError("method.backbone: a DiT is class-conditional in diffusers; set backbone.num_classes")
+        model = DiTTransformer2DModel(
+            num_attention_heads=spec.num_attention_heads, attention_head_dim=spec.attention_head_dim,
+            in_channels=channels, out_channels=channels, num_layers=spec.num_layers, sample_size=size,
+            patch_size=spec.patch_size, num_embeds_ada_norm=spec.num_classes, norm_type="ada_norm_zero")
+        return Backbone(model, num_classes=spec.num_classes)
+    from diffusers import UNet2DModel
+
+    levels = len(spec.block_out_channels)
+    if size % 2 ** (levels - 1):
+        raise ValueError(f"method.backbone: {levels} UNet levels need the image size ({size}) divisible by "
+                         f"{2 ** (levels - 1)}; set data.resolution or use fewer block_out_channels")
+    attn = set(spec.attention_levels)
+    down = tuple("AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(levels))
+    up = tuple("AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(levels)))
+    model = UNet2DModel(
+        sample_size=size, in_channels=channels, out_channels=channels,
+        block_out_channels=tuple(spec.block_out_channels), layers_per_block=spec.layers_per_block,
+        down_block_types=down, up_block_types=up, norm_num_groups=spec.norm_num_groups, dropout=spec.dropout,
+        attention_head_dim=8, num_class_embeds=None if spec.num_classes is None else spec.num_classes + 1)
+    return Backbone(model, num_classes=spec.num_classes)
+
+
+@hookimpl
+def fewstep_method_config():
+    return ("diffusion", DiffusionConfig)
+
+
+@hookimpl
+def fewstep_build_teacher(ctx: RunContext):
+    """From scratch: the 'teacher' is the untrained architecture and process the student copies."""
+    if ctx.config.teacher.pretrained is not None:
+        return None  # fine-tune the given teacher (core default loader)
+    from fewstep.teacher import Teacher
+
+    data = ctx.config.data
+    if data.resolution is None or data.channels is None:
+        raise ValueError("data.resolution and data.channels: training a teacher from scratch needs both, "
+                         "e.g. resolution: 16, channels: 1")
+    net = build_backbone(ctx.method.backbone, data.resolution, data.channels)
+    return Teacher(net, ctx.method.process.build(), source=Path("(from scratch)"))
+
+
+@hookimpl
+def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Nets, step: StepInfo) -> LossOutput:
+    """Regress the raw output on the process's target at a random time (DDPM Eq. 14 / EDM Eq. 8 / FM)."""
+    process = nets.teacher.process
+    x0 = batch.x0
+    if x0 is None:
+        raise ValueError("method 'diffusion' needs images: the data source has none")
+    t = step.draw(lambda n, g: process.sample_train_t(n, g)).to(x0.device)
+    eps = step.randn_like(x0)
+    x_t = process.add_noise(x0, eps, t)
+    cond = batch.cond
+    if batch.uncond is not None and ctx.method.p_uncond > 0:
+        cond = cond.where(step.rand() < ctx.method.p_uncond, batch.uncond)
+    out = nets.student(process.c_in(t)[:, None, None, None] * x_t, process.model_time(t), cond)
+    err = (out.float() - process.output_target(x0, eps, t).float()).square().flatten(1).mean(1)
+    return LossOutput(loss=process.loss_weight(t).float() * err)
+
+
+@hookimpl
+def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
+                   generator: torch.Generator) -> Tensor:
+    """The trained model's own ODE sampler (num_steps solver steps), with CFG at teacher.guidance."""
+    process, net = nets.teacher.process, sampling_net(nets)
+    guidance = ctx.config.teacher.guidance
+    uncond = nets.teacher.null_cond(noise.shape[0], device=noise.device) if guidance != 1.0 else None
+
+    def denoise(x: Tensor, sigma: Tensor) -> Tensor:
+        x0 = process.denoise(net, x, sigma, cond)
+        return x0 if uncond is None else cfg_combine(x0, process.denoise(net, x, sigma, uncond), guidance)
+
+    sigmas = process.sampling_sigmas(num_steps).to(noise.device)
+    return sample_ode(denoise, noise.float() * sigmas[0], sigmas, ctx.method.solver)
+
+
+@hookimpl
+def fewstep_export(ctx: RunContext, nets: Nets, out_dir: Path) -> Path:
+    """The trained model (EMA when present) as a teacher folder usable as teacher.pretrained."""
+    from fewstep.teacher import save_teacher
+
+    if ctx.is_main:
+        teacher = nets.teacher
+        save_teacher(out_dir, unwrap(sampling_net(nets)), teacher.process, vae=teacher.vae,
+                     text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer)
+    return out_dir
