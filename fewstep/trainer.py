@@ -116,8 +116,9 @@ class Trainer:
             params = [p for n in group.modules for p in self.nets.get(n).parameters()]
             totals["grad_norm"] = float(acc.clip_grad_norm_(params, group.max_grad_norm))
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        # Observers run before the gradients are dropped, so they can inspect them (tests do).
         self.pm.hook.fewstep_after_optimizer_step(ctx=self.ctx, group=group, nets=self.nets, step=self.step_info(0, group))
+        opt.zero_grad(set_to_none=True)
         totals["lr"] = opt.param_groups[0]["lr"]
         return {f"{group.name}/{k}": v for k, v in totals.items()}
 
@@ -152,12 +153,14 @@ class Trainer:
         start = self.phase_ends[i - 1] if i else 0
         span = (self.phase_ends[i] - start) if math.isfinite(self.phase_ends[i]) else (self.total_nimg - start)
         gi = self.group_index[group.name] if group is not None else 0
-        generator = torch.Generator().manual_seed(mix_seed(self.config.train.seed, s.nimg, micro, gi))
+        # Not seeded by the micro-round: every round redraws the step's global batch and keeps its rows.
+        generator = torch.Generator().manual_seed(mix_seed(self.config.train.seed, s.nimg, gi))
         return StepInfo(step=s.step, nimg=s.nimg, total_nimg=self.total_nimg, phase=phase.name,
                         phase_progress=min(1.0, (s.nimg - start) / max(span, 1)),
                         progress=min(1.0, s.nimg / self.total_nimg), generator=generator,
                         rank=self.ctx.rank, world_size=self.ctx.world_size, local_batch=self.local_batch,
-                        device=self.ctx.device)
+                        global_batch=self.global_batch,
+                        offset=(micro * self.ctx.world_size + self.ctx.rank) * self.local_batch, device=self.ctx.device)
 
     # ------------------------------------------------------------------ data
     def batch(self, micro: int) -> Batch:

@@ -128,9 +128,11 @@ class StepInfo:
     """Where training stands, and the random numbers for this micro-batch.
 
     Curricula are pure functions of these fields (STYLE.md rule 5). Random draws go through
-    :meth:`randn` / :meth:`rand` / :meth:`randint`: they draw for the *global* batch from a generator
-    seeded by (seed, nimg, micro-step) and return this process's slice, so a run gives the same
-    numbers whatever the number of processes, and a resumed run replays exactly.
+    :meth:`randn` / :meth:`rand` / :meth:`randint` / :meth:`draw`: they draw for the whole *global*
+    batch of the step from a generator seeded by (seed, images seen, group) and return the rows of
+    this process's micro-batch (``offset`` .. ``offset + local_batch``). Sample j of the global batch
+    therefore gets the same numbers whatever the number of processes or accumulation rounds, and a
+    resumed run replays exactly.
     """
 
     step: int
@@ -143,30 +145,28 @@ class StepInfo:
     rank: int = 0
     world_size: int = 1
     local_batch: int = 1
+    global_batch: int = 1
+    offset: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def _global(self, draw: Tensor) -> Tensor:
-        lo = self.rank * self.local_batch
-        return draw[lo : lo + self.local_batch].to(self.device)
+        return draw[self.offset : self.offset + self.local_batch].to(self.device)
 
     def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """(B_local, *shape) standard normal draws."""
-        g = self.world_size * self.local_batch
-        return self._global(torch.randn((g, *shape), generator=self.generator, dtype=dtype))
+        return self._global(torch.randn((self.global_batch, *shape), generator=self.generator, dtype=dtype))
 
     def rand(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """(B_local, *shape) uniform draws in [0, 1)."""
-        g = self.world_size * self.local_batch
-        return self._global(torch.rand((g, *shape), generator=self.generator, dtype=dtype))
+        return self._global(torch.rand((self.global_batch, *shape), generator=self.generator, dtype=dtype))
 
     def randint(self, low: int, high: int, *shape: int) -> Tensor:
         """(B_local, *shape) integers in [low, high)."""
-        g = self.world_size * self.local_batch
-        return self._global(torch.randint(low, high, (g, *shape), generator=self.generator))
+        return self._global(torch.randint(low, high, (self.global_batch, *shape), generator=self.generator))
 
     def draw(self, fn: Callable[[int, torch.Generator], Tensor]) -> Tensor:
-        """Any other draw: ``fn(global_batch, generator)`` returns (global_batch, ...); this process's slice."""
-        return self._global(fn(self.world_size * self.local_batch, self.generator))
+        """Any other draw: ``fn(global_batch, generator)`` returns (global_batch, ...); this micro-batch's rows."""
+        return self._global(fn(self.global_batch, self.generator))
 
     def randn_like(self, x: Tensor) -> Tensor:
         """Standard normal noise shaped like the local batch ``x``: (B_local, ...)."""
