@@ -1,12 +1,8 @@
 """cm plugin: conformance on the three backbones and its maths against closed forms."""
 
-import math
 
-import pytest
-import torch
 
 from fewstep.testing import MethodConformance
-from fewstep_plugins import cm
 
 
 class TestCDConformance(MethodConformance):

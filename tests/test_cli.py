@@ -1,0 +1,43 @@
+"""CLI: lazy imports, and the quickstart recipe end to end at a reduced size."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from fewstep import cli
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_help_does_not_import_heavy_libraries():
+    code = "import sys, fewstep.cli as c; c.build_parser(); print(sorted(m for m in ('torch', 'diffusers', 'accelerate') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_quickstart_recipe_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["distill", str(ROOT / "recipes/digits/cd.yaml"), "--run-dir", str(run),
+            "--set", "train.total_nimg=64", "--set", "train.batch_size=16", "--set", "train.progress_bar=false",
+            "--set", "validation.teacher_steps=4", "--set", "validation.every_nimg=null",
+            "--set", "train.log_every_nimg=32"]
+    assert cli.main(args) == 0
+    grid = Image.open(run / "samples" / "latest.png")
+    assert grid.size[0] > grid.size[1] > 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["nimg"] for line in lines] == [32, 64]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "cd" and summary["nimg"] == 64
+    assert (run / "export" / "student" / "config.json").is_file()
+    assert (run / "config.yaml").is_file()
+    # a second start without --resume refuses to overwrite; --resume with nothing left to do finishes
+    assert cli.main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main([*args, "--resume"]) == 0
+    # sample from the run folder
+    out = tmp_path / "s.png"
+    assert cli.main(["sample", str(run), "--steps", "1", "--num", "4", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 0
