@@ -1,6 +1,6 @@
-"""cm plugin: conformance on the three backbones and its maths against closed forms."""
+"""cm plugin: conformance on the three backbones and its maths against closed forms (maths: test_cm_maths.py)."""
 
-
+import pytest
 
 from fewstep.testing import MethodConformance
 
@@ -20,3 +20,20 @@ class TestCTConformance(MethodConformance):
 
 class TestICTConformance(MethodConformance):
     method = {"name": "ict", "s0": 2, "s1": 16}
+
+
+class TestLCMConformance(MethodConformance):
+    """LCM-style CD: the teacher's timestep grid every k steps, DDIM solver, LCM scalings, w input."""
+
+    method = {"name": "cd", "grid": "teacher", "skip": 100, "solver": "ddim", "boundary": "lcm",
+              "guidance": [2.0, 6.0], "target_ema": 0.95}
+    backbones = ("unet_condition", "dit")
+
+
+@pytest.mark.parametrize("process", ["edm", "flow"])
+def test_lcm_options_need_a_vp_teacher(tmp_path, process):
+    from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config
+
+    teacher = make_tiny_teacher(tmp_path / "t", "unet", process=process)
+    with pytest.raises(ValueError, match="VP"):
+        run_tiny(tiny_run_config(teacher, {"name": "cd", "grid": "teacher"}), tmp_path / "run")

@@ -63,7 +63,6 @@ def test_two_processes_match_one_process(tmp_path):
     rank0 = torch.load(out / "rank0.pt", weights_only=True)
     rank1 = torch.load(out / "rank1.pt", weights_only=True)
     assert rank0.keys() == rank1.keys() == reference.keys()
-    moved = False
     for k, v in rank0.items():
         assert torch.equal(v, rank1[k]), f"ranks differ in {k}"
         torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
