@@ -37,3 +37,25 @@ def test_lcm_options_need_a_vp_teacher(tmp_path, process):
     teacher = make_tiny_teacher(tmp_path / "t", "unet", process=process)
     with pytest.raises(ValueError, match="VP"):
         run_tiny(tiny_run_config(teacher, {"name": "cd", "grid": "teacher"}), tmp_path / "run")
+
+
+class TestCDLatentConformance(MethodConformance):
+    """A latent teacher: data are encoded by the teacher's VAE (cached), samples decoded."""
+
+    method = {"name": "cd", "num_scales": 8}
+    backbones = ("unet", "dit")
+    teacher_options = {"latent": True}
+
+
+class TestCTFlowConformance(MethodConformance):
+    """CT on a flow-matching teacher (sigma-space view of the rectified-flow process)."""
+
+    method = {"name": "ct", "s0": 2, "s1": 10}
+    backbones = ("unet",)
+    teacher_options = {"process": "flow"}
+
+
+class TestICTEDMConformance(MethodConformance):
+    method = {"name": "ict", "s0": 2, "s1": 16}
+    backbones = ("unet",)
+    teacher_options = {"process": "edm"}
