@@ -18,9 +18,16 @@ def test_builtin_methods_are_discovered_through_entry_points():
     assert plugins["cm"].source.startswith("fewstep ")
 
 
-def test_bare_plugins_package_is_not_importable():
-    with pytest.raises(ModuleNotFoundError):
-        importlib.import_module("plugins")
+def test_install_provides_fewstep_plugins_not_a_bare_plugins_package(tmp_path):
+    """Run from a neutral folder so the source tree is not on sys.path: only the install counts."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = "import importlib.util as u; print(u.find_spec('plugins') is None, u.find_spec('fewstep_plugins') is not None)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
 
 
 def test_run_activates_only_the_method_plugin():
