@@ -52,7 +52,8 @@ class OptimizerConfig(Strict):
 
 
 class TrainConfig(Strict):
-    total_nimg: int = Field(..., gt=0, description="Training length in images seen (all processes).")
+    total_nimg: int = Field(..., gt=0, description="Training length in images seen (all processes); "
+                            "rounded up to whole global batches.")
     batch_size: int = Field(..., gt=0, description="Global batch: images per optimizer step over all processes "
                             "and accumulation rounds.")
     accumulation: int = Field(1, ge=1, description="Gradient-accumulation rounds per optimizer step.")

@@ -197,3 +197,22 @@ def test_interrupt_writes_a_checkpoint(teacher, tmp_path):
     from fewstep.builtin.checkpoint import checkpoint_dirs
 
     assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step-00000003"]
+
+
+def test_clipping_bf16_and_warmup(teacher, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    from fewstep.testing import run_tiny
+
+    config = tiny_run_config(teacher, {"name": "cd", "num_scales": 8}, steps=3, batch=B,
+                             optimizer={"max_grad_norm": 1e-3, "warmup_nimg": 8 * B},
+                             train={"mixed_precision": "bf16"})
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one state per process
+    try:
+        trainer, rec = run_tiny(config, tmp_path / "run")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert trainer.nets.teacher.dtype == torch.bfloat16
+    assert next(trainer.nets.student.parameters()).dtype == torch.float32  # master weights stay fp32
+    assert all(log["student/grad_norm"] > 0 for log in rec.logs)
+    assert [round(log["student/lr"] / 1e-4, 6) for log in rec.logs] == [0.125, 0.25, 0.375]
