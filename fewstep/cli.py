@@ -64,16 +64,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace):
+    """The validated config and the discovered plugins (discovered once, reused for the run)."""
     from fewstep.config import load_config
-    from fewstep.plugin import discover, method_registry
+    from fewstep.plugin import discover
 
     plugins = discover()
-    import yaml
-
-    raw = yaml.safe_load(args.recipe.read_text()) if args.recipe.is_file() else {}
-    disabled = set(((raw or {}).get("plugins") or {}).get("disable") or [])
-    config = load_config(args.recipe, args.overrides, method_registry(plugins, disabled))
-    return config, plugins
+    return load_config(args.recipe, args.overrides, plugins=plugins), plugins
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

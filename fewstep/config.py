@@ -219,8 +219,10 @@ def validate_config(data: dict[str, Any], methods: dict[str, tuple[str, Any]], *
     return _resolve_paths(config.model_copy(update={"method": method}), base_dir)
 
 
-def load_config(path: str | Path, overrides: list[str] = (), methods: dict[str, tuple[str, Any]] | None = None) -> RunConfig:
-    """Read a YAML recipe, apply ``--set`` overrides and validate it."""
+def load_config(path: str | Path, overrides: list[str] = (), methods: dict[str, tuple[str, Any]] | None = None,
+                *, plugins: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML recipe, apply ``--set`` overrides and validate it. Method models come from
+    ``methods`` when given, else from ``plugins`` (discovered when None) minus the recipe's disabled ones."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist (looked in {path.resolve().parent})")
@@ -233,7 +235,7 @@ def load_config(path: str | Path, overrides: list[str] = (), methods: dict[str, 
         from fewstep.plugin import discover, method_registry
 
         disabled = set(((data.get("plugins") or {}).get("disable")) or [])
-        methods = method_registry(discover(), disabled)
+        methods = method_registry(discover() if plugins is None else plugins, disabled)
     return validate_config(data, methods, base_dir=path.resolve().parent, source=str(path))
 
 

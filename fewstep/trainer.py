@@ -56,6 +56,7 @@ class Trainer:
         self.config, self.pm, self.run_dir, self.resume = config, pm, Path(run_dir), resume
         self._accelerator = accelerator
         self.state = TrainState()
+        self._teacher_rows: dict[str, torch.Tensor] | None = None  # the frozen teacher's grid row, sampled once
 
     # ------------------------------------------------------------------ the loop (one screen)
     def fit(self) -> Nets:
@@ -291,9 +292,10 @@ class Trainer:
 
         vcfg = self.config.validation
         noise, cond = self.validation_inputs()
-        images = dict(self._teacher_rows if hasattr(self, "_teacher_rows") else {})
-        if not images and vcfg.teacher_steps:
-            images = self._teacher_rows = teacher_rows(self.nets.teacher, noise, cond, vcfg, self.config.teacher.guidance)
+        if self._teacher_rows is None:
+            self._teacher_rows = (teacher_rows(self.nets.teacher, noise, cond, vcfg, self.config.teacher.guidance)
+                                  if vcfg.teacher_steps else {})
+        images = dict(self._teacher_rows)
         for k in vcfg.steps:
             images[f"student {k} step" + ("s" if k > 1 else "")] = generate(
                 self.pm.hook, self.ctx, self.nets, noise, cond, k, seed=self.config.train.seed + k)

@@ -209,48 +209,54 @@ def fewstep_on_train_start(ctx: RunContext, nets: Nets) -> None:
         raise ValueError("method.boundary: 'lcm' scalings need a VP (DDPM) teacher; use boundary: cm")
 
 
+def training_levels(cfg: _Consistency, process, step: StepInfo) -> tuple[Tensor, Tensor, Tensor]:
+    """Per sample (B,): the noisier level s_hi (online input), the cleaner s_lo (target input) and the
+    loss weight lambda. CD: adjacent points of its fixed grid, lambda = 1 (CM §2.2). CT: the same on
+    the N(k)-point Karras grid (CM §2.5). iCT: pairs drawn from the lognormal interval law on the
+    N(k)-point grid, lambda = 1 / (s_hi - s_lo) (iCT §3)."""
+    lo, hi = _range(cfg, process)
+    if cfg.name == "ict":
+        asc = karras_sigmas(ict_num_scales(step.progress, cfg.s0, cfg.s1), lo, hi, cfg.rho).flip(0)
+        probs = ict_pair_probs(asc, cfg.p_mean, cfg.p_std)
+        i = step.draw(lambda n, g: torch.multinomial(probs, n, replacement=True, generator=g)).cpu()
+        s_lo, s_hi = asc[i], asc[i + 1]
+        return s_hi.to(step.device), s_lo.to(step.device), (1.0 / (s_hi - s_lo)).to(step.device)
+    if cfg.name == "ct":
+        grid = karras_sigmas(ct_num_scales(step.progress, cfg.s0, cfg.s1), lo, hi, cfg.rho)
+    else:
+        grid = cd_grid(cfg, process)
+    n = step.randint(0, grid.numel() - 1).cpu()
+    return grid[n].to(step.device), grid[n + 1].to(step.device), torch.ones(n.shape, device=step.device)
+
+
 @hookimpl
 def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Nets, step: StepInfo) -> LossOutput:
+    """d(f_theta(x_hi, s_hi), stopgrad f_target(x_lo, s_lo)) weighted by lambda (CM Eq. 7 / iCT Eq. 8):
+    CD reaches x_lo by one teacher ODE step from x_hi, CT and iCT by the same noise z at s_lo."""
     cfg, teacher = ctx.method, nets.teacher
     process = teacher.process
     if batch.x0 is None:
         raise ValueError(f"method {cfg.name!r} needs images: the data source has none")
     x0 = batch.x0.float()
     z = step.randn_like(x0)
-    w = None
-    if cfg.name == "ict":
-        lo, hi = _range(cfg, process)
-        asc = karras_sigmas(ict_num_scales(step.progress, cfg.s0, cfg.s1), lo, hi, cfg.rho).flip(0)
-        probs = ict_pair_probs(asc, cfg.p_mean, cfg.p_std)
-        i = step.draw(lambda n, g: torch.multinomial(probs, n, replacement=True, generator=g))
-        s_lo, s_hi = asc[i].to(x0.device), asc[i + 1].to(x0.device)
-        weight = 1.0 / (s_hi - s_lo)  # iCT lambda
-        x_lo = x0 + append_dims(s_lo, x0.ndim) * z  # CT estimator: same z for both points
-    else:
-        if cfg.name == "ct":
-            lo, hi = _range(cfg, process)
-            grid = karras_sigmas(ct_num_scales(step.progress, cfg.s0, cfg.s1), lo, hi, cfg.rho)
-        else:
-            grid = cd_grid(cfg, process)
-        n = step.randint(0, grid.numel() - 1)
-        s_hi, s_lo = grid.to(x0.device)[n], grid.to(x0.device)[n + 1]
-        weight = torch.ones_like(s_hi)  # CM: lambda = 1
-        if cfg.name == "ct":
-            x_lo = x0 + append_dims(s_lo, x0.ndim) * z
+    s_hi, s_lo, weight = training_levels(cfg, process, step)
     x_hi = x0 + append_dims(s_hi, x0.ndim) * z
+    w = None
     if cfg.name == "cd":
         if cfg.guidance is not None:
-            w = step.draw(lambda m, g: torch.rand(m, generator=g)).to(x0.device) * (cfg.guidance[1] - cfg.guidance[0]) + cfg.guidance[0]
+            lo_w, hi_w = cfg.guidance
+            w = step.rand().to(x0.device) * (hi_w - lo_w) + lo_w
         x_lo = teacher_step(teacher, cfg, batch, x_hi, s_hi, s_lo, w)
+    else:
+        x_lo = x0 + append_dims(s_lo, x0.ndim) * z  # CT estimator: the same z for both points
     scalars = _guidance_inputs(cfg, w)
     with same_dropout():  # the target pass below reuses this pass's dropout masks
         online = consistency_fn(nets.student, process, cfg, x_hi, s_hi, batch.cond, **scalars)
     with torch.no_grad():
         target_net = nets.extra.get("target", nets.student)
         target = consistency_fn(target_net, process, cfg, x_lo, s_lo, batch.cond, **scalars)
-    loss = weight * distance(online, target.detach(), cfg.distance, cfg.huber_c)
-    terms = {"sigma_hi": s_hi.mean().detach()}
-    return LossOutput(loss=loss, terms=terms)
+    loss = weight * distance(online, target, cfg.distance, cfg.huber_c)
+    return LossOutput(loss=loss, terms={"sigma_hi": s_hi.mean().detach()})
 
 
 @torch.no_grad()
