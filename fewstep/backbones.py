@@ -13,6 +13,16 @@ therefore exactly its teacher. The backbone embeds whatever float it is given, w
 sinusoidal features (same width, frequencies and flip) as its timesteps: the caller maps a scalar
 to a sensible range first (by convention the target time ``s`` is given in the same model-time units
 as ``timestep``, e.g. ``NoiseProcess.model_time(s)``; a guidance scale ``w`` is given as is).
+
+Extra input channels. Self-conditioning (Analog Bits: the model's previous x0 estimate) and CAF's
+initial-velocity conditioning feed a second image next to x. :meth:`Backbone.add_input_channels`
+widens the first convolution (``conv_in`` of the UNets, the patch embedding of DiT) with zero
+weights, so the network ignores the new channels until it is trained: again, the student starts
+as its teacher. ``forward(..., extra_input=(B, k, H, W))`` concatenates them (zeros when omitted).
+
+Bottleneck features. :meth:`Backbone.bottleneck` returns the encoder's output (the UNets' mid block,
+DiT's last transformer block as a (B, D, H/p, W/p) map) without running the decoder: the feature
+map DMD2's GAN head and the diffusion discriminators of fewstep.gan classify.
 """
 
 from __future__ import annotations
@@ -48,6 +58,10 @@ def _unsupported(name: str) -> ValueError:
         f"unsupported backbone class {name!r}; fewstep supports {', '.join(SUPPORTED_MODELS)} "
         "(a diffusers model folder's config.json names its class in '_class_name')"
     )
+
+
+class _Bottleneck(Exception):
+    """Raised by the forward hook of :meth:`Backbone.bottleneck` to skip the decoder."""
 
 
 class ScalarEmbedding(nn.Module):
@@ -90,7 +104,8 @@ class Backbone(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, extra_scalars: Sequence[str] = (), *, num_classes: int | None = None
+        self, model: nn.Module, extra_scalars: Sequence[str] = (), *, num_classes: int | None = None,
+        extra_channels: int = 0,
     ) -> None:
         super().__init__()
         name = type(model).__name__
@@ -99,8 +114,10 @@ class Backbone(nn.Module):
         self.model = model
         self.kind: str = SUPPORTED_MODELS[name][0]
         cfg = model.config
-        self.in_channels: int = int(cfg.in_channels)
-        model_out = int(cfg.out_channels) if cfg.out_channels is not None else self.in_channels
+        #: channels of the extra input image (see add_input_channels); the data has in_channels
+        self.extra_channels: int = int(extra_channels)
+        self.in_channels: int = int(cfg.in_channels) - self.extra_channels
+        model_out = int(cfg.out_channels) if cfg.out_channels is not None else int(cfg.in_channels)
         self._model_out_channels = model_out
         self.out_channels: int = self.in_channels if model_out == 2 * self.in_channels else model_out
         size = cfg.sample_size
@@ -155,10 +172,13 @@ class Backbone(nn.Module):
 
     # ----------------------------------------------------------------------------------- forward
 
-    def forward(self, x: Tensor, timestep: Tensor, cond: Cond | None = None, **scalars: Tensor) -> Tensor:
+    def forward(self, x: Tensor, timestep: Tensor, cond: Cond | None = None, *, extra_input: Tensor | None = None,
+                **scalars: Tensor) -> Tensor:
         """x: (B, C, H, W) network input; timestep: (B,) float model time; cond: labels for class
-        models, embeddings (B, L, D) for text models; scalars: (B,) floats named in ``extra_scalars``
-        (a declared scalar left out counts as 0). Returns (B, out_channels, H, W) in the model's dtype.
+        models, embeddings (B, L, D) for text models; extra_input: (B, extra_channels, H, W) for a
+        backbone with extra input channels (zeros when omitted); scalars: (B,) floats named in
+        ``extra_scalars`` (a declared scalar left out counts as 0). Returns (B, out_channels, H, W) in
+        the model's dtype.
 
         ``x`` and text embeddings are cast to the model's parameter dtype (a bf16 teacher fed by
         float32 sigma-space maths); timesteps and scalars stay float, as diffusers embeds them in float32.
@@ -173,7 +193,7 @@ class Backbone(nn.Module):
         timestep = torch.as_tensor(timestep, device=x.device)
         # A fresh view per call: its identity keys this call's extra embedding (see __init__).
         timestep = timestep.reshape(-1).expand(batch)
-        x = x.to(self.model.dtype)
+        x = self._with_extra_input(x.to(self.model.dtype), extra_input)
         kwargs = self._model_kwargs(cond, x.dtype)
         extra = self._embed_scalars(scalars, batch, x.device)
         if extra is not None and self.kind == "dit":
@@ -205,6 +225,81 @@ class Backbone(nn.Module):
                 )
             kwargs["class_labels"] = labels
         return kwargs
+
+    def _with_extra_input(self, x: Tensor, extra_input: Tensor | None) -> Tensor:
+        if not self.extra_channels:
+            if extra_input is not None:
+                raise ValueError("extra_input given, but this backbone has no extra input channels "
+                                 "(add them with Backbone.add_input_channels)")
+            return x
+        if extra_input is None:
+            extra_input = x.new_zeros(x.shape[0], self.extra_channels, *x.shape[2:])
+        if extra_input.shape[1] != self.extra_channels or extra_input.shape[2:] != x.shape[2:]:
+            raise ValueError(f"extra_input has shape {tuple(extra_input.shape)}; this backbone expects "
+                             f"(B, {self.extra_channels}, {x.shape[2]}, {x.shape[3]})")
+        return torch.cat([x, extra_input.to(x.dtype)], dim=1)
+
+    # ------------------------------------------------------------------------ extra input channels
+
+    def add_input_channels(self, n: int) -> None:
+        """Widen the first convolution by ``n`` zero-initialised input channels (see the module docstring).
+
+        The diffusers config's ``in_channels`` grows by ``n`` (``out_channels`` is pinned to the data
+        channels), so ``save_pretrained`` / ``from_pretrained`` round-trip the widened model.
+        """
+        if n < 1:
+            raise ValueError(f"add_input_channels: n must be >= 1, got {n}")
+        conv = self.model.pos_embed.proj if self.kind == "dit" else self.model.conv_in
+        wider = nn.Conv2d(conv.in_channels + n, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                          bias=conv.bias is not None).to(conv.weight.device, conv.weight.dtype)
+        with torch.no_grad():
+            wider.weight.zero_()
+            wider.weight[:, : conv.in_channels] = conv.weight
+            if conv.bias is not None:
+                wider.bias.copy_(conv.bias)
+        if self.kind == "dit":
+            self.model.pos_embed.proj = wider
+        else:
+            self.model.conv_in = wider
+        self.model.register_to_config(in_channels=conv.in_channels + n, out_channels=self._model_out_channels)
+        self.extra_channels += n
+
+    # ------------------------------------------------------------------------------- bottleneck
+
+    def bottleneck(self, x: Tensor, timestep: Tensor, cond: Cond | None = None, *,
+                   extra_input: Tensor | None = None, **scalars: Tensor) -> Tensor:
+        """Encoder features for the same inputs as :meth:`forward`: (B, D, h, w).
+
+        UNets: the mid block's output; DiT: the last transformer block's tokens as a (B, D, H/p, W/p)
+        map. The decoder is not run (a forward hook stops the model there); gradients flow to x and
+        to the encoder's parameters as usual.
+        """
+        if self.kind == "dit":
+            target = self.model.transformer_blocks[-1]
+        else:
+            target = getattr(self.model, "mid_block", None)
+            if target is None:
+                raise ValueError(f"{type(self.model).__name__} has no mid block (mid_block_type=None), so it has "
+                                 "no bottleneck features; use a backbone with a mid block")
+        captured: list[Tensor] = []
+
+        def stop(module: nn.Module, args: tuple, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _Bottleneck
+
+        handle = target.register_forward_hook(stop)
+        try:
+            self(x, timestep, cond, extra_input=extra_input, **scalars)
+        except _Bottleneck:
+            pass
+        finally:
+            handle.remove()
+        features = captured[0]
+        if self.kind == "dit":
+            p = self.model.config.patch_size
+            h, w = x.shape[-2] // p, x.shape[-1] // p
+            features = features.transpose(1, 2).reshape(features.shape[0], features.shape[2], h, w)
+        return features
 
     # ------------------------------------------------------------------------ extra scalar inputs
 
@@ -284,6 +379,7 @@ class Backbone(nn.Module):
             "model_config": json.loads(json.dumps(model_config)),
             "extra_scalars": list(self.extra_scalars),
             "num_classes": self.num_classes,
+            "extra_channels": self.extra_channels,
         }
 
     @classmethod
@@ -293,7 +389,8 @@ class Backbone(nn.Module):
         if name not in SUPPORTED_MODELS:
             raise _unsupported(name)
         model = SUPPORTED_MODELS[name][1].from_config(cfg["model_config"])
-        return cls(model, cfg.get("extra_scalars", ()), num_classes=cfg.get("num_classes"))
+        return cls(model, cfg.get("extra_scalars", ()), num_classes=cfg.get("num_classes"),
+                   extra_channels=cfg.get("extra_channels", 0))
 
     def save_pretrained(self, folder: str | Path) -> None:
         """diffusers model folder (config.json + safetensors) plus fewstep's metadata and extra weights."""
@@ -301,7 +398,8 @@ class Backbone(nn.Module):
 
         folder = Path(folder)
         self.model.save_pretrained(folder, safe_serialization=True)
-        meta = {"kind": self.kind, "extra_scalars": list(self.extra_scalars), "num_classes": self.num_classes}
+        meta = {"kind": self.kind, "extra_scalars": list(self.extra_scalars), "num_classes": self.num_classes,
+                "extra_channels": self.extra_channels}
         (folder / BACKBONE_META).write_text(json.dumps(meta, indent=2) + "\n")
         extra_file = folder / EXTRA_WEIGHTS
         if self.extra_scalars:
@@ -332,7 +430,8 @@ class Backbone(nn.Module):
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         if num_classes is None:
             num_classes = meta.get("num_classes")
-        backbone = cls(model, meta.get("extra_scalars", ()), num_classes=num_classes)
+        backbone = cls(model, meta.get("extra_scalars", ()), num_classes=num_classes,
+                       extra_channels=meta.get("extra_channels", 0))
         if backbone.extra_scalars:
             extra_file = folder / EXTRA_WEIGHTS
             if not extra_file.is_file():

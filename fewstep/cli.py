@@ -47,6 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=64, help="sampling batch size")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
 
+    p = sub.add_parser("pairs", help="generate teacher noise-image couplings on disk (DMD regression, CAF, reflow)")
+    p.add_argument("teacher", type=Path, help="local diffusers teacher folder")
+    p.add_argument("out", type=Path, help="output folder (re-running resumes an interrupted generation)")
+    p.add_argument("--num", type=int, required=True, help="number of pairs")
+    p.add_argument("--steps", type=int, default=32, help="teacher ODE steps (default 32)")
+    p.add_argument("--solver", choices=["heun", "euler", "ddim"], default="heun", help="teacher ODE solver")
+    p.add_argument("--guidance", type=float, default=1.0, help="guidance scale of the teacher (1: none)")
+    p.add_argument("--autoguidance", type=Path, default=None, help="weaker teacher checkpoint: guide with it "
+                   "instead of classifier-free guidance")
+    p.add_argument("--prompts", type=Path, default=None, help="prompt list (.txt/.json) for a text teacher")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and conditions")
+    p.add_argument("--batch", type=int, default=256, help="teacher batch size")
+    p.add_argument("--shard-size", type=int, default=4096, help="pairs per shard file")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="teacher compute dtype")
+
     p = sub.add_parser("sample", help="sample a grid from a run folder")
     p.add_argument("run", type=Path, help="run folder written by `fewstep distill`")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="student step counts (one grid row each)")
@@ -65,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"distill": cmd_distill, "train": cmd_distill, "validate": cmd_validate,
-                "plugins": cmd_plugins, "sample": cmd_sample, "eval": cmd_eval}[args.command](args)
+                "plugins": cmd_plugins, "sample": cmd_sample, "eval": cmd_eval,
+                "pairs": cmd_pairs}[args.command](args)
     except (ConfigError, PluginError) as exc:
         print(f"fewstep: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -108,6 +124,24 @@ def cmd_distill(args: argparse.Namespace) -> int:
     write_resolved(config, run_dir)
     Trainer(config, pm, run_dir, resume=args.resume).fit()
     print(f"done: {run_dir} (samples in {run_dir / 'samples'}, export in {run_dir / 'export'})")
+    return 0
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    import torch
+
+    from fewstep.data import read_prompts
+    from fewstep.pairs import generate_pairs, progress_printer
+    from fewstep.teacher import load_teacher
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    teacher = load_teacher(args.teacher, weak=args.autoguidance, device=device, dtype=dtype)
+    prompts = read_prompts(args.prompts, "--prompts") if args.prompts is not None else None
+    out = generate_pairs(teacher, args.out, args.num, num_steps=args.steps, solver=args.solver,
+                         guidance=args.guidance, prompts=prompts, seed=args.seed, shard_size=args.shard_size,
+                         batch_size=args.batch, progress=progress_printer(str(args.out)))
+    print(f"wrote {args.num} pairs to {out}")
     return 0
 
 

@@ -37,8 +37,14 @@ class TeacherConfig(Strict):
     pretrained: Path | None = Field(
         None, description="Local diffusers folder of the teacher (pipeline folder with model_index.json, or a "
         "model folder with config.json and a scheduler config). Relative to the recipe's folder.")
-    guidance: float = Field(1.0, ge=0.0, description="Classifier-free guidance scale used wherever the teacher is "
-                            "guided and the method does not set its own; 1.0 means unguided.")
+    guidance: float = Field(1.0, ge=0.0, description="Guidance scale used wherever the teacher is guided and the "
+                            "method does not set its own (validation and evaluation rows, methods without their "
+                            "own scale); 1.0 means unguided.")
+    autoguidance: Path | None = Field(
+        None, description="A weaker checkpoint of the teacher (local diffusers folder, same process and "
+        "conditioning; e.g. an early checkpoint exported with `fewstep export RUN OUT --checkpoint N`). When "
+        "given, every guided teacher prediction is autoguided, D_weak + g (D - D_weak) (Karras et al. 2024), "
+        "instead of classifier-free guided; it also works for unconditional teachers.")
 
 
 class OptimizerConfig(Strict):
@@ -148,9 +154,10 @@ def _resolve_paths(config: RunConfig, base_dir: Path) -> RunConfig:
         path = Path(p).expanduser()
         return path if path.is_absolute() else (base_dir / path).resolve()
 
-    teacher = config.teacher.model_copy(update={"pretrained": resolve(config.teacher.pretrained)})
+    teacher = config.teacher.model_copy(update={"pretrained": resolve(config.teacher.pretrained),
+                                                 "autoguidance": resolve(config.teacher.autoguidance)})
     data_update = {k: (str(resolve(v)) if v is not None else None)
-                   for k in ("source", "labels", "prompts") if (v := getattr(config.data, k)) is not None}
+                   for k in ("source", "labels", "prompts", "pairs") if (v := getattr(config.data, k)) is not None}
     data = config.data.model_copy(update=data_update)
     return config.model_copy(update={"teacher": teacher, "data": data})
 

@@ -100,6 +100,12 @@ class DataConfig(BaseModel):
         ge=1,
         description="Keep only the first `limit` items in the source's order, for quick runs. Default None keeps all.",
     )
+    pairs: str | None = Field(
+        None,
+        description="Folder of teacher noise-image couplings written by `fewstep pairs` (DMD regression, CAF, "
+        "reflow); every batch then also carries a batch of pairs in their own seeded order. Default None: no "
+        "pairs. Relative paths resolve against the recipe's folder.",
+    )
 
 
 class Dataset:
@@ -225,7 +231,7 @@ def build_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
                 cfg, kind="a prompt-list source", fields=("labels", "images_key", "labels_key", "prompts")
             )
             _require_labels(cfg, False, name, " (it is a prompt list)")
-            prompts = _read_prompts(path, "data.source")
+            prompts = read_prompts(path, "data.source")
             if cfg.limit is not None:
                 prompts = prompts[: cfg.limit]
             return Dataset(name, None, None, prompts)
@@ -531,7 +537,7 @@ def _check_labels(labels: np.ndarray, n: int, where: str) -> int:
     return int(labels.max()) + 1
 
 
-def _read_prompts(path: Path, field: str) -> tuple[str, ...]:
+def read_prompts(path: Path, field: str) -> tuple[str, ...]:
     if path.suffix.lower() == ".json":
         prompts = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
@@ -553,7 +559,7 @@ def _paired_prompts(cfg: DataConfig, base: Path, n: int) -> tuple[str, ...] | No
     path = _resolve(
         cfg.prompts, base, "data.prompts", "give a .txt or .json prompt list, one prompt per source image"
     )
-    prompts = _read_prompts(path, "data.prompts")
+    prompts = read_prompts(path, "data.prompts")
     if len(prompts) != n:
         raise ValueError(
             f"data.prompts: '{path}' holds {len(prompts)} prompts but data.source holds {n} images; "

@@ -408,11 +408,17 @@ class NoiseProcess(ABC):
         ``net(c_in(t)·x_t, model_time(t), cond, **scalars)`` with t = sigma_to_t(sigma) and
         x_t = alpha(t)·x, and its output is converted to an x0 prediction (B, C, H, W).
         """
-        s = _per_sample(sigma, x)
-        t = self.sigma_to_t(s)
+        t = self.sigma_to_t(_per_sample(sigma, x))
         x_t = _bc(self.alpha(t), x) * x
         out = net(_bc(self.c_in(t), x) * x_t, self.model_time(t), cond, **scalars)
         return self.x0_from_output(out, x_t, t)
+
+    def network_inputs(self, x: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor]:
+        """What the backbone is fed for the sigma-space point (x, sigma), as in `denoise`: the scaled
+        input c_in(t)·alpha(t)·x (B, C, H, W) and its ``timestep`` model_time(t) (B,). For networks
+        that read noisy samples without denoising them (discriminators on bottleneck features)."""
+        t = self.sigma_to_t(_per_sample(sigma, x))
+        return _bc(self.c_in(t) * self.alpha(t), x) * x, self.model_time(t)
 
     def _check_steps(self, num_steps: int) -> None:
         if num_steps < 1:

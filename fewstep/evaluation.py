@@ -207,9 +207,8 @@ def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int]
         guidance = trainer.config.teacher.guidance
 
         def teacher_fn(z, c):
-            uncond = teacher.null_cond(z.shape[0], device=z.device) if guidance != 1.0 else None
             return teacher.sample(z, c, num_steps=teacher_steps, solver=trainer.config.validation.teacher_solver,
-                                  uncond=uncond, guidance=guidance)
+                                  guidance=guidance)
 
         with torch.no_grad():
             rows[f"teacher {teacher_steps} steps"] = sample_all(teacher_fn)

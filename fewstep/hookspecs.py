@@ -130,9 +130,20 @@ def fewstep_on_validation(ctx: RunContext, step: StepInfo, images: dict[str, Ten
     """Observe. Validation samples in data space, keyed by a row label ("student 1 step", "teacher")."""
 
 
+@hookspec
+def fewstep_sampling_networks(ctx: RunContext) -> list[str] | None:
+    """Collect. Names of the extra networks (keys of ``Nets.extra``) that ``fewstep_sample`` needs besides
+    the student or its EMA (e.g. the K students of MSD, CAF's velocity network, SCT's weak snapshot).
+    The export writes them next to the student, and a loaded export restores them, so the exported
+    pipeline runs the plugin's own sampler. Each must be a :class:`fewstep.backbones.Backbone`."""
+
+
 @hookspec(firstresult=True)
 def fewstep_export(ctx: RunContext, nets: Nets, out_dir: Path) -> Path | None:
-    """First. Write the student as a folder loadable with diffusers; return its path."""
+    """First. Write the student as a folder that ``diffusers.DiffusionPipeline.from_pretrained`` loads and
+    samples from; return its path. Core default: a fewstep pipeline folder (see ``fewstep.export``).
+    A method whose sampler a stock diffusers pipeline reproduces exactly writes that instead (and
+    returns None where it does not apply, so the default runs)."""
 
 
 @hookspec(firstresult=True)

@@ -78,7 +78,6 @@ def generate(hook: Any, ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond |
 @torch.no_grad()
 def teacher_rows(teacher: Any, noise: Tensor, cond: Cond | None, vcfg: Any, guidance: float) -> dict[str, Tensor]:
     """The teacher's reference row of the validation grid (its usual multistep ODE sampler)."""
-    uncond = teacher.null_cond(noise.shape[0], device=noise.device) if guidance != 1.0 else None
     images = teacher.sample(noise, cond, num_steps=vcfg.teacher_steps, solver=vcfg.teacher_solver,
-                            uncond=uncond, guidance=guidance)
+                            guidance=guidance)
     return {f"teacher {vcfg.teacher_steps} steps": images.float().cpu()}

@@ -56,6 +56,9 @@ class Teacher:
     text_encoder / tokenizer: transformers CLIP text model and tokenizer, or None.
     conditioning: "none" | "class" | "text"; num_classes: real classes (null label = num_classes).
     sample_shape: (C, H, W) in model space (latents for a latent teacher); data_shape: (C, H, W) of images.
+    weak: a weaker checkpoint of the same model (same process and parameterisation) for autoguidance
+        (Karras et al. 2024), or None; when present every guided prediction uses it as the reference
+        instead of the unconditional prediction (see :meth:`denoise`).
     """
 
     def __init__(
@@ -67,11 +70,13 @@ class Teacher:
         text_encoder: nn.Module | None = None,
         tokenizer: Any | None = None,
         source: Path | None = None,
+        weak: Backbone | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.net = net
         self.process = process
+        self.weak = weak
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -101,7 +106,12 @@ class Teacher:
         self.to(device, dtype)
 
     def _modules(self) -> list[nn.Module]:
-        return [m for m in (self.net, self.vae, self.text_encoder) if m is not None]
+        return [m for m in (self.net, self.weak, self.vae, self.text_encoder) if m is not None]
+
+    @property
+    def autoguided(self) -> bool:
+        """Whether guidance uses the weaker checkpoint (autoguidance) rather than the null condition (CFG)."""
+        return self.weak is not None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Teacher:
         """Move every network (and change the compute dtype when ``dtype`` is given); returns self."""
@@ -133,28 +143,39 @@ class Teacher:
     ) -> Tensor:
         """Sigma-space x0 prediction D(x, sigma) for x = x0 + sigma*eps: (B, C, H, W), sigma (B,).
 
-        Runs in the teacher's dtype, returns x's dtype. With ``guidance != 1`` (a float or (B,)),
-        classifier-free guidance in x0 space, uncond + w * (cond - uncond), from one batched pass
-        over [cond; uncond]; at a fixed x this equals guidance on eps, v or velocity.
+        Runs in the teacher's dtype, returns x's dtype. With ``guidance != 1`` (a float or (B,)) the
+        prediction is guided in x0 space, ref + g * (main - ref), from one batched pass:
+        - classifier-free guidance (Ho & Salimans 2022): ref is the prediction for ``uncond`` (the null
+          condition, filled in from :meth:`null_cond` when not given);
+        - autoguidance (Karras et al. 2024, distribution.md §5.1), when the teacher has a ``weak``
+          checkpoint: ref is the weak model's prediction for the same ``cond``; ``uncond`` is unused.
+        At a fixed x, guidance in x0 space equals guidance on eps, v or velocity.
         """
         guided = isinstance(guidance, Tensor) or guidance != 1.0
         xd = x.to(self.device, self.dtype)
         sigma = torch.as_tensor(sigma, device=self.device)
         if not guided:
             return self.process.denoise(self.net, xd, sigma, self._cast(cond)).to(x.dtype)
-        if uncond is None or cond is None:
+        if isinstance(guidance, Tensor):
+            guidance = guidance.to(self.device)
+        if self.weak is not None:
+            main = self.process.denoise(self.net, xd, sigma, self._cast(cond))
+            ref = self.process.denoise(self.weak, xd, sigma, self._cast(cond))
+            return cfg(main, ref, guidance).to(x.dtype)
+        if cond is None or self.conditioning == "none":
             raise ValueError(
-                f"guidance={guidance} needs both cond and uncond (e.g. uncond=teacher.null_cond(batch)); "
-                "pass guidance=1.0 for the plain conditional prediction"
+                f"guidance={guidance} on the unconditional teacher {self.source}: classifier-free guidance needs a "
+                "class- or text-conditional teacher; for an unconditional one give a weaker checkpoint as "
+                "teacher.autoguidance, or set the guidance scale to 1.0"
             )
+        if uncond is None:
+            uncond = self.null_cond(x.shape[0])
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         both = self.process.denoise(
             self.net, torch.cat([xd, xd]), torch.cat([sigma, sigma]), self._cast(Cond.cat([cond, uncond]))
         )
         cond_x0, uncond_x0 = both.chunk(2)
-        if isinstance(guidance, Tensor):
-            guidance = guidance.to(self.device)
         return cfg(cond_x0, uncond_x0, guidance).to(x.dtype)
 
     def _cast(self, cond: Cond | None) -> Cond | None:
@@ -230,15 +251,18 @@ class Teacher:
         solver: str = "heun",
         uncond: Cond | None = None,
         guidance: float | Tensor = 1.0,
+        decode: bool = True,
     ) -> Tensor:
-        """The teacher's multistep ODE sampler: unit noise (B, *sample_shape) -> images (B, *data_shape)."""
+        """The teacher's multistep ODE sampler: unit noise (B, *sample_shape) -> images (B, *data_shape),
+        or model-space samples (B, *sample_shape) with ``decode=False``."""
         sigmas = self.process.sampling_sigmas(num_steps).to(noise.device)
         x = noise.float() * sigmas[0]
 
         def denoise_fn(x_: Tensor, sigma: Tensor) -> Tensor:
             return self.denoise(x_, sigma, cond, uncond=uncond, guidance=guidance)
 
-        return self.decode(sample_ode(denoise_fn, x, sigmas, solver))
+        out = sample_ode(denoise_fn, x, sigmas, solver)
+        return self.decode(out) if decode else out
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -273,9 +297,17 @@ def _load_backbone(folder: Path, num_classes: int | None, top: Path) -> Backbone
 
 
 def load_teacher(
-    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    *,
+    weak: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Teacher:
-    """Load a local diffusers teacher folder (layout (a) or (b), see the module docstring), frozen."""
+    """Load a local diffusers teacher folder (layout (a) or (b), see the module docstring), frozen.
+
+    weak: a second teacher folder, a weaker checkpoint of the same model, for autoguidance. It must
+    have the same noise process (scheduler config), conditioning and data shape; its VAE and text
+    encoder, if any, are not used (the main teacher's are)."""
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(
@@ -328,6 +360,11 @@ def load_teacher(
             "(a model); point teacher.pretrained at the folder that contains one of them"
         )
     process = process_from_scheduler_config(_read_json(scheduler_file))
+    weak_net = None
+    if weak is not None:
+        other = load_teacher(weak)
+        _check_compatible(other, net, process, root)
+        weak_net = other.net
     return Teacher(
         net,
         process,
@@ -335,9 +372,27 @@ def load_teacher(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         source=root,
+        weak=weak_net,
         device=device,
         dtype=dtype,
     )
+
+
+def _check_compatible(weak: Teacher, net: Backbone, process: NoiseProcess, root: Path) -> None:
+    """The weak model of autoguidance must make predictions of the same kind as the main teacher."""
+    problems = []
+    if weak.process.scheduler_config() != process.scheduler_config():
+        problems.append(f"noise process {weak.process.describe()!r} vs {process.describe()!r}")
+    if weak.net.conditioning != net.conditioning or weak.net.num_classes != net.num_classes:
+        problems.append(f"conditioning {weak.net.conditioning}/{weak.net.num_classes} classes vs "
+                        f"{net.conditioning}/{net.num_classes}")
+    if (weak.net.in_channels, weak.net.sample_size) != (net.in_channels, net.sample_size):
+        problems.append(f"sample shape {weak.net.in_channels}x{weak.net.sample_size} vs "
+                        f"{net.in_channels}x{net.sample_size}")
+    if problems:
+        raise ValueError(f"teacher.autoguidance {weak.source} does not match the teacher {root}: "
+                         + "; ".join(problems) + ". Use an earlier or smaller checkpoint of the same model "
+                         "(e.g. `fewstep export RUN OUT --checkpoint N` of the teacher's own run)")
 
 
 def save_teacher(

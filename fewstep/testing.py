@@ -202,15 +202,16 @@ def make_tiny_teacher(
 # Run harness and the conformance test base class for method plugins
 
 
-def tiny_run_config(teacher: str | Path | None, method: dict[str, Any], *, steps: int = 3, batch: int = 4,
+def tiny_run_config(teacher_path: str | Path | None, method: dict[str, Any], /, *, steps: int = 3, batch: int = 4,
                     seed: int = 0, **sections: dict[str, Any]) -> Any:
-    """A validated RunConfig for a few CPU steps on a subset of the digits data."""
+    """A validated RunConfig for a few CPU steps on a subset of the digits data. ``sections`` update
+    whole recipe sections (``train={...}``, ``teacher={"guidance": 2.0}``...)."""
     from fewstep.config import validate_config
     from fewstep.plugin import discover, method_registry
 
     data: dict[str, Any] = {
         "method": method,
-        "teacher": {"pretrained": None if teacher is None else str(teacher)},
+        "teacher": {"pretrained": None if teacher_path is None else str(teacher_path)},
         "data": {"source": "digits", "limit": 64},
         "train": {"total_nimg": steps * batch, "batch_size": batch, "seed": seed, "progress_bar": False,
                   "log_every_nimg": batch},

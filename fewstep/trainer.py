@@ -174,7 +174,13 @@ class Trainer:
         x, labels, prompts = self.dataset.get(idx, flip)
         x = x.to(self.ctx.device) if x is not None else None
         cond, uncond = self.make_cond(labels, prompts, len(idx))
-        return Batch(x0=x, cond=cond, uncond=uncond)
+        if self.pairs is None:
+            return Batch(x0=x, cond=cond, uncond=uncond)
+        pidx = self.pair_stream.indices(start, g_micro)[lo : lo + self.local_batch]
+        noise, x_pair, p_labels, p_prompts = self.pairs.get(pidx)
+        pair_cond, _ = self.make_cond(p_labels, p_prompts, len(pidx))
+        return Batch(x0=x, cond=cond, uncond=uncond, pairs=(noise.to(self.ctx.device), x_pair.to(self.ctx.device)),
+                     pair_cond=pair_cond)
 
     def make_cond(self, labels: torch.Tensor | None, prompts: tuple[str, ...] | None, n: int) -> tuple[Cond, Cond | None]:
         teacher = self.nets.teacher
@@ -239,6 +245,13 @@ class Trainer:
             self.optimizers[group.name] = acc.prepare_optimizer(make_optimizer(group, params))
         self.dataset = self._build_data(teacher)
         self.stream = IndexStream(len(self.dataset), cfg.train.seed)
+        self.pairs = None
+        if cfg.data.pairs is not None:
+            from fewstep.pairs import PairStore
+
+            self.pairs = PairStore(cfg.data.pairs)
+            self.pairs.check(teacher)
+            self.pair_stream = IndexStream(len(self.pairs), mix_seed(cfg.train.seed, 0x9A125) % 2**31)
         if self.resume:
             restored = hook.fewstep_load_checkpoint(ctx=self.ctx, accelerator=acc, nets=self.nets)
             if restored is None:

@@ -103,13 +103,16 @@ class Batch:
 
     x0: (B, C, H, W) clean samples in model space (VAE latents for a latent teacher), or None for
         data-free methods. cond / uncond: the condition and its null counterpart (uncond is None
-        when the teacher is unconditional). pairs: (noise, x0) couplings from the teacher, or None.
+        when the teacher is unconditional). pairs: (noise, x0) couplings from the teacher's ODE, both
+        (B, C, H, W) in model space, when the recipe names a pair store (``data.pairs``), else None;
+        pair_cond: the condition each pair was generated with (drawn independently of ``cond``).
     """
 
     x0: Tensor | None
     cond: Cond
     uncond: Cond | None = None
     pairs: tuple[Tensor, Tensor] | None = None
+    pair_cond: Cond | None = None
 
     @property
     def size(self) -> int:

@@ -184,9 +184,10 @@ def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module | None:
 
         return Backbone.from_config_dict(teacher.net.config_dict()).float().train()
     if getattr(cfg, "guidance", None) is not None:
-        if teacher.conditioning == "none":
+        if teacher.conditioning == "none" and not teacher.autoguided:
             raise ValueError("method.guidance: guided (LCM-style) distillation needs a class- or text-conditional "
-                             "teacher; this teacher is unconditional. Remove method.guidance.")
+                             "teacher, or a weaker checkpoint as teacher.autoguidance; this teacher is unconditional. "
+                             "Remove method.guidance or set teacher.autoguidance.")
         import copy
 
         student = copy.deepcopy(teacher.net).float()

@@ -240,3 +240,40 @@ def test_dit_gradient_checkpointing_uses_each_forwards_scalars():
     enable_gradient_checkpointing(twin)
     for a, b in zip(grads(net.train()), grads(twin)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_extra_input_channels_start_ignored_then_learn_and_round_trip(kind, tmp_path):
+    net = _build(kind)
+    x, t, cond = _inputs(kind)
+    before = net(x, t, cond)
+    net.add_input_channels(2)
+    assert (net.in_channels, net.extra_channels, net.out_channels) == (1, 2, 1)
+    extra = torch.randn(B, 2, 8, 8)
+    torch.testing.assert_close(net(x, t, cond), before, rtol=0, atol=0)        # zeros when omitted
+    torch.testing.assert_close(net(x, t, cond, extra_input=extra), before, rtol=0, atol=0)  # zero weights
+    out = net(x, t, cond, extra_input=extra)
+    out.square().mean().backward()
+    conv = net.model.pos_embed.proj if kind.startswith("dit") else net.model.conv_in
+    assert conv.weight.grad[:, 1:].abs().sum() > 0                            # the new channels learn
+    with torch.no_grad():
+        conv.weight[:, 1:].normal_()
+    changed = net(x, t, cond, extra_input=extra)
+    assert (changed - before).abs().max() > 1e-4
+    net.save_pretrained(tmp_path / "net")
+    loaded = Backbone.from_pretrained(tmp_path / "net")
+    assert (loaded.in_channels, loaded.extra_channels) == (1, 2)
+    torch.testing.assert_close(loaded(x, t, cond, extra_input=extra), changed, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(B, 2, 8, 8\)"):
+        net(x, t, cond, extra_input=torch.randn(B, 1, 8, 8))
+    with pytest.raises(ValueError, match="no extra input channels"):
+        _build(kind)(x, t, cond, extra_input=extra)
+
+
+@pytest.mark.parametrize("kind", ["unet", "unet_condition", "dit"])
+def test_bottleneck_shapes(kind):
+    net = _build(kind)
+    x, t, cond = _inputs(kind)
+    features = net.bottleneck(x, t, cond)
+    channels = 16 if kind == "dit" else 32
+    assert features.shape == (B, channels, 4, 4)

@@ -1,6 +1,7 @@
 """cm plugin: conformance on the three backbones and its maths against closed forms (maths: test_cm_maths.py)."""
 
 import pytest
+import torch
 
 from fewstep.testing import MethodConformance
 
@@ -59,3 +60,18 @@ class TestICTEDMConformance(MethodConformance):
     method = {"name": "ict", "s0": 2, "s1": 16}
     backbones = ("unet",)
     teacher_options = {"process": "edm"}
+
+
+def test_guided_cd_of_an_unconditional_teacher_needs_autoguidance(tmp_path):
+    """LCM-style guided CD on an unconditional teacher: refused with CFG only, works with autoguidance."""
+    from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config
+
+    teacher = make_tiny_teacher(tmp_path / "t", "unet")
+    weak = make_tiny_teacher(tmp_path / "weak", "unet", seed=1)
+    method = {"name": "cd", "num_scales": 4, "guidance": [1.0, 2.0]}
+    with pytest.raises(ValueError, match="teacher.autoguidance"):
+        run_tiny(tiny_run_config(teacher, method, steps=1), tmp_path / "cfg")
+    trainer, rec = run_tiny(tiny_run_config(teacher, method, steps=2, teacher={"autoguidance": str(weak)}),
+                            tmp_path / "auto")
+    assert trainer.nets.teacher.autoguided and "w" in trainer.nets.student.extra_scalars
+    assert all(torch.isfinite(torch.tensor(log["student/loss"])) for log in rec.logs)

@@ -125,8 +125,48 @@ def test_classifier_free_guidance(teachers, name):
     w = torch.tensor([1.0, 2.0, 4.5])
     expected = u + w.view(-1, 1, 1, 1) * (c - u)
     torch.testing.assert_close(teacher.denoise(x, sigma, cond, uncond=uncond, guidance=w), expected)
-    with pytest.raises(ValueError, match="uncond"):
-        teacher.denoise(x, sigma, cond, guidance=2.0)
+    # Without an explicit uncond the teacher guides against its own null condition.
+    torch.testing.assert_close(teacher.denoise(x, sigma, cond, guidance=3.0), u + 3.0 * (c - u))
+
+
+def test_guidance_of_an_unconditional_teacher_needs_autoguidance(teachers):
+    teacher = load_teacher(teachers["unet"])
+    x, sigma = _x_sigma(teacher)
+    with pytest.raises(ValueError, match="teacher.autoguidance"):
+        teacher.denoise(x, sigma, None, guidance=2.0)
+
+
+@pytest.mark.parametrize("name", ["unet", "unet_class_edm", "text_flow", "dit"])
+def test_autoguidance_with_the_same_model_twice_is_no_guidance(teachers, name):
+    teacher = load_teacher(teachers[name], weak=teachers[name])
+    assert teacher.autoguided
+    x, sigma = _x_sigma(teacher)
+    cond = _cond(teacher)
+    plain = teacher.denoise(x, sigma, cond)
+    for g in (2.0, torch.tensor([0.5, 2.0, 4.0])):
+        torch.testing.assert_close(teacher.denoise(x, sigma, cond, guidance=g), plain, rtol=0, atol=1e-6)
+
+
+def test_autoguidance_extrapolates_from_the_weak_model(tmp_path, teachers):
+    main = teachers["unet_class_edm"]
+    weak = make_tiny_teacher(tmp_path / "weak", "unet", conditioning="class", process="edm", seed=1)
+    teacher = load_teacher(main, weak=weak)
+    x, sigma = _x_sigma(teacher)
+    cond = _cond(teacher)
+    d_main = teacher.denoise(x, sigma, cond)
+    d_weak = load_teacher(weak).denoise(x, sigma, cond)
+    assert (d_main - d_weak).abs().max() > 1e-4
+    # D_w = D_weak + w (D_main - D_weak), with the same condition for both (distribution.md §5.1); no uncond.
+    torch.testing.assert_close(teacher.denoise(x, sigma, cond, guidance=2.5), d_weak + 2.5 * (d_main - d_weak))
+    images = teacher.sample(torch.randn(B, *teacher.sample_shape), cond, num_steps=2, guidance=2.0)
+    assert torch.isfinite(images).all()
+
+
+def test_autoguidance_rejects_a_different_model(tmp_path, teachers):
+    with pytest.raises(ValueError, match="does not match the teacher.*process"):
+        load_teacher(teachers["unet_class_edm"], weak=make_tiny_teacher(tmp_path / "vp", "unet", conditioning="class"))
+    with pytest.raises(ValueError, match="conditioning"):
+        load_teacher(teachers["unet"], weak=teachers["dit"])
 
 
 def test_bf16_compute_dtype(teachers):
@@ -232,3 +272,14 @@ def test_saved_backbone_keeps_extra_scalars_out_of_teacher(tmp_path):
     net = Backbone(tiny_unet(), ["s"])
     save_teacher(tmp_path / "t", net, VPProcess())
     assert load_teacher(tmp_path / "t").net.extra_scalars == ("s",)
+
+
+def test_recipe_autoguidance_reaches_the_run(tmp_path, teachers):
+    """teacher.autoguidance in a recipe loads the weak model; validation rows are autoguided."""
+    from fewstep.testing import run_tiny, tiny_run_config
+
+    config = tiny_run_config(teachers["unet"], {"name": "cd", "num_scales": 4}, steps=1,
+                             teacher={"autoguidance": str(teachers["unet"]), "guidance": 2.0})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    assert trainer.nets.teacher.autoguided
+    assert "teacher 2 steps" in trainer.validate()

@@ -21,7 +21,7 @@ def fewstep_build_teacher(ctx: RunContext):
                          "give a local diffusers folder (a pipeline folder with model_index.json, or a model "
                          "folder with config.json and a scheduler config)")
     # fp32 here: the student copies these weights; the trainer then casts the teacher to ctx.dtype.
-    return load_teacher(path, device="cpu", dtype=torch.float32)
+    return load_teacher(path, weak=ctx.config.teacher.autoguidance, device="cpu", dtype=torch.float32)
 
 
 @hookimpl(trylast=True)

@@ -1,0 +1,146 @@
+"""Adversarial terms shared by the methods with a GAN stage (DMD2, MSD, CTM, CAF).
+
+Every discriminator here reads *noisy* samples through a diffusion backbone, as DMD2's does
+(distribution.md §2.3(c), "diffusion GAN"): a sample x in sigma space is noised to x + sigma·eps,
+fed to the backbone exactly as the teacher would be (``NoiseProcess.network_inputs``), and a small
+convolutional head classifies the backbone's bottleneck features (``Backbone.bottleneck``). DMD2 puts
+the head on the fake-score network, so the encoder is shared with the critic; CTM and CAF use their
+own trainable copy of the teacher's encoder (:class:`DiffusionDiscriminator`). No feature network is
+downloaded: the projected StyleGAN-XL discriminators of CTM / CAF (DeiT, EfficientNet) are replaced
+by this one, which is a departure from those papers.
+
+Losses are per sample, (B,), so the trainer reduces them like any other loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fewstep.backbones import Backbone
+from fewstep.types import Cond
+
+__all__ = [
+    "BottleneckHead",
+    "DiffusionDiscriminator",
+    "GanLoss",
+    "adaptive_weight",
+    "discriminator_loss",
+    "generator_loss",
+    "head_for",
+    "output_layer",
+]
+
+GanLoss = Literal["nonsaturating", "hinge"]
+
+
+def _norm(channels: int, pixels: int) -> nn.GroupNorm:
+    """GroupNorm with DMD2's 32 groups where the map is wide enough, fewer where a group would hold
+    fewer than 8 values (a group of one value normalises to a constant and blocks the gradient)."""
+    groups = next(g for g in range(min(32, channels), 0, -1)
+                  if channels % g == 0 and (channels // g) * pixels >= 8 or g == 1)
+    return nn.GroupNorm(groups, channels)
+
+
+class BottleneckHead(nn.Module):
+    """DMD2's classifier head on a (B, D, h, w) bottleneck map (distribution.md §2.3(c)).
+
+    4x4 stride-2 convolutions halve the map while it is larger than 4x4, a 4x4 stride-4 convolution
+    takes 4x4 to 1x1 (DMD2 on ImageNet / SD1.5: 8 -> 4 -> 1), each followed by GroupNorm (32 groups,
+    fewer for narrow maps, see `_norm`) and SiLU,
+    and a 1x1 convolution gives one logit. The width stays at D. Maps whose side is not 4·2^k are
+    averaged to 1x1 after the last halving.
+    """
+
+    def __init__(self, channels: int, size: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        while size > 4:
+            size //= 2
+            layers += [nn.Conv2d(channels, channels, 4, 2, 1), _norm(channels, size * size), nn.SiLU()]
+        if size == 4:
+            layers += [nn.Conv2d(channels, channels, 4, 4, 0), _norm(channels, 1), nn.SiLU()]
+        else:
+            layers.append(nn.AdaptiveAvgPool2d(1))
+        layers.append(nn.Conv2d(channels, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features: (B, D, h, w) -> logits (B,)."""
+        return self.net(features.to(self.net[-1].weight.dtype)).reshape(-1)
+
+
+@torch.no_grad()
+def head_for(backbone: Backbone, sample_shape: tuple[int, int, int], cond: Cond | None = None) -> BottleneckHead:
+    """A :class:`BottleneckHead` sized for ``backbone``'s bottleneck, found by one dry run on zeros.
+
+    cond: a one-sample condition when the backbone needs one (e.g. ``teacher.null_cond(1)``)."""
+    ref = next(backbone.parameters())
+    x = torch.zeros(1, *sample_shape, device=ref.device, dtype=ref.dtype)
+    features = backbone.bottleneck(x, torch.zeros(1, device=ref.device), cond)
+    if features.shape[-1] != features.shape[-2]:
+        raise ValueError(f"bottleneck map {tuple(features.shape)} is not square; BottleneckHead needs h == w")
+    return BottleneckHead(features.shape[1], features.shape[-1]).to(ref.device)
+
+
+class DiffusionDiscriminator(nn.Module):
+    """A trainable copy of a diffusion backbone's encoder with a :class:`BottleneckHead` (CTM / CAF GAN
+    stages in fewstep; see the module docstring). Called like the backbone: network inputs, timestep
+    and condition -> logits (B,)."""
+
+    def __init__(self, backbone: Backbone, sample_shape: tuple[int, int, int], cond: Cond | None = None) -> None:
+        super().__init__()
+        self.backbone = copy.deepcopy(backbone).float().requires_grad_(True)
+        self.head = head_for(self.backbone, sample_shape, cond)
+
+    def forward(self, x: Tensor, timestep: Tensor, cond: Cond | None = None) -> Tensor:
+        return self.head(self.backbone.bottleneck(x, timestep, cond))
+
+
+def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: GanLoss = "nonsaturating") -> Tensor:
+    """Per-sample discriminator loss (B,).
+
+    nonsaturating: softplus(D(fake)) + softplus(-D(real)) (DMD2, distribution.md §2.3(c));
+    hinge: relu(1 + D(fake)) + relu(1 - D(real)) (CTM, CAF)."""
+    if kind == "nonsaturating":
+        return F.softplus(fake_logits) + F.softplus(-real_logits)
+    if kind == "hinge":
+        return F.relu(1 + fake_logits) + F.relu(1 - real_logits)
+    raise ValueError(f"unknown GAN loss {kind!r}; choose nonsaturating or hinge")
+
+
+def generator_loss(fake_logits: Tensor, kind: GanLoss = "nonsaturating") -> Tensor:
+    """Per-sample generator loss (B,): softplus(-D(fake)) (non-saturating) or -D(fake) (hinge)."""
+    if kind == "nonsaturating":
+        return F.softplus(-fake_logits)
+    if kind == "hinge":
+        return -fake_logits
+    raise ValueError(f"unknown GAN loss {kind!r}; choose nonsaturating or hinge")
+
+
+def output_layer(backbone: nn.Module) -> Tensor:
+    """The weight of the backbone's last layer (UNets: ``conv_out``, DiT: ``proj_out_2``): where the
+    adaptive GAN weight compares gradient norms."""
+    model = getattr(backbone, "module", backbone).model
+    layer = getattr(model, "conv_out", None) or getattr(model, "proj_out_2", None)
+    if layer is None:
+        raise ValueError(f"{type(model).__name__} has neither conv_out nor proj_out_2")
+    return layer.weight
+
+
+def adaptive_weight(main: Tensor, adversarial: Tensor, layer: Tensor, *, clip: tuple[float, float] = (0.01, 10.0),
+                    eps: float = 1e-8) -> Tensor:
+    """lambda = ||grad_layer main|| / ||grad_layer adversarial||, detached and clipped (VQGAN-style; CTM
+    §7.6 and CAF §8.6 clip it to [0.01, 10]). main, adversarial: scalar losses still attached to the graph;
+    layer: a weight both depend on. The graph is kept for the trainer's backward."""
+    g_main = torch.autograd.grad(main, layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adversarial, layer, retain_graph=True)[0]
+    ratio = g_main.norm() / (g_adv.norm() + eps)
+    if not math.isfinite(float(ratio)):  # host sync: once per generator step
+        ratio = torch.tensor(clip[1], device=layer.device)
+    return ratio.clamp(*clip).detach()

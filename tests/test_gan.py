@@ -1,0 +1,91 @@
+"""fewstep.gan: heads on the three backbones' bottlenecks, the losses' closed forms, the adaptive weight."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fewstep.backbones import Backbone
+from fewstep.gan import (
+    BottleneckHead,
+    DiffusionDiscriminator,
+    adaptive_weight,
+    discriminator_loss,
+    generator_loss,
+    head_for,
+    output_layer,
+)
+from fewstep.testing import tiny_dit, tiny_unet, tiny_unet_condition
+from fewstep.types import Cond
+
+
+def _backbone(kind: str, size: int = 8) -> tuple[Backbone, Cond | None]:
+    if kind == "unet":
+        return Backbone(tiny_unet(size)), None
+    if kind == "unet_condition":
+        return Backbone(tiny_unet_condition(size)), Cond(embeddings=torch.randn(1, 16, 32))
+    return Backbone(tiny_dit(size)), Cond(labels=torch.tensor([3]))
+
+
+@pytest.mark.parametrize("kind", ["unet", "unet_condition", "dit"])
+@pytest.mark.parametrize("size", [8, 16])
+def test_head_on_every_backbone_gives_one_logit_and_passes_gradients(kind, size):
+    backbone, cond = _backbone(kind, size)
+    head = head_for(backbone, (1, size, size), cond)
+    x = torch.randn(2, 1, size, size, requires_grad=True)
+    cond2 = None if cond is None else cond.repeat(2)
+    logits = head(backbone.bottleneck(x, torch.tensor([5.0, 700.0]), cond2))
+    assert logits.shape == (2,)
+    logits.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in head.parameters())
+
+
+@pytest.mark.parametrize("size", [4, 8, 32, 6])
+def test_head_reduces_any_map_to_one_logit(size):
+    head = BottleneckHead(16, size)
+    assert head(torch.randn(3, 16, size, size)).shape == (3,)
+
+
+def test_bottleneck_skips_the_decoder():
+    """The bottleneck equals the mid block's output of a full forward pass."""
+    backbone, _ = _backbone("unet")
+    seen = []
+    handle = backbone.model.mid_block.register_forward_hook(lambda m, a, out: seen.append(out))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0])
+    backbone(x, t)
+    handle.remove()
+    torch.testing.assert_close(backbone.bottleneck(x, t), seen[0])
+
+
+def test_losses_match_their_closed_forms():
+    real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+    torch.testing.assert_close(discriminator_loss(real, fake), F.softplus(fake) + F.softplus(-real))
+    torch.testing.assert_close(generator_loss(fake), torch.log1p(torch.exp(-fake)))
+    torch.testing.assert_close(discriminator_loss(real, fake, "hinge"), torch.tensor([1.5 + 0.0, 0.0 + 2.0]))
+    torch.testing.assert_close(generator_loss(fake, "hinge"), -fake)
+    # A perfect discriminator (real -> +inf, fake -> -inf) has zero loss; a confused one log 4.
+    assert discriminator_loss(torch.tensor([50.0]), torch.tensor([-50.0])).item() < 1e-10
+    torch.testing.assert_close(discriminator_loss(torch.zeros(1), torch.zeros(1)), torch.log(torch.tensor([4.0])))
+    with pytest.raises(ValueError, match="hinge"):
+        generator_loss(fake, "wasserstein")
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio():
+    layer = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    main = (3.0 * layer).sum()          # gradient (3, 3): norm 3*sqrt(2)
+    adversarial = (layer**2).sum()      # gradient (2, 4): norm sqrt(20)
+    expected = 3 * 2**0.5 / 20**0.5
+    torch.testing.assert_close(adaptive_weight(main, adversarial, layer), torch.tensor(expected), rtol=1e-6, atol=0)
+    assert adaptive_weight(main, 1e-9 * adversarial, layer).item() == 10.0   # clipped to CTM's upper bound
+    (main + adversarial).backward()  # the graph was kept for the trainer
+    torch.testing.assert_close(layer.grad, torch.tensor([5.0, 7.0]))
+
+
+def test_diffusion_discriminator_is_a_trainable_copy():
+    backbone, _ = _backbone("dit")
+    disc = DiffusionDiscriminator(backbone, (1, 8, 8), Cond(labels=torch.tensor([0])))
+    assert all(p.requires_grad for p in disc.parameters())
+    assert disc.backbone is not backbone
+    logits = disc(torch.randn(2, 1, 8, 8), torch.tensor([3.0, 4.0]), Cond(labels=torch.tensor([1, 2])))
+    assert logits.shape == (2,)
+    assert output_layer(backbone) is backbone.model.proj_out_2.weight
