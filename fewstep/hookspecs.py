@@ -139,9 +139,10 @@ def fewstep_sampling_networks(ctx: RunContext) -> list[str] | None:
 
 
 @hookspec(firstresult=True)
-def fewstep_export(ctx: RunContext, nets: Nets, out_dir: Path) -> Path | None:
+def fewstep_export(ctx: RunContext, nets: Nets, out_dir: Path, sampling_networks: list[str]) -> Path | None:
     """First. Write the student as a folder that ``diffusers.DiffusionPipeline.from_pretrained`` loads and
-    samples from; return its path. Core default: a fewstep pipeline folder (see ``fewstep.export``).
+    samples from; return its path. ``sampling_networks``: what ``fewstep_sampling_networks`` collected.
+    Core default: a fewstep pipeline folder (see ``fewstep.export``).
     A method whose sampler a stock diffusers pipeline reproduces exactly writes that instead (and
     returns None where it does not apply, so the default runs)."""
 
@@ -152,9 +153,9 @@ def fewstep_save_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets, state
 
 
 @hookspec(firstresult=True)
-def fewstep_load_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets) -> dict[str, Any] | None:
-    """First. Restore the latest checkpoint of ``ctx.run_dir`` in place and return the trainer state
-    that was saved with it, or None when there is none."""
+def fewstep_load_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets, checkpoint: Path | None) -> dict[str, Any] | None:
+    """First. Restore ``checkpoint`` (a checkpoint folder; None: the latest of ``ctx.run_dir``) in place
+    and return the trainer state that was saved with it, or None when there is none."""
 
 
 @hookspec

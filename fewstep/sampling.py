@@ -65,9 +65,11 @@ def consistency_sample(f: Denoiser, noise: Tensor, sigmas: list[float], sigma_mi
 
 @torch.no_grad()
 def generate(hook: Any, ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
-             seed: int = 0) -> Tensor:
-    """Student samples in data space (decoded for latent teachers) through ``fewstep_sample``."""
-    generator = torch.Generator().manual_seed(seed)
+             seed: int = 0, generator: torch.Generator | None = None) -> Tensor:
+    """Student samples in data space (decoded for latent teachers) through ``fewstep_sample``.
+    Noise the sampler injects comes from ``generator``, or from a fresh one seeded with ``seed``."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
     with eval_mode(*[nets.get(n) for n in nets.names()]):
         out = hook.fewstep_sample(ctx=ctx, nets=nets, noise=noise, cond=cond, num_steps=num_steps, generator=generator)
     if out is None:

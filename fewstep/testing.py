@@ -141,13 +141,15 @@ def make_tiny_teacher(
     sample_size: int = 8,
     channels: int = 1,
     seed: int = 0,
+    process_options: dict[str, Any] | None = None,
 ) -> Path:
     """Write a random tiny teacher folder and return it.
 
     backbone: "unet" (unconditional, or class-conditional with ``conditioning="class"``),
         "unet_condition" (text-conditional, with :func:`tiny_clip`) or "dit" (class-conditional).
     process: "vp" | "edm" | "flow" with their default settings; prediction_type: passed to VP / EDM
-        when given (flow always predicts velocity).
+        when given (flow always predicts velocity); process_options: other keyword arguments of the
+        process class (e.g. ``{"timestep_scale": 1000.0}`` for an EDM teacher in the OpenAI convention).
     latent: add a :func:`tiny_vae`; ``sample_size`` and ``channels`` describe the data (pixel) space,
         the backbone works on the latents (half the size, 2 channels).
     Class-conditional teachers have 10 classes (plus the null class).
@@ -192,7 +194,7 @@ def make_tiny_teacher(
         noise = FlowProcess()
     else:
         noise = processes[process](
-            **({} if prediction_type is None else {"prediction_type": prediction_type})
+            **({} if prediction_type is None else {"prediction_type": prediction_type}), **(process_options or {})
         )
     net = Backbone(model, num_classes=num_classes)
     return save_teacher(Path(folder), net, noise, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)

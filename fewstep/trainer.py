@@ -52,8 +52,10 @@ class Trainer:
     """Builds a run from a validated config and a plugin manager, then :meth:`fit` trains it."""
 
     def __init__(self, config: RunConfig, pm: Any, run_dir: Path, *, resume: bool = False,
-                 accelerator: Any = None) -> None:
+                 checkpoint: Path | None = None, accelerator: Any = None) -> None:
+        """resume: restore the latest checkpoint of ``run_dir`` (or ``checkpoint``, a checkpoint folder)."""
         self.config, self.pm, self.run_dir, self.resume = config, pm, Path(run_dir), resume
+        self.checkpoint = checkpoint
         self._accelerator = accelerator
         self.state = TrainState()
         self._teacher_rows: dict[str, torch.Tensor] | None = None  # the frozen teacher's grid row, sampled once
@@ -253,11 +255,12 @@ class Trainer:
             self.pairs.check(teacher)
             self.pair_stream = IndexStream(len(self.pairs), mix_seed(cfg.train.seed, 0x9A125) % 2**31)
         if self.resume:
-            restored = hook.fewstep_load_checkpoint(ctx=self.ctx, accelerator=acc, nets=self.nets)
+            restored = hook.fewstep_load_checkpoint(ctx=self.ctx, accelerator=acc, nets=self.nets,
+                                                    checkpoint=self.checkpoint)
             if restored is None:
                 raise TrainingError(f"--resume: no checkpoint found in {self.run_dir / 'checkpoints'}")
             self.state = TrainState(step=int(restored["step"]), nimg=int(restored["nimg"]))
-        self._t0, self._nimg0 = time.perf_counter(), self.state.nimg
+        self._t0, self._nimg0, self._t_end = time.perf_counter(), self.state.nimg, None
 
     def _check_schedule(self) -> None:
         known = set(self.groups)
@@ -333,24 +336,47 @@ class Trainer:
 
     def finish(self) -> None:
         hook = self.pm.hook
+        self._t_end = time.perf_counter()  # training wall time excludes the final sampling and evaluation
         self.save_checkpoint()
         self.validate()
+        if self.config.eval.reference is not None and self.ctx.is_main:
+            self.write_summary(evaluation=self.evaluate())
         if self.config.export.enabled:
-            hook.fewstep_export(ctx=self.ctx, nets=self.nets, out_dir=self.run_dir / "export")
+            from fewstep.export import export_run
+
+            export_run(hook, self.ctx, self.nets, self.run_dir / "export")
         hook.fewstep_on_train_end(ctx=self.ctx, nets=self.nets)
         if self.ctx.is_main:
             self.write_summary()
         self.accelerator.wait_for_everyone()
 
-    def write_summary(self) -> Path:
-        wall = time.perf_counter() - self._t0
-        seen = self.state.nimg - self._nimg0
-        summary = {"method": self.config.method.name, "nimg": self.state.nimg, "steps": self.state.step,
-                   "wall_time_s": round(wall, 2), "images_per_s": round(seen / max(wall, 1e-9), 2),
-                   "peak_memory_mb": round(peak_memory_mb(self.ctx.device), 1)}
+    def evaluate(self, **overrides: Any) -> dict[str, Any]:
+        """FID / precision / recall / samples/s of the student at ``eval.steps`` and of the teacher
+        (fewstep.evaluation.evaluate_run) with the recipe's ``eval`` section, fields overridden by keyword."""
+        from fewstep.evaluation import FeatureExtractor, evaluate_run
+
+        cfg = self.config.eval.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        extractor = FeatureExtractor(cfg.features, device=self.ctx.device)
+        return evaluate_run(self, self.pm.hook, extractor, steps=cfg.steps, num=cfg.num,
+                            teacher_steps=cfg.teacher_steps, reference=cfg.reference or "data",
+                            batch_size=cfg.batch, seed=cfg.seed)
+
+    def write_summary(self, evaluation: dict[str, Any] | None = None) -> Path:
+        """Merge this run's numbers (and an evaluation, under "eval") into RUN/summary.json. Training
+        numbers (wall time, images/s, peak memory) are written only by a run that trained."""
         path = self.run_dir / "summary.json"
-        previous = json.loads(path.read_text()) if path.exists() else {}
-        path.write_text(json.dumps({**previous, **summary}, indent=2))
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        seen = self.state.nimg - self._nimg0
+        if seen > 0:
+            wall = (self._t_end or time.perf_counter()) - self._t0
+            summary.update({"method": self.config.method.name, "nimg": self.state.nimg, "steps": self.state.step,
+                            "wall_time_s": round(wall, 2), "images_per_s": round(seen / max(wall, 1e-9), 2),
+                            "peak_memory_mb": round(peak_memory_mb(self.ctx.device), 1)})
+        if evaluation is not None:
+            summary["eval"] = evaluation
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(path)
         return path
 
 

@@ -33,6 +33,10 @@ from fewstep.sampling import consistency_sample, consistency_sigmas, sampling_ne
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
 
 GUIDANCE_EMBED_SCALE = 100.0  # w is embedded as w * 100 with the timestep sinusoid (range of 0..1000 timesteps)
+# num_train_timesteps of the stock CMStochasticIterativeScheduler in an export: with T - 1 = 840 = lcm(1..8),
+# its N-step grid (indices 0, T//N, ...) is exactly fewstep's default grid (the first N of N + 1 Karras
+# points) for every N <= 8 (and every divisor of 840).
+STOCK_CM_TIMESTEPS = 841
 
 
 class _Consistency(MethodConfig):
@@ -309,3 +313,37 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
         return consistency_fn(net, process, cfg, x, sigma, cond, **scalars)
 
     return consistency_sample(f, noise.float(), sigmas, lo, generator, clamp=cfg.clamp and teacher.vae is None)
+
+
+def stock_pipeline_reproduces(cfg: _Consistency, nets: Nets) -> bool:
+    """Whether diffusers' ConsistencyModelPipeline + CMStochasticIterativeScheduler draw exactly this
+    plugin's samples: an EDM teacher in the OpenAI timestep convention (1000·¼·ln sigma, epsilon
+    preconditioning), a pixel UNet2DModel student without extra inputs, CM boundary scalings with the
+    process's sigma_data, and the default sampling grid (see STOCK_CM_TIMESTEPS)."""
+    from fewstep.nn import unwrap
+
+    net, teacher = unwrap(sampling_net(nets)), nets.teacher
+    p = teacher.process
+    return (p.kind == "edm" and p.timestep_scale == 1000.0 and p.prediction_type == "epsilon"
+            and net.kind == "unet2d" and not net.extra_scalars and not net.extra_channels and teacher.vae is None
+            and getattr(cfg, "boundary", "cm") == "cm" and cfg.sigma_data in (None, p.sigma_data)
+            and not cfg.sample_sigmas)
+
+
+@hookimpl
+def fewstep_export(ctx: RunContext, nets: Nets, out_dir) -> object:
+    """A stock ConsistencyModelPipeline folder where it reproduces the sampler (`stock_pipeline_reproduces`);
+    otherwise None, and the core writes a FewStepPipeline folder."""
+    from fewstep.export import run_metrics, write_export
+
+    cfg = ctx.method
+    if not stock_pipeline_reproduces(cfg, nets):
+        return None
+    if not ctx.is_main:
+        return out_dir
+    lo, hi = _range(cfg, nets.teacher.process)
+    scheduler = {"_class_name": "CMStochasticIterativeScheduler", "num_train_timesteps": STOCK_CM_TIMESTEPS,
+                 "sigma_min": lo, "sigma_max": hi, "sigma_data": nets.teacher.process.sigma_data, "s_noise": 1.0,
+                 "rho": cfg.rho, "clip_denoised": cfg.clamp}
+    return write_export(ctx, nets, out_dir, student=sampling_net(nets), pipeline="ConsistencyModelPipeline",
+                        scheduler=scheduler, metrics=run_metrics(ctx.run_dir))

@@ -31,7 +31,7 @@ def test_quickstart_recipe_end_to_end(tmp_path, capsys):
     assert [line["nimg"] for line in lines] == [32, 64]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "cd" and summary["nimg"] == 64
-    assert (run / "export" / "student" / "config.json").is_file()
+    assert (run / "export" / "unet" / "config.json").is_file() and (run / "export" / "model_index.json").is_file()
     assert (run / "config.yaml").is_file()
     # a second start without --resume refuses to overwrite; --resume with nothing left to do finishes
     assert cli.main(args) == 2

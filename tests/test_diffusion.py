@@ -81,6 +81,7 @@ PROCESSES: dict[str, Callable[[], NoiseProcess]] = {
     "vp-sample-cosine": lambda: VPProcess(beta_schedule="squaredcos_cap_v2", prediction_type="sample"),
     "edm-eps": lambda: EDMProcess(),
     "edm-v": lambda: EDMProcess(prediction_type="v_prediction", sigma_data=1.0),
+    "edm-openai": lambda: EDMProcess(timestep_scale=1000.0),
     "flow": lambda: FlowProcess(),
     "flow-shift3": lambda: FlowProcess(shift=3.0),
 }
@@ -306,7 +307,19 @@ def test_scheduler_config_loads_in_diffusers(process: NoiseProcess) -> None:
 
     cfg_dict = process.scheduler_config()
     sched = getattr(diffusers, cfg_dict["_class_name"]).from_config(cfg_dict)
-    assert process_from_scheduler_config(dict(sched.config)).describe() == process.describe()
+    # diffusers keeps only its own keys; fewstep's underscore keys travel in scheduler_config.json itself
+    ours = {k: v for k, v in cfg_dict.items() if k.startswith("_fewstep")}
+    assert process_from_scheduler_config({**sched.config, **ours}).describe() == process.describe()
+
+
+def test_edm_openai_timestep_convention() -> None:
+    """1000·¼·ln sigma: the timestep diffusers' CMStochasticIterativeScheduler feeds its UNet."""
+    from diffusers import CMStochasticIterativeScheduler
+
+    sigma = torch.tensor([0.002, 0.5, 80.0], dtype=torch.float64)
+    expected = torch.from_numpy(CMStochasticIterativeScheduler().sigma_to_t(sigma.numpy()))
+    torch.testing.assert_close(EDMProcess(timestep_scale=1000.0).model_time(sigma), expected)
+    torch.testing.assert_close(EDMProcess().model_time(sigma), expected / 1000)
 
 
 def test_sample_train_t(process: NoiseProcess) -> None:
@@ -348,7 +361,7 @@ def analytic_net(p: NoiseProcess, mu: Tensor, s: float) -> Callable[..., Tensor]
             eps = (inp - a * x0) / sd
             return {"epsilon": eps, "v_prediction": a * eps - sd * x0, "sample": x0}[p.prediction_type]
         if isinstance(p, EDMProcess):
-            sigma = torch.exp(4 * timestep)
+            sigma = torch.exp(4 * timestep / p.timestep_scale)  # timestep = scale·¼·ln sigma
             sig, sd = append_dims(sigma, 4), p.sigma_data
             x = inp * (sig**2 + sd**2).sqrt()
             c_skip, c_out = sd**2 / (sig**2 + sd**2), sig * sd / (sig**2 + sd**2).sqrt()

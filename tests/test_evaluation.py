@@ -137,3 +137,42 @@ def test_standard_inception_if_installed():
     stats = FeatureStats.of(f)
     # rank-7 covariance in 2048 dimensions: zero up to rounding relative to its trace
     assert frechet_distance(stats, stats) == pytest.approx(0, abs=1e-5 * np.trace(stats.sigma))
+
+
+def test_eval_at_the_end_of_training_reaches_summary_and_model_card(tmp_path, tiny_features):
+    """eval.reference in the recipe: the run evaluates itself before exporting; the teacher row is cached
+    and reused by a second run with the same teacher and protocol."""
+    teacher = make_tiny_teacher(tmp_path / "teacher", "unet")
+    data = tmp_path / "data" / "train.npz"  # a file source: the cache lives next to it, shared by both runs
+    data.parent.mkdir()
+    np.savez(data, x=np.random.default_rng(0).integers(0, 256, (16, 8, 8), dtype=np.uint8))
+    evaluation = {"reference": "data", "num": 16, "steps": [1, 2], "teacher_steps": 2,
+                  "features": str(tiny_features), "batch": 8}
+    for name in ("a", "b"):
+        config = tiny_run_config(teacher, {"name": "cd", "num_scales": 4}, steps=2, eval=evaluation,
+                                 data={"source": str(data), "limit": None})
+        run_tiny(config, tmp_path / name)
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert {"teacher 2 steps", "student 1 step", "student 2 steps"} <= set(summary["eval"])
+    assert summary["nimg"] == 8 and summary["wall_time_s"] > 0
+    card = (tmp_path / "a" / "export" / "README.md").read_text()
+    assert "| student 1 step |" in card and "## Metrics" in card
+    assert len(list((data.parent / ".fewstep-cache").glob("fid-teacher-*.npz"))) == 1
+    b = json.loads((tmp_path / "b" / "summary.json").read_text())["eval"]
+    assert b["teacher 2 steps"] == summary["eval"]["teacher 2 steps"]  # reused, samples/s included
+
+
+def test_eval_against_a_held_out_reference(tmp_path, tiny_features):
+    """--reference: any image source shaped like the teacher's images, e.g. a test split (.npz here)."""
+    teacher = make_tiny_teacher(tmp_path / "teacher", "unet")
+    config = tiny_run_config(teacher, {"name": "cd", "num_scales": 4}, steps=1)
+    run_tiny(config, tmp_path / "run")
+    write_resolved(config, tmp_path / "run")
+    np.savez(tmp_path / "test.npz", x=np.random.default_rng(0).integers(0, 256, (20, 12, 12), dtype=np.uint8))
+    args = ["eval", str(tmp_path / "run"), "--features", str(tiny_features), "--num", "20", "--steps", "1",
+            "--teacher-steps", "0", "--reference", str(tmp_path / "test.npz")]
+    assert cli.main(args) == 0
+    results = json.loads((tmp_path / "run" / "summary.json").read_text())["eval"]
+    assert "test.npz: 20 images 1x8x8" in results["reference"] and set(results) == {
+        "num", "reference", "features", "student 1 step"}
+    assert list((tmp_path / ".fewstep-cache").glob("fid-ref-*.npz"))  # cached next to the data

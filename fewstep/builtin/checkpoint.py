@@ -63,13 +63,26 @@ def fewstep_save_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets, state
     return final
 
 
+def find_checkpoint(run_dir: Path, which: str) -> Path:
+    """The checkpoint of ``run_dir`` named ``which``: a folder name (``step-00000100``), a step count, or
+    the images seen when it was written (the unit of every interval in a recipe)."""
+    found = checkpoint_dirs(run_dir)
+    for path in found:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if which in (path.name, str(state["step"]), str(state["nimg"])):
+            return path
+    listed = ", ".join(f"{p.name} (nimg {json.loads((p / 'trainer_state.json').read_text())['nimg']})" for p in found)
+    raise FileNotFoundError(f"no checkpoint {which!r} in {run_dir / 'checkpoints'}; it holds: {listed or 'none'} "
+                            "(keep more with train.keep_checkpoints)")
+
+
 @hookimpl
-def fewstep_load_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets) -> dict[str, Any] | None:
+def fewstep_load_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets, checkpoint: Path | None) -> dict[str, Any] | None:
     found = checkpoint_dirs(ctx.run_dir)
-    if not found:
+    if checkpoint is None and not found:
         return None
     _skip_accelerate_models(accelerator)
-    latest = found[-1]
+    latest = Path(checkpoint) if checkpoint is not None else found[-1]
     for name in nets.names():
         path = latest / "nets" / f"{name}.safetensors"
         if not path.is_file():

@@ -1,32 +1,25 @@
-"""Default export: the sampling network (EMA when present) as a diffusers model folder.
+"""Default export: the sampling network (EMA when present) as a diffusers pipeline folder.
 
-``RUN/export/`` gets ``student/`` (``Backbone.save_pretrained``: diffusers weights and config, plus
-fewstep's extra-scalar embeddings), ``scheduler/`` (the teacher's noise process as a diffusers
-scheduler config) and ``fewstep_export.json`` (method, steps, teacher, process). Method plugins that
-know a stock diffusers pipeline for their sampler override ``fewstep_export``.
+``RUN/export/`` is written by :func:`fewstep.export.write_export`: ``DiffusionPipeline.from_pretrained``
+loads it offline as a :class:`fewstep.export.FewStepPipeline`, which samples with the method's own
+``fewstep_sample``. Method plugins that know a stock diffusers pipeline for their sampler override
+``fewstep_export`` (and return None where it does not apply, so this default runs).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fewstep.hookspecs import hookimpl
-from fewstep.nn import unwrap
 from fewstep.sampling import sampling_net
 from fewstep.types import Nets, RunContext
 
 
 @hookimpl(trylast=True)
-def fewstep_export(ctx: RunContext, nets: Nets, out_dir: Path) -> Path:
+def fewstep_export(ctx: RunContext, nets: Nets, out_dir: Path, sampling_networks: list[str]) -> Path:
+    from fewstep.export import run_metrics, write_export
+
     if not ctx.is_main:
         return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    unwrap(sampling_net(nets)).save_pretrained(out_dir / "student")
-    (out_dir / "scheduler").mkdir(exist_ok=True)
-    process = nets.teacher.process
-    (out_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(process.scheduler_config(), indent=2))
-    info = {"method": ctx.method.model_dump(mode="json"), "steps": ctx.config.export.steps,
-            "teacher": str(nets.teacher.source), "process": process.describe()}
-    (out_dir / "fewstep_export.json").write_text(json.dumps(info, indent=2))
-    return out_dir
+    return write_export(ctx, nets, out_dir, student=sampling_net(nets),
+                        extra={n: nets.get(n) for n in sampling_networks}, metrics=run_metrics(ctx.run_dir))

@@ -1,0 +1,121 @@
+"""The Fashion-MNIST benchmark of docs/BENCHMARKS.md, end to end, with one command.
+
+    python examples/benchmark.py                       # everything that is missing, in order
+    python examples/benchmark.py --only cd ct ict      # some rows
+    python examples/benchmark.py --list                # what it would run
+
+Steps (each skipped when its output already exists, so an interrupted benchmark resumes):
+1. the teacher: `fewstep train recipes/fashion/teacher.yaml --run-dir runs/fashion-teacher` (resumed from its
+   checkpoints when interrupted);
+2. the weak teacher for autoguidance: `fewstep export runs/fashion-teacher runs/fashion-teacher-weak
+   --checkpoint 75000` (the teacher after 1/8 of its training);
+3. the pair store of DMD, CAF and reflow: `fewstep pairs runs/fashion-teacher/export runs/fashion-pairs
+   --num 10000 --steps 16`;
+4. every recipe `recipes/fashion/<name>.yaml` into `runs/fashion-<name>`, then `fewstep eval` with one
+   protocol for all rows (1000 samples against the first 1000 test images, student at 1, 2 and 4 steps,
+   teacher at 32 Heun steps);
+5. `fewstep compare` of every evaluated row into docs/benchmarks/fashion.md and .png.
+
+Needs `apt-get install dataset-fashion-mnist` and `pip install '.[eval]'` (see ../shared/data/README.md).
+Every command runs with one CPU thread (OMP_NUM_THREADS=1), the fastest setting on a shared 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path("/usr/share/datasets/fashion-mnist")
+REFERENCE = DATA / "t10k-images-idx3-ubyte.gz"
+TEACHER_RUN = ROOT / "runs" / "fashion-teacher"
+TEACHER = TEACHER_RUN / "export"
+WEAK = ROOT / "runs" / "fashion-teacher-weak"
+PAIRS = ROOT / "runs" / "fashion-pairs"
+# Benchmark rows in the order of docs/BENCHMARKS.md; a row whose recipe is missing is skipped with a note.
+ROWS = ["cd", "ct", "ict", "ect", "sct", "scm", "ctm", "flowmap", "dmd", "dmd2", "msd", "guided", "caf", "reflow"]
+EVAL = ["--num", "1000", "--steps", "1", "2", "4", "--teacher-steps", "32", "--reference", str(REFERENCE)]
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    print(f"  ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
+
+
+def fewstep(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fewstep.cli", *args]
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether a run trained to its recipe's length (summary.json with nimg >= total_nimg)."""
+    summary, config = run_dir / "summary.json", run_dir / "config.yaml"
+    if not (summary.is_file() and config.is_file()):
+        return False
+    import yaml
+
+    total = yaml.safe_load(config.read_text())["train"]["total_nimg"]
+    return json.loads(summary.read_text()).get("nimg", 0) >= total
+
+
+def evaluated(run_dir: Path) -> bool:
+    """Whether the run holds an evaluation under this benchmark's protocol."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return False
+    e = json.loads(path.read_text()).get("eval", {})
+    return e.get("num") == 1000 and "teacher 32 steps" in e and all(
+        f"student {k} step{'s' if k > 1 else ''}" in e for k in (1, 2, 4)) and "t10k" in str(e.get("reference"))
+
+
+def train(recipe: Path, run_dir: Path) -> None:
+    resume = ["--resume"] if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()) else []
+    run(fewstep("distill", str(recipe), "--run-dir", str(run_dir), "--set", "train.progress_bar=false", *resume))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=ROWS, help="benchmark rows to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="print the plan and exit")
+    args = parser.parse_args()
+    rows = args.only or ROWS
+    if args.list:
+        for name in rows:
+            recipe = ROOT / "recipes" / "fashion" / f"{name}.yaml"
+            state = "done" if evaluated(ROOT / "runs" / f"fashion-{name}") else "to run"
+            print(f"{name:<8} {recipe.relative_to(ROOT) if recipe.is_file() else '(no recipe)'}  {state}")
+        return 0
+    if not REFERENCE.is_file():
+        print(f"Fashion-MNIST is missing ({REFERENCE}): apt-get install dataset-fashion-mnist", file=sys.stderr)
+        return 1
+    if not (TEACHER / "model_index.json").is_file():
+        train(ROOT / "recipes" / "fashion" / "teacher.yaml", TEACHER_RUN)
+    if not (WEAK / "model_index.json").is_file():
+        run(fewstep("export", str(TEACHER_RUN), str(WEAK), "--checkpoint", "75000"))
+    if not (PAIRS / "manifest.json").is_file() or json.loads((PAIRS / "manifest.json").read_text())["num"] < 10000:
+        run(fewstep("pairs", str(TEACHER), str(PAIRS), "--num", "10000", "--steps", "16"))
+    done = []
+    for name in rows:
+        recipe = ROOT / "recipes" / "fashion" / f"{name}.yaml"
+        if not recipe.is_file():
+            print(f"skip {name}: no recipe {recipe}")
+            continue
+        run_dir = ROOT / "runs" / f"fashion-{name}"
+        if not finished(run_dir):
+            train(recipe, run_dir)
+        if not evaluated(run_dir):
+            run(fewstep("eval", str(run_dir), *EVAL))
+        done.append(run_dir)
+    if done:
+        run(fewstep("compare", *map(str, done), "--out", str(ROOT / "docs" / "benchmarks" / "fashion")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
