@@ -105,7 +105,7 @@ class Backbone(nn.Module):
 
     def __init__(
         self, model: nn.Module, extra_scalars: Sequence[str] = (), *, num_classes: int | None = None,
-        extra_channels: int = 0,
+        extra_channels: int = 0, self_conditioning: bool = False,
     ) -> None:
         super().__init__()
         name = type(model).__name__
@@ -117,6 +117,11 @@ class Backbone(nn.Module):
         #: channels of the extra input image (see add_input_channels); the data has in_channels
         self.extra_channels: int = int(extra_channels)
         self.in_channels: int = int(cfg.in_channels) - self.extra_channels
+        #: the extra input is the model's own previous x0 estimate (Analog Bits; see fewstep.selfcond)
+        self.self_conditioning: bool = bool(self_conditioning)
+        if self.self_conditioning and self.extra_channels != self.in_channels:
+            raise ValueError(f"a self-conditioned backbone takes its x0 estimate as {self.in_channels} extra input "
+                             f"channels, but this one has {self.extra_channels}")
         model_out = int(cfg.out_channels) if cfg.out_channels is not None else int(cfg.in_channels)
         self._model_out_channels = model_out
         self.out_channels: int = self.in_channels if model_out == 2 * self.in_channels else model_out
@@ -264,6 +269,16 @@ class Backbone(nn.Module):
         self.model.register_to_config(in_channels=conv.in_channels + n, out_channels=self._model_out_channels)
         self.extra_channels += n
 
+    def enable_self_conditioning(self) -> None:
+        """Self-conditioning (Analog Bits, distribution.md §6): the network also reads its own previous x0
+        estimate, as ``in_channels`` zero-initialised extra input channels (so it starts as it was)."""
+        if self.self_conditioning:
+            return
+        if self.extra_channels:
+            raise ValueError("enable_self_conditioning: this backbone already has other extra input channels")
+        self.add_input_channels(self.in_channels)
+        self.self_conditioning = True
+
     # ------------------------------------------------------------------------------- bottleneck
 
     def bottleneck(self, x: Tensor, timestep: Tensor, cond: Cond | None = None, *,
@@ -380,6 +395,7 @@ class Backbone(nn.Module):
             "extra_scalars": list(self.extra_scalars),
             "num_classes": self.num_classes,
             "extra_channels": self.extra_channels,
+            "self_conditioning": self.self_conditioning,
         }
 
     @classmethod
@@ -390,7 +406,7 @@ class Backbone(nn.Module):
             raise _unsupported(name)
         model = SUPPORTED_MODELS[name][1].from_config(cfg["model_config"])
         return cls(model, cfg.get("extra_scalars", ()), num_classes=cfg.get("num_classes"),
-                   extra_channels=cfg.get("extra_channels", 0))
+                   extra_channels=cfg.get("extra_channels", 0), self_conditioning=cfg.get("self_conditioning", False))
 
     def save_pretrained(self, folder: str | Path) -> None:
         """diffusers model folder (config.json + safetensors) plus fewstep's metadata and extra weights."""
@@ -399,7 +415,7 @@ class Backbone(nn.Module):
         folder = Path(folder)
         self.model.save_pretrained(folder, safe_serialization=True)
         meta = {"kind": self.kind, "extra_scalars": list(self.extra_scalars), "num_classes": self.num_classes,
-                "extra_channels": self.extra_channels}
+                "extra_channels": self.extra_channels, "self_conditioning": self.self_conditioning}
         (folder / BACKBONE_META).write_text(json.dumps(meta, indent=2) + "\n")
         extra_file = folder / EXTRA_WEIGHTS
         if self.extra_scalars:
@@ -438,7 +454,8 @@ class Backbone(nn.Module):
         if num_classes is None:
             num_classes = meta.get("num_classes")
         backbone = cls(model, meta.get("extra_scalars", ()), num_classes=num_classes,
-                       extra_channels=meta.get("extra_channels", 0))
+                       extra_channels=meta.get("extra_channels", 0),
+                       self_conditioning=meta.get("self_conditioning", False))
         if backbone.extra_scalars:
             extra_file = folder / EXTRA_WEIGHTS
             if not extra_file.is_file():

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fewstep import selfcond
 from fewstep.backbones import SUPPORTED_MODELS, Backbone
 from fewstep.diffusion import NoiseProcess, cfg, process_from_scheduler_config, sample_ode
 from fewstep.types import Cond
@@ -140,8 +141,13 @@ class Teacher:
         *,
         uncond: Cond | None = None,
         guidance: float | Tensor = 1.0,
+        estimate: Tensor | None = None,
     ) -> Tensor:
         """Sigma-space x0 prediction D(x, sigma) for x = x0 + sigma*eps: (B, C, H, W), sigma (B,).
+
+        A self-conditioned teacher (Analog Bits) is queried as a deterministic function with two passes,
+        D(x | sg D(x | 0)) (distribution.md §6.4), or with one pass on a given ``estimate`` of x0 (its
+        sampler's running estimate); ``estimate`` is refused for other teachers.
 
         Runs in the teacher's dtype, returns x's dtype. With ``guidance != 1`` (a float or (B,)) the
         prediction is guided in x0 space, ref + g * (main - ref), from one batched pass:
@@ -154,13 +160,24 @@ class Teacher:
         guided = isinstance(guidance, Tensor) or guidance != 1.0
         xd = x.to(self.device, self.dtype)
         sigma = torch.as_tensor(sigma, device=self.device)
+        if estimate is not None and not self.net.self_conditioning:
+            raise ValueError(f"estimate given, but the teacher {self.source} is not self-conditioned")
+        est = None if estimate is None else estimate.to(self.device, self.dtype)
+
+        def predict(net: Backbone, x_: Tensor, sigma_: Tensor, cond_: Cond | None, est_: Tensor | None) -> Tensor:
+            if not net.self_conditioning:
+                return self.process.denoise(net, x_, sigma_, self._cast(cond_))
+            if est_ is None:
+                return selfcond.two_pass(self.process, net, x_, sigma_, self._cast(cond_), clip=self.vae is None)
+            return selfcond.denoise(self.process, net, x_, sigma_, self._cast(cond_), estimate=est_)
+
         if not guided:
-            return self.process.denoise(self.net, xd, sigma, self._cast(cond)).to(x.dtype)
+            return predict(self.net, xd, sigma, cond, est).to(x.dtype)
         if isinstance(guidance, Tensor):
             guidance = guidance.to(self.device)
         if self.weak is not None:
-            main = self.process.denoise(self.net, xd, sigma, self._cast(cond))
-            ref = self.process.denoise(self.weak, xd, sigma, self._cast(cond))
+            main = predict(self.net, xd, sigma, cond, est)
+            ref = predict(self.weak, xd, sigma, cond, est)
             return cfg(main, ref, guidance).to(x.dtype)
         if cond is None or self.conditioning == "none":
             raise ValueError(
@@ -172,9 +189,8 @@ class Teacher:
             uncond = self.null_cond(x.shape[0])
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
-        both = self.process.denoise(
-            self.net, torch.cat([xd, xd]), torch.cat([sigma, sigma]), self._cast(Cond.cat([cond, uncond]))
-        )
+        both = predict(self.net, torch.cat([xd, xd]), torch.cat([sigma, sigma]), Cond.cat([cond, uncond]),
+                       None if est is None else torch.cat([est, est]))
         cond_x0, uncond_x0 = both.chunk(2)
         return cfg(cond_x0, uncond_x0, guidance).to(x.dtype)
 
@@ -258,9 +274,11 @@ class Teacher:
         sigmas = self.process.sampling_sigmas(num_steps).to(noise.device)
         x = noise.float() * sigmas[0]
 
-        def denoise_fn(x_: Tensor, sigma: Tensor) -> Tensor:
-            return self.denoise(x_, sigma, cond, uncond=uncond, guidance=guidance)
+        def denoise_fn(x_: Tensor, sigma: Tensor, estimate: Tensor | None = None) -> Tensor:
+            return self.denoise(x_, sigma, cond, uncond=uncond, guidance=guidance, estimate=estimate)
 
+        if self.net.self_conditioning:  # Analog Bits sampler: one pass per call on the running estimate
+            denoise_fn = selfcond.RunningEstimate(denoise_fn, clip=self.vae is None)
         out = sample_ode(denoise_fn, x, sigmas, solver)
         return self.decode(out) if decode else out
 

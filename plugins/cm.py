@@ -17,6 +17,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from fewstep import selfcond
 from fewstep.config import MethodConfig
 from fewstep.diffusion import (
     append_dims,
@@ -28,7 +29,7 @@ from fewstep.diffusion import (
 )
 from fewstep.hookspecs import hookimpl
 from fewstep.losses import distance
-from fewstep.nn import ema_update, frozen_copy, same_dropout
+from fewstep.nn import ema_update, frozen_copy, same_dropout, unwrap
 from fewstep.sampling import consistency_sample, consistency_sigmas, sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
 
@@ -54,6 +55,11 @@ class _Consistency(MethodConfig):
         "an (N+1)-point Karras grid (CM picks them by FID search, §2.7).")
     clamp: bool = Field(True, description="Clamp pixel outputs to [-1, 1] after each sampler step (CM sampler); "
                         "never applied to latents.")
+    self_condition: bool = Field(False, description="Self-conditioned student (Analog Bits, distribution.md §6): "
+                                 "it also reads an x0 estimate (zero-initialised extra channels); in training half "
+                                 "the batch gets a no-grad first-pass estimate, online and target alike; the "
+                                 "multistep sampler feeds each step the previous step's output. A self-conditioned "
+                                 "teacher's student is self-conditioned anyway.")
 
 
 class CDConfig(_Consistency):
@@ -144,9 +150,10 @@ def _range(cfg: _Consistency, process) -> tuple[float, float]:
 
 
 def consistency_fn(net: nn.Module, process, cfg: _Consistency, x: Tensor, sigma: Tensor, cond: Cond | None,
-                   **scalars: Tensor) -> Tensor:
-    """f_theta(x, sigma): the network's sigma-space denoiser wrapped with boundary scalings."""
-    x0 = process.denoise(net, x, sigma, cond, **scalars)
+                   estimate: Tensor | None = None, **scalars: Tensor) -> Tensor:
+    """f_theta(x, sigma): the network's sigma-space denoiser wrapped with boundary scalings (``estimate``:
+    the x0 estimate of a self-conditioned network, zeros when None)."""
+    x0 = process.denoise(net, x, sigma, cond, extra_input=estimate, **scalars)
     if getattr(cfg, "boundary", "cm") == "lcm":
         c_skip, c_out = lcm_scalings(process.sigma_to_t(sigma))
         return append_dims(c_skip, x.ndim) * x + append_dims(c_out, x.ndim) * x0
@@ -186,7 +193,18 @@ def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module | None:
     if getattr(cfg, "init", "teacher") == "random":
         from fewstep.backbones import Backbone
 
-        return Backbone.from_config_dict(teacher.net.config_dict()).float().train()
+        student = Backbone.from_config_dict(teacher.net.config_dict()).float().train()
+        if cfg.self_condition:
+            student.enable_self_conditioning()
+        return student
+    if cfg.self_condition and not teacher.net.self_conditioning:
+        import copy
+
+        student = copy.deepcopy(teacher.net).float()
+        student.enable_self_conditioning()
+        if getattr(cfg, "guidance", None) is not None:
+            student.add_scalar_inputs(["w"])
+        return student.requires_grad_(True).train()
     if getattr(cfg, "guidance", None) is not None:
         if teacher.conditioning == "none" and not teacher.autoguided:
             raise ValueError("method.guidance: guided (LCM-style) distillation needs a class- or text-conditional "
@@ -255,11 +273,16 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     else:
         x_lo = x0 + append_dims(s_lo, x0.ndim) * z  # CT estimator: the same z for both points
     scalars = _guidance_inputs(cfg, w)
+    target_net = nets.extra.get("target", nets.student)
+    est_online = est_target = None
+    if unwrap(nets.student).self_conditioning:  # Analog Bits §6.1, the same samples for both passes
+        use, clip = selfcond.mask(step), teacher.vae is None
+        est_online = selfcond.training_estimate(process, nets.student, x_hi, s_hi, batch.cond, use, clip=clip, **scalars)
+        est_target = selfcond.training_estimate(process, target_net, x_lo, s_lo, batch.cond, use, clip=clip, **scalars)
     with same_dropout():  # the target pass below reuses this pass's dropout masks
-        online = consistency_fn(nets.student, process, cfg, x_hi, s_hi, batch.cond, **scalars)
+        online = consistency_fn(nets.student, process, cfg, x_hi, s_hi, batch.cond, est_online, **scalars)
     with torch.no_grad():
-        target_net = nets.extra.get("target", nets.student)
-        target = consistency_fn(target_net, process, cfg, x_lo, s_lo, batch.cond, **scalars)
+        target = consistency_fn(target_net, process, cfg, x_lo, s_lo, batch.cond, est_target, **scalars)
     loss = weight * distance(online, target, cfg.distance, cfg.huber_c)
     return LossOutput(loss=loss, terms={"sigma_hi": s_hi.mean().detach()})
 
@@ -309,9 +332,11 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
         w = torch.full((noise.shape[0],), cfg.sample_guidance, device=noise.device)
     scalars = _guidance_inputs(cfg, w)
 
-    def f(x: Tensor, sigma: Tensor) -> Tensor:
-        return consistency_fn(net, process, cfg, x, sigma, cond, **scalars)
+    def f(x: Tensor, sigma: Tensor, estimate: Tensor | None = None) -> Tensor:
+        return consistency_fn(net, process, cfg, x, sigma, cond, estimate, **scalars)
 
+    if unwrap(net).self_conditioning:  # each step reads the previous step's output (Analog Bits §6.2)
+        f = selfcond.RunningEstimate(f, clip=teacher.vae is None)
     return consistency_sample(f, noise.float(), sigmas, lo, generator, clamp=cfg.clamp and teacher.vae is None)
 
 
@@ -320,8 +345,6 @@ def stock_pipeline_reproduces(cfg: _Consistency, nets: Nets) -> bool:
     plugin's samples: an EDM teacher in the OpenAI timestep convention (1000·¼·ln sigma, epsilon
     preconditioning), a pixel UNet2DModel student without extra inputs, CM boundary scalings with the
     process's sigma_data, and the default sampling grid (see STOCK_CM_TIMESTEPS)."""
-    from fewstep.nn import unwrap
-
     net, teacher = unwrap(sampling_net(nets)), nets.teacher
     p = teacher.process
     return (p.kind == "edm" and p.timestep_scale == 1000.0 and p.prediction_type == "epsilon"

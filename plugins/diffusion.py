@@ -9,13 +9,15 @@ unconditional pixel UNet on a VP process it is also a stock diffusers ``DDPMPipe
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 
+from fewstep import selfcond
 from fewstep.config import MethodConfig
 from fewstep.diffusion import cfg as cfg_combine
 from fewstep.diffusion import sample_ode
@@ -80,6 +82,10 @@ class DiffusionConfig(MethodConfig):
     p_uncond: float = Field(0.1, ge=0.0, lt=1.0, description="Condition dropout for classifier-free guidance "
                             "(CFG paper: 0.1-0.2); only used by conditional teachers.")
     solver: Literal["euler", "ddim", "heun"] = Field("heun", description="ODE solver of the sampler (EDM: Heun).")
+    self_condition: bool = Field(False, description="Self-conditioning (Analog Bits, distribution.md §6): the network "
+                                 "also reads its own x0 estimate (zero-initialised extra input channels); half of "
+                                 "each batch is trained with a no-grad first-pass estimate (pix2seq's rate 0.5), "
+                                 "and the sampler feeds each step the previous step's estimate.")
 
 
 def build_backbone(spec: BackboneSpec, size: int, channels: int):
@@ -130,7 +136,19 @@ def fewstep_build_teacher(ctx: RunContext):
         raise ValueError("data.resolution and data.channels: training a teacher from scratch needs both, "
                          "e.g. resolution: 16, channels: 1")
     net = build_backbone(ctx.method.backbone, data.resolution, data.channels)
+    if ctx.method.self_condition:
+        net.enable_self_conditioning()
     return Teacher(net, ctx.method.process.build(), source=Path("(from scratch)"))
+
+
+@hookimpl
+def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module | None:
+    """Fine-tuning a teacher into a self-conditioned one: its copy gains the estimate channels."""
+    if not ctx.method.self_condition or teacher.net.self_conditioning:
+        return None
+    student = copy.deepcopy(teacher.net).float()
+    student.enable_self_conditioning()
+    return student.requires_grad_(True).train()
 
 
 @hookimpl
@@ -146,7 +164,12 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     cond = batch.cond
     if batch.uncond is not None and ctx.method.p_uncond > 0:
         cond = cond.where(step.rand() < ctx.method.p_uncond, batch.uncond)
-    out = nets.student(process.c_in(t)[:, None, None, None] * x_t, process.model_time(t), cond)
+    estimate = None
+    if ctx.method.self_condition:  # Analog Bits §6.1: the estimate slot, in sigma space (x = x_t / alpha)
+        x, sigma = x_t / process.alpha(t)[:, None, None, None], process.t_to_sigma(t)
+        estimate = selfcond.training_estimate(process, nets.student, x, sigma, cond, selfcond.mask(step),
+                                              clip=nets.teacher.vae is None)
+    out = nets.student(process.c_in(t)[:, None, None, None] * x_t, process.model_time(t), cond, extra_input=estimate)
     err = (out.float() - process.output_target(x0, eps, t).float()).square().flatten(1).mean(1)
     return LossOutput(loss=process.loss_weight(t).float() * err)
 
@@ -159,10 +182,14 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     guidance = ctx.config.teacher.guidance
     uncond = nets.teacher.null_cond(noise.shape[0], device=noise.device) if guidance != 1.0 else None
 
-    def denoise(x: Tensor, sigma: Tensor) -> Tensor:
-        x0 = process.denoise(net, x, sigma, cond)
-        return x0 if uncond is None else cfg_combine(x0, process.denoise(net, x, sigma, uncond), guidance)
+    def denoise(x: Tensor, sigma: Tensor, estimate: Tensor | None = None) -> Tensor:
+        x0 = process.denoise(net, x, sigma, cond, extra_input=estimate)
+        if uncond is None:
+            return x0
+        return cfg_combine(x0, process.denoise(net, x, sigma, uncond, extra_input=estimate), guidance)
 
+    if unwrap(net).self_conditioning:  # Analog Bits §6.2: each step reads the previous step's estimate
+        denoise = selfcond.RunningEstimate(denoise, clip=nets.teacher.vae is None)
     sigmas = process.sampling_sigmas(num_steps).to(noise.device)
     return sample_ode(denoise, noise.float() * sigmas[0], sigmas, ctx.method.solver)
 
