@@ -25,10 +25,18 @@ from torch import Tensor
 
 from fewstep.types import Cond
 
-__all__ = ["RunningEstimate", "denoise", "mask", "training_estimate", "two_pass"]
+__all__ = ["RunningEstimate", "denoise", "enabled", "mask", "training_estimate", "two_pass"]
 
 #: The share of a batch trained with an estimate (pix2seq's ``self_cond_rate``; distribution.md §6.1).
 SELF_COND_RATE = 0.5
+
+
+def enabled(net: Any) -> bool:
+    """Whether ``net`` (possibly wrapped for multi-process training, or any student module) is a
+    self-conditioned Backbone."""
+    from fewstep.nn import unwrap
+
+    return bool(getattr(unwrap(net), "self_conditioning", False))
 
 
 def denoise(process: Any, net: Any, x: Tensor, sigma: Tensor | float, cond: Cond | None = None, *,

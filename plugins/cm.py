@@ -275,7 +275,7 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     scalars = _guidance_inputs(cfg, w)
     target_net = nets.extra.get("target", nets.student)
     est_online = est_target = None
-    if unwrap(nets.student).self_conditioning:  # Analog Bits §6.1, the same samples for both passes
+    if selfcond.enabled(nets.student):  # Analog Bits §6.1, the same samples for both passes
         use, clip = selfcond.mask(step), teacher.vae is None
         est_online = selfcond.training_estimate(process, nets.student, x_hi, s_hi, batch.cond, use, clip=clip, **scalars)
         est_target = selfcond.training_estimate(process, target_net, x_lo, s_lo, batch.cond, use, clip=clip, **scalars)
@@ -335,7 +335,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     def f(x: Tensor, sigma: Tensor, estimate: Tensor | None = None) -> Tensor:
         return consistency_fn(net, process, cfg, x, sigma, cond, estimate, **scalars)
 
-    if unwrap(net).self_conditioning:  # each step reads the previous step's output (Analog Bits §6.2)
+    if selfcond.enabled(net):  # each step reads the previous step's output (Analog Bits §6.2)
         f = selfcond.RunningEstimate(f, clip=teacher.vae is None)
     return consistency_sample(f, noise.float(), sigmas, lo, generator, clamp=cfg.clamp and teacher.vae is None)
 

@@ -188,7 +188,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
             return x0
         return cfg_combine(x0, process.denoise(net, x, sigma, uncond, extra_input=estimate), guidance)
 
-    if unwrap(net).self_conditioning:  # Analog Bits §6.2: each step reads the previous step's estimate
+    if selfcond.enabled(net):  # Analog Bits §6.2: each step reads the previous step's estimate
         denoise = selfcond.RunningEstimate(denoise, clip=nets.teacher.vae is None)
     sigmas = process.sampling_sigmas(num_steps).to(noise.device)
     return sample_ode(denoise, noise.float() * sigmas[0], sigmas, ctx.method.solver)
