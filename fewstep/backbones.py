@@ -40,7 +40,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fewstep.types import Cond
 
-__all__ = ["SUPPORTED_MODELS", "Backbone", "ScalarEmbedding", "enable_gradient_checkpointing"]
+__all__ = ["GUIDANCE_EMBED_SCALE", "SUPPORTED_MODELS", "Backbone", "ScalarEmbedding", "enable_gradient_checkpointing", "guidance_inputs"]
 
 # diffusers class name -> (Backbone.kind, class)
 SUPPORTED_MODELS: dict[str, tuple[str, type[nn.Module]]] = {
@@ -48,6 +48,10 @@ SUPPORTED_MODELS: dict[str, tuple[str, type[nn.Module]]] = {
     "UNet2DConditionModel": ("unet2d_condition", UNet2DConditionModel),
     "DiTTransformer2DModel": ("dit", DiTTransformer2DModel),
 }
+
+#: A guidance scale w is fed to a student's zero-initialised scalar input ``w`` as w * 100, through the
+#: backbone's timestep sinusoid (whose usual inputs span 0..1000): one convention for every method.
+GUIDANCE_EMBED_SCALE = 100.0
 
 BACKBONE_META = "fewstep_backbone.json"
 EXTRA_WEIGHTS = "fewstep_extra.safetensors"
@@ -464,6 +468,12 @@ class Backbone(nn.Module):
                 )
             backbone.scalar_embeddings.load_state_dict(load_file(extra_file))
         return backbone
+
+
+def guidance_inputs(w: Tensor | None) -> dict[str, Tensor]:
+    """The scalar inputs of a guidance-conditioned student for scales w (B,): ``{"w": w * 100}``, or
+    none when w is None (an unguided student)."""
+    return {} if w is None else {"w": w * GUIDANCE_EMBED_SCALE}
 
 
 def enable_gradient_checkpointing(backbone: Backbone) -> None:

@@ -28,8 +28,9 @@ def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
         torch._foreach_copy_(t_params, s_params)
     else:
         torch._foreach_lerp_(t_params, s_params, 1.0 - decay)
-    for tb, sb in zip(target.buffers(), src.buffers()):
-        tb.copy_(sb)
+    buffers = dict(target.named_buffers())
+    for name, sb in src.named_buffers():  # by name: the target may carry buffers of its own (flags)
+        buffers[name].copy_(sb)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

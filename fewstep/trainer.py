@@ -113,8 +113,11 @@ class Trainer:
                 for k, v in out.terms.items():
                     totals[k] = totals.get(k, 0.0) + float(v) / rounds
         opt = self.optimizers[group.name]
-        for pg in opt.param_groups:  # linear warm-up, a pure function of images seen
-            pg["lr"] = group.lr * (min(1.0, (s.nimg + self.global_batch) / group.warmup_nimg) if group.warmup_nimg else 1.0)
+        lr = group.lr * (min(1.0, (s.nimg + self.global_batch) / group.warmup_nimg) if group.warmup_nimg else 1.0)
+        if group.lr_scale is not None:  # a schedule: a pure function of where training stands
+            lr *= float(group.lr_scale(self.step_info(0, group)))
+        for pg in opt.param_groups:
+            pg["lr"] = lr
         if group.max_grad_norm is not None:
             params = [p for n in group.modules for p in self.nets.get(n).parameters()]
             totals["grad_norm"] = float(acc.clip_grad_norm_(params, group.max_grad_norm))

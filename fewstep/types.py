@@ -201,6 +201,9 @@ class OptimizerGroup:
     every_n_steps: the group steps on trainer steps where ``step % every_n_steps == 0``; with a
         student at 5 and a fake-score group at 1, the fake score steps five times per student step.
     max_grad_norm: clip the group's gradient norm to this value (None: no clipping).
+    warmup_nimg: linear learning-rate warm-up over this many images seen.
+    lr_scale: a further learning-rate factor, a pure function of :class:`StepInfo` (e.g. progressive
+        distillation's linear annealing to 0 within each round, ``lambda s: 1 - s.phase_progress``).
     """
 
     name: str
@@ -213,6 +216,7 @@ class OptimizerGroup:
     every_n_steps: int = 1
     max_grad_norm: float | None = None
     warmup_nimg: int = 0
+    lr_scale: Callable[[StepInfo], float] | None = None
 
     def __post_init__(self) -> None:
         if not self.modules:

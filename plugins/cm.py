@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from fewstep import selfcond
+from fewstep.backbones import guidance_inputs
 from fewstep.config import MethodConfig
 from fewstep.diffusion import (
     append_dims,
@@ -33,7 +34,6 @@ from fewstep.nn import ema_update, frozen_copy, same_dropout, unwrap
 from fewstep.sampling import consistency_sample, consistency_sigmas, sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
 
-GUIDANCE_EMBED_SCALE = 100.0  # w is embedded as w * 100 with the timestep sinusoid (range of 0..1000 timesteps)
 # num_train_timesteps of the stock CMStochasticIterativeScheduler in an export: with T - 1 = 840 = lcm(1..8),
 # its N-step grid (indices 0, T//N, ...) is exactly fewstep's default grid (the first N of N + 1 Karras
 # points) for every N <= 8 (and every divisor of 840).
@@ -174,10 +174,6 @@ def cd_grid(cfg: CDConfig, process) -> Tensor:
     return karras_sigmas(cfg.num_scales, lo, hi, cfg.rho)
 
 
-def _guidance_inputs(cfg: _Consistency, w: Tensor | None) -> dict[str, Tensor]:
-    return {} if w is None else {"w": w * GUIDANCE_EMBED_SCALE}
-
-
 # ---------------------------------------------------------------------------------------------
 # Hooks
 
@@ -272,7 +268,7 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
         x_lo = teacher_step(teacher, cfg, batch, x_hi, s_hi, s_lo, w)
     else:
         x_lo = x0 + append_dims(s_lo, x0.ndim) * z  # CT estimator: the same z for both points
-    scalars = _guidance_inputs(cfg, w)
+    scalars = guidance_inputs(w)
     target_net = nets.extra.get("target", nets.student)
     est_online = est_target = None
     if selfcond.enabled(nets.student):  # Analog Bits §6.1, the same samples for both passes
@@ -330,7 +326,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     w = None
     if getattr(cfg, "guidance", None) is not None:
         w = torch.full((noise.shape[0],), cfg.sample_guidance, device=noise.device)
-    scalars = _guidance_inputs(cfg, w)
+    scalars = guidance_inputs(w)
 
     def f(x: Tensor, sigma: Tensor, estimate: Tensor | None = None) -> Tensor:
         return consistency_fn(net, process, cfg, x, sigma, cond, estimate, **scalars)

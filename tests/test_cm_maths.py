@@ -12,6 +12,7 @@ import torch
 from fewstep_plugins import cm
 from torch import nn
 
+from fewstep.backbones import GUIDANCE_EMBED_SCALE
 from fewstep.diffusion import EDMProcess, edm_scalings, karras_sigmas
 from fewstep.teacher import load_teacher
 from fewstep.testing import make_tiny_teacher
@@ -337,7 +338,7 @@ def test_guided_student_has_w_and_starts_as_the_teacher(tmp_path):
     cond = Cond(labels=torch.tensor([0, 3, 10]))
     with torch.no_grad():
         ref = teacher.net(x, t, cond)
-        for w in (torch.zeros(3), torch.tensor([2.0, 7.5, 14.0]) * cm.GUIDANCE_EMBED_SCALE):
+        for w in (torch.zeros(3), torch.tensor([2.0, 7.5, 14.0]) * GUIDANCE_EMBED_SCALE):
             torch.testing.assert_close(student(x, t, cond, w=w), ref, rtol=0, atol=1e-6)
 
 

@@ -216,3 +216,21 @@ def test_clipping_bf16_and_warmup(teacher, tmp_path):
     assert next(trainer.nets.student.parameters()).dtype == torch.float32  # master weights stay fp32
     assert all(log["student/grad_norm"] > 0 for log in rec.logs)
     assert [round(log["student/lr"] / 1e-4, 6) for log in rec.logs] == [0.125, 0.25, 0.375]
+
+
+def test_lr_scale_is_a_function_of_where_training_stands(teacher, tmp_path):
+    """OptimizerGroup.lr_scale: here progressive distillation's per-phase annealing 1 - phase_progress."""
+
+    class Annealed(TwoGroupTwoPhase):
+        @hookimpl
+        def fewstep_optimizer_groups(self, ctx, nets):
+            anneal = lambda s: 1.0 - s.phase_progress  # noqa: E731
+            return [OptimizerGroup("gen", ("student",), lr=1e-3, lr_scale=anneal),
+                    OptimizerGroup("critic", ("critic",), lr=1e-3)]
+
+    trainer, rec = _run(teacher, tmp_path, Annealed(warmup_steps=4), steps=8)
+    trainer.fit()
+    lrs = [log["gen/lr"] for log in rec.logs if "gen/lr" in log]
+    expected = [1e-3 * (1 - k / 4) for k in range(4)]  # the 'main' phase: 4 steps, progress 0, 1/4, ...
+    assert lrs == pytest.approx(expected)
+    assert all(log["critic/lr"] == 1e-3 for log in rec.logs)

@@ -31,11 +31,17 @@ def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module:
     return student.requires_grad_(True).train()
 
 
+def student_group(ctx: RunContext, **changes) -> OptimizerGroup:
+    """The group ``student`` from the recipe's ``optimizer`` section (fields replaced by ``changes``)."""
+    o = ctx.config.optimizer
+    fields = dict(lr=o.lr, optimizer=o.name, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                  max_grad_norm=o.max_grad_norm, warmup_nimg=o.warmup_nimg)
+    return OptimizerGroup("student", ("student",), **{**fields, **changes})
+
+
 @hookimpl(trylast=True)
 def fewstep_optimizer_groups(ctx: RunContext, nets) -> list[OptimizerGroup]:
-    o = ctx.config.optimizer
-    return [OptimizerGroup("student", ("student",), lr=o.lr, optimizer=o.name, betas=tuple(o.betas), eps=o.eps,
-                           weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, warmup_nimg=o.warmup_nimg)]
+    return [student_group(ctx)]
 
 
 @hookimpl(trylast=True)
