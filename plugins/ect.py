@@ -1,0 +1,403 @@
+"""Easy Consistency Tuning (``ect``) and Stable Consistency Tuning (``sct``): consistency models tuned
+from a pretrained diffusion model without a teacher network in the loss. Maths:
+specs/consistency.md §4 (ECT), §5 (SCT), §1 and §12 (pitfalls).
+
+Everything is in sigma space (``fewstep.diffusion``): x = x0 + sigma * eps, so t and r below are
+sigma-space levels and one implementation serves VP/DDPM, EDM and flow-matching teachers. For data in
+[-1, 1] sigma space *is* EDM's space, so ECT's lognormal defaults (P_mean, P_std, T = 80) keep their
+meaning; t is drawn from that lognormal truncated to the teacher's levels [sigma_min, sigma_max].
+
+Parameterisation (the decision asked for by consistency.md §4.2). ECT's repository trains the plain
+EDM denoiser and evaluates a sigma_min-shifted one, enforcing the boundary in the loss (target = x0
+where r = 0). fewstep trains and samples ONE function, the exact-boundary consistency function
+``consistency_from_denoiser`` (f(x, sigma_min) = x bit for bit), so training and sampling never
+disagree. Its boundary is sigma_min, not 0, so r is floored at sigma_min: where ECT's r(t) falls
+below it (r = 0 included), the target is the boundary value f(x_r, sigma_min) = x_r = x0 + sigma_min*z,
+ECT's x0 up to the teacher's smallest noise level. Keeping ECT's literal x0 target under this
+parameterisation would ask f to jump from x to x0 within a few sigma_min, where 1/(t - r) is largest.
+
+SCT (§5) adds: (a) the variance-reduced target of the score identity, a self-normalised
+importance-weighted posterior mean over a reference batch (§5.2); (b) phased training on segments of
+the sigma axis with an edge-skipping sampler (§5.4-5.5, exact formula [UNVERIFIED]: the version here
+is documented at ``edge_skipping_sample``); (c) guidance by an earlier EMA snapshot of itself (§5.6).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from fewstep.config import MethodConfig
+from fewstep.diffusion import append_dims, consistency_from_denoiser, ddim_step, karras_sigmas
+from fewstep.hookspecs import hookimpl
+from fewstep.nn import frozen_copy, same_dropout
+from fewstep.sampling import sampling_net
+from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
+
+ECT_SIGMA_MAX = 80.0  # T of ECT / EDM (consistency.md §1)
+
+
+class ECTConfig(MethodConfig):
+    """Easy Consistency Tuning (consistency.md §4); defaults are ECT's CIFAR-10 `main` settings."""
+
+    name: Literal["ect"] = "ect"
+    p_mean: float = Field(-1.1, description="Lognormal mean of t (ECT CIFAR-10: -1.1; ImageNet presets -0.8).")
+    p_std: float = Field(2.0, gt=0, description="Lognormal std of t (ECT CIFAR-10: 2.0; ImageNet presets 1.6).")
+    sigma_min: float | None = Field(None, gt=0, description="Boundary level; none: the teacher's smallest "
+                                    "sigma-space level (EDM 0.002, the digits VP teacher 0.01).")
+    sigma_max: float | None = Field(None, gt=0, description="Largest level, for training and the first sampler "
+                                    "step; none: ECT's T = 80, capped at the teacher's largest level.")
+    mapping: Literal["sigmoid", "const"] = Field("sigmoid", description="r(t): sigmoid (ECT default) "
+                                                 "r = t(1 - q^-(a+1) (1 + k sigmoid(-b t))); const r = t(1 - q^-(a+1)).")
+    q: float = Field(2.0, gt=1, description="Delta-t shrink factor per stage (ECT CIFAR-10: 2; ImageNet: 4).")
+    k: float = Field(8.0, ge=0, description="k of the sigmoid mapping (ECT: 8).")
+    b: float = Field(1.0, gt=0, description="b of the sigmoid mapping, per unit sigma (ECT: 1).")
+    stage_nimg: int = Field(3_200_000, gt=0, description="Images per stage a (ECT CIFAR-10: 250 ticks of "
+                            "12.8 kimg = 3.2 Mimg, 8 stages in 25.6 Mimg; ImageNet: 3.2 Mimg, 4 stages).")
+    weighting: Literal["inv_dt", "snr_k"] = Field("inv_dt", description="inv_dt: 1/(t - r) (ECT CIFAR-10 "
+                                                  "`main`); snr_k: 1/t^2 + 1/sigma_d^2, no 1/dt (ECT ImageNet).")
+    huber_c: float = Field(0.0, ge=0, description="Pseudo-Huber c of sqrt(|d|^2 + c^2) - c over the whole "
+                           "sample; 0: the unsquared L2 norm (ECT CIFAR-10); ECT ImageNet: 0.06 (0.00054 sqrt(D)).")
+    dropout: float | None = Field(None, ge=0, lt=1, description="Student dropout probability, shared by the "
+                                  "online and target passes; none: the teacher's (ECT CIFAR-10: 0.2).")
+    t_mid: float = Field(0.821, gt=0, description="Re-noising level of the 2-step sampler x + t_mid z "
+                         "(ECT CIFAR-10 default 0.821, said to come from iCT [UNVERIFIED]; ImageNet-64: 1.526).")
+    sample_sigmas: dict[int, list[float]] = Field(
+        {}, description="Levels of the N-step sampler, per N, overriding the default [sigma_max] followed by "
+        "the first N-1 points of an N-point Karras grid from t_mid down to sigma_min (N = 2: [sigma_max, t_mid]).")
+    clamp: bool = Field(True, description="Clamp pixel samples to [-1, 1] after each step (the CM sampler's "
+                        "rule); never applied to latents.")
+
+
+class SCTConfig(ECTConfig):
+    """Stable Consistency Tuning (consistency.md §5): ECT plus a variance-reduced target, phased
+    training with an edge-skipping sampler, and guidance by an earlier EMA snapshot. The Delta-t
+    schedule is ECT's r(t): §5.3's smoother schedule is [UNVERIFIED] and not reproduced."""
+
+    name: Literal["sct"] = "sct"  # type: ignore[assignment]
+    stable_target: bool = Field(True, description="Use the score-identity target of §5.2 (off: plain ECT).")
+    reference_size: int | None = Field(None, ge=1, description="Reference set of the stable target: blocks of "
+                                       "this many consecutive samples of the global batch; none: the whole "
+                                       "per-process micro-batch (loss hooks do not all-gather, so the target "
+                                       "then depends on the per-process batch). A divisor of the per-process "
+                                       "batch makes runs independent of the number of processes.")
+    segment_edges: list[float] = Field([], description="Inner segment edges s_1 < ... < s_{M-1} (sigma space) "
+                                       "of phased SCT (§5.4); empty: one segment, as ECT. Edges are a "
+                                       "[REVIEW]-level idea borrowed from PCM; pick them like PCM's phases.")
+    eta: float = Field(0.0, ge=0, lt=1, description="Edge skipping (§5.5, [UNVERIFIED] formula): each phased "
+                       "step lands eta of the next segment's length below its edge; 0: exactly on the edges.")
+    guidance_snapshot: float | None = Field(None, gt=0, lt=1, description="Fraction of training at which the "
+                                            "evaluation EMA is copied into the `snapshot` network that guides "
+                                            "sampling (§5.6: the paper tries 0.25, 0.5, 0.75); none: no snapshot.")
+    guidance: float = Field(1.0, ge=0, description="w of f_snapshot + w (f - f_snapshot) when sampling; 1: "
+                            "unguided (2 network evaluations per step otherwise).")
+
+    @model_validator(mode="after")
+    def _check(self) -> SCTConfig:
+        edges = self.segment_edges
+        if any(a >= b for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"segment_edges must be strictly increasing, got {edges}")
+        if self.guidance != 1.0 and self.guidance_snapshot is None:
+            raise ValueError(f"guidance={self.guidance} needs a weak model: set guidance_snapshot (e.g. 0.5), "
+                             "or guidance: 1.0 for unguided sampling")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Curricula and time sampling: pure functions
+
+
+def ect_stage(nimg: int, stage_nimg: int) -> int:
+    """Stage index a = floor(images seen / stage length) (ECT ``update_schedule``: a = tick // double)."""
+    return nimg // stage_nimg
+
+
+def ect_r(t: Tensor, stage: int, mapping: str = "sigmoid", q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
+    """ECT's r(t) (consistency.md §4.3): r = max(0, t (1 - q^-(a+1) n(t))), with n(t) = 1 + k sigmoid(-b t)
+    ("sigmoid") or n = 1 ("const"). t: (B,) sigma-space levels; 0 <= r <= t, and r -> t as a grows."""
+    n = 1 + k * torch.sigmoid(-b * t) if mapping == "sigmoid" else torch.ones_like(t)
+    return t * (1 - q ** -(stage + 1) * n).clamp_min(0)
+
+
+def truncated_lognormal(n: int, p_mean: float, p_std: float, lo: float, hi: float,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """(n,) levels with ln t ~ N(p_mean, p_std^2) conditioned on lo <= t <= hi (inverse-CDF draw)."""
+    def cdf(x: float) -> float:
+        return 0.5 * (1 + math.erf((math.log(x) - p_mean) / (p_std * math.sqrt(2))))
+
+    c_lo, c_hi = cdf(lo), cdf(hi)
+    u = c_lo + (c_hi - c_lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+    t = torch.exp(p_mean + p_std * math.sqrt(2) * torch.erfinv(2 * u - 1))
+    return t.clamp(lo, hi).to(torch.get_default_dtype())
+
+
+def sigma_range(cfg: ECTConfig, process) -> tuple[float, float]:
+    return cfg.sigma_min or process.sigma_min, cfg.sigma_max or min(ECT_SIGMA_MAX, process.sigma_max)
+
+
+def segments(cfg: ECTConfig, t: Tensor, sigma_min: float) -> tuple[Tensor, Tensor]:
+    """Per sample (B,): the DDIM edge s_m of t's segment (s_m < t <= s_{m+1}; 0 for the first, whose
+    map is the consistency function itself) and the floor of r (s_m, or sigma_min in the first)."""
+    inner = getattr(cfg, "segment_edges", [])
+    if not inner:
+        return torch.zeros_like(t), torch.full_like(t, sigma_min)
+    edges = torch.tensor([0.0, *inner], dtype=t.dtype, device=t.device)
+    m = torch.searchsorted(edges[1:], t.contiguous())  # number of inner edges below t
+    edge = edges[m]
+    return edge, torch.where(m == 0, torch.full_like(t, sigma_min), edge)
+
+
+def sample_levels(cfg: ECTConfig, num_steps: int, sigma_min: float, sigma_max: float) -> list[float]:
+    """Levels of the N-step ECT sampler: [sigma_max] + the first N-1 points of a Karras grid from t_mid."""
+    if num_steps in cfg.sample_sigmas:
+        levels = cfg.sample_sigmas[num_steps]
+        if len(levels) != num_steps:
+            raise ValueError(f"method.sample_sigmas[{num_steps}] has {len(levels)} levels; expected {num_steps}")
+        return levels
+    if num_steps > 1 and not sigma_min < cfg.t_mid < sigma_max:
+        raise ValueError(f"method.t_mid={cfg.t_mid} must lie in (sigma_min, sigma_max) = ({sigma_min:g}, "
+                         f"{sigma_max:g}); change t_mid or give method.sample_sigmas[{num_steps}]")
+    return [sigma_max, *karras_sigmas(num_steps, sigma_min, cfg.t_mid)[:-1].tolist()]
+
+
+# ---------------------------------------------------------------------------------------------
+# SCT's stable target (consistency.md §5.2)
+
+
+def condition_ids(cond: Cond | None) -> Tensor | None:
+    """(B,) ids equal exactly for samples with the same condition (label, or identical text embedding);
+    None for unconditional batches."""
+    if cond is None or cond.is_empty:
+        return None
+    if cond.labels is not None:
+        return cond.labels
+    rows = (cond.embeddings if cond.embeddings is not None else cond.pooled).flatten(1)
+    return torch.unique(rows, dim=0, return_inverse=True)[1]
+
+
+def stable_x0(x_t: Tensor, x0: Tensor, t: Tensor, allowed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Self-normalised importance estimate of E[x0 | x_t] over the reference batch (SCT Eq. 14 [REVIEW]).
+
+    x_t, x0: (B, C, H, W) with x_t^i = x0^i + t_i z_i; t: (B,); allowed: (B, B) bool, True where sample j
+    may serve as a reference for sample i (the diagonal must be True). Returns x0_bar: (B, C, H, W),
+    x0_bar_i = sum_j w_ij x0^j with w_ij = softmax_j(-|x_t^i - x0^j|^2 / (2 t_i^2)), and w_ii: (B,).
+    Distances are computed in float64 (they are differenced at the scale of t^2 |z|^2).
+    """
+    a, b = x_t.flatten(1).double(), x0.flatten(1).double()
+    d2 = a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * a @ b.T
+    logits = -d2 / (2 * t.double()[:, None] ** 2)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, -math.inf)
+    w = torch.softmax(logits, dim=1)
+    return (w @ b).to(x0.dtype).view_as(x0), w.diagonal().to(x0.dtype)
+
+
+def reference_mask(cfg: SCTConfig, batch: Batch, step: StepInfo) -> Tensor | None:
+    """(B, B) bool: j may serve as a reference for i (same block of the global batch, same condition)."""
+    masks = []
+    if (size := cfg.reference_size) is not None:
+        if step.local_batch % size:
+            raise ValueError(f"method.reference_size={size} must divide the per-process micro-batch "
+                             f"({step.local_batch}); pick a divisor of it")
+        block = (step.offset + torch.arange(step.local_batch, device=step.device)) // size
+        masks.append(block[:, None] == block[None])
+    if (ids := condition_ids(batch.cond)) is not None:
+        masks.append(ids[:, None] == ids[None])
+    return None if not masks else torch.stack(masks).all(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The consistency function and the loss
+
+
+def denoised(net: nn.Module, process, x: Tensor, sigma: Tensor, cond: Cond | None, sigma_min: float,
+             sigma_data: float) -> Tensor:
+    """x0_hat(x, sigma): the network's sigma-space denoiser wrapped with CM's exact boundary (f(x, sigma_min) = x)."""
+    return consistency_from_denoiser(x, sigma, process.denoise(net, x, sigma, cond), sigma_min, sigma_data)
+
+
+def consistency_fn(net: nn.Module, process, x: Tensor, sigma: Tensor, edge: Tensor, cond: Cond | None,
+                   sigma_min: float, sigma_data: float) -> Tensor:
+    """f(x, sigma) onto the segment edge: x0_hat + edge (x - x0_hat) / sigma (PCM's DDIM form, §5.4);
+    edge 0 gives x0_hat itself, and f(x, edge) = x for any network. x: (B, C, H, W); sigma, edge: (B,)."""
+    return ddim_step(x, sigma, edge, denoised(net, process, x, sigma, cond, sigma_min, sigma_data))
+
+
+def adaptive_loss(delta: Tensor, c: float) -> Tensor:
+    """sqrt(|delta|^2 + c^2) - c per sample, the norm over the whole sample (ECT §4.4), evaluated as
+    |delta|^2 / (sqrt(|delta|^2 + c^2) + c), which does not cancel in float32 when |delta| << c. c = 0 is
+    the L2 norm, computed with ``vector_norm`` so that an exact zero difference has gradient 0, not NaN."""
+    flat = delta.flatten(1).float()
+    if c == 0:
+        return torch.linalg.vector_norm(flat, dim=1)
+    sq = flat.square().sum(1)
+    return sq / (torch.sqrt(sq + c * c) + c)
+
+
+def loss_weight(cfg: ECTConfig, t: Tensor, r: Tensor, sigma_data: float) -> Tensor:
+    """ECT CIFAR-10 1/(t - r), or ECT ImageNet 1/t^2 + 1/sigma_d^2 (§4.4). A sample drawn exactly at its
+    floor (t = r, probability ~1e-9) has online == target and gets weight 0 instead of 0/0."""
+    if cfg.weighting == "snr_k":
+        return 1 / t**2 + 1 / sigma_data**2
+    dt = t - r
+    return torch.where(dt > 0, 1 / dt.clamp_min(torch.finfo(dt.dtype).tiny), torch.zeros_like(dt))
+
+
+@hookimpl
+def fewstep_method_config():
+    return [("ect", ECTConfig), ("sct", SCTConfig)]
+
+
+@hookimpl
+def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module | None:
+    """Init from the teacher (ECT §4.1); with ``dropout`` set, every dropout layer of the copy gets p."""
+    if ctx.method.dropout is None:
+        return None  # the core default: an fp32 copy of the teacher
+    import copy
+
+    student = copy.deepcopy(teacher.net).float().requires_grad_(True).train()
+    for module in student.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = ctx.method.dropout
+    return student
+
+
+@hookimpl
+def fewstep_extra_networks(ctx: RunContext, student: nn.Module) -> dict[str, nn.Module]:
+    """SCT's guiding snapshot (§5.6); no target network: the target is the stop-gradient student (§4.1)."""
+    if getattr(ctx.method, "guidance_snapshot", None) is None:
+        return {}
+    return {"snapshot": frozen_copy(student).float()}
+
+
+@hookimpl
+def fewstep_sampling_networks(ctx: RunContext) -> list[str]:
+    """A guided SCT sampler needs its snapshot: it travels with the export."""
+    return ["snapshot"] if getattr(ctx.method, "guidance_snapshot", None) is not None else []
+
+
+@hookimpl
+def fewstep_on_train_start(ctx: RunContext, nets: Nets) -> None:
+    cfg = ctx.method
+    lo, hi = sigma_range(cfg, nets.teacher.process)
+    edges = getattr(cfg, "segment_edges", [])
+    if not lo < hi or (edges and not lo < edges[0] <= edges[-1] < hi):
+        raise ValueError(f"method: need sigma_min < segment_edges < sigma_max, got sigma range ({lo:g}, {hi:g}) "
+                         f"and segment_edges {edges}; set method.sigma_min / sigma_max or move the edges")
+
+
+@hookimpl
+def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Nets, step: StepInfo) -> LossOutput:
+    """w(t, r) d(f(x_t, t), sg f(x_r, r)) with x_t = x0 + t z and, for ECT, x_r = x0 + r z (the same z);
+    SCT replaces x0 and z by the stable x0_bar and z_bar = (x_t - x0_bar)/t (§5.2 step 3)."""
+    cfg, process = ctx.method, nets.teacher.process
+    if batch.x0 is None:
+        raise ValueError(f"method {cfg.name!r} trains on images: the data source has none")
+    lo, hi = sigma_range(cfg, process)
+    sd = process.sigma_data
+    x0 = batch.x0.float()
+    z = step.randn_like(x0)
+    t = step.draw(lambda n, g: truncated_lognormal(n, cfg.p_mean, cfg.p_std, lo, hi, g)).to(x0.dtype)
+    stage = ect_stage(step.nimg, cfg.stage_nimg)
+    edge, floor = segments(cfg, t, lo)
+    r_ect = ect_r(t, stage, cfg.mapping, cfg.q, cfg.k, cfg.b)
+    boundary = r_ect <= floor
+    r = torch.where(boundary, floor, r_ect)
+    x_t = x0 + append_dims(t, x0.ndim) * z
+    terms = {"t": t.mean(), "boundary": boundary.float().mean(), "stage": float(stage)}
+    ref, noise = x0, z
+    if getattr(cfg, "stable_target", False):
+        ref, w_self = stable_x0(x_t, x0, t, reference_mask(cfg, batch, step))
+        noise = (x_t - ref) / append_dims(t, x0.ndim)
+        terms["self_weight"] = w_self.mean()
+    x_r = ref + append_dims(r, x0.ndim) * noise
+    with same_dropout():  # the target pass below draws this pass's dropout masks
+        online = consistency_fn(nets.student, process, x_t, t, edge, batch.cond, lo, sd)
+    with torch.no_grad():
+        target = consistency_fn(nets.student, process, x_r, r, edge, batch.cond, lo, sd)
+        target = torch.where(append_dims(boundary, x0.ndim), x_r, target)  # f(x, floor) = x (exact boundary)
+    loss = loss_weight(cfg, t, r, sd) * adaptive_loss(online - target, cfg.huber_c)
+    return LossOutput(loss=loss, terms={k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()})
+
+
+@hookimpl(trylast=True)  # after the ema plugin's update of this step
+def fewstep_after_optimizer_step(ctx: RunContext, group: OptimizerGroup, nets: Nets, step: StepInfo) -> None:
+    """Copy the evaluation EMA (the student without one) into ``snapshot`` once, at guidance_snapshot."""
+    fraction = getattr(ctx.method, "guidance_snapshot", None)
+    if fraction is None or "student" not in group.modules:
+        return
+    at = round(fraction * step.total_nimg)
+    if step.nimg < at <= step.nimg + ctx.global_batch:
+        source = sampling_net(nets)
+        nets.extra["snapshot"].load_state_dict(source.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+def guided(f_good: Tensor, f_bad: Tensor | None, w: float) -> Tensor:
+    """f_bad + w (f_good - f_bad) (SCT §5.6, autoguidance form); f_bad None: f_good."""
+    return f_good if f_bad is None else torch.lerp(f_bad, f_good, w)
+
+
+def ect_sample(x0_hat, noise: Tensor, levels: list[float], generator: torch.Generator | None,
+               clamp: bool) -> Tensor:
+    """ECT's multistep sampler (§4.6): x <- x0_hat(tau_1 z, tau_1); then x <- x0_hat(x + tau z', tau) with
+    fresh z' (no sqrt(tau^2 - eps^2), unlike CM). x0_hat: (x, sigma (B,)) -> (B, C, H, W)."""
+    def call(x: Tensor, tau: float) -> Tensor:
+        out = x0_hat(x, torch.full((x.shape[0],), tau, device=x.device, dtype=x.dtype))
+        return out.clamp(-1, 1) if clamp else out
+
+    x = call(noise * levels[0], levels[0])
+    for tau in levels[1:]:
+        z = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
+        x = call(x + tau * z, tau)
+    return x
+
+
+def edge_skipping_sample(x0_hat, noise: Tensor, edges: list[float], sigma_min: float, sigma_max: float,
+                         eta: float) -> Tensor:
+    """Phased SCT sampling, one step per segment, deterministic (§5.4-5.5; fewstep's version of the
+    unverified edge-skipping rule). From level t in segment m the step is the trained DDIM-form jump
+    x <- x0_hat + tau (x - x0_hat) / t, to tau = s_m - eta (s_m - s_{m-1}) (s_0 := sigma_min): eta past
+    the edge into the next segment, so the next evaluation is inside a segment rather than on the edge
+    where two segment maps meet (Lipschitz continuity bounds the error, O(eta * segment length)). The last
+    step returns x0_hat. eta = 0 is PCM's edge-to-edge sampler."""
+    def level(t: float) -> Tensor:
+        return torch.full((noise.shape[0],), t, device=noise.device, dtype=noise.dtype)
+
+    lower = [sigma_min, *edges]
+    x, t = noise * sigma_max, sigma_max
+    for m in range(len(edges), 0, -1):  # segments M-1 ... 1, then the consistency function of segment 0
+        t_next = lower[m] - eta * (lower[m] - lower[m - 1])
+        x, t = ddim_step(x, level(t), t_next, x0_hat(x, level(t))), t_next
+    return x0_hat(x, level(t))
+
+
+@hookimpl
+def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
+                   generator: torch.Generator) -> Tensor:
+    """ECT's multistep sampler with the EMA student; SCT with M > 1 segments and num_steps = M uses the
+    phased edge-skipping sampler; SCT guidance evaluates the snapshot too (2 evaluations per step)."""
+    cfg, process = ctx.method, nets.teacher.process
+    lo, hi = sigma_range(cfg, process)
+    good = sampling_net(nets)
+    w = getattr(cfg, "guidance", 1.0)
+    bad = nets.extra["snapshot"] if w != 1.0 else None
+
+    def x0_hat(x: Tensor, sigma: Tensor) -> Tensor:
+        f_good = denoised(good, process, x, sigma, cond, lo, process.sigma_data)
+        f_bad = None if bad is None else denoised(bad, process, x, sigma, cond, lo, process.sigma_data)
+        return guided(f_good, f_bad, w)
+
+    edges = getattr(cfg, "segment_edges", [])
+    clamp = cfg.clamp and nets.teacher.vae is None
+    if edges and num_steps == len(edges) + 1:
+        out = edge_skipping_sample(x0_hat, noise.float(), edges, lo, hi, cfg.eta)
+        return out.clamp(-1, 1) if clamp else out
+    return ect_sample(x0_hat, noise.float(), sample_levels(cfg, num_steps, lo, hi), generator, clamp)
