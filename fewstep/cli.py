@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the noise (default 0)")
     p.add_argument("--checkpoint", default=None, help="evaluate this checkpoint (name, step or images seen) "
                    "instead of the latest")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the run's recipe for this evaluation, e.g. --set method.guidance=1.5 "
+                   "(the result replaces the eval block of RUN/summary.json)")
 
     p = sub.add_parser("export", help="write a run's student as a diffusers pipeline folder")
     p.add_argument("run", type=Path, help="run folder written by `fewstep distill` / `fewstep train`")
@@ -91,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(run folders only: an export holds no teacher)")
     p.add_argument("--out", type=Path, default=None, help="PNG path for a grid, or a folder for one PNG per "
                    "image (default: RUN/samples/sample.png)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the run's recipe (run folders only), e.g. --set method.guidance=1.5")
     return parser
 
 
@@ -179,7 +184,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _built_run(run: Path, checkpoint: str | None = None):
+def _built_run(run: Path, checkpoint: str | None = None, overrides: list[str] = ()):
     """Rebuild a run from its folder (resolved config + latest or named checkpoint) for sampling, evaluation
     or export."""
     from fewstep.builtin.checkpoint import find_checkpoint
@@ -190,7 +195,7 @@ def _built_run(run: Path, checkpoint: str | None = None):
     config_path = run / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run} is not a run folder: {config_path} is missing")
-    config = load_config(config_path, ["train.progress_bar=false"])
+    config = load_config(config_path, ["train.progress_bar=false", *overrides])
     pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable)
     chosen = find_checkpoint(run, checkpoint) if checkpoint is not None else None
     trainer = Trainer(config, pm, run, resume=True, checkpoint=chosen)
@@ -199,7 +204,7 @@ def _built_run(run: Path, checkpoint: str | None = None):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    trainer, _ = _built_run(args.run, args.checkpoint)
+    trainer, _ = _built_run(args.run, args.checkpoint, args.overrides)
     results = trainer.evaluate(steps=args.steps, num=args.num, reference=args.reference, features=args.features,
                                batch=args.batch, seed=args.seed, teacher_steps=args.teacher_steps)  # 0: no row
     path = trainer.write_summary(evaluation=results)
@@ -242,12 +247,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fewstep.sampling import generate, teacher_rows
 
     if (args.run / EXPORT_META).is_file():
-        if args.teacher_steps:
-            raise ValueError("--teacher-steps: an export folder holds no teacher; sample the run folder instead")
+        if args.teacher_steps or args.overrides:
+            raise ValueError("--teacher-steps / --set: an export folder holds no teacher and no recipe to change; "
+                             "sample the run folder instead")
         loaded = load_export(args.run, device="cuda" if torch.cuda.is_available() else "cpu")
         hook, ctx, nets, trainer = loaded.hook, loaded.ctx, loaded.nets, None
     else:
-        trainer, pm = _built_run(args.run)
+        trainer, pm = _built_run(args.run, overrides=args.overrides)
         hook, ctx, nets = pm.hook, trainer.ctx, trainer.nets
     teacher = nets.teacher
     noise = torch.randn((args.num, *teacher.sample_shape), generator=torch.Generator().manual_seed(args.seed))

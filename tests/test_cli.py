@@ -41,3 +41,7 @@ def test_quickstart_recipe_end_to_end(tmp_path, capsys):
     out = tmp_path / "s.png"
     assert cli.main(["sample", str(run), "--steps", "1", "--num", "4", "--out", str(out)]) == 0
     assert Image.open(out).size[0] > 0
+    small = tmp_path / "small.png"  # --set changes the run's recipe for this command only
+    assert cli.main(["sample", str(run), "--steps", "1", "--num", "4", "--out", str(small),
+                     "--set", "validation.upscale=1"]) == 0
+    assert Image.open(small).size[1] < Image.open(out).size[1]
