@@ -938,3 +938,85 @@ def process_from_scheduler_config(cfg: dict[str, Any]) -> NoiseProcess:
         return _build_process(name, kinds[name], cfg)
     except ValueError as err:
         raise ValueError(f"process_from_scheduler_config: {name} config: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# TrigFlow (sCM: Lu & Song 2024; consistency.md §6.1)
+# ---------------------------------------------------------------------------------------------
+#
+# TrigFlow: x_t = cos(t)·x0 + sin(t)·z with z ~ N(0, sd² I) and t in [0, π/2] (sd = sigma_data).
+# Dividing by cos t gives sigma space: x = x_t / cos t = x0 + sigma·(z / sd) with sigma = sd·tan t,
+# so every sigma-space denoiser D(x, sigma) above is a TrigFlow model and vice versa (§6.1: the
+# EDM scalings become c_skip = cos t, c_out = −sd·sin t, c_in = 1/sd). The PF-ODE velocity is
+# dx_t/dt = sd·F(x_t/sd, t) and the consistency function of sCM is the DDIM step to t = 0,
+# f(x_t, t) = cos t·x_t − sin t·sd·F = D(x_t / cos t, sd·tan t). t: (B,) or a scalar.
+
+__all__ += [
+    "trigflow_add_noise",
+    "trigflow_denoise",
+    "trigflow_from_sigma_space",
+    "trigflow_scalings",
+    "trigflow_sigma_from_t",
+    "trigflow_t_from_sigma",
+    "trigflow_to_sigma_space",
+    "trigflow_velocity",
+]
+
+
+def trigflow_t_from_sigma(sigma: Tensor | float, sigma_data: float = 0.5) -> Tensor:
+    """TrigFlow time of the sigma-space level: t = arctan(sigma / sd) in [0, π/2) (§6.1, Alg. 1 l. 2)."""
+    return torch.atan(_as_time(sigma) / sigma_data)
+
+
+def trigflow_sigma_from_t(t: Tensor | float, sigma_data: float = 0.5) -> Tensor:
+    """Sigma-space level of TrigFlow time t: sigma = sd·tan t (EDM equivalence, §6.1)."""
+    return sigma_data * torch.tan(_as_time(t))
+
+
+def trigflow_to_sigma_space(x_t: Tensor, t: Tensor | float) -> Tensor:
+    """x = x_t / cos t, so x = x0 + sigma·eps with sigma = sd·tan t. x_t: (B, C, H, W)."""
+    return x_t / _bc(torch.cos(_per_sample(t, x_t)), x_t)
+
+
+def trigflow_from_sigma_space(x: Tensor, t: Tensor | float) -> Tensor:
+    """x_t = cos t·x for a sigma-space x at sigma = sd·tan t. x: (B, C, H, W)."""
+    return x * _bc(torch.cos(_per_sample(t, x)), x)
+
+
+def trigflow_add_noise(x0: Tensor, z: Tensor, t: Tensor | float) -> Tensor:
+    """x_t = cos t·x0 + sin t·z; z ~ N(0, sd² I) has the data's scale (§6.1). x0, z: (B, C, H, W)."""
+    t = _per_sample(t, x0)
+    return _bc(torch.cos(t), x0) * x0 + _bc(torch.sin(t), x0) * z
+
+
+def trigflow_scalings(t: Tensor | float, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+    """TrigFlow's c_skip, c_out, c_in = cos t, −sd·sin t, 1/sd, shaped like ``t`` (§6.1).
+
+    D = c_skip·x_t + c_out·F(c_in·x_t, t) is the x0 prediction of the TrigFlow network F; in sigma
+    space this is EDM's preconditioning at sigma = sd·tan t with F_trig = −F_edm (`edm_scalings`).
+    """
+    t = _as_time(t)
+    return torch.cos(t), -sigma_data * torch.sin(t), torch.full_like(t, 1.0 / sigma_data)
+
+
+def trigflow_velocity(x_t: Tensor, x0: Tensor, t: Tensor | float) -> Tensor:
+    """PF-ODE velocity dx_t/dt = sd·F implied by an x0 prediction: (cos t·x_t − x0) / sin t.
+
+    From f = cos t·x_t − sin t·sd·F = x0 (§6.1). Exact for x0 = D(x_t / cos t, sd·tan t); for the
+    true x0 of x_t = cos t·x0 + sin t·z it is the conditional velocity cos t·z − sin t·x0 (sCT's
+    estimate, §6.2). Divides by sin t: keep t away from 0 (a clamp at the teacher's smallest level).
+    """
+    t = _per_sample(t, x_t)
+    return (_bc(torch.cos(t), x_t) * x_t - x0) / _bc(torch.sin(t), x_t)
+
+
+def trigflow_denoise(denoise_fn: DenoiseFn, x_t: Tensor, t: Tensor | float, sigma_data: float = 0.5) -> Tensor:
+    """The x0 prediction at TrigFlow point (x_t, t) of a sigma-space denoiser: D(x_t / cos t, sd·tan t).
+
+    This is sCM's consistency function f(x_t, t) for a network whose own time embedding is kept
+    (the paper's c_noise(t) = t needs a teacher trained in TrigFlow). Differentiable in x_t and t
+    (forward and backward mode), through the teacher's time mapping. Divides by cos t: keep t below
+    π/2 (a clamp at the teacher's largest level).
+    """
+    t = _per_sample(t, x_t)
+    return denoise_fn(trigflow_to_sigma_space(x_t, t), trigflow_sigma_from_t(t, sigma_data))

@@ -1,0 +1,321 @@
+"""Flow maps: Align Your Flow (Sabour, Fidler, Kreis 2025, arXiv 2506.14603; specs/consistency.md §9).
+Method ``flowmap``: a (t, s) student trained with the Eulerian (EMD, default) or Lagrangian (LMD)
+map distillation objective, optionally from a guided (CFG) or autoguided teacher.
+
+Time convention: rectified-flow time. A sigma-space point (x, sigma) of any teacher is the flow
+point x_t = x/(1 + sigma) at t = sigma/(1 + sigma) in [0, 1), so x_t = (1 − t)·x0 + t·eps (the
+spec's convention, §9.1) for VP, EDM and flow teachers alike; the teacher's velocity there is
+v = (x_t − D(x_t/(1 − t), t/(1 − t)))/t. Flow time is bounded and its velocity is O(1) everywhere,
+so the tangent normalisation constant c = 0.1 means the same thing at every noise level (sigma
+space would scale both by up to sigma_max). Times are clamped to the teacher's level range
+[t_min, t_max] = [sigma_min, sigma_max]/(1 + ·).
+
+The student G(x_t, t, s) is a copy of the teacher with the extra scalar input ``s``
+(``Backbone.add_scalar_inputs``, zero-initialised; s is fed in model-time units,
+``process.model_time`` of s's level, clamped at the teacher's smallest level so that s = 0 has an
+embedding). Its average velocity is read from its denoiser exactly like the teacher's velocity,
+F(x_t, t, s) = (x_t − D_G(x_t/(1 − t), t/(1 − t); s))/t, and the Euler parameterisation
+f(x_t, t, s) = x_t + (s − t)·F (§9.1) gives f(x, t, t) = x exactly. At step 0, F = v for every s,
+so f is one DDIM step of the teacher and the N-step sampler is the teacher's N-step DDIM.
+
+Tangents of DDPM teachers: as in plugins/scm.py, ``jvp: auto`` takes dF⁻/dt of a VP teacher as a
+finite difference along the trajectory over ±12 teacher timesteps (the teacher oscillates between its
+integer training timesteps; exact tangents gave noise samples on digits), and the exact JVP for EDM
+and flow teachers.
+
+[UNVERIFIED] facts used (§9): the (t, s) proposal (§9.4, from unofficial reimplementations), the
+guidance range (§9.5), the warm-up length (the paper's is not in the spec; sCM's 10k iterations are
+the default here) and the gamma-sampler settings (§9.7).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from fewstep.backbones import guidance_inputs
+from fewstep.config import MethodConfig
+from fewstep.diffusion import FlowProcess, append_dims
+from fewstep.hookspecs import hookimpl
+from fewstep.jvp import jvp, window_steps
+from fewstep.nn import same_dropout, unwrap
+from fewstep.sampling import sampling_net
+from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
+
+_FLOW = FlowProcess()  # only its sigma <-> flow-time conversions are used: t = sigma/(1 + sigma), alpha = 1 − t
+
+
+class FlowMapConfig(MethodConfig):
+    """AYF-EMD / AYF-LMD (§9.2-9.5)."""
+
+    name: Literal["flowmap"] = "flowmap"
+    objective: Literal["emd", "lmd"] = Field("emd", description="emd: Eulerian map distillation (§9.2, the paper's "
+                                             "choice); lmd: Lagrangian (§9.3; over-smoothed images in the paper).")
+    time_sampling: Literal["sorted", "gap"] = Field(
+        "sorted", description="(t, s), s < t [UNVERIFIED, §9.4, both from unofficial reimplementations]: sorted: two "
+        "logit-normal times, sorted; gap: d = sigmoid(N(P_mean, P_std²)), s ~ U(0, 1 − d), t = s + d. Both clamped "
+        "to the teacher's range. On Gaussian toy data (tests/test_flowmap.py) sorted trained maps that beat the "
+        "init at 1, 4 and 8 steps; gap (0, 1) trained too few short gaps and its 8-step chain got worse.")
+    p_mean: float = Field(0.0, description="Logit-normal mean of the proposal [UNVERIFIED: our choice].")
+    p_std: float = Field(1.0, gt=0, description="Logit-normal std of the proposal [UNVERIFIED: our choice].")
+    warmup_nimg: int = Field(5_120_000, ge=0, description="Tangent warm-up in images: r = r_max·min(1, nimg/H) "
+                             "[UNVERIFIED length: sCM's 10k iterations at batch 512]; 0: r = r_max at once.")
+    r_max: float = Field(0.99, ge=0.0, le=1.0, description="Final warm-up factor (§9.2: 0.99, never 1; the r < 1 part "
+                         "acts as a flow-matching regulariser).")
+    tangent_norm: Literal["normalize", "clip", "none"] = Field(
+        "normalize", description="normalize: g/(||g|| + c) per sample (§9.2, as sCM); clip: g clamped to [-1, 1]; "
+        "none: raw g.")
+    tangent_c: float = Field(0.1, gt=0, description="c of the tangent normalisation (§9.2: 0.1).")
+    jvp: Literal["auto", "exact", "finite_difference"] = Field(
+        "auto", description="exact: forward-mode AD (torch.func.jvp, the paper's); finite_difference: central "
+        "difference along the trajectory moving the teacher's timestep input by ±fd_window; auto: finite_difference "
+        "for DDPM (VP) teachers, exact for EDM and flow teachers. A DDPM teacher is fitted at integer timesteps only "
+        "and oscillates between them; on the digits teacher exact tangents were 1.5-9x off a 48-timestep average "
+        "and gave noise samples, fd_window 12 gave clean ones (see fewstep/jvp.py).")
+    fd_window: float = Field(12.0, gt=0, description="Half-width of the finite difference in the teacher's timestep "
+                             "input (DDPM timesteps; 12 = two periods of the ~6-timestep oscillation, measured: 2 "
+                             "left 2-step sCM samples noisy on digits).")
+    guidance: tuple[float, float] | None = Field(
+        None, description="lambda ~ U[lo, hi] per sample: the teacher velocity is guided with lambda (autoguidance "
+        "when teacher.autoguidance is set, §9.5, else CFG) and the student takes lambda as an input "
+        "([UNVERIFIED] range; one reimplementation uses U[1, 3]). None: teacher.guidance, fixed, no student input.")
+    sample_guidance: float | None = Field(None, ge=0, description="lambda of a guided student when sampling; none: "
+                                          "the middle of the guidance range.")
+    sample_times: dict[int, list[float]] = Field(
+        {}, description="Flow times t_0 > ... > t_N of the N-step sampler, per N (N + 1 values, usually ending in 0); "
+        "default: the teacher's own N-step grid (VP: DDIM trailing) in flow time.")
+    gamma: float = Field(0.0, ge=0.0, le=1.0, description="gamma-sampling (CTM-style, §9.7): jump to the level "
+                         "sqrt(1 − gamma²)·sigma_next, then add noise back up to sigma_next; 0: deterministic chaining.")
+    clamp: bool = Field(True, description="Clamp the final pixel sample to [-1, 1]; never latents.")
+
+    @model_validator(mode="after")
+    def _check(self) -> FlowMapConfig:
+        if self.guidance is not None and not 0 <= self.guidance[0] <= self.guidance[1]:
+            raise ValueError(f"method.guidance must be (lo, hi) with 0 <= lo <= hi, got {self.guidance}")
+        for n, times in self.sample_times.items():
+            if len(times) != n + 1 or any(not 0 <= b < a < 1 for a, b in zip(times, times[1:])):
+                raise ValueError(f"method.sample_times[{n}]: need {n + 1} decreasing flow times in [0, 1), got {times}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: curriculum, times, the flow map and its tangents
+
+
+def tangent_warmup(nimg: int, warmup_nimg: int, r_max: float) -> float:
+    """r = r_max·min(1, nimg/H) (§9.2 "regularised tangent warm-up"), a pure function of images seen."""
+    return r_max if warmup_nimg == 0 else r_max * min(1.0, nimg / warmup_nimg)
+
+
+def time_range(process) -> tuple[float, float]:
+    """The teacher's levels [sigma_min, sigma_max] in flow time."""
+    return process.sigma_min / (1 + process.sigma_min), process.sigma_max / (1 + process.sigma_max)
+
+
+def sample_pair(cfg: FlowMapConfig, n: int, generator: torch.Generator) -> Tensor:
+    """(n, 2) flow times (t, s) with s <= t, before clamping (§9.4, [UNVERIFIED])."""
+    if cfg.time_sampling == "gap":
+        d = torch.sigmoid(cfg.p_mean + cfg.p_std * torch.randn(n, generator=generator))
+        s = torch.rand(n, generator=generator) * (1 - d)
+        return torch.stack([s + d, s], dim=1)
+    u = torch.sigmoid(cfg.p_mean + cfg.p_std * torch.randn(n, 2, generator=generator))
+    return u.sort(dim=1, descending=True).values
+
+
+def s_input(process, s: Tensor) -> Tensor:
+    """The student's ``s`` input: model time of flow time s's level, clamped at the teacher's sigma_min."""
+    return process.model_time(process.sigma_to_t(_FLOW.t_to_sigma(s).clamp(min=process.sigma_min)))
+
+
+def velocity(denoise, x: Tensor, t: Tensor) -> Tensor:
+    """Flow velocity (x_t − D(x_t/(1 − t), t/(1 − t)))/t of a sigma-space denoiser. x: (B, C, H, W); t: (B,)."""
+    x0 = denoise(x / append_dims(_FLOW.alpha(t), x.ndim), _FLOW.t_to_sigma(t))
+    return (x - x0) / append_dims(t, x.ndim)
+
+
+def average_velocity(net, process, x: Tensor, t: Tensor, s: Tensor, cond: Cond | None, **scalars: Tensor) -> Tensor:
+    """F(x_t, t, s) of a (t, s) student: its denoiser read as a flow velocity, with s as an input."""
+    return velocity(lambda x_, sigma: process.denoise(net, x_, sigma, cond, s=s_input(process, s), **scalars), x, t)
+
+
+def flow_map(F: Tensor, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    """Euler parameterisation f = x_t + (s − t)·F (§9.1)."""
+    return x + append_dims(s - t, x.ndim) * F
+
+
+def jvp_mode(cfg: FlowMapConfig, process) -> str:
+    """"auto" resolves to finite_difference for DDPM (VP) teachers and exact otherwise (see the field)."""
+    if cfg.jvp != "auto":
+        return cfg.jvp
+    return "finite_difference" if process.kind == "vp" else "exact"
+
+
+def _steps(mode: str, time_map, t: Tensor, window: float) -> Tensor | float:
+    """Finite-difference steps moving the network's timestep input by ±window (unused by the exact mode)."""
+    return window_steps(time_map, t, window) if mode == "finite_difference" else 1e-3
+
+
+def emd_tangent(net, process, x: Tensor, t: Tensor, s: Tensor, v: Tensor, cond: Cond | None, r: float,
+                scalars: dict[str, Tensor], mode: str = "exact", fd_window: float = 12.0) -> tuple[Tensor, Tensor]:
+    """(F⁻, g) of AYF-EMD (§9.2): g = (v − F⁻) + r·(s − t)·dF⁻/dt, dF⁻/dt one JVP with tangent (v, 1, 0).
+
+    With r = 1, g = df⁻/dt along the teacher's trajectory, which vanishes at the exact flow map."""
+    def F(x_: Tensor, t_: Tensor) -> Tensor:
+        with same_dropout():
+            return average_velocity(net, process, x_, t_, s.to(t_.dtype), cond, **scalars)
+
+    def model_time(t_: Tensor) -> Tensor:
+        return process.model_time(process.sigma_to_t(_FLOW.t_to_sigma(t_)))
+
+    step = _steps(mode, model_time, t, fd_window)
+    with torch.no_grad():
+        F_minus, dF = jvp(F, (x, t), (v, torch.ones_like(t)), mode=mode, step=step, dtype=x.dtype)
+    F_minus, dF = F_minus.to(x.dtype), dF.to(x.dtype)
+    return F_minus, (v - F_minus) + r * append_dims(s - t, x.ndim) * dF
+
+
+def lmd_tangent(net, process, x: Tensor, t: Tensor, s: Tensor, teacher_velocity, cond: Cond | None, r: float,
+                scalars: dict[str, Tensor], mode: str = "exact", fd_window: float = 12.0) -> tuple[Tensor, Tensor]:
+    """(F⁻, g) of AYF-LMD (§9.3): g = F⁻ + r·(s − t)·∂_s F⁻ − v_phi(f⁻(x_t, t, s), s), ∂_s F⁻ one JVP with
+    tangent (0, 0, 1); df/ds = F + (s − t)·∂_s F. ``teacher_velocity(x, s)`` is v_phi. The warm-up factor r
+    on the JVP term mirrors EMD's (our extension; r = 1 is the paper's residual)."""
+    def F(s_: Tensor) -> Tensor:
+        with same_dropout():
+            return average_velocity(net, process, x, t, s_, cond, **scalars)
+
+    step = _steps(mode, lambda s_: s_input(process, s_), s, fd_window)
+    with torch.no_grad():
+        F_minus, dF_ds = jvp(F, (s,), (torch.ones_like(s),), mode=mode, step=step, dtype=x.dtype)
+        F_minus, dF_ds = F_minus.to(x.dtype), dF_ds.to(x.dtype)
+        v_end = teacher_velocity(flow_map(F_minus, x, t, s), s)
+    return F_minus, F_minus + r * append_dims(s - t, x.ndim) * dF_ds - v_end
+
+
+def normalize_tangent(g: Tensor, kind: str, c: float) -> Tensor:
+    """g/(||g||₂ + c) over the whole sample, or g clamped to [-1, 1] (§9.2, as sCM)."""
+    if kind == "normalize":
+        return g / append_dims(g.flatten(1).norm(dim=1) + c, g.ndim)
+    if kind == "clip":
+        return g.clamp(-1.0, 1.0)
+    return g
+
+
+def default_sample_times(process, num_steps: int) -> list[float]:
+    """The teacher's own N-step grid (``sampling_sigmas``) in flow time, ending at 0."""
+    sigmas = process.sampling_sigmas(num_steps).double()
+    return (sigmas / (1 + sigmas)).tolist()
+
+
+@torch.no_grad()
+def chain(F_fn, noise: Tensor, times: list[float], gamma: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+    """Flow-map sampling (§9.7): x_0 = t_0·noise, x_{i+1} = f(x_i, t_i, t_{i+1}) with f = x + (s − t)·F_fn(x, t, s).
+
+    With gamma > 0 every step but the last lands at the level sqrt(1 − gamma²)·sigma_{i+1} and fresh noise
+    brings it back up to sigma_{i+1} (CTM's gamma-sampling in sigma space). noise: (B, C, H, W) unit normal."""
+    x = times[0] * noise
+    batch = noise.shape[0]
+    for i, (t, s) in enumerate(zip(times, times[1:])):
+        renoise = gamma > 0 and i < len(times) - 2
+        sigma_next = s / (1 - s)
+        target = math.sqrt(1 - gamma**2) * sigma_next if renoise else sigma_next
+        s_jump = target / (1 + target)
+        tt, ss = (torch.full((batch,), v, device=noise.device, dtype=noise.dtype) for v in (t, s_jump))
+        x = flow_map(F_fn(x, tt, ss), x, tt, ss)
+        if renoise:
+            z = torch.randn(noise.shape, generator=generator).to(noise.device)
+            x_sigma = x * (1 + target) + gamma * sigma_next * z  # sqrt(sigma_next² − target²) = gamma·sigma_next
+            x = x_sigma / (1 + sigma_next)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks
+
+
+@hookimpl
+def fewstep_method_config():
+    return ("flowmap", FlowMapConfig)
+
+
+@hookimpl
+def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module:
+    cfg = ctx.method
+    guided = cfg.guidance is not None or ctx.config.teacher.guidance != 1.0
+    if guided and teacher.conditioning == "none" and not teacher.autoguided:
+        raise ValueError("method.guidance / teacher.guidance: a guided flow map needs a class- or text-conditional "
+                         "teacher (CFG), or a weaker checkpoint as teacher.autoguidance (§9.5); this teacher is "
+                         "unconditional. Remove the guidance or set teacher.autoguidance.")
+    student = copy.deepcopy(teacher.net).float()
+    student.add_scalar_inputs(["s", "w"] if cfg.guidance is not None else ["s"])
+    return student.requires_grad_(True).train()
+
+
+def _teacher_velocity(teacher, batch: Batch, guidance: float | Tensor):
+    def v(x: Tensor, t: Tensor) -> Tensor:
+        return velocity(lambda x_, sigma: teacher.denoise(x_, sigma, batch.cond, uncond=batch.uncond,
+                                                          guidance=guidance).float(), x, t)
+
+    return v
+
+
+@hookimpl
+def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Nets, step: StepInfo) -> LossOutput:
+    """||F_theta(x_t, t, s) − sg[F⁻ + ĝ]||² (EMD, §9.2) or − ĝ (LMD, §9.3), mean over the sample."""
+    cfg, teacher = ctx.method, nets.teacher
+    process = teacher.process
+    if batch.x0 is None:
+        raise ValueError("method 'flowmap' needs images (x_t is drawn from the noised data): the data source has none")
+    x0 = batch.x0.float()
+    eps = step.randn_like(x0)
+    t_min, t_max = time_range(process)
+    ts = step.draw(lambda n, g: sample_pair(cfg, n, g)).clamp(t_min, t_max).to(x0.dtype)
+    t, s = ts[:, 0], ts[:, 1]
+    x_t = append_dims(1 - t, x0.ndim) * x0 + append_dims(t, x0.ndim) * eps
+    w = None
+    if cfg.guidance is not None:
+        lo, hi = cfg.guidance
+        w = step.rand().to(x0.device) * (hi - lo) + lo
+    v_teacher = _teacher_velocity(teacher, batch, w if w is not None else ctx.config.teacher.guidance)
+    scalars = guidance_inputs(w)
+    r = tangent_warmup(step.nimg, cfg.warmup_nimg, cfg.r_max)
+    with same_dropout():
+        F_theta = average_velocity(nets.student, process, x_t, t, s, batch.cond, **scalars)
+    # The frozen copy is the unwrapped student: the JVP must not run through the DDP wrapper.
+    frozen, mode = unwrap(nets.student), jvp_mode(cfg, process)
+    if cfg.objective == "emd":
+        v = v_teacher(x_t, t)
+        F_minus, g = emd_tangent(frozen, process, x_t, t, s, v, batch.cond, r, scalars, mode, cfg.fd_window)
+        target = F_minus + normalize_tangent(g, cfg.tangent_norm, cfg.tangent_c)
+    else:
+        F_minus, g = lmd_tangent(frozen, process, x_t, t, s, v_teacher, batch.cond, r, scalars, mode, cfg.fd_window)
+        target = F_minus - normalize_tangent(g, cfg.tangent_norm, cfg.tangent_c)
+    loss = (F_theta - target).flatten(1).square().mean(1)
+    terms = {"t": t.mean().detach(), "gap": (t - s).mean().detach(), "r": r,
+             "g_norm": g.flatten(1).norm(dim=1).mean().detach()}
+    return LossOutput(loss=loss, terms=terms)
+
+
+@hookimpl
+def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
+                   generator: torch.Generator) -> Tensor:
+    """Deterministic chaining on the teacher's N-step grid (or ``sample_times``), optional gamma re-noising."""
+    cfg, teacher = ctx.method, nets.teacher
+    process = teacher.process
+    times = cfg.sample_times.get(num_steps) or default_sample_times(process, num_steps)
+    net = sampling_net(nets)
+    w = None
+    if cfg.guidance is not None:
+        value = cfg.sample_guidance if cfg.sample_guidance is not None else sum(cfg.guidance) / 2
+        w = torch.full((noise.shape[0],), value, device=noise.device)
+    scalars = guidance_inputs(w)
+
+    def F_fn(x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        return average_velocity(net, process, x, t, s, cond, **scalars)
+
+    out = chain(F_fn, noise.float(), times, cfg.gamma, generator)
+    return out.clamp(-1.0, 1.0) if cfg.clamp and teacher.vae is None else out
