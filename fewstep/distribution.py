@@ -1,0 +1,387 @@
+"""Distribution matching: the maths shared by DMD, DMD2 and MSD (specs/distribution.md §1-§3, §0.1).
+
+Three networks take part (§1.1, §2.2): the generator G (the student, a copy of the teacher called at
+fixed levels), the frozen teacher, whose guided denoiser is the *real* score mu_real, and the *fake*
+score mu_fake, a trainable copy of the teacher that follows the generator's output distribution with
+the teacher's own denoising loss (the *critic*, §1.3). DMD2 adds a classifier head on the fake score's
+bottleneck (§2.3(c)), so the critic is also the GAN discriminator.
+
+Everything is in sigma space (``fewstep.diffusion``): x = x0 + sigma·eps with sigma = sigma_t/alpha_t,
+so one implementation serves VP, EDM and flow teachers. The official code's discrete timesteps become
+the *training grid* (:func:`training_sigmas`): the levels of the teacher's 1000 training timesteps (VP,
+flow) or of a 1000-point Karras grid (EDM, as the DMD2 EDM code indexes it, §1.2 [C]); "t in
+[0.02 T, 0.98 T]" is an index range into it.
+
+The networks reach the functions here as sigma-space callables bound to one batch's conditions
+(:data:`Denoiser`, :data:`Critic`), so the same objectives serve one generator (DMD, DMD2) and K
+students routed by condition (MSD). Random draws go through :class:`fewstep.types.StepInfo`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from fewstep.config import MethodConfig
+from fewstep.diffusion import append_dims, karras_sigmas
+from fewstep.gan import discriminator_loss, generator_loss
+from fewstep.nn import unwrap
+from fewstep.types import Cond, OptimizerGroup, RunContext, StepInfo
+
+__all__ = [
+    "Critic",
+    "Denoiser",
+    "DistributionMatchingConfig",
+    "Players",
+    "Schedule",
+    "bottleneck_critic",
+    "critic_objective",
+    "denoiser",
+    "denoising_loss",
+    "denoising_weight",
+    "dm_direction",
+    "dm_loss",
+    "few_step_sample",
+    "generate",
+    "generator_levels",
+    "generator_objective",
+    "optimizer_group",
+    "optimizer_groups",
+    "probe_cond",
+    "simulate",
+    "simulation_steps",
+    "surrogate_loss",
+    "training_sigmas",
+]
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x (B, C, H, W), sigma (B,)) -> x0 prediction (B, C, H, W)
+Critic = Callable[[Tensor, Tensor], Tensor]  # (noisy x (B, C, H, W), sigma (B,)) -> logits (B,)
+
+EDM_GRID_POINTS = 1000  # the DMD2 EDM code's Karras grid (§1.2 [C])
+
+
+class DistributionMatchingConfig(MethodConfig):
+    """Fields shared by ``dmd``, ``dmd2`` and ``msd``; each method sets its own defaults on top."""
+
+    real_guidance: float | None = Field(
+        None, ge=0.0, description="Guidance scale g_real of the real score (CFG, or autoguidance with "
+        "teacher.autoguidance); the fake score is never guided (§1.2 [C]). none: teacher.guidance, so the "
+        "validation teacher row shows the distribution the student is pulled to. DMD2: 1 on ImageNet, 1.75 "
+        "SD1.5, 8 SDXL (§2.5).")
+    dm_t_range: tuple[float, float] = Field(
+        (0.02, 0.98), description="Fractions of the training grid whose levels L_DM draws from, uniformly "
+        "by index (DreamFusion clip; DMD2 min/max_step_percent 0.02/0.98, indices [20, 980], §1.2 [C]).")
+    num_steps: int = Field(1, ge=1, le=64, description="Generator steps N; the levels are grid indices "
+                           "T-1, T-1-T/N, ... (DMD2 §2.7: 999, 749, 499, 249 for N = 4). 1: one-step.")
+    sigma_max: float | None = Field(None, gt=0, description="Level of the first generator call (input "
+                                    "sigma_max * z); none: the top of the training grid (VP t = 999, EDM 80, "
+                                    "§1.1).")
+    backward_simulation: bool = Field(True, description="Multistep training inputs from the generator's own "
+                                      "earlier steps (DMD2 §2.7 default); false: noised real images "
+                                      "(ADD-like, needs images).")
+    ratio: int = Field(1, ge=1, description="TTUR: critic updates per generator update (the generator group "
+                       "steps every `ratio` trainer steps, the critic every step). DMD: 1 (§1.5); DMD2: 5 "
+                       "ImageNet/SDXL, 10 SD1.5 (§2.4 [C]).")
+    critic_lr: float | None = Field(None, gt=0, description="Learning rate of the fake score (and GAN head); "
+                                    "none: optimizer.lr (DMD2 uses one rate for both, §2.8 [C]).")
+    gan_generator_weight: float = Field(0.0, ge=0.0, description="lambda_G of the generator's non-saturating "
+                                        "GAN term; 0: no GAN (DMD2 ImageNet 3e-3, SD1.5 1e-3, SDXL 5e-3, §2.3(d)).")
+    gan_critic_weight: float = Field(0.0, ge=0.0, description="lambda_D of the discriminator loss added to "
+                                     "the critic's (DMD2: 1e-2 everywhere, §2.3(d)).")
+    gan_t_max: float = Field(1.0, gt=0.0, le=1.0, description="Diffusion-GAN noise: levels drawn uniformly "
+                             "from this lowest fraction of the training grid (DMD2: the full range, §2.3(c)).")
+
+    @model_validator(mode="after")
+    def _check_shared(self) -> DistributionMatchingConfig:
+        lo, hi = self.dm_t_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"dm_t_range={self.dm_t_range}: need 0 <= lo <= hi <= 1 (fractions of the grid)")
+        if (self.gan_generator_weight > 0) != (self.gan_critic_weight > 0):
+            raise ValueError(f"gan_generator_weight={self.gan_generator_weight} and gan_critic_weight="
+                             f"{self.gan_critic_weight}: set both > 0 for the GAN term (DMD2: 3e-3 and 1e-2) "
+                             "or both to 0 (a head nobody trains, or trains for nobody, is wasted)")
+        return self
+
+    @property
+    def adversarial(self) -> bool:
+        return self.gan_critic_weight > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Levels
+
+
+def training_sigmas(process: Any) -> Tensor:
+    """The training grid: ascending sigma-space levels (T,) indexed like the official discrete timesteps.
+
+    VP: the teacher's T timesteps 0..T-1. EDM: a 1000-point Karras grid from sigma_min to sigma_max (the
+    DMD2 EDM code's, §1.2 [C]). Flow: T times u = 1/T..1-1/T, shifted as the process (SD3 Eq. 23),
+    capped at t_max.
+    """
+    if process.kind == "vp":
+        t = torch.arange(process.num_train_timesteps, dtype=torch.float64)
+        return process.t_to_sigma(t).to(torch.get_default_dtype())
+    if process.kind == "edm":
+        return karras_sigmas(EDM_GRID_POINTS, process.sigma_min, process.sigma_max, process.rho).flip(0)
+    n, s = process.num_train_timesteps, process.shift
+    u = torch.linspace(1.0 / n, 1.0 - 1.0 / n, n, dtype=torch.float64)
+    t = (s * u / (1 + (s - 1) * u)).clamp(max=process.t_max)
+    return process.t_to_sigma(t).to(torch.get_default_dtype())
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Where each network is evaluated. grid: the training grid (T,), ascending; levels: the generator's N
+    levels, descending; dm: inclusive index range of L_DM's levels; gan: exclusive upper index of the
+    diffusion-GAN levels."""
+
+    grid: Tensor
+    levels: Tensor
+    dm: tuple[int, int]
+    gan: int
+
+    @staticmethod
+    def of(cfg: DistributionMatchingConfig, process: Any) -> Schedule:
+        grid = training_sigmas(process)
+        n = grid.numel()
+        lo, hi = cfg.dm_t_range
+        return Schedule(grid, generator_levels(grid, cfg.num_steps, cfg.sigma_max),
+                        (round(lo * n), min(round(hi * n), n - 1)), max(1, round(cfg.gan_t_max * n)))
+
+    def draw(self, step: StepInfo, lo: int, hi: int) -> Tensor:
+        """(B,) levels at grid indices drawn uniformly from lo..hi inclusive."""
+        return self.grid[step.randint(lo, hi + 1).cpu()].to(step.device)
+
+
+def generator_levels(grid: Tensor, num_steps: int, sigma_max: float | None = None) -> Tensor:
+    """(N,) descending generator levels at grid indices top - k*(top+1)/N, top = T-1 (DMD2 §2.7 [C]: 999, 749,
+    499, 249 for N = 4). With ``sigma_max``, top is the last grid level <= sigma_max and the first level is
+    sigma_max itself (DMD2 SDXL's one-step generator at timestep 399 is top = 399, §2.6). The k-step levels
+    are a subset of the N-step ones when k divides N and N divides top + 1."""
+    n = grid.numel()
+    top = n - 1 if sigma_max is None else int(torch.searchsorted(grid, torch.tensor(float(sigma_max)), right=True)) - 1
+    if top < num_steps - 1:
+        raise ValueError(f"method.sigma_max={sigma_max} leaves {top + 1} training levels at or below it, fewer than "
+                         f"the {num_steps} generator steps; raise sigma_max (the grid starts at {grid[0].item():.4g})")
+    levels = grid[[top - k * (top + 1) // num_steps for k in range(num_steps)]].clone()
+    if sigma_max is not None:
+        levels[0] = sigma_max
+    return levels
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+
+
+def dm_direction(x: Tensor, mu_real: Tensor, mu_fake: Tensor) -> Tensor:
+    """The distribution-matching step Delta = (mu_fake − mu_real) / mean_chw |x − mu_real| per sample
+    (§1.2, implementation form [C]), nan_to_num'd. x, mu_real, mu_fake: (B, C, H, W) -> (B, C, H, W).
+
+    With scores s = (mu − x_t)/sigma² this is sigma²·(s_fake − s_real) / mean|x − mu_real|: the paper's
+    weight w_t = sigma²·CS/||mu_real − x||_1 times the score difference, without its extra alpha_t."""
+    norm = (x - mu_real).abs().flatten(1).mean(1)
+    return torch.nan_to_num((mu_fake - mu_real) / append_dims(norm, x.ndim))
+
+
+def surrogate_loss(x: Tensor, direction: Tensor) -> Tensor:
+    """Per-sample ½ mean_chw (x − sg(x − Delta))² (§0.1): the batch mean has gradient Delta/(B·C·H·W) in x."""
+    x = x.float()
+    return 0.5 * (x - (x - direction).detach()).square().flatten(1).mean(1)
+
+
+def dm_loss(x: Tensor, real: Denoiser, fake: Denoiser, sigma: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """L_DM of generator samples x (B, C, H, W) noised to x + sigma·eps (sigma (B,)): per-sample losses (B,)
+    and Delta. Both denoisers run without gradient (§1.2); only x carries one."""
+    with torch.no_grad():
+        xd = x.detach().float()
+        x_t = xd + append_dims(sigma, x.ndim) * eps
+        delta = dm_direction(xd, real(x_t, sigma).float(), fake(x_t, sigma).float())
+    return surrogate_loss(x, delta), delta
+
+
+def denoising_weight(process: Any, sigma: Tensor) -> Tensor:
+    """(B,) weight that turns an x0 squared error at level sigma into the teacher's pretraining loss.
+
+    The raw output is affine in x0 at fixed x_t (eps, v, sample, EDM F, flow velocity), with a per-sample
+    slope a(t); the pretraining loss is loss_weight(t)·|out − out*|², i.e. loss_weight(t)·a(t)²·|x0 − x0*|².
+    EDM: 1/c_out² = 1/sigma² + 1/sigma_d² (§1.3); VP eps: 1/sigma² (the eps-MSE of §1.3 for SD)."""
+    t = process.sigma_to_t(sigma.double())
+    zero, one = torch.zeros_like(t)[:, None], torch.ones_like(t)[:, None]
+    slope = (process.output_from_x0(one, zero, t) - process.output_from_x0(zero, zero, t)).squeeze(1)
+    return (process.loss_weight(t) * slope.square()).to(sigma.dtype)
+
+
+def denoising_loss(process: Any, net: Denoiser, x: Tensor, sigma: Tensor, target: Tensor) -> Tensor:
+    """Teacher-weighted denoising loss (B,) of ``net`` at x (B, C, H, W), level sigma (B,), towards the x0
+    ``target``: the fake score's loss on generator samples (§1.3) and MSD's teacher score matching (§3.3)."""
+    err = (net(x, sigma).float() - target.float()).square().flatten(1).mean(1)
+    return denoising_weight(process, sigma) * err
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator: backward simulation and sampling (DMD2 §2.7)
+
+
+def simulate(generator: Denoiser, noise: Tensor, levels: Tensor, k: int, step: StepInfo) -> tuple[Tensor, Tensor]:
+    """Backward simulation: the generator's training input at level k. noise: (B, C, H, W).
+
+    Without gradient, start from pure noise at levels[0] and run k steps of the sampler (x0 = G(x, s_j),
+    then x = x0 + s_{j+1}·eps_j with fresh eps_j); k = 0 is the noise itself (§2.7 [C]). Returns the input
+    (B, C, H, W) and its level (B,)."""
+    x = noise * levels[0]
+    with torch.no_grad():
+        for j in range(k):
+            x0 = generator(x, levels[j].expand(x.shape[0]).to(x.device)).float()
+            x = x0 + levels[j + 1] * step.randn_like(x0)
+    return x, levels[k].expand(x.shape[0]).to(x.device)
+
+
+def few_step_sample(generator: Denoiser, noise: Tensor, levels: Tensor, rng: torch.Generator | None) -> Tensor:
+    """DMD2's multistep sampler (§2.7): x0 = G(x, s_j), re-noised to s_{j+1} with fresh noise, until the
+    last level; one step is G(s_0·z, s_0). noise: (B, C, H, W) standard normal -> x0 samples."""
+    levels = levels.to(noise.device)
+    x = noise.float() * levels[0]
+    for j in range(levels.numel()):
+        x0 = generator(x, levels[j].expand(x.shape[0])).float()
+        if j + 1 < levels.numel():
+            z = torch.randn(x0.shape, generator=rng, dtype=x0.dtype).to(x0.device)
+            x = x0 + levels[j + 1] * z
+    return x0
+
+
+def simulation_steps(step: StepInfo, num_steps: int) -> int:
+    """k ~ U{0..N-1}, one per step: drawn from the step's generator, which every rank and micro-batch seeds
+    alike, so k is shared as DMD2's broadcast from rank 0 (§2.7 [C]). No host-device sync (a CPU draw)."""
+    return int(torch.randint(0, num_steps, (), generator=step.generator)) if num_steps > 1 else 0
+
+
+def generate(cfg: DistributionMatchingConfig, sched: Schedule, generator: Denoiser, shape: tuple[int, ...],
+             step: StepInfo, x_real: Tensor | None = None) -> tuple[Tensor, int]:
+    """Generator samples (B, *shape) for one turn, and the simulated step k: one-step G(s_0·z), or for
+    N > 1 the output at level k of a backward simulation (or of noised real images, without it)."""
+    z = step.randn(*shape)
+    k = simulation_steps(step, sched.levels.numel())
+    if cfg.backward_simulation or k == 0:
+        x_in, sigma = simulate(generator, z, sched.levels, k, step)
+    else:
+        if x_real is None:
+            raise ValueError("method.backward_simulation: false trains on noised real images; the data "
+                             "source has none (set backward_simulation: true)")
+        sigma = sched.levels[k].expand(z.shape[0]).to(z.device)
+        x_in = x_real.float() + append_dims(sigma, z.ndim) * z
+    return generator(x_in, sigma), k
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives (one turn each; §2.3-2.4)
+
+
+@dataclass(frozen=True)
+class Players:
+    """The networks of one turn, bound to the batch's conditions.
+
+    generator: the student(s); real: the guided teacher; fake: the fake score(s), unguided; critic: head on
+    the fake score's bottleneck (None without a GAN)."""
+
+    generator: Denoiser
+    real: Denoiser
+    fake: Denoiser
+    critic: Critic | None = None
+
+
+def _noised_logits(critic: Critic, sched: Schedule, x: Tensor, step: StepInfo) -> Tensor:
+    """Diffusion-GAN: the critic's logits (B,) of x noised at a level from the lowest gan_t_max of the grid."""
+    sigma = sched.draw(step, 0, sched.gan - 1)
+    return critic(x.float() + append_dims(sigma, x.ndim) * step.randn_like(x.float()), sigma)
+
+
+def generator_objective(cfg: DistributionMatchingConfig, sched: Schedule, p: Players, shape: tuple[int, ...],
+                        step: StepInfo, *, x_real: Tensor | None = None, gan_weight: float = 0.0
+                        ) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_DM + lambda_G·softplus(−D(G(z))) per sample (B,) (§2.3(a), (d)). The critic's networks arrive
+    frozen, and the adversarial gradient flows through them into G's output (§2.3(d) [C])."""
+    x, k = generate(cfg, sched, p.generator, shape, step, x_real)
+    sigma = sched.draw(step, *sched.dm)
+    loss, delta = dm_loss(x, p.real, p.fake, sigma, step.randn_like(x.float()))
+    terms = {"dm": loss.detach().mean(), "dm_delta": delta.abs().mean(), "sim_step": float(k)}
+    if gan_weight > 0:
+        adv = generator_loss(_noised_logits(p.critic, sched, x, step).float())
+        loss = loss + gan_weight * adv
+        terms["gan"] = adv.detach().mean()
+    return loss, terms
+
+
+def critic_objective(cfg: DistributionMatchingConfig, sched: Schedule, p: Players, process: Any,
+                     shape: tuple[int, ...], step: StepInfo, *, x_real: Tensor | None = None
+                     ) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_denoise of the fake score on detached generator samples at a level uniform over the whole grid
+    (§1.3 [C]), plus lambda_D times the discriminator loss on real images x_real and those samples, each
+    noised independently (§2.3(b)-(d)). Per sample (B,)."""
+    with torch.no_grad():
+        x = generate(cfg, sched, p.generator, shape, step, x_real)[0].float()
+    sigma = sched.draw(step, 0, sched.grid.numel() - 1)
+    x_t = x + append_dims(sigma, x.ndim) * step.randn_like(x)
+    loss = denoising_loss(process, p.fake, x_t, sigma, x)
+    terms = {"denoise": loss.detach().mean()}
+    if cfg.adversarial:
+        if x_real is None:
+            raise ValueError("method.gan_critic_weight > 0: the discriminator needs real images, but the data "
+                             "source has none; use an image data source or set both GAN weights to 0")
+        real_logits = _noised_logits(p.critic, sched, x_real, step).float()
+        fake_logits = _noised_logits(p.critic, sched, x, step).float()
+        disc = discriminator_loss(real_logits, fake_logits)
+        loss = loss + cfg.gan_critic_weight * disc
+        terms.update(disc=disc.detach().mean(), d_real=real_logits.detach().mean(), d_fake=fake_logits.detach().mean())
+    return loss, terms
+
+
+# ---------------------------------------------------------------------------------------------
+# Binding networks, and the groups
+
+
+def denoiser(process: Any, net: nn.Module, cond: Cond | None) -> Denoiser:
+    """``net``'s sigma-space denoiser for the batch's conditions."""
+    return lambda x, sigma: process.denoise(net, x, sigma, cond)
+
+
+def bottleneck_critic(process: Any, backbone: nn.Module, head: nn.Module, cond: Cond | None) -> Critic:
+    """D(x, c) = head(bottleneck of ``backbone`` fed as the teacher would be at (x, sigma)) (§2.3(c)).
+
+    ``Backbone.bottleneck`` is reached through ``unwrap``: under DDP the critic's wrapped forward also runs
+    in the same turn (its denoising loss), and one backward then reduces the summed gradient."""
+    def critic(x: Tensor, sigma: Tensor) -> Tensor:
+        inputs, timestep = process.network_inputs(x, sigma)
+        return head(unwrap(backbone).bottleneck(inputs, timestep, cond))
+
+    return critic
+
+
+def probe_cond(teacher: Any) -> Cond | None:
+    """A one-sample condition for a dry run of the teacher's backbone (``fewstep.gan.head_for``)."""
+    if teacher.conditioning == "class":
+        return Cond(labels=torch.zeros(1, dtype=torch.long, device=teacher.device))
+    if teacher.conditioning == "text":
+        return teacher.null_cond(1)
+    return None
+
+
+def optimizer_group(ctx: RunContext, name: str, modules: tuple[str, ...], *, lr: float | None = None,
+                    every_n_steps: int = 1) -> OptimizerGroup:
+    """A group with the recipe's optimizer settings (rate ``lr`` when given)."""
+    o = ctx.config.optimizer
+    return OptimizerGroup(name, modules, lr=lr or o.lr, optimizer=o.name, betas=tuple(o.betas), eps=o.eps,
+                          weight_decay=o.weight_decay, every_n_steps=every_n_steps, max_grad_norm=o.max_grad_norm,
+                          warmup_nimg=o.warmup_nimg)
+
+
+def optimizer_groups(ctx: RunContext, generator: tuple[str, ...], critic: tuple[str, ...]) -> list[OptimizerGroup]:
+    """The generator group, stepped every ``ratio`` trainer steps, then the critic group, every step (TTUR,
+    §2.4: the generator turn comes first in an iteration); the critic's rate is ``critic_lr`` when given."""
+    cfg = ctx.method
+    return [optimizer_group(ctx, "generator", generator, every_n_steps=cfg.ratio),
+            optimizer_group(ctx, "critic", critic, lr=cfg.critic_lr)]

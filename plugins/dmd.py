@@ -1,0 +1,157 @@
+"""Distribution Matching Distillation: ``dmd`` (Yin et al., CVPR 2024) and ``dmd2`` (Yin et al., NeurIPS
+2024). Maths: specs/distribution.md §1 (DMD), §2 (DMD2), §9 (the GAN term), §0.1 notation; the shared
+pieces live in ``fewstep.distribution``.
+
+Networks: the student is the generator, a copy of the teacher called at the generator levels (one
+step: once at sigma_max); ``fake_score`` is a second copy of the teacher, trained as the critic; DMD2's
+``gan_head`` classifies the fake score's bottleneck features. Two optimizer groups, as data: the
+generator every ``ratio`` steps and the critic every step (TTUR, §2.4).
+
+- ``dmd``: one-step generator, L_DM plus lambda_reg times a regression of G(z_ref) onto the teacher's ODE
+  solution y_ref from a pair store (``data.pairs``, made by ``fewstep pairs``, §1.4). LPIPS needs a
+  downloaded VGG, so the regression distance is L2 (or pseudo-Huber), on model-space samples: a
+  departure from the paper (§1.4), which also weakens the regression's pull towards sharp images.
+- ``dmd2``: no regression; TTUR; the non-saturating GAN on real images, both sides diffusion-noised;
+  a multistep generator with backward simulation (``num_steps``), sampled with 1 to N steps.
+
+Costs per trainer step (B samples): critic turn 1 G forward (no grad), 1 fake-score forward + backward,
+with the GAN 2 bottleneck forwards + backward; generator turn (every ``ratio`` steps) G forward +
+backward, 1 teacher forward (2 with CFG), 1 fake forward (no grad), with the GAN 1 bottleneck forward +
+backward through the frozen critic; backward simulation adds up to N-1 G forwards (no grad) per turn.
+Each turn draws its own generator samples: where DMD2 reuses the generator turn's samples for the critic
+(§2.7 step 5), fewstep spends one more G forward every ``ratio`` steps and keeps the loss hook stateless.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from fewstep.distribution import (
+    DistributionMatchingConfig,
+    Players,
+    Schedule,
+    bottleneck_critic,
+    critic_objective,
+    denoiser,
+    few_step_sample,
+    generator_levels,
+    generator_objective,
+    optimizer_groups,
+    probe_cond,
+)
+from fewstep.gan import head_for
+from fewstep.hookspecs import hookimpl
+from fewstep.losses import distance
+from fewstep.sampling import sampling_net
+from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
+
+
+class DMDConfig(DistributionMatchingConfig):
+    """DMD (§1): one-step generator, TTUR ratio 1, regression on teacher pairs, no GAN."""
+
+    name: Literal["dmd"] = "dmd"
+    regression_weight: float = Field(0.25, ge=0.0, description="lambda_reg of the regression loss (§1.5: "
+                                     "0.25 [S][R]); 0: none (then data.pairs is not needed).")
+    regression_distance: Literal["l2", "l1", "pseudo_huber"] = Field(
+        "l2", description="Distance of the regression on model-space samples. DMD uses LPIPS (§1.4), whose VGG "
+        "weights are a download: l2 (per-element mean) is the offline stand-in.")
+
+    @model_validator(mode="after")
+    def _one_step(self) -> DMDConfig:
+        if self.num_steps != 1:
+            raise ValueError(f"num_steps={self.num_steps}: DMD trains a one-step generator (§1.1); use method "
+                             "dmd2 for a multistep generator with backward simulation")
+        return self
+
+
+class DMD2Config(DistributionMatchingConfig):
+    """DMD2 (§2): no regression, TTUR, GAN head on the fake score, optional multistep generator."""
+
+    name: Literal["dmd2"] = "dmd2"
+    ratio: int = Field(5, ge=1, description="Critic updates per generator update (DMD2 ImageNet/SDXL: 5; "
+                       "SD1.5: 10, §2.4 [C]).")
+    gan_generator_weight: float = Field(3e-3, ge=0.0, description="lambda_G (DMD2 ImageNet: 3e-3; SD1.5 1e-3, "
+                                        "SDXL 5e-3, §2.3(d) [C]); 0 together with gan_critic_weight: no GAN.")
+    gan_critic_weight: float = Field(1e-2, ge=0.0, description="lambda_D (DMD2: 1e-2, §2.3(d) [C]).")
+
+
+@hookimpl
+def fewstep_method_config():
+    return [("dmd", DMDConfig), ("dmd2", DMD2Config)]
+
+
+@hookimpl
+def fewstep_configure(config) -> None:
+    cfg = config.method
+    if cfg.name == "dmd" and cfg.regression_weight > 0 and config.data.pairs is None:
+        raise ValueError("method.regression_weight: DMD's regression loss trains on teacher noise-image pairs "
+                         "(§1.4); make a store with `fewstep pairs TEACHER OUT --num N` and set data.pairs: OUT, "
+                         "or set method.regression_weight: 0")
+
+
+@hookimpl
+def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict[str, nn.Module]:
+    """``fake_score``: copied from the student, which at this point holds the teacher's fp32 weights (the
+    teacher itself is already in the compute dtype). ``gan_head``: sized by a dry run of the fake score."""
+    fake = copy.deepcopy(student).requires_grad_(True)
+    nets: dict[str, nn.Module] = {"fake_score": fake}
+    if ctx.method.adversarial:
+        nets["gan_head"] = head_for(fake, teacher.sample_shape, probe_cond(teacher))
+    return nets
+
+
+@hookimpl
+def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup]:
+    critic = ("fake_score", "gan_head") if ctx.method.adversarial else ("fake_score",)
+    return optimizer_groups(ctx, ("student",), critic)
+
+
+def players(ctx: RunContext, nets: Nets, cond: Cond, uncond: Cond | None) -> Players:
+    """The turn's networks for one batch of conditions; CFG (or autoguidance) on the real score only."""
+    teacher, process = nets.teacher, nets.teacher.process
+    g = ctx.method.real_guidance if ctx.method.real_guidance is not None else ctx.config.teacher.guidance
+
+    def real(x: Tensor, sigma: Tensor) -> Tensor:
+        return teacher.denoise(x, sigma, cond, uncond=uncond, guidance=g)
+
+    critic = bottleneck_critic(process, nets.extra["fake_score"], nets.extra["gan_head"], cond) \
+        if ctx.method.adversarial else None
+    return Players(denoiser(process, nets.student, cond), real, denoiser(process, nets.extra["fake_score"], cond),
+                   critic)
+
+
+@hookimpl
+def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Nets, step: StepInfo) -> LossOutput:
+    """Generator turn: L_DM (+ lambda_reg L_reg for dmd, + lambda_G L_G for dmd2). Critic turn: L_denoise
+    (+ lambda_D L_D), on this turn's own detached generator samples."""
+    cfg, process = ctx.method, nets.teacher.process
+    sched = Schedule.of(cfg, process)
+    p = players(ctx, nets, batch.cond, batch.uncond)
+    shape = nets.teacher.sample_shape
+    if group.name == "critic":
+        loss, terms = critic_objective(cfg, sched, p, process, shape, step, x_real=batch.x0)
+        return LossOutput(loss=loss, terms=terms)
+    loss, terms = generator_objective(cfg, sched, p, shape, step, x_real=batch.x0,
+                                      gan_weight=cfg.gan_generator_weight)
+    if cfg.name == "dmd" and cfg.regression_weight > 0:
+        z_ref, y_ref = batch.pairs
+        x_ref = denoiser(process, nets.student, batch.pair_cond)(z_ref * sched.levels[0], sched.levels[0])
+        reg = distance(x_ref.float(), y_ref, cfg.regression_distance)
+        loss = loss + cfg.regression_weight * reg
+        terms["regression"] = reg.detach().mean()
+    return LossOutput(loss=loss, terms=terms)
+
+
+@hookimpl
+def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
+                   generator) -> Tensor:
+    """DMD2's sampler with ``num_steps`` levels of the training grid (1: one call at sigma_max); levels off
+    the trained ones (k not dividing ``method.num_steps``) are the student's extrapolation."""
+    cfg, process = ctx.method, nets.teacher.process
+    grid = Schedule.of(cfg, process).grid
+    levels = generator_levels(grid, num_steps, cfg.sigma_max)
+    return few_step_sample(denoiser(process, sampling_net(nets), cond), noise, levels, generator)

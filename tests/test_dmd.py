@@ -1,0 +1,137 @@
+"""dmd plugin (``dmd``, ``dmd2``): conformance on the three backbones (DMD with a pair store made for each tiny
+teacher), the TTUR schedule as group data, a teacher no gradient reaches, the GAN term through the frozen
+critic, and configuration errors. The maths is checked against closed forms in test_distribution.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep.pairs import generate_pairs
+from fewstep.teacher import load_teacher
+from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_run_config
+
+
+def pair_store(teacher: Path) -> Path:
+    """A 16-pair store of ``teacher`` next to its folder (2 Heun steps), made once per teacher."""
+    out = teacher.parent / f"{teacher.name}-pairs"
+    if not (out / "manifest.json").is_file():
+        loaded = load_teacher(teacher)
+        prompts = ["a digit", "a number"] if loaded.conditioning == "text" else None
+        generate_pairs(loaded, out, 16, num_steps=2, prompts=prompts, shard_size=16)
+    return out
+
+
+class TestDMDConformance(MethodConformance):
+    method = {"name": "dmd"}
+    steps = 3
+
+    def config(self, teacher, **sections):
+        sections["data"] = {**sections.get("data", {}), "pairs": str(pair_store(teacher))}
+        return super().config(teacher, **sections)
+
+
+class TestDMD2Conformance(MethodConformance):
+    method = {"name": "dmd2", "ratio": 2}
+    steps = 3
+
+
+class TestDMD2MultistepConformance(MethodConformance):
+    """Four generator steps with backward simulation; validation samples with 1 and 2 steps."""
+
+    method = {"name": "dmd2", "ratio": 2, "num_steps": 4}
+    steps = 3
+
+
+class TestDMD2EDMConformance(MethodConformance):
+    method = {"name": "dmd2", "ratio": 2, "num_steps": 2}
+    steps = 3
+    backbones = ("unet",)
+    teacher_options = {"process": "edm"}
+
+
+@pytest.fixture(scope="module")
+def class_teacher(tmp_path_factory) -> Path:
+    return make_tiny_teacher(tmp_path_factory.mktemp("dmd") / "class", "unet", conditioning="class")
+
+
+def test_critic_steps_ratio_times_per_generator_step(class_teacher, tmp_path):
+    trainer, rec = run_tiny(tiny_run_config(class_teacher, {"name": "dmd2", "ratio": 3}, steps=7), tmp_path / "r")
+    order = [name for name, _ in rec.grads]
+    assert order == ["generator", "critic", "critic", "critic", "generator", "critic", "critic", "critic",
+                     "generator", "critic"]
+    assert trainer.groups["generator"].every_n_steps == 3 and trainer.groups["critic"].every_n_steps == 1
+
+
+def test_no_gradient_reaches_the_teacher_and_the_critic_stays_out_of_the_generator_step(class_teacher, tmp_path):
+    before = {k: v.clone() for k, v in load_teacher(class_teacher).net.state_dict().items()}
+    trainer, rec = run_tiny(tiny_run_config(class_teacher, {"name": "dmd2", "ratio": 1, "real_guidance": 2.0},
+                                            steps=3), tmp_path / "r")
+    teacher = trainer.nets.teacher.net
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for group, has in rec.grads:
+        assert not has["teacher"]
+        if group == "generator":
+            assert has["student"] and not has["fake_score"] and not has["gan_head"]
+
+
+def test_gan_term_reaches_the_generator_through_the_frozen_critic(class_teacher, tmp_path):
+    """With lambda_G the generator's gradient changes; the critic's parameters still receive none."""
+    from fewstep.nn import requires_grad
+    from fewstep.plugin import build_manager
+    from fewstep.trainer import Trainer
+
+    grads = {}
+    for weight in (0.0, 1.0):
+        method = {"name": "dmd2", "gan_generator_weight": weight, "gan_critic_weight": 1e-2 if weight else 0.0}
+        trainer = Trainer(tiny_run_config(class_teacher, method, steps=1), build_manager("dmd2"), tmp_path / f"{weight}")
+        trainer.setup()
+        group = trainer.groups["generator"]
+        critic = [trainer.nets.get(n) for n in trainer.groups["critic"].modules]
+        with requires_grad(critic, False):  # as the trainer freezes them in the generator turn
+            out = trainer.pm.hook.fewstep_loss(ctx=trainer.ctx, group=group, batch=trainer.batch(0),
+                                               nets=trainer.nets, step=trainer.step_info(0, group))
+            out.loss.mean().backward()
+        assert all(p.grad is None for m in critic for p in m.parameters())
+        grads[weight] = trainer.nets.student.model.conv_out.weight.grad.clone()
+        assert ("gan" in out.terms) == (weight > 0)
+    assert not torch.allclose(grads[0.0], grads[1.0])
+
+
+def test_dmd_needs_a_pair_store_and_one_step(class_teacher, tmp_path):
+    from fewstep.config import ConfigError
+
+    with pytest.raises(ValueError, match="fewstep pairs"):
+        run_tiny(tiny_run_config(class_teacher, {"name": "dmd"}, steps=1), tmp_path / "a")
+    with pytest.raises(ConfigError, match="dmd2"):
+        tiny_run_config(class_teacher, {"name": "dmd", "num_steps": 4})
+    with pytest.raises(ConfigError, match="both"):
+        tiny_run_config(class_teacher, {"name": "dmd2", "gan_critic_weight": 0.0})
+    trainer, rec = run_tiny(tiny_run_config(class_teacher, {"name": "dmd", "regression_weight": 0.0}, steps=2),
+                            tmp_path / "b")
+    assert "generator/regression" not in rec.logs[0]
+
+
+def test_multistep_sampler_uses_the_trained_levels(class_teacher, tmp_path):
+    """A 4-step DMD2 run samples with 1, 2 and 4 steps; the 2-step levels are among the 4 trained ones."""
+    from fewstep.distribution import Schedule, generator_levels
+    from fewstep.sampling import generate
+
+    trainer, _ = run_tiny(tiny_run_config(class_teacher, {"name": "dmd2", "num_steps": 4, "ratio": 1}, steps=2,
+                                          validation={"steps": [1, 2, 4]}), tmp_path / "r")
+    sched = Schedule.of(trainer.ctx.method, trainer.nets.teacher.process)
+    assert set(generator_levels(sched.grid, 2).tolist()) <= set(sched.levels.tolist())
+    noise, cond = trainer.validation_inputs()
+    seen = []
+    handle = trainer.nets.ema.model.register_forward_pre_hook(lambda m, args: seen.append(args[1][0].item()))
+    for k in (1, 2, 4):
+        out = generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, cond, k)
+        assert out.shape == noise.shape and torch.isfinite(out).all()
+    handle.remove()
+    process = trainer.nets.teacher.process
+    expected = [process.sigma_to_t(s).item() for k in (1, 2, 4) for s in generator_levels(sched.grid, k)]
+    assert seen == pytest.approx(expected, rel=1e-5)
