@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from fewstep.config import MethodConfig
 from fewstep.diffusion import append_dims, karras_sigmas
-from fewstep.gan import discriminator_loss, generator_loss
+from fewstep.gan import discriminator_loss, generator_loss, probe_cond
 from fewstep.nn import unwrap
 from fewstep.types import Cond, OptimizerGroup, RunContext, StepInfo
 
@@ -40,6 +40,7 @@ __all__ = [
     "Players",
     "Schedule",
     "bottleneck_critic",
+    "check_pair_guidance",
     "critic_objective",
     "denoiser",
     "denoising_loss",
@@ -63,6 +64,27 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x (B, C, H, W), sigma (B,)) ->
 Critic = Callable[[Tensor, Tensor], Tensor]  # (noisy x (B, C, H, W), sigma (B,)) -> logits (B,)
 
 EDM_GRID_POINTS = 1000  # the DMD2 EDM code's Karras grid (§1.2 [C])
+
+
+def check_pair_guidance(config: Any) -> None:
+    """Refuse a regression pair store made at another guidance scale than the real score's (§1.4: the pairs
+    are the *guided* teacher's ODE solutions, so L_reg and L_DM pull towards the same distribution).
+
+    config: a run config whose ``data.pairs`` is set; a folder without a manifest is left to the data loader
+    to explain."""
+    import json
+    from pathlib import Path
+
+    manifest = Path(config.data.pairs) / "manifest.json"
+    if not manifest.is_file():
+        return
+    made = float(json.loads(manifest.read_text())["guidance"])
+    g = config.method.real_guidance if config.method.real_guidance is not None else config.teacher.guidance
+    if abs(made - g) > 1e-6:
+        raise ValueError(f"data.pairs: {manifest.parent} was made at guidance {made:g} but the real score uses "
+                         f"{g:g} (method.real_guidance, else teacher.guidance), so the regression and the DM "
+                         "gradient would pull towards different distributions; make the pairs with "
+                         f"`fewstep pairs TEACHER OUT --guidance {g:g}` or set the real guidance to {made:g}")
 
 
 class DistributionMatchingConfig(MethodConfig):
@@ -151,11 +173,11 @@ class Schedule:
         n = grid.numel()
         lo, hi = cfg.dm_t_range
         return Schedule(grid, generator_levels(grid, cfg.num_steps, cfg.sigma_max),
-                        (round(lo * n), min(round(hi * n), n - 1)), max(1, round(cfg.gan_t_max * n)))
+                        (min(round(lo * n), n - 1), min(round(hi * n), n - 1)), max(1, round(cfg.gan_t_max * n)))
 
     def draw(self, step: StepInfo, lo: int, hi: int) -> Tensor:
         """(B,) levels at grid indices drawn uniformly from lo..hi inclusive."""
-        return self.grid[step.randint(lo, hi + 1).cpu()].to(step.device)
+        return self.grid.to(step.device)[step.randint(lo, hi + 1)]
 
 
 def generator_levels(grid: Tensor, num_steps: int, sigma_max: float | None = None) -> Tensor:
@@ -359,15 +381,6 @@ def bottleneck_critic(process: Any, backbone: nn.Module, head: nn.Module, cond: 
         return head(unwrap(backbone).bottleneck(inputs, timestep, cond))
 
     return critic
-
-
-def probe_cond(teacher: Any) -> Cond | None:
-    """A one-sample condition for a dry run of the teacher's backbone (``fewstep.gan.head_for``)."""
-    if teacher.conditioning == "class":
-        return Cond(labels=torch.zeros(1, dtype=torch.long, device=teacher.device))
-    if teacher.conditioning == "text":
-        return teacher.null_cond(1)
-    return None
 
 
 def optimizer_group(ctx: RunContext, name: str, modules: tuple[str, ...], *, lr: float | None = None,

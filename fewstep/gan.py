@@ -26,6 +26,7 @@ from fewstep.backbones import Backbone
 from fewstep.types import Cond
 
 __all__ = [
+    "probe_cond",
     "BottleneckHead",
     "DiffusionDiscriminator",
     "GanLoss",
@@ -144,3 +145,14 @@ def adaptive_weight(main: Tensor, adversarial: Tensor, layer: Tensor, *, clip: t
     if not math.isfinite(float(ratio)):  # host sync: once per generator step
         ratio = torch.tensor(clip[1], device=layer.device)
     return ratio.clamp(*clip).detach()
+
+
+def probe_cond(teacher) -> Cond | None:
+    """A one-sample condition for a dry run of the teacher's backbone (sizing a head or a discriminator):
+    class 0 for class-conditional teachers (which need not have a null class), the null prompt for text
+    teachers, none for unconditional ones."""
+    if teacher.conditioning == "class":
+        return Cond(labels=torch.zeros(1, dtype=torch.long, device=teacher.device))
+    if teacher.conditioning == "text":
+        return teacher.null_cond(1)
+    return None

@@ -224,12 +224,12 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # network initialisation is identical on every rank
         teacher = hook.fewstep_build_teacher(ctx=self.ctx)
         student = hook.fewstep_build_student(ctx=self.ctx, teacher=teacher)
-        teacher.to(self.ctx.device, self.ctx.dtype)  # after the student copied the fp32 weights
         extra: dict[str, nn.Module] = {}
         for found in hook.fewstep_extra_networks(ctx=self.ctx, teacher=teacher, student=student):
             if clash := set(found) & (set(extra) | {"student"}):
                 raise TrainingError(f"two plugins both provide the network(s) {sorted(clash)}")
             extra.update(found or {})
+        teacher.to(self.ctx.device, self.ctx.dtype)  # after the student and extra networks copied fp32 weights
         self.nets = Nets(teacher, student.to(self.ctx.device), {k: v.to(self.ctx.device) for k, v in extra.items()})
         self.groups = {g.name: g for g in hook.fewstep_optimizer_groups(ctx=self.ctx, nets=self.nets)}
         self.group_index = {name: i for i, name in enumerate(self.groups)}

@@ -57,6 +57,7 @@ from fewstep.gan import (
     discriminator_loss,
     generator_loss,
     output_layer,
+    probe_cond,
 )
 from fewstep.hookspecs import hookimpl
 from fewstep.losses import distance
@@ -257,6 +258,10 @@ def fewstep_configure(config) -> None:
         if not {"reflow", "velocity"} & set(phases):
             raise ValueError("method caf: reflow_nimg and velocity_nimg are both 0, so v_theta is never trained; "
                              "give one of them images")
+        if "velocity" not in phases and cfg.h != 1.0:
+            raise ValueError(f"method caf: velocity_nimg is 0, so v_theta is only the reflow (h = 1) velocity, but "
+                             f"method.h={cfg.h:g} would read a_phi at the levels and targets of initial velocity "
+                             f"h(x1 - z); set method.h: 1.0, or give velocity_nimg images to train v_theta with h")
 
 
 @hookimpl
@@ -278,7 +283,7 @@ def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict
         return {}
     nets: dict[str, nn.Module] = {"velocity": frozen_copy(student).float().eval()}
     if cfg.gan_nimg:
-        nets["disc"] = DiffusionDiscriminator(teacher.net, teacher.sample_shape, teacher.null_cond(1))
+        nets["disc"] = DiffusionDiscriminator(teacher.net, teacher.sample_shape, probe_cond(teacher))
     return nets
 
 

@@ -36,6 +36,7 @@ from fewstep.gan import (
     discriminator_loss,
     generator_loss,
     output_layer,
+    probe_cond,
 )
 from fewstep.hookspecs import hookimpl
 from fewstep.losses import distance
@@ -251,11 +252,7 @@ def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module:
 def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict[str, nn.Module]:
     nets: dict[str, nn.Module] = {"target": frozen_copy(student).float()}
     if ctx.method.gan_start_nimg is not None:
-        if teacher.conditioning == "class":
-            probe = Cond(labels=torch.zeros(1, dtype=torch.long, device=teacher.device))
-        else:
-            probe = teacher.null_cond(1)
-        nets["disc"] = DiffusionDiscriminator(teacher.net, teacher.sample_shape, probe)
+        nets["disc"] = DiffusionDiscriminator(teacher.net, teacher.sample_shape, probe_cond(teacher))
     return nets
 
 

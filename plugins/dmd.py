@@ -35,6 +35,7 @@ from fewstep.distribution import (
     Players,
     Schedule,
     bottleneck_critic,
+    check_pair_guidance,
     critic_objective,
     denoiser,
     few_step_sample,
@@ -91,6 +92,8 @@ def fewstep_configure(config) -> None:
         raise ValueError("method.regression_weight: DMD's regression loss trains on teacher noise-image pairs "
                          "(§1.4); make a store with `fewstep pairs TEACHER OUT --num N` and set data.pairs: OUT, "
                          "or set method.regression_weight: 0")
+    if cfg.name == "dmd" and cfg.regression_weight > 0:
+        check_pair_guidance(config)
 
 
 @hookimpl

@@ -77,9 +77,10 @@ class FlowMapConfig(MethodConfig):
         "for DDPM (VP) teachers, exact for EDM and flow teachers. A DDPM teacher is fitted at integer timesteps only "
         "and oscillates between them; on the digits teacher exact tangents were 1.5-9x off a 48-timestep average "
         "and gave noise samples, fd_window 12 gave clean ones (see fewstep/jvp.py).")
-    fd_window: float = Field(12.0, gt=0, description="Half-width of the finite difference in the teacher's timestep "
-                             "input (DDPM timesteps; 12 = two periods of the ~6-timestep oscillation, measured: 2 "
-                             "left 2-step sCM samples noisy on digits).")
+    fd_window: float = Field(12.0, gt=0, description="Half-width of the finite difference of a VP teacher, in its "
+                             "timestep input (DDPM timesteps; 12 = two periods of the ~6-timestep oscillation, "
+                             "measured: 2 left 2-step sCM samples noisy on digits). EDM and flow teachers take the "
+                             "small float step of fewstep.jvp instead.")
     guidance: tuple[float, float] | None = Field(
         None, description="lambda ~ U[lo, hi] per sample: the teacher velocity is guided with lambda (autoguidance "
         "when teacher.autoguidance is set, §9.5, else CFG) and the student takes lambda as an input "
@@ -155,9 +156,20 @@ def jvp_mode(cfg: FlowMapConfig, process) -> str:
     return "finite_difference" if process.kind == "vp" else "exact"
 
 
-def _steps(mode: str, time_map, t: Tensor, window: float) -> Tensor | float:
-    """Finite-difference steps moving the network's timestep input by ±window (unused by the exact mode)."""
-    return window_steps(time_map, t, window) if mode == "finite_difference" else 1e-3
+def _steps(mode: str, process, time_map, t: Tensor, window: float) -> Tensor | float:
+    """Finite-difference steps: for a VP teacher, moving its timestep input by ±window DDPM timesteps; for
+    EDM and flow teachers (continuous time, no oscillation to average out) the float step 1e-3 (the RMS size
+    of the input perturbation, ``fewstep.jvp``). Unused by the exact mode."""
+    if mode != "finite_difference" or process.kind != "vp":
+        return 1e-3
+    return window_steps(time_map, t, window)
+
+
+def map_target(objective: str, F_minus: Tensor, g: Tensor, kind: str, c: float) -> Tensor:
+    """The stop-gradient regression target of F_theta: F⁻ + ĝ (EMD, §9.2: g is df⁻/dt along the teacher's
+    trajectory) or F⁻ − ĝ (LMD, §9.3: g is the residual df⁻/ds − v(f⁻, s)), ĝ the normalised tangent."""
+    g_hat = normalize_tangent(g, kind, c)
+    return F_minus + g_hat if objective == "emd" else F_minus - g_hat
 
 
 def emd_tangent(net, process, x: Tensor, t: Tensor, s: Tensor, v: Tensor, cond: Cond | None, r: float,
@@ -172,7 +184,7 @@ def emd_tangent(net, process, x: Tensor, t: Tensor, s: Tensor, v: Tensor, cond: 
     def model_time(t_: Tensor) -> Tensor:
         return process.model_time(process.sigma_to_t(_FLOW.t_to_sigma(t_)))
 
-    step = _steps(mode, model_time, t, fd_window)
+    step = _steps(mode, process, model_time, t, fd_window)
     with torch.no_grad():
         F_minus, dF = jvp(F, (x, t), (v, torch.ones_like(t)), mode=mode, step=step, dtype=x.dtype)
     F_minus, dF = F_minus.to(x.dtype), dF.to(x.dtype)
@@ -188,7 +200,7 @@ def lmd_tangent(net, process, x: Tensor, t: Tensor, s: Tensor, teacher_velocity,
         with same_dropout():
             return average_velocity(net, process, x, t, s_, cond, **scalars)
 
-    step = _steps(mode, lambda s_: s_input(process, s_), s, fd_window)
+    step = _steps(mode, process, lambda s_: s_input(process, s_), s, fd_window)
     with torch.no_grad():
         F_minus, dF_ds = jvp(F, (s,), (torch.ones_like(s),), mode=mode, step=step, dtype=x.dtype)
         F_minus, dF_ds = F_minus.to(x.dtype), dF_ds.to(x.dtype)
@@ -290,10 +302,9 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     if cfg.objective == "emd":
         v = v_teacher(x_t, t)
         F_minus, g = emd_tangent(frozen, process, x_t, t, s, v, batch.cond, r, scalars, mode, cfg.fd_window)
-        target = F_minus + normalize_tangent(g, cfg.tangent_norm, cfg.tangent_c)
     else:
         F_minus, g = lmd_tangent(frozen, process, x_t, t, s, v_teacher, batch.cond, r, scalars, mode, cfg.fd_window)
-        target = F_minus - normalize_tangent(g, cfg.tangent_norm, cfg.tangent_c)
+    target = map_target(cfg.objective, F_minus, g, cfg.tangent_norm, cfg.tangent_c)
     loss = (F_theta - target).flatten(1).square().mean(1)
     terms = {"t": t.mean().detach(), "gap": (t - s).mean().detach(), "r": r,
              "g_norm": g.flatten(1).norm(dim=1).mean().detach()}

@@ -302,9 +302,8 @@ def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup
 
 @hookimpl
 def fewstep_phases(ctx: RunContext, groups: list[OptimizerGroup]) -> list[Phase]:
-    """distill-w, then one phase per halving round. One optimizer for all phases: PD's per-round linear
-    learning-rate annealing to 0 (§4.3 [C]) is not expressible in the trainer (the learning rate is the
-    group's, times a global warm-up), so the rate is constant after the warm-up."""
+    """distill-w, then one phase per halving round, all on one optimizer (PD's per-round linear annealing of
+    the learning rate to 0, §4.3 [C], is the group's ``lr_scale``, see ``fewstep_optimizer_groups``)."""
     names = tuple(g.name for g in groups)
     cfg = ctx.method
     return [Phase(STAGE1, names, cfg.stage1_nimg)] + [Phase(phase_name(n), names, cfg.round_nimg)
@@ -316,8 +315,7 @@ def fewstep_on_phase_end(ctx: RunContext, phase: Phase, nets: Nets) -> None:
     """Hand over (§4.3: eta_T <- eta_S, and the next student starts as its teacher): the model of the ended
     phase becomes the next round's teacher and the next round's initial student. That model is the
     sampling network: the raw student, as in PD (no EMA, §4.3 [C]), or the evaluation EMA when it is
-    enabled (fewstep's stand-in for PD's per-round annealing of the learning rate to 0, which the trainer
-    cannot express); the EMA then restarts with the new round. Nothing happens after the last round (the
+    enabled; the EMA then restarts with the new round. Nothing happens after the last round (the
     trainer also ends the last phase when training ends)."""
     rounds = round_steps(ctx.method)
     if not rounds or phase.name == phase_name(rounds[-1]):
@@ -370,11 +368,13 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
 def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
                    generator: torch.Generator) -> Tensor:
     """N-step DDIM (§4.4) or the stochastic sampler on the nested grid, with w = ``sample_w``; with the
-    model kept for N steps (`keep_steps`) once its round has ended, else the current student."""
+    model kept for N steps (`keep_steps`) once its round has ended, else the current student. The
+    stochastic sampler's jumps span two nominal steps, so it uses the model distilled for N/2 steps."""
     cfg, teacher = ctx.method, nets.teacher
     process = teacher.process
     net = sampling_net(nets)
-    kept = nets.extra.get(kept_name(num_steps))
+    model_steps = num_steps // 2 if cfg.sampler == "stochastic" and num_steps > 1 else num_steps
+    kept = nets.extra.get(kept_name(model_steps))
     if kept is not None and bool(getattr(kept, "round_done", True)):  # an export's kept models are all done
         net = kept
     scalars = guidance_inputs(torch.full((noise.shape[0],), cfg.sample_w, device=noise.device))

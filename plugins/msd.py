@@ -53,6 +53,7 @@ from fewstep.distribution import (
     Players,
     Schedule,
     bottleneck_critic,
+    check_pair_guidance,
     critic_objective,
     denoiser,
     denoising_loss,
@@ -201,6 +202,8 @@ def fewstep_configure(config) -> None:
     if cfg.regression_weight > 0 and config.data.pairs is None:
         raise ValueError("method.regression_weight > 0 needs a pair store: `fewstep pairs TEACHER OUT --num N` "
                          "and data.pairs: OUT (or set regression_weight: 0)")
+    if cfg.regression_weight > 0:
+        check_pair_guidance(config)
     before = (cfg.tsm_nimg if cfg.width < 1 else 0) + (cfg.adm_nimg if cfg.adversarial else 0)
     if before >= config.train.total_nimg:
         raise ValueError(f"train.total_nimg={config.train.total_nimg} leaves no images for phase dm after "

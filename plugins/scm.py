@@ -89,9 +89,10 @@ class SCMConfig(MethodConfig):
         "for DDPM (VP) teachers, exact for EDM and flow teachers. A DDPM teacher is fitted at integer timesteps only "
         "and oscillates between them; on the digits teacher exact tangents were 1.5-9x off a 48-timestep average "
         "and gave noise samples, fd_window 12 gave clean ones (see fewstep/jvp.py).")
-    fd_window: float = Field(12.0, gt=0, description="Half-width of the finite difference in the teacher's timestep "
-                             "input (DDPM timesteps; 12 = two periods of the ~6-timestep oscillation, measured: 2 "
-                             "left 2-step sCM samples noisy on digits).")
+    fd_window: float = Field(12.0, gt=0, description="Half-width of the finite difference of a VP teacher, in its "
+                             "timestep input (DDPM timesteps; 12 = two periods of the ~6-timestep oscillation, "
+                             "measured: 2 left 2-step sCM samples noisy on digits). EDM and flow teachers take the "
+                             "small float step of fewstep.jvp instead.")
     guidance: tuple[float, float] | None = Field(
         None, description="sCD only: w ~ U[lo, hi] per sample, the teacher velocity uses guidance w (CFG, or "
         "autoguidance with teacher.autoguidance) and the student takes w as an extra input (ImageNet-512 sCD: "
@@ -160,7 +161,7 @@ def scm_tangent(net, process, sd: float, x_t: Tensor, t: Tensor, v: Tensor, cond
 
     cos = torch.cos(t)
     step: Tensor | float = 1e-3
-    if mode == "finite_difference":
+    if mode == "finite_difference" and process.kind == "vp":  # EDM / flow teachers: fewstep.jvp's float step
         def model_time(time: Tensor) -> Tensor:
             return process.model_time(process.sigma_to_t(trigflow_sigma_from_t(time, sd)))
 

@@ -317,3 +317,11 @@ def test_the_export_carries_the_velocity_network(tmp_path):
     for k in (1, 2):
         expected = generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, None, k)
         torch.testing.assert_close(generate(loaded.hook, loaded.ctx, loaded.nets, noise, None, k), expected)
+
+
+def test_acceleration_after_a_reflow_only_velocity_stage_needs_h_one(tmp_path):
+    """Without a velocity phase v_theta is the reflow (h = 1) velocity; a_phi must then be read with h = 1."""
+    teacher = make_tiny_teacher(tmp_path / "t", "unet")
+    method = {"name": "caf", "h": 1.5, "reflow_nimg": 4, "velocity_nimg": 0}
+    with pytest.raises(ValueError, match="set method.h: 1.0"):
+        run_tiny(tiny_run_config(teacher, method, steps=2, data={"pairs": str(tmp_path / "missing")}), tmp_path / "r")

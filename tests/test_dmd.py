@@ -135,3 +135,13 @@ def test_multistep_sampler_uses_the_trained_levels(class_teacher, tmp_path):
     process = trainer.nets.teacher.process
     expected = [process.sigma_to_t(s).item() for k in (1, 2, 4) for s in generator_levels(sched.grid, k)]
     assert seen == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_pair_store_made_at_another_guidance_is_refused(class_teacher, tmp_path):
+    """DMD's regression pairs must be the real score's (guided) ODE solutions (§1.4)."""
+    pairs = {"pairs": str(pair_store(class_teacher))}
+    with pytest.raises(ValueError, match="made at guidance 1 but the real score uses 2"):
+        run_tiny(tiny_run_config(class_teacher, {"name": "dmd", "real_guidance": 2.0}, steps=1, data=pairs),
+                 tmp_path / "a")
+    run_tiny(tiny_run_config(class_teacher, {"name": "dmd", "real_guidance": 1.0}, steps=1, data=pairs),
+             tmp_path / "b")

@@ -180,7 +180,8 @@ def test_emd_tangent_vanishes_at_the_exact_flow_map(mode):
     torch.testing.assert_close(F_minus, exact_average_velocity(x, t, s))
     scale = (v - F_minus).flatten(1).norm(dim=1)  # each term alone is far from zero...
     assert float(scale.min()) > 0.05
-    assert float((g.flatten(1).norm(dim=1) / scale).max()) < 1e-6  # ...their sum df*/dt is zero
+    tol = 1e-6 if mode == "exact" else 1e-5  # the central difference's O(h²) truncation at step 1e-3
+    assert float((g.flatten(1).norm(dim=1) / scale).max()) < tol  # ...their sum df*/dt is zero
     # The teacher-velocity student (the state at step 0: F(x, t, s) = v(x, t)) is not a flow map.
     _, g0 = flowmap.emd_tangent(AnalyticFlowNet(lambda x_, t_, s_: exact_velocity(x_, t_)), PROCESS, x, t, s, v,
                                 None, 1.0, {}, mode=mode)
@@ -194,7 +195,8 @@ def test_lmd_residual_vanishes_at_the_exact_flow_map(mode):
     F_minus, g = flowmap.lmd_tangent(exact, PROCESS, x, t, s, exact_velocity, None, 1.0, {}, mode=mode,
                                      fd_window=1e-3)
     scale = F_minus.flatten(1).norm(dim=1)
-    assert float((g.flatten(1).norm(dim=1) / scale).max()) < 1e-6
+    tol = 1e-6 if mode == "exact" else 1e-5  # the central difference's O(h²) truncation at step 1e-3
+    assert float((g.flatten(1).norm(dim=1) / scale).max()) < tol
 
 
 def _chain_error(F_fn, n: int, gamma: float = 0.0) -> float:
@@ -267,9 +269,12 @@ def _chain_errors(net, steps) -> list[float]:
     return errors
 
 
-def test_emd_training_on_gaussian_data_approaches_the_exact_flow_map():
+@pytest.mark.parametrize("objective", ["emd", "lmd"])
+def test_training_on_gaussian_data_approaches_the_exact_flow_map(objective):
+    """The hook's target (``map_target``) trains towards the exact map with either objective; a sign error in
+    the target diverges (LMD with F⁻ + ĝ: chain errors 14, 34, 0.9)."""
     torch.manual_seed(0)
-    net, cfg = CorrectedVelocity(), flowmap.FlowMapConfig()
+    net, cfg = CorrectedVelocity(), flowmap.FlowMapConfig(objective=objective)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99))
     g = torch.Generator().manual_seed(0)
     t_min, t_max = flowmap.time_range(PROCESS)
@@ -281,12 +286,15 @@ def test_emd_training_on_gaussian_data_approaches_the_exact_flow_map():
         x0, eps = MU + S * torch.randn(256, 16, generator=g), torch.randn(256, 16, generator=g)
         x = (1 - t)[:, None] * x0 + t[:, None] * eps
         r = flowmap.tangent_warmup(it, 200, cfg.r_max)
-        F_minus, tangent = flowmap.emd_tangent(net, PROCESS, x, t, s, exact_velocity(x, t), None, r, {})
-        target = F_minus + flowmap.normalize_tangent(tangent, cfg.tangent_norm, cfg.tangent_c)
+        if objective == "emd":
+            F_minus, tangent = flowmap.emd_tangent(net, PROCESS, x, t, s, exact_velocity(x, t), None, r, {})
+        else:
+            F_minus, tangent = flowmap.lmd_tangent(net, PROCESS, x, t, s, exact_velocity, None, r, {})
+        target = flowmap.map_target(objective, F_minus, tangent, cfg.tangent_norm, cfg.tangent_c)
         loss = (flowmap.average_velocity(net, PROCESS, x, t, s, None) - target).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    after = _chain_errors(net, steps)  # measured 0.035, 0.038, 0.036
+    after = _chain_errors(net, steps)  # measured: EMD 0.035, 0.038, 0.036; LMD 0.091, 0.072, 0.016
     assert all(a < b for a, b in zip(after, before)), (before, after)  # better than DDIM at every step count
     assert after[0] < 0.25 * before[0], (before, after)

@@ -89,3 +89,18 @@ def test_diffusion_discriminator_is_a_trainable_copy():
     logits = disc(torch.randn(2, 1, 8, 8), torch.tensor([3.0, 4.0]), Cond(labels=torch.tensor([1, 2])))
     assert logits.shape == (2,)
     assert output_layer(backbone) is backbone.model.proj_out_2.weight
+
+
+def test_probe_condition_needs_no_null_class():
+    """Sizing a head or discriminator must work for class teachers trained without a null class (CAF's and
+    CTM's EDM CIFAR-10 setting): the probe is class 0, never the null condition."""
+    from types import SimpleNamespace
+
+    from fewstep.gan import probe_cond
+
+    def no_null(n):
+        raise AssertionError("probe_cond asked a class teacher for its null condition")
+
+    class_teacher = SimpleNamespace(conditioning="class", device=torch.device("cpu"), null_cond=no_null)
+    assert probe_cond(class_teacher).labels.tolist() == [0]
+    assert probe_cond(SimpleNamespace(conditioning="none", device=torch.device("cpu"))) is None

@@ -3,6 +3,7 @@ stochastic-sampler variants, and its maths against closed forms (distribution.md
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -382,6 +383,11 @@ def test_phases_halve_the_steps_and_hand_the_student_over(tmp_path):
     by_hand = guided.fewstep_sample(ctx=ctx, nets=Nets(nets.teacher, kept, {}), noise=noise, cond=cond,
                                     num_steps=2, generator=None)
     torch.testing.assert_close(two, by_hand, rtol=0, atol=0)
+    # The stochastic sampler's jumps span two nominal steps: its 4-step rows use the 2-step model.
+    stochastic = dataclasses.replace(ctx, method=ctx.method.model_copy(update={"sampler": "stochastic"}))
+    outs = [guided.fewstep_sample(ctx=stochastic, nets=n, noise=noise, cond=cond, num_steps=4,
+                                  generator=torch.Generator().manual_seed(0)) for n in (nets, Nets(nets.teacher, kept, {}))]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
 
 def test_kept_rounds_must_be_rounds_of_the_run():
