@@ -44,6 +44,16 @@ def consistency_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: 
     return karras_sigmas(num_steps + 1, sigma_min, sigma_max, rho)[:-1].tolist()
 
 
+def sampler_sigmas(overrides: dict[int, list[float]], num_steps: int, sigma_min: float, sigma_max: float,
+                   rho: float = 7.0) -> list[float]:
+    """The N levels of a multistep sampler: a recipe's ``method.sample_sigmas[N]`` when given (checked to
+    hold N levels), else :func:`consistency_sigmas`."""
+    sigmas = overrides.get(num_steps) or consistency_sigmas(num_steps, sigma_min, sigma_max, rho)
+    if len(sigmas) != num_steps:
+        raise ValueError(f"method.sample_sigmas[{num_steps}] has {len(sigmas)} levels; expected {num_steps}")
+    return sigmas
+
+
 def consistency_sample(f: Denoiser, noise: Tensor, sigmas: list[float], sigma_min: float,
                        generator: torch.Generator | None = None, clamp: bool = False) -> Tensor:
     """Multistep consistency sampling (CM Algorithm 1).

@@ -31,7 +31,7 @@ from fewstep.diffusion import (
 from fewstep.hookspecs import hookimpl
 from fewstep.losses import distance
 from fewstep.nn import ema_update, frozen_copy, same_dropout, unwrap
-from fewstep.sampling import consistency_sample, consistency_sigmas, sampling_net
+from fewstep.sampling import consistency_sample, sampler_sigmas, sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
 
 # num_train_timesteps of the stock CMStochasticIterativeScheduler in an export: with T - 1 = 840 = lcm(1..8),
@@ -319,9 +319,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     cfg, teacher = ctx.method, nets.teacher
     process = teacher.process
     lo, hi = _range(cfg, process)
-    sigmas = cfg.sample_sigmas.get(num_steps) or consistency_sigmas(num_steps, lo, hi, cfg.rho)
-    if len(sigmas) != num_steps:
-        raise ValueError(f"method.sample_sigmas[{num_steps}] has {len(sigmas)} levels; expected {num_steps}")
+    sigmas = sampler_sigmas(cfg.sample_sigmas, num_steps, lo, hi, cfg.rho)
     net = sampling_net(nets)
     w = None
     if getattr(cfg, "guidance", None) is not None:

@@ -41,7 +41,7 @@ from fewstep.gan import (
 from fewstep.hookspecs import hookimpl
 from fewstep.losses import distance
 from fewstep.nn import ema_update, frozen_copy, same_dropout
-from fewstep.sampling import consistency_sigmas, sampling_net
+from fewstep.sampling import sampler_sigmas, sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, Phase, RunContext, StepInfo
 
 Jump = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x (B,C,H,W), t (B,), s (B,)) -> G(x, t, s)
@@ -382,9 +382,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     cfg, teacher = ctx.method, nets.teacher
     process = teacher.process
     lo, hi = _range(cfg, process)
-    sigmas = cfg.sample_sigmas.get(num_steps) or consistency_sigmas(num_steps, lo, hi, cfg.rho)
-    if len(sigmas) != num_steps:
-        raise ValueError(f"method.sample_sigmas[{num_steps}] has {len(sigmas)} levels; expected {num_steps}")
+    sigmas = sampler_sigmas(cfg.sample_sigmas, num_steps, lo, hi, cfg.rho)
     net = sampling_net(nets)
 
     def G(x: Tensor, t: Tensor, s: Tensor) -> Tensor:

@@ -39,10 +39,9 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from fewstep.backbones import guidance_inputs
-from fewstep.config import MethodConfig
 from fewstep.diffusion import FlowProcess, append_dims
 from fewstep.hookspecs import hookimpl
-from fewstep.jvp import jvp, window_steps
+from fewstep.jvp import TangentOptions, jvp, normalize_tangent, resolve_mode, window_steps
 from fewstep.nn import same_dropout, unwrap
 from fewstep.sampling import sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
@@ -50,7 +49,7 @@ from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunCont
 _FLOW = FlowProcess()  # only its sigma <-> flow-time conversions are used: t = sigma/(1 + sigma), alpha = 1 − t
 
 
-class FlowMapConfig(MethodConfig):
+class FlowMapConfig(TangentOptions):
     """AYF-EMD / AYF-LMD (§9.2-9.5)."""
 
     name: Literal["flowmap"] = "flowmap"
@@ -67,20 +66,6 @@ class FlowMapConfig(MethodConfig):
                              "[UNVERIFIED length: sCM's 10k iterations at batch 512]; 0: r = r_max at once.")
     r_max: float = Field(0.99, ge=0.0, le=1.0, description="Final warm-up factor (§9.2: 0.99, never 1; the r < 1 part "
                          "acts as a flow-matching regulariser).")
-    tangent_norm: Literal["normalize", "clip", "none"] = Field(
-        "normalize", description="normalize: g/(||g|| + c) per sample (§9.2, as sCM); clip: g clamped to [-1, 1]; "
-        "none: raw g.")
-    tangent_c: float = Field(0.1, gt=0, description="c of the tangent normalisation (§9.2: 0.1).")
-    jvp: Literal["auto", "exact", "finite_difference"] = Field(
-        "auto", description="exact: forward-mode AD (torch.func.jvp, the paper's); finite_difference: central "
-        "difference along the trajectory moving the teacher's timestep input by ±fd_window; auto: finite_difference "
-        "for DDPM (VP) teachers, exact for EDM and flow teachers. A DDPM teacher is fitted at integer timesteps only "
-        "and oscillates between them; on the digits teacher exact tangents were 1.5-9x off a 48-timestep average "
-        "and gave noise samples, fd_window 12 gave clean ones (see fewstep/jvp.py).")
-    fd_window: float = Field(12.0, gt=0, description="Half-width of the finite difference of a VP teacher, in its "
-                             "timestep input (DDPM timesteps; 12 = two periods of the ~6-timestep oscillation, "
-                             "measured: 2 left 2-step sCM samples noisy on digits). EDM and flow teachers take the "
-                             "small float step of fewstep.jvp instead.")
     guidance: tuple[float, float] | None = Field(
         None, description="lambda ~ U[lo, hi] per sample: the teacher velocity is guided with lambda (autoguidance "
         "when teacher.autoguidance is set, §9.5, else CFG) and the student takes lambda as an input "
@@ -149,11 +134,6 @@ def flow_map(F: Tensor, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
     return x + append_dims(s - t, x.ndim) * F
 
 
-def jvp_mode(cfg: FlowMapConfig, process) -> str:
-    """"auto" resolves to finite_difference for DDPM (VP) teachers and exact otherwise (see the field)."""
-    if cfg.jvp != "auto":
-        return cfg.jvp
-    return "finite_difference" if process.kind == "vp" else "exact"
 
 
 def _steps(mode: str, process, time_map, t: Tensor, window: float) -> Tensor | float:
@@ -208,13 +188,6 @@ def lmd_tangent(net, process, x: Tensor, t: Tensor, s: Tensor, teacher_velocity,
     return F_minus, F_minus + r * append_dims(s - t, x.ndim) * dF_ds - v_end
 
 
-def normalize_tangent(g: Tensor, kind: str, c: float) -> Tensor:
-    """g/(||g||₂ + c) over the whole sample, or g clamped to [-1, 1] (§9.2, as sCM)."""
-    if kind == "normalize":
-        return g / append_dims(g.flatten(1).norm(dim=1) + c, g.ndim)
-    if kind == "clip":
-        return g.clamp(-1.0, 1.0)
-    return g
 
 
 def default_sample_times(process, num_steps: int) -> list[float]:
@@ -298,7 +271,7 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     with same_dropout():
         F_theta = average_velocity(nets.student, process, x_t, t, s, batch.cond, **scalars)
     # The frozen copy is the unwrapped student: the JVP must not run through the DDP wrapper.
-    frozen, mode = unwrap(nets.student), jvp_mode(cfg, process)
+    frozen, mode = unwrap(nets.student), resolve_mode(cfg.jvp, process)
     if cfg.objective == "emd":
         v = v_teacher(x_t, t)
         F_minus, g = emd_tangent(frozen, process, x_t, t, s, v, batch.cond, r, scalars, mode, cfg.fd_window)

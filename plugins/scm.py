@@ -43,7 +43,6 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from fewstep.backbones import guidance_inputs
-from fewstep.config import MethodConfig
 from fewstep.diffusion import (
     append_dims,
     lognormal_sigmas,
@@ -54,7 +53,7 @@ from fewstep.diffusion import (
     trigflow_velocity,
 )
 from fewstep.hookspecs import hookimpl
-from fewstep.jvp import jvp, window_steps
+from fewstep.jvp import TangentOptions, jvp, normalize_tangent, resolve_mode, window_steps
 from fewstep.nn import same_dropout, unwrap
 from fewstep.sampling import sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
@@ -62,7 +61,7 @@ from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunCont
 WEIGHT_NET = "adaptive_weight"
 
 
-class SCMConfig(MethodConfig):
+class SCMConfig(TangentOptions):
     """sCT / sCD, paper Algorithm 1 (§6.2). Defaults are the CIFAR-10 settings of §6.4."""
 
     name: Literal["scm"] = "scm"
@@ -77,22 +76,8 @@ class SCMConfig(MethodConfig):
                              "times and starts the sampler (paper: arctan(80/sd) = 1.5645); capped at the teacher's.")
     warmup_nimg: int = Field(5_120_000, ge=0, description="Tangent warm-up H in images, r = min(1, nimg/H) (paper: 10k "
                              "iterations, 5.12M images at CIFAR-10's batch 512); 0: r = 1 from the start.")
-    tangent_norm: Literal["normalize", "clip", "none"] = Field(
-        "normalize", description="normalize: g/(||g|| + c) per sample (paper); clip: g clamped to [-1, 1] (the "
-        "paper's alternative); none: raw g (for tests and ablations).")
-    tangent_c: float = Field(0.1, gt=0, description="c of the tangent normalisation (paper: 0.1).")
     adaptive_weight: bool = Field(True, description="Learn w_phi(t): loss e^w/D ||.||² − w (paper); false: ||.||²/D.")
     weight_channels: int = Field(128, ge=1, description="Fourier features of w_phi (EDM2's logvar head: 128, [UNVERIFIED]).")
-    jvp: Literal["auto", "exact", "finite_difference"] = Field(
-        "auto", description="exact: forward-mode AD (torch.func.jvp, the paper's); finite_difference: central "
-        "difference along the trajectory moving the teacher's timestep input by ±fd_window; auto: finite_difference "
-        "for DDPM (VP) teachers, exact for EDM and flow teachers. A DDPM teacher is fitted at integer timesteps only "
-        "and oscillates between them; on the digits teacher exact tangents were 1.5-9x off a 48-timestep average "
-        "and gave noise samples, fd_window 12 gave clean ones (see fewstep/jvp.py).")
-    fd_window: float = Field(12.0, gt=0, description="Half-width of the finite difference of a VP teacher, in its "
-                             "timestep input (DDPM timesteps; 12 = two periods of the ~6-timestep oscillation, "
-                             "measured: 2 left 2-step sCM samples noisy on digits). EDM and flow teachers take the "
-                             "small float step of fewstep.jvp instead.")
     guidance: tuple[float, float] | None = Field(
         None, description="sCD only: w ~ U[lo, hi] per sample, the teacher velocity uses guidance w (CFG, or "
         "autoguidance with teacher.autoguidance) and the student takes w as an extra input (ImageNet-512 sCD: "
@@ -175,20 +160,8 @@ def scm_tangent(net, process, sd: float, x_t: Tensor, t: Tensor, v: Tensor, cond
     return f_minus, g
 
 
-def jvp_mode(cfg: SCMConfig, process) -> str:
-    """"auto" resolves to finite_difference for DDPM (VP) teachers and exact otherwise (see the field)."""
-    if cfg.jvp != "auto":
-        return cfg.jvp
-    return "finite_difference" if process.kind == "vp" else "exact"
 
 
-def normalize_tangent(g: Tensor, kind: str, c: float) -> Tensor:
-    """g/(||g||₂ + c) with the norm over the whole sample, or g clamped to [-1, 1] (Alg. 1 step 6)."""
-    if kind == "normalize":
-        return g / append_dims(g.flatten(1).norm(dim=1) + c, g.ndim)
-    if kind == "clip":
-        return g.clamp(-1.0, 1.0)
-    return g
 
 
 def scm_objective(net, process, sd: float, x_t: Tensor, t: Tensor, v: Tensor, cond: Cond | None, r: float,
@@ -200,7 +173,7 @@ def scm_objective(net, process, sd: float, x_t: Tensor, t: Tensor, v: Tensor, co
     parts of F cancel exactly."""
     with same_dropout():
         f_theta = consistency_fn(net, process, sd, x_t, t, cond, **scalars)
-    f_minus, g = scm_tangent(unwrap(net), process, sd, x_t, t, v, cond, r, scalars, jvp_mode(cfg, process),
+    f_minus, g = scm_tangent(unwrap(net), process, sd, x_t, t, v, cond, r, scalars, resolve_mode(cfg.jvp, process),
                              cfg.fd_window)
     diff = (f_minus - f_theta) / (sd * append_dims(torch.sin(t), x_t.ndim)) - normalize_tangent(
         g, cfg.tangent_norm, cfg.tangent_c)
