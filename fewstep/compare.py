@@ -30,7 +30,8 @@ def load_run_summary(run: Path) -> dict[str, Any]:
                          "in its recipe)")
     teacher = config.get("teacher", {})
     return {"run": run, "method": config["method"]["name"], "teacher": str(teacher.get("pretrained")),
-            "autoguidance": teacher.get("autoguidance"), "eval": summary["eval"], "nimg": summary.get("nimg"),
+            "autoguidance": teacher.get("autoguidance"), "guidance": float(teacher.get("guidance", 1.0)),
+            "eval": summary["eval"], "nimg": summary.get("nimg"),
             "wall_time_s": summary.get("wall_time_s"), "peak_memory_mb": summary.get("peak_memory_mb")}
 
 
@@ -60,13 +61,24 @@ def _rows(run: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     return sorted(found, key=lambda row: row[0])
 
 
-def _teacher_row(runs: list[dict[str, Any]]) -> tuple[int, dict[str, Any]] | None:
+def _teacher_label(run: dict[str, Any]) -> str:
+    """'teacher', or how the run's teacher row was guided (its recipe's teacher.guidance / autoguidance)."""
+    if run["guidance"] == 1.0:
+        return "teacher"
+    return f"teacher, {'autoguided' if run['autoguidance'] else 'CFG'} {run['guidance']:g}"
+
+
+def _teacher_rows(runs: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, Any]]]:
+    """One teacher row per distinct teacher setting among the runs (the unguided one first): runs that
+    guide their teacher evaluate it guided, which is another distribution."""
+    rows: dict[str, tuple[str, int, dict[str, Any]]] = {}
     for run in runs:
-        for label, metrics in run["eval"].items():
-            m = re.fullmatch(r"teacher (\d+) steps", label)
-            if m and isinstance(metrics, dict):
-                return int(m.group(1)), metrics
-    return None
+        label = _teacher_label(run)
+        for name, metrics in run["eval"].items():
+            m = re.fullmatch(r"teacher (\d+) steps", name)
+            if m and isinstance(metrics, dict) and label not in rows:
+                rows[label] = (label, int(m.group(1)), metrics)
+    return sorted(rows.values(), key=lambda row: row[0] != "teacher")
 
 
 def _fmt(value: Any, spec: str, unit: str = "") -> str:
@@ -82,10 +94,9 @@ def compare_runs(paths: list[Path], out: Path | None = None) -> str:
              f"{e.get('reference')}.", "",
              "| method | run | steps | FID | precision | recall | images seen | wall time | peak memory | samples/s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    teacher = _teacher_row(runs)
-    if teacher is not None:
-        k, m = teacher
-        lines.append(f"| teacher | – | {k} | {m['fid']:.2f} | {m['precision']:.3f} | {m['recall']:.3f} | – | – | – | "
+    teachers = _teacher_rows(runs)
+    for label, k, m in teachers:
+        lines.append(f"| {label} | – | {k} | {m['fid']:.2f} | {m['precision']:.3f} | {m['recall']:.3f} | – | – | – | "
                      f"{m['samples_per_s']:.1f} |")
     for run in runs:
         wall = None if run["wall_time_s"] is None else run["wall_time_s"] / 60
@@ -98,12 +109,13 @@ def compare_runs(paths: list[Path], out: Path | None = None) -> str:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.md").write_text(table)
-        plot_fid_vs_steps(runs, teacher, out / "compare.png")
+        plot_fid_vs_steps(runs, teachers[0] if teachers else None, out / "compare.png")
     return table
 
 
-def plot_fid_vs_steps(runs: list[dict[str, Any]], teacher: tuple[int, dict[str, Any]] | None, path: Path) -> Path:
-    """FID against the number of sampling steps, one line per run, the teacher as a dashed line."""
+def plot_fid_vs_steps(runs: list[dict[str, Any]], teacher: tuple[str, int, dict[str, Any]] | None,
+                      path: Path) -> Path:
+    """FID against the number of sampling steps, one line per run, the (first) teacher row as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +128,7 @@ def plot_fid_vs_steps(runs: list[dict[str, Any]], teacher: tuple[int, dict[str, 
         steps_seen.update(k for k, _ in rows)
         ax.plot([k for k, _ in rows], [m["fid"] for _, m in rows], marker="o", label=f"{run['method']} ({run['run'].name})")
     if teacher is not None:
-        ax.axhline(teacher[1]["fid"], color="k", linestyle="--", linewidth=1, label=f"teacher, {teacher[0]} steps")
+        ax.axhline(teacher[2]["fid"], color="k", linestyle="--", linewidth=1, label=f"{teacher[0]}, {teacher[1]} steps")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(steps_seen), [str(k) for k in sorted(steps_seen)])
     ax.set_xlabel("sampling steps (network evaluations per step vary by method)")

@@ -10,13 +10,15 @@ from fewstep import cli
 from fewstep.compare import compare_runs
 
 
-def _run(root, name, method="cd", teacher="/teachers/a", num=1000, fids=(50.0, 40.0, 45.0)):
+def _run(root, name, method="cd", teacher="/teachers/a", num=1000, fids=(50.0, 40.0, 45.0), guidance=1.0,
+         teacher_fid=10.0):
     run = root / name
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"method": {"name": method}, "teacher": {"pretrained": teacher}}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"method": {"name": method},
+                                                     "teacher": {"pretrained": teacher, "guidance": guidance}}))
     row = lambda fid: {"fid": fid, "precision": 0.5, "recall": 0.25, "samples_per_s": 100.0}  # noqa: E731
     evaluation = {"num": num, "reference": "fashion: 60000 images", "features": "inception.pt",
-                  "teacher 32 steps": row(10.0), **{f"student {k} step" + ("s" if k > 1 else ""): row(f)
+                  "teacher 32 steps": row(teacher_fid), **{f"student {k} step" + ("s" if k > 1 else ""): row(f)
                                                     for k, f in zip((1, 2, 4), fids)}}
     summary = {"method": method, "nimg": 60000, "wall_time_s": 600.0, "peak_memory_mb": 512.0, "eval": evaluation}
     (run / "summary.json").write_text(json.dumps(summary))
@@ -32,6 +34,14 @@ def test_table_and_plot(tmp_path):
     assert sum(line.startswith("| cd |") for line in lines) == 3
     assert (tmp_path / "out" / "compare.md").read_text() == table
     assert Image.open(tmp_path / "out" / "compare.png").size[0] > 100
+
+
+def test_a_guided_teacher_gets_its_own_row(tmp_path):
+    runs = [_run(tmp_path, "guided", "guided", guidance=1.5, teacher_fid=30.0), _run(tmp_path, "cd")]
+    lines = compare_runs(runs).splitlines()
+    teacher_rows = [line for line in lines if line.startswith("| teacher")]
+    assert teacher_rows[0].startswith("| teacher | – | 32 | 10.00 |")  # the unguided teacher first
+    assert teacher_rows[1].startswith("| teacher, CFG 1.5 | – | 32 | 30.00 |")
 
 
 def test_refuses_runs_of_different_teachers_or_protocols(tmp_path, capsys):
