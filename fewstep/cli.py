@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field of the run's recipe for this evaluation, e.g. --set method.guidance=1.5 "
                    "(the result replaces the eval block of RUN/summary.json)")
 
+    p = sub.add_parser("coupling", help="coupling preservation: PSNR of a run's N-step samples against the "
+                       "teacher's images for the same noise -> RUN/summary.json")
+    p.add_argument("run", type=Path, help="run folder written by `fewstep distill`")
+    p.add_argument("pairs", type=Path, help="pair store of the run's teacher (`fewstep pairs`), preferably held "
+                   "out: made with another --seed than the training pairs")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student step counts (default 1 2 4)")
+    p.add_argument("--num", type=int, default=1000, help="pairs to use (default 1000)")
+    p.add_argument("--checkpoint", default=None, help="this checkpoint (name, step or images seen) instead of "
+                   "the latest")
+
     p = sub.add_parser("export", help="write a run's student as a diffusers pipeline folder")
     p.add_argument("run", type=Path, help="run folder written by `fewstep distill` / `fewstep train`")
     p.add_argument("out", type=Path, help="output folder (replaced if it exists)")
@@ -107,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"distill": cmd_distill, "train": cmd_distill, "validate": cmd_validate,
                 "plugins": cmd_plugins, "sample": cmd_sample, "eval": cmd_eval, "pairs": cmd_pairs,
-                "export": cmd_export, "compare": cmd_compare}[args.command](args)
+                "export": cmd_export, "compare": cmd_compare, "coupling": cmd_coupling}[args.command](args)
     except (ConfigError, PluginError) as exc:
         print(f"fewstep: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -212,6 +222,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for label, m in results.items():
         if isinstance(m, dict):
             print(f"{label:<22} {m['fid']:>9.2f} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['samples_per_s']:>10.1f}")
+    print(f"written to {path}")
+    return 0
+
+
+def cmd_coupling(args: argparse.Namespace) -> int:
+    from fewstep.evaluation import evaluate_coupling
+    from fewstep.pairs import PairStore
+
+    trainer, pm = _built_run(args.run, args.checkpoint)
+    store = PairStore(args.pairs)
+    if Path(store.manifest.get("teacher", "")).resolve() != Path(trainer.nets.teacher.source).resolve():
+        print(f"warning: {args.pairs} was made from {store.manifest.get('teacher')}, the run's teacher is "
+              f"{trainer.nets.teacher.source}", file=sys.stderr)
+    results = evaluate_coupling(pm.hook, trainer.ctx, trainer.nets, store, args.steps, args.num)
+    block = {"pairs": str(args.pairs), "num": min(args.num, len(store)),
+             **{f"student {k} step" + ("s" if k > 1 else ""): m for k, m in results.items()}}
+    path = trainer.write_summary(coupling=block)
+    print(f"{'row':<18} {'PSNR (dB)':>10} {'MSE':>10}   (n={block['num']} pairs of {args.pairs})")
+    for k, m in results.items():
+        print(f"{'student ' + str(k) + (' steps' if k > 1 else ' step'):<18} {m['psnr']:>10.2f} {m['mse']:>10.5f}")
     print(f"written to {path}")
     return 0
 

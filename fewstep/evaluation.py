@@ -249,3 +249,41 @@ def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int]
     for label, (features, info) in rows.items():
         results[label] = {**compare_features(real, features), **info}
     return results
+
+
+def coupling_preservation(samples: torch.Tensor, targets: torch.Tensor, data_range: float = 2.0) -> dict[str, float]:
+    """How close N-step samples are to the teacher's images for the same noise (CAF §8.8 reports PSNR).
+
+    samples, targets: (B, ...) in data space ([-1, 1]: data_range 2). Returns ``mse`` (mean over samples of
+    the per-sample mean squared error) and ``psnr`` (mean over samples of 10 log10(range² / mse), dB)."""
+    mse = (samples.float() - targets.float()).flatten(1).square().mean(1)
+    psnr = 10 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
+    return {"mse": float(mse.mean()), "psnr": float(psnr.mean())}
+
+
+@torch.no_grad()
+def evaluate_coupling(hook, ctx, nets, store, steps: list[int], num: int,
+                      batch_size: int = 256) -> dict[int, dict[str, float]]:
+    """:func:`coupling_preservation` of the method's N-step sampler on the first ``num`` pairs of ``store``
+    (a :class:`fewstep.pairs.PairStore`, preferably held out: made with another ``--seed``), per N in steps.
+    Meaningful for deterministic samplers (CAF, reflow, CTM with gamma 0, DMD with its regression); a sampler
+    that re-noises (CM's multistep) leaves the teacher's trajectory by design."""
+    from fewstep.sampling import generate
+    from fewstep.types import Cond
+
+    teacher = nets.teacher
+    idx = torch.arange(min(num, len(store)))
+    results = {}
+    for k in steps:
+        samples, targets = [], []
+        for rows in idx.split(batch_size):
+            z, x1, labels, prompts = store.get(rows)
+            cond = None
+            if labels is not None:
+                cond = Cond(labels=labels.to(ctx.device))
+            elif prompts is not None:
+                cond = teacher.encode_prompts(list(prompts))
+            samples.append(generate(hook, ctx, nets, z.to(ctx.device), cond, k))
+            targets.append(teacher.decode(x1.to(ctx.device, teacher.dtype)).float().cpu())
+        results[k] = coupling_preservation(torch.cat(samples), torch.cat(targets))
+    return results

@@ -364,9 +364,10 @@ class Trainer:
                             teacher_steps=cfg.teacher_steps, reference=cfg.reference or "data",
                             batch_size=cfg.batch, seed=cfg.seed)
 
-    def write_summary(self, evaluation: dict[str, Any] | None = None) -> Path:
-        """Merge this run's numbers (and an evaluation, under "eval") into RUN/summary.json. Training
-        numbers (wall time, images/s, peak memory) are written only by a run that trained."""
+    def write_summary(self, evaluation: dict[str, Any] | None = None, coupling: dict[str, Any] | None = None) -> Path:
+        """Merge this run's numbers (an evaluation under "eval", coupling preservation under "coupling") into
+        RUN/summary.json. Training numbers (wall time, images/s, peak memory) are written only by a run that
+        trained."""
         path = self.run_dir / "summary.json"
         summary = json.loads(path.read_text()) if path.exists() else {}
         seen = self.state.nimg - self._nimg0
@@ -377,6 +378,8 @@ class Trainer:
                             "peak_memory_mb": round(peak_memory_mb(self.ctx.device), 1)})
         if evaluation is not None:
             summary["eval"] = evaluation
+        if coupling is not None:
+            summary["coupling"] = coupling
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(summary, indent=2))
         tmp.replace(path)

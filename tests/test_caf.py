@@ -12,6 +12,7 @@ from fewstep_plugins import caf
 from torch import nn
 
 from fewstep.config import ConfigError
+from fewstep.evaluation import coupling_preservation, evaluate_coupling
 from fewstep.export import load_export
 from fewstep.pairs import MANIFEST, PairStore, generate_pairs
 from fewstep.plugin import build_manager
@@ -167,10 +168,10 @@ def test_coupling_preservation_on_known_errors():
     10 log10(4/0.04) = 20 dB; the metric averages both over samples."""
     target = torch.zeros(2, 1, 4, 4)
     samples = target + torch.tensor([0.1, 0.2]).view(2, 1, 1, 1)
-    got = caf.coupling_preservation(samples, target)
+    got = coupling_preservation(samples, target)
     assert got["mse"] == pytest.approx(0.025)
     assert got["psnr"] == pytest.approx((10 * math.log10(400) + 20.0) / 2, abs=1e-4)
-    assert caf.coupling_preservation(samples[:1], target[:1], data_range=1.0)["psnr"] == pytest.approx(20.0, abs=1e-4)
+    assert coupling_preservation(samples[:1], target[:1], data_range=1.0)["psnr"] == pytest.approx(20.0, abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +188,7 @@ def test_a_teacher_copy_is_the_teachers_probability_flow(tmp_path, process, pred
     z = _rand(2, 1, 8, 8)
     reference = teacher.sample(z, None, num_steps=32, decode=False)
     with torch.no_grad():
-        errors = [caf.coupling_preservation(caf.euler_sample(
+        errors = [coupling_preservation(caf.euler_sample(
             lambda x, t: caf.flow_output(teacher.net, teacher.process, x, t, 1.0, None), z, n), reference)
             for n in (8, 64)]
     assert errors[1]["mse"] < errors[0]["mse"] / 8
@@ -301,7 +302,7 @@ def test_coupling_of_the_teacher_is_preserved_by_reflow_at_step_zero(tmp_path):
     teacher = make_tiny_teacher(tmp_path / "t", "unet", conditioning="class", prediction_type="v_prediction")
     pairs = tiny_pairs(teacher, num=4, num_steps=32)
     trainer = _setup(tiny_run_config(teacher, {"name": "reflow"}, data={"pairs": str(pairs)}), tmp_path / "run")
-    got = caf.evaluate_coupling(trainer.pm.hook, trainer.ctx, trainer.nets, PairStore(pairs), [2, 64], num=4)
+    got = evaluate_coupling(trainer.pm.hook, trainer.ctx, trainer.nets, PairStore(pairs), [2, 64], num=4)
     assert got[64]["psnr"] > got[2]["psnr"] + 10 and got[64]["psnr"] > 35
 
 
@@ -325,3 +326,22 @@ def test_acceleration_after_a_reflow_only_velocity_stage_needs_h_one(tmp_path):
     method = {"name": "caf", "h": 1.5, "reflow_nimg": 4, "velocity_nimg": 0}
     with pytest.raises(ValueError, match="set method.h: 1.0"):
         run_tiny(tiny_run_config(teacher, method, steps=2, data={"pairs": str(tmp_path / "missing")}), tmp_path / "r")
+
+
+def test_coupling_command_writes_the_summary(tmp_path, capsys):
+    """`fewstep coupling RUN PAIRS`: the same numbers as evaluate_coupling, merged into RUN/summary.json."""
+    import json
+
+    from fewstep import cli
+    from fewstep.config import write_resolved
+
+    teacher = make_tiny_teacher(tmp_path / "t", "unet", prediction_type="v_prediction")
+    pairs = tiny_pairs(teacher, num=4, num_steps=8)
+    config = tiny_run_config(teacher, {"name": "reflow"}, steps=1, data={"pairs": str(pairs)})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    write_resolved(config, tmp_path / "run")
+    assert cli.main(["coupling", str(tmp_path / "run"), str(pairs), "--steps", "1", "8", "--num", "4"]) == 0
+    block = json.loads((tmp_path / "run" / "summary.json").read_text())["coupling"]
+    direct = evaluate_coupling(trainer.pm.hook, trainer.ctx, trainer.nets, PairStore(pairs), [1, 8], num=4)
+    assert block["num"] == 4 and block["student 8 steps"]["psnr"] == pytest.approx(direct[8]["psnr"], abs=1e-3)
+    assert "PSNR" in capsys.readouterr().out
