@@ -7,14 +7,16 @@
 Steps (each skipped when its output already exists, so an interrupted benchmark resumes):
 1. the teacher: `fewstep train recipes/fashion/teacher.yaml --run-dir runs/fashion-teacher` (resumed from its
    checkpoints when interrupted);
-2. the weak teacher for autoguidance: `fewstep export runs/fashion-teacher runs/fashion-teacher-weak
-   --checkpoint 75000` (the teacher after 1/8 of its training);
-3. the pair store of DMD, CAF and reflow: `fewstep pairs runs/fashion-teacher/export runs/fashion-pairs
-   --num 10000 --steps 16`;
-4. every recipe `recipes/fashion/<name>.yaml` into `runs/fashion-<name>`, then `fewstep eval` with one
-   protocol for all rows (1000 samples against the first 1000 test images, student at 1, 2 and 4 steps,
-   teacher at 32 Heun steps);
-5. `fewstep compare` of every evaluated row into docs/benchmarks/fashion.md and .png.
+2. the weak teacher for autoguidance: `fewstep export runs/fashion-teacher runs/fashion-teacher-75k
+   --checkpoint 75008` (the teacher after 1/8 of its training);
+3. the pair stores: `fewstep pairs runs/fashion-teacher/export runs/fashion-pairs --num 10000 --steps 16`
+   (DMD's regression, CAF, reflow) and a held-out one with `--num 1000 --seed 1` (coupling preservation);
+4. the floor of the FID: 1000 training images against the reference (examples/real_data_fid.py);
+5. every recipe `recipes/fashion/<name>.yaml` into `runs/fashion-<name>`, then `fewstep eval` with one
+   protocol for all rows (1000 samples against the first 1000 test images, the student at the recipe's
+   eval.steps, 1/2/4 or the generator's own step counts, the teacher at 32 Heun steps), and `fewstep
+   coupling` on the held-out pairs for the deterministic samplers (CAF, reflow);
+6. `fewstep compare` of every evaluated row into docs/benchmarks/fashion/compare.md and .png.
 
 Needs `apt-get install dataset-fashion-mnist` and `pip install '.[eval]'` (see ../shared/data/README.md).
 Every command runs with one CPU thread (OMP_NUM_THREADS=1), the fastest setting on a shared 2-core machine.
@@ -35,11 +37,15 @@ DATA = Path("/usr/share/datasets/fashion-mnist")
 REFERENCE = DATA / "t10k-images-idx3-ubyte.gz"
 TEACHER_RUN = ROOT / "runs" / "fashion-teacher"
 TEACHER = TEACHER_RUN / "export"
-WEAK = ROOT / "runs" / "fashion-teacher-weak"
+WEAK = ROOT / "runs" / "fashion-teacher-75k"
 PAIRS = ROOT / "runs" / "fashion-pairs"
+HELD_OUT = ROOT / "runs" / "fashion-pairs-heldout"
+OUT = ROOT / "docs" / "benchmarks" / "fashion"
 # Benchmark rows in the order of docs/BENCHMARKS.md; a row whose recipe is missing is skipped with a note.
-ROWS = ["cd", "ct", "ict", "ect", "sct", "scm", "ctm", "flowmap", "dmd", "dmd2", "msd", "guided", "caf", "reflow"]
-EVAL = ["--num", "1000", "--steps", "1", "2", "4", "--teacher-steps", "32", "--reference", str(REFERENCE)]
+ROWS = ["cd", "ct", "ict", "ect", "sct", "scm", "ctm", "flowmap", "dmd", "dmd2", "dmd2-4step", "msd", "guided", "caf",
+        "reflow"]
+COUPLING = {"caf", "reflow"}  # deterministic samplers of the teacher's couplings
+EVAL = ["--num", "1000", "--teacher-steps", "32", "--reference", str(REFERENCE)]  # steps: the recipe's eval.steps
 
 
 def run(cmd: list[str]) -> None:
@@ -65,13 +71,16 @@ def finished(run_dir: Path) -> bool:
 
 
 def evaluated(run_dir: Path) -> bool:
-    """Whether the run holds an evaluation under this benchmark's protocol."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
+    """Whether the run holds an evaluation under this benchmark's protocol, at its recipe's eval.steps."""
+    path, config = run_dir / "summary.json", run_dir / "config.yaml"
+    if not (path.is_file() and config.is_file()):
         return False
+    import yaml
+
+    steps = (yaml.safe_load(config.read_text()).get("eval") or {}).get("steps") or [1, 2, 4]
     e = json.loads(path.read_text()).get("eval", {})
     return e.get("num") == 1000 and "teacher 32 steps" in e and all(
-        f"student {k} step{'s' if k > 1 else ''}" in e for k in (1, 2, 4)) and "t10k" in str(e.get("reference"))
+        f"student {k} step{'s' if k > 1 else ''}" in e for k in steps) and "t10k" in str(e.get("reference"))
 
 
 def train(recipe: Path, run_dir: Path) -> None:
@@ -89,7 +98,7 @@ def main() -> int:
         for name in rows:
             recipe = ROOT / "recipes" / "fashion" / f"{name}.yaml"
             state = "done" if evaluated(ROOT / "runs" / f"fashion-{name}") else "to run"
-            print(f"{name:<8} {recipe.relative_to(ROOT) if recipe.is_file() else '(no recipe)'}  {state}")
+            print(f"{name:<10} {recipe.relative_to(ROOT) if recipe.is_file() else '(no recipe)'}  {state}")
         return 0
     if not REFERENCE.is_file():
         print(f"Fashion-MNIST is missing ({REFERENCE}): apt-get install dataset-fashion-mnist", file=sys.stderr)
@@ -97,9 +106,18 @@ def main() -> int:
     if not (TEACHER / "model_index.json").is_file():
         train(ROOT / "recipes" / "fashion" / "teacher.yaml", TEACHER_RUN)
     if not (WEAK / "model_index.json").is_file():
-        run(fewstep("export", str(TEACHER_RUN), str(WEAK), "--checkpoint", "75000"))
-    if not (PAIRS / "manifest.json").is_file() or json.loads((PAIRS / "manifest.json").read_text())["num"] < 10000:
-        run(fewstep("pairs", str(TEACHER), str(PAIRS), "--num", "10000", "--steps", "16"))
+        run(fewstep("export", str(TEACHER_RUN), str(WEAK), "--checkpoint", "75008"))
+    for store, extra in ((PAIRS, ["--num", "10000"]), (HELD_OUT, ["--num", "1000", "--seed", "1"])):
+        manifest = store / "manifest.json"
+        if not manifest.is_file() or json.loads(manifest.read_text())["num"] < int(extra[1]):
+            run(fewstep("pairs", str(TEACHER), str(store), "--steps", "16", *extra))
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not (OUT / "real.json").is_file():
+        with open(OUT / "real.json", "w") as fh:
+            print("+ examples/real_data_fid.py (-> real.json)", flush=True)
+            subprocess.run([sys.executable, str(ROOT / "examples" / "real_data_fid.py"), str(DATA / "train-images-idx3-ubyte.gz"),
+                            str(REFERENCE), "--num", "1000"], check=True, cwd=ROOT, stdout=fh,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     done = []
     for name in rows:
         recipe = ROOT / "recipes" / "fashion" / f"{name}.yaml"
@@ -111,9 +129,11 @@ def main() -> int:
             train(recipe, run_dir)
         if not evaluated(run_dir):
             run(fewstep("eval", str(run_dir), *EVAL))
+        if name in COUPLING and "coupling" not in json.loads((run_dir / "summary.json").read_text()):
+            run(fewstep("coupling", str(run_dir), str(HELD_OUT), "--steps", "1", "2", "4", "--num", "1000"))
         done.append(run_dir)
     if done:
-        run(fewstep("compare", *map(str, done), "--out", str(ROOT / "docs" / "benchmarks" / "fashion")))
+        run(fewstep("compare", *map(str, done), "--out", str(OUT)))
     return 0
 
 
