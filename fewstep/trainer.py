@@ -263,7 +263,7 @@ class Trainer:
             if restored is None:
                 raise TrainingError(f"--resume: no checkpoint found in {self.run_dir / 'checkpoints'}")
             self.state = TrainState(step=int(restored["step"]), nimg=int(restored["nimg"]))
-        self._t0, self._nimg0, self._t_end = time.perf_counter(), self.state.nimg, None
+        self._t0, self._nimg0, self._t_end, self._peak_mb = time.perf_counter(), self.state.nimg, None, None
 
     def _check_schedule(self) -> None:
         known = set(self.groups)
@@ -340,6 +340,7 @@ class Trainer:
     def finish(self) -> None:
         hook = self.pm.hook
         self._t_end = time.perf_counter()  # training wall time excludes the final sampling and evaluation
+        self._peak_mb = peak_memory_mb(self.ctx.device)  # so does the peak memory (Inception, 1000-sample rows)
         self.save_checkpoint()
         self.validate()
         if self.config.eval.reference is not None and self.ctx.is_main:
@@ -375,7 +376,7 @@ class Trainer:
             wall = (self._t_end or time.perf_counter()) - self._t0
             summary.update({"method": self.config.method.name, "nimg": self.state.nimg, "steps": self.state.step,
                             "wall_time_s": round(wall, 2), "images_per_s": round(seen / max(wall, 1e-9), 2),
-                            "peak_memory_mb": round(peak_memory_mb(self.ctx.device), 1)})
+                            "peak_memory_mb": round(self._peak_mb or peak_memory_mb(self.ctx.device), 1)})
         if evaluation is not None:
             summary["eval"] = evaluation
         if coupling is not None:

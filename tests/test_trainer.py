@@ -9,7 +9,7 @@ from torch import nn
 from fewstep.config import MethodConfig
 from fewstep.hookspecs import hookimpl
 from fewstep.plugin import PluginInfo, build_manager, discover
-from fewstep.testing import Recorder, make_tiny_teacher, tiny_run_config
+from fewstep.testing import Recorder, make_tiny_teacher, run_tiny, tiny_run_config
 from fewstep.trainer import Trainer, TrainingError
 from fewstep.types import LossOutput, OptimizerGroup, Phase
 
@@ -234,3 +234,19 @@ def test_lr_scale_is_a_function_of_where_training_stands(teacher, tmp_path):
     expected = [1e-3 * (1 - k / 4) for k in range(4)]  # the 'main' phase: 4 steps, progress 0, 1/4, ...
     assert lrs == pytest.approx(expected)
     assert all(log["critic/lr"] == 1e-3 for log in rec.logs)
+
+
+def test_peak_memory_in_the_summary_is_the_training_peak(tmp_path, monkeypatch):
+    """The summary's peak memory is read when training ends, before the final grid, evaluation and export
+    (on CPU the process's peak RSS only grows, so a later reading would include the FID network)."""
+    import json
+
+    import fewstep.trainer as trainer_module
+
+    after_training = []  # the final grid (validate) runs after training: readings from then on are 2.0
+    validate = Trainer.validate
+    monkeypatch.setattr(Trainer, "validate", lambda self: (validate(self), after_training.append(True))[0])
+    monkeypatch.setattr(trainer_module, "peak_memory_mb", lambda device: 2.0 if after_training else 1.0)
+    teacher = make_tiny_teacher(tmp_path / "t", "unet")
+    run_tiny(tiny_run_config(teacher, {"name": "cd", "num_scales": 4}, steps=2), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["peak_memory_mb"] == 1.0
