@@ -121,7 +121,8 @@ def plot_fid_vs_steps(runs: list[dict[str, Any]], teacher: tuple[str, int, dict[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # distinct colours for up to 20 runs
     steps_seen: set[int] = set()
     for run in runs:
         rows = _rows(run)
@@ -130,9 +131,10 @@ def plot_fid_vs_steps(runs: list[dict[str, Any]], teacher: tuple[str, int, dict[
     if teacher is not None:
         ax.axhline(teacher[2]["fid"], color="k", linestyle="--", linewidth=1, label=f"{teacher[0]}, {teacher[1]} steps")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")  # rows span from near the teacher to diverged runs
     ax.set_xticks(sorted(steps_seen), [str(k) for k in sorted(steps_seen)])
     ax.set_xlabel("sampling steps (network evaluations per step vary by method)")
-    ax.set_ylabel("FID (lower is better)")
+    ax.set_ylabel("FID (lower is better, log scale)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
