@@ -19,8 +19,10 @@ students routed by condition (MSD). Random draws go through :class:`fewstep.type
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,9 +74,6 @@ def check_pair_guidance(config: Any) -> None:
 
     config: a run config whose ``data.pairs`` is set; a folder without a manifest is left to the data loader
     to explain."""
-    import json
-    from pathlib import Path
-
     manifest = Path(config.data.pairs) / "manifest.json"
     if not manifest.is_file():
         return

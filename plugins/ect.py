@@ -35,7 +35,7 @@ from fewstep.config import MethodConfig
 from fewstep.diffusion import append_dims, consistency_from_denoiser, ddim_step, karras_sigmas
 from fewstep.hookspecs import hookimpl
 from fewstep.nn import frozen_copy, same_dropout
-from fewstep.sampling import sampling_net
+from fewstep.sampling import consistency_sample, sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
 
 ECT_SIGMA_MAX = 80.0  # T of ECT / EDM (consistency.md §1)
@@ -347,17 +347,9 @@ def guided(f_good: Tensor, f_bad: Tensor | None, w: float) -> Tensor:
 
 def ect_sample(x0_hat, noise: Tensor, levels: list[float], generator: torch.Generator | None,
                clamp: bool) -> Tensor:
-    """ECT's multistep sampler (§4.6): x <- x0_hat(tau_1 z, tau_1); then x <- x0_hat(x + tau z', tau) with
-    fresh z' (no sqrt(tau^2 - eps^2), unlike CM). x0_hat: (x, sigma (B,)) -> (B, C, H, W)."""
-    def call(x: Tensor, tau: float) -> Tensor:
-        out = x0_hat(x, torch.full((x.shape[0],), tau, device=x.device, dtype=x.dtype))
-        return out.clamp(-1, 1) if clamp else out
-
-    x = call(noise * levels[0], levels[0])
-    for tau in levels[1:]:
-        z = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
-        x = call(x + tau * z, tau)
-    return x
+    """ECT's multistep sampler (§4.6): CM's, re-noising with tau z' (no sqrt(tau^2 - eps^2)), i.e. CM's
+    sampler with sigma_min = 0. x0_hat: (x, sigma (B,)) -> (B, C, H, W)."""
+    return consistency_sample(x0_hat, noise, levels, 0.0, generator, clamp)
 
 
 def edge_skipping_sample(x0_hat, noise: Tensor, edges: list[float], sigma_min: float, sigma_max: float,
