@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-__all__ = ["MethodConformance", "Recorder", "make_tiny_teacher", "run_tiny", "tiny_run_config", "tiny_clip", "tiny_dit", "tiny_unet", "tiny_unet_condition", "tiny_vae"]
+__all__ = ["MethodConformance", "Recorder", "assert_ranks_match", "make_tiny_teacher", "run_on_ranks", "run_tiny", "tiny_run_config", "tiny_clip", "tiny_dit", "tiny_unet", "tiny_unet_condition", "tiny_vae"]
 
 TINY_NUM_CLASSES = 10
 TINY_TEXT_LENGTH = 16
@@ -254,6 +254,54 @@ def run_tiny(config: Any, run_dir: Path, *, resume: bool = False) -> tuple[Any, 
     trainer = Trainer(config, pm, run_dir, resume=resume)
     trainer.fit()
     return trainer, recorder
+
+
+def run_on_ranks(config: Any, run_dir: Path, out_dir: Path, networks: tuple[str, ...] = ("student",),
+                 num_processes: int = 2) -> list[dict[str, torch.Tensor]]:
+    """Train ``config`` with ``num_processes`` CPU processes (gloo DDP through ``accelerate.debug_launcher``,
+    which forks and uses a fixed port: never run two of these at once) into ``run_dir``; returns each rank's
+    final state of ``networks`` as {"<network>.<key>": tensor}, saved to ``out_dir`` by the rank. Each rank
+    also checks that it trained with world size ``num_processes``."""
+    from accelerate import debug_launcher
+
+    def worker() -> None:
+        torch.set_num_threads(1)
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+
+        from fewstep.plugin import build_manager
+        from fewstep.trainer import Trainer
+
+        # The fork inherits the parent's accelerate singleton (a 1-process state when an earlier test built
+        # an Accelerator); drop it so that this rank joins the group set up by the launcher.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        acc = Accelerator(cpu=True)
+        pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable)
+        pm.register(Recorder(), name="recorder")
+        trainer = Trainer(config, pm, Path(run_dir), accelerator=acc)
+        trainer.fit()
+        assert trainer.ctx.world_size == num_processes, f"rank trained with world size {trainer.ctx.world_size}"
+        torch.save(network_state(trainer.nets, networks), Path(out_dir) / f"rank{acc.process_index}.pt")
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    debug_launcher(worker, num_processes=num_processes)
+    return [torch.load(Path(out_dir) / f"rank{i}.pt", weights_only=True) for i in range(num_processes)]
+
+
+def network_state(nets: Any, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """{"<network>.<key>": detached CPU copy} of the named networks of ``nets``."""
+    return {f"{name}.{k}": v.detach().cpu().clone() for name in names for k, v in nets.get(name).state_dict().items()}
+
+
+def assert_ranks_match(ranks: list[dict[str, torch.Tensor]], reference: dict[str, torch.Tensor],
+                       rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Every rank holds bit-identical weights, within rounding of a 1-process ``reference`` run."""
+    for rank in ranks:
+        assert rank.keys() == reference.keys()
+    for k, v in ranks[0].items():
+        for i, other in enumerate(ranks[1:], start=1):
+            assert torch.equal(v, other[k]), f"rank {i} differs from rank 0 in {k}"
+        torch.testing.assert_close(v, reference[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

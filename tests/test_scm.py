@@ -26,7 +26,15 @@ from fewstep.diffusion import (
     trigflow_velocity,
 )
 from fewstep.teacher import load_teacher
-from fewstep.testing import MethodConformance, Recorder, make_tiny_teacher, run_tiny, tiny_run_config
+from fewstep.testing import (
+    MethodConformance,
+    assert_ranks_match,
+    make_tiny_teacher,
+    network_state,
+    run_on_ranks,
+    run_tiny,
+    tiny_run_config,
+)
 
 SD = 0.5
 
@@ -282,47 +290,16 @@ def _config(teacher: Path):
     return tiny_run_config(teacher, METHOD, steps=STEPS, batch=BATCH, optimizer={"name": "sgd", "lr": 1e-3})
 
 
-def _worker(teacher: str, run_dir: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    from fewstep.plugin import build_manager
-    from fewstep.trainer import Trainer
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # see tests/test_multiprocess.py
-    acc = Accelerator(cpu=True)
-    assert acc.num_processes == 2
-    config = _config(Path(teacher))
-    pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable)
-    pm.register(Recorder(), name="recorder")
-    trainer = Trainer(config, pm, Path(run_dir), accelerator=acc)
-    trainer.fit()
-    state = {f"{name}.{k}": v.detach().cpu().clone() for name in ("student", scm.WEIGHT_NET)
-             for k, v in trainer.nets.get(name).state_dict().items()}
-    torch.save(state, Path(out_dir) / f"rank{acc.process_index}.pt")
-
-
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process(tmp_path):
-    from accelerate import debug_launcher
-
     teacher = make_tiny_teacher(tmp_path / "teacher", "unet")
     single, _ = run_tiny(_config(teacher), tmp_path / "single")
-    reference = {f"{name}.{k}": v for name in ("student", scm.WEIGHT_NET)
-                 for k, v in single.nets.get(name).state_dict().items()}
-    out = tmp_path / "ranks"
-    out.mkdir()
-    debug_launcher(_worker, args=(str(teacher), str(tmp_path / "multi"), str(out)), num_processes=2)
-    rank0 = torch.load(out / "rank0.pt", weights_only=True)
-    rank1 = torch.load(out / "rank1.pt", weights_only=True)
-    assert rank0.keys() == rank1.keys() == reference.keys()
-    for k, v in rank0.items():
-        assert torch.equal(v, rank1[k]), f"ranks differ in {k}"
-        torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    networks = ("student", scm.WEIGHT_NET)
+    ranks = run_on_ranks(_config(teacher), tmp_path / "multi", tmp_path / "ranks", networks)
+    assert_ranks_match(ranks, network_state(single.nets, networks))
     initial = single.nets.teacher.net.state_dict()
-    assert any(not torch.equal(rank0[f"student.{k}"], v.float()) for k, v in initial.items())
-    assert rank0[f"{scm.WEIGHT_NET}.linear.weight"].abs().sum() > 0
+    assert any(not torch.equal(ranks[0][f"student.{k}"], v.float()) for k, v in initial.items())
+    assert ranks[0][f"{scm.WEIGHT_NET}.linear.weight"].abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------
