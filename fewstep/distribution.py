@@ -20,10 +20,11 @@ students routed by condition (MSD). Random draws go through :class:`fewstep.type
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -39,7 +40,10 @@ __all__ = [
     "Critic",
     "Denoiser",
     "DistributionMatchingConfig",
+    "F_DIVERGENCES",
+    "FDivergence",
     "Players",
+    "Weighting",
     "Schedule",
     "bottleneck_critic",
     "check_pair_guidance",
@@ -49,6 +53,7 @@ __all__ = [
     "denoising_weight",
     "dm_direction",
     "dm_loss",
+    "f_weights",
     "few_step_sample",
     "generate",
     "generator_levels",
@@ -64,6 +69,7 @@ __all__ = [
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x (B, C, H, W), sigma (B,)) -> x0 prediction (B, C, H, W)
 Critic = Callable[[Tensor, Tensor], Tensor]  # (noisy x (B, C, H, W), sigma (B,)) -> logits (B,)
+Weighting = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, C, H, W), sigma (B,)) -> per-sample factor on Delta (B,)
 
 EDM_GRID_POINTS = 1000  # the DMD2 EDM code's Karras grid (§1.2 [C])
 
@@ -215,13 +221,17 @@ def surrogate_loss(x: Tensor, direction: Tensor) -> Tensor:
     return 0.5 * (x - (x - direction).detach()).square().flatten(1).mean(1)
 
 
-def dm_loss(x: Tensor, real: Denoiser, fake: Denoiser, sigma: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+def dm_loss(x: Tensor, real: Denoiser, fake: Denoiser, sigma: Tensor, eps: Tensor,
+            weight: Weighting | None = None) -> tuple[Tensor, Tensor]:
     """L_DM of generator samples x (B, C, H, W) noised to x + sigma·eps (sigma (B,)): per-sample losses (B,)
-    and Delta. Both denoisers run without gradient (§1.2); only x carries one."""
+    and Delta. Both denoisers run without gradient (§1.2); only x carries one. ``weight``: a per-sample
+    factor on Delta read at the same noisy point (f-distill's h(r), :func:`f_weights`), also without gradient."""
     with torch.no_grad():
         xd = x.detach().float()
         x_t = xd + append_dims(sigma, x.ndim) * eps
         delta = dm_direction(xd, real(x_t, sigma).float(), fake(x_t, sigma).float())
+        if weight is not None:
+            delta = delta * append_dims(weight(x_t, sigma).float(), x.ndim)
     return surrogate_loss(x, delta), delta
 
 
@@ -322,13 +332,14 @@ def _noised_logits(critic: Critic, sched: Schedule, x: Tensor, step: StepInfo) -
 
 
 def generator_objective(cfg: DistributionMatchingConfig, sched: Schedule, p: Players, shape: tuple[int, ...],
-                        step: StepInfo, *, x_real: Tensor | None = None, gan_weight: float = 0.0
-                        ) -> tuple[Tensor, dict[str, Tensor]]:
+                        step: StepInfo, *, x_real: Tensor | None = None, gan_weight: float = 0.0,
+                        weight: Weighting | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """L_DM + lambda_G·softplus(−D(G(z))) per sample (B,) (§2.3(a), (d)). The critic's networks arrive
-    frozen, and the adversarial gradient flows through them into G's output (§2.3(d) [C])."""
+    frozen, and the adversarial gradient flows through them into G's output (§2.3(d) [C]). ``weight``: see
+    :func:`dm_loss` (None: DMD's unweighted step)."""
     x, k = generate(cfg, sched, p.generator, shape, step, x_real)
     sigma = sched.draw(step, *sched.dm)
-    loss, delta = dm_loss(x, p.real, p.fake, sigma, step.randn_like(x.float()))
+    loss, delta = dm_loss(x, p.real, p.fake, sigma, step.randn_like(x.float()), weight)
     terms = {"dm": loss.detach().mean(), "dm_delta": delta.abs().mean(), "sim_step": float(k)}
     if gan_weight > 0:
         adv = generator_loss(_noised_logits(p.critic, sched, x, step).float())
@@ -359,6 +370,52 @@ def critic_objective(cfg: DistributionMatchingConfig, sched: Schedule, p: Player
         loss = loss + cfg.gan_critic_weight * disc
         terms.update(disc=disc.detach().mean(), d_real=real_logits.detach().mean(), d_fake=fake_logits.detach().mean())
     return loss, terms
+
+
+# ---------------------------------------------------------------------------------------------
+# f-divergence weighting (f-distill: Xu, Nie, Vahdat 2025, arXiv:2502.15681)
+#
+# For D_f(p||q) = E_q f(p/q) between the teacher's (data's) noisy marginal p and the generator's q, the
+# generator's gradient is the reverse-KL (DMD) one with the score difference weighted per sample by
+# h(r) = f''(r)·r², r = p/q at the noisy point. f and h below: h derived here from f (checked by autograd in
+# tests/test_fdistill.py); the list and the f of each divergence follow NVIDIA FastGen's f-distill (its h
+# agree with these up to constant factors, which the batch normalisation removes); the paper's own table was
+# not read [UNVERIFIED against the paper]. The softened reverse KL's f is this module's derivation from
+# FastGen's h = 1/(1 + r) [UNVERIFIED].
+
+FDivergence = Literal["reverse_kl", "forward_kl", "js", "squared_hellinger", "jeffreys", "softened_rkl",
+                      "neyman_chi2"]
+
+F_DIVERGENCES: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
+    # name: (f(r), h(r) = f''(r) r²)
+    "reverse_kl": (lambda r: -torch.log(r), lambda r: torch.ones_like(r)),
+    "forward_kl": (lambda r: r * torch.log(r), lambda r: r),
+    "js": (lambda r: r * torch.log(r) - (1 + r) * torch.log((1 + r) / 2), lambda r: r / (1 + r)),
+    "squared_hellinger": (lambda r: (torch.sqrt(r) - 1) ** 2, lambda r: 0.5 * torch.sqrt(r)),
+    "jeffreys": (lambda r: (r - 1) * torch.log(r), lambda r: 1 + r),
+    "softened_rkl": (lambda r: (1 + r) * torch.log((1 + r) / (2 * r)), lambda r: 1 / (1 + r)),
+    "neyman_chi2": (lambda r: (1 - r) ** 2 / r, lambda r: 2 / r),
+}
+
+
+def f_weights(divergence: FDivergence, logits: Tensor, *, ratio_clip: tuple[float, float] = (0.1, 20.0),
+              bins: Tensor | None = None, num_bins: int = 0, logit_clip: float = 10.0) -> Tensor:
+    """Per-sample weights (B,) of the DM step for an f-divergence, mean 1 over the batch.
+
+    logits: (B,) the discriminator's estimate of log r = log p/q at the noisy points (the optimum of the
+    non-saturating GAN loss, §2.3(c)), clamped to ±logit_clip; r is clipped to ``ratio_clip``. With
+    ``bins`` ((B,) ints in [0, num_bins), the sample's noise-level bin) r is first divided by its bin's batch
+    mean; then h(r) is divided by its batch mean. Defaults (clip [0.1, 20], ±10 logits, 10 level bins,
+    both normalisations) are FastGen's f-distill defaults [C, FastGen]; it keeps an EMA of the bin means
+    (rate 0 by default, 0.5 on ImageNet-64) and normalises over the global batch, where this uses the batch
+    the loss hook sees [departure]."""
+    r = torch.exp(logits.detach().float().clamp(-logit_clip, logit_clip)).clamp(*ratio_clip)
+    if bins is not None:
+        count = torch.bincount(bins, minlength=num_bins).float()
+        total = torch.bincount(bins, weights=r, minlength=num_bins)
+        r = r / (total / count.clamp(min=1.0))[bins]
+    h = F_DIVERGENCES[divergence][1](r)
+    return h / h.mean().clamp(min=math.ulp(1.0))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def example_plugin(monkeypatch):
     def entry_points(group=None, **kw):
         eps = list(real(group=group, **kw))
         if group == "fewstep.plugins":
-            eps.append(md.EntryPoint("kd", "fewstep_kd", group))
+            eps.append(md.EntryPoint("kd_online", "fewstep_kd", group))
         return md.EntryPoints(eps)
 
     monkeypatch.setattr(md, "entry_points", entry_points)
@@ -39,13 +39,13 @@ def example_plugin(monkeypatch):
 
 
 def test_example_is_discovered_and_valid(example_plugin):
-    assert set(_method_configs("kd", example_plugin)) == {"kd"}
-    info = discover()["kd"]
-    assert info.error is None and set(info.methods) == {"kd"}
-    pm = build_manager("kd")
-    assert pm.get_plugin("kd") is example_plugin and pm.get_plugin("cm") is None
+    assert set(_method_configs("kd_online", example_plugin)) == {"kd_online"}
+    info = discover()["kd_online"]
+    assert info.error is None and set(info.methods) == {"kd_online"}
+    pm = build_manager("kd_online")
+    assert pm.get_plugin("kd_online") is example_plugin and pm.get_plugin("cm") is None
 
 
 class TestKDConformance(MethodConformance):
-    method = {"name": "kd", "teacher_steps": 2}
+    method = {"name": "kd_online", "teacher_steps": 2}
     backbones = ("unet", "dit")

@@ -1,7 +1,8 @@
 """Example method plugin: knowledge distillation (Luhman & Luhman, 2021, arXiv:2101.02388).
 
 The student maps noise to the teacher's multistep ODE sample from the same noise in one step. The
-pairs are made on the fly here (a real recipe would cache them). Install with
+pairs are made on the fly here, so its method is ``kd_online``; the built-in method ``kd``
+(plugins/kd.py) reads them from a ``fewstep pairs`` store instead. Install with
 ``pip install examples/custom_plugin`` and run ``fewstep distill examples/custom_plugin/kd.yaml``.
 """
 
@@ -19,13 +20,13 @@ from fewstep.types import LossOutput
 
 
 class KDConfig(MethodConfig):
-    name: Literal["kd"] = "kd"
+    name: Literal["kd_online"] = "kd_online"
     teacher_steps: int = Field(16, ge=1, description="Teacher Heun steps that make each target.")
 
 
 @hookimpl
 def fewstep_method_config():
-    return ("kd", KDConfig)
+    return ("kd_online", KDConfig)
 
 
 def one_step(net, process, noise, cond):

@@ -1,0 +1,235 @@
+"""Adversarial distillation with a discriminator on the frozen teacher's features: methods ``ladd`` (Sauer et al.,
+"Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion Distillation", 2024, arXiv:2403.12015)
+and ``add`` (Sauer et al., "Adversarial Diffusion Distillation", 2023, arXiv:2311.17042). Background in
+specs/distribution.md §9 (ADD facts there are [R]).
+
+Networks: the student (a copy of the teacher) is the generator, called at DMD2's generator levels
+(``fewstep.distribution``: one step at sigma_max, or N levels of the training grid); ``disc_head`` is a
+trainable ``fewstep.gan.BottleneckHead`` on the *frozen teacher's* bottleneck features. The discriminator
+D(x, sigma) = head(teacher bottleneck at x + sigma·eps) reads samples re-noised to a level drawn as
+log sigma ~ N(renoise_mean, renoise_std²), i.e. LADD's logit-normal over flow time t = sigma/(1 + sigma),
+clipped to the teacher's range; generator samples and real samples are re-noised independently. The teacher's
+weights never train; the generator's adversarial gradient flows through them into its samples. Hinge loss
+(relu(1 - D(real)) + relu(1 + D(fake)); generator -D(fake)), both papers' choice [R]. Two optimizer groups:
+``generator`` every ``ratio`` steps, ``disc`` every step.
+
+- ``ladd``: the adversarial loss only. Real samples are the teacher's own images from the pair store
+  (``data.pairs``; LADD trains on teacher-generated data) or the data set (``real: data``).
+- ``add``: the adversarial loss plus lambda times ADD's score-distillation term c(t)·||x - sg(D_teacher(x + sigma·eps))||²
+  on the student's sample x re-noised at a level uniform over the teacher's grid, c = alpha_bar = 1/(1 + sigma²)
+  (ADD's "exponential" weighting [R]), lambda = 2.5 [R]; real samples from the data set.
+Multistep students (``num_steps`` > 1) train at level k > 0 on real samples noised there (ADD's student inputs;
+``backward_simulation: true`` uses the student's own k-step outputs as DMD2 does) and sample with DMD2's
+re-noising sampler.
+
+Departures: one feature map (the UNet mid block / DiT last block) instead of LADD's heads on every transformer
+block, and for ADD the teacher's noisy features instead of a frozen DINOv2 on clean pixels (a download); no R1
+penalty (ADD: R1 on real data); ADD's text/image-embedding conditioning of the heads is the teacher's own
+conditioning of its features.
+
+Costs per trainer step (B samples): disc turn 1 student forward (no grad) + 2 teacher bottleneck forwards
+(no grad through the teacher's weights) + head forward/backward; generator turn 1 student forward/backward +
+1 bottleneck forward/backward through the frozen teacher; ``add`` adds 1 teacher forward (2 with CFG).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from fewstep.config import MethodConfig
+from fewstep.diffusion import append_dims, lognormal_sigmas
+from fewstep.distribution import (
+    Critic,
+    Denoiser,
+    denoiser,
+    few_step_sample,
+    generator_levels,
+    optimizer_group,
+    simulate,
+    simulation_steps,
+    training_sigmas,
+)
+from fewstep.gan import GanLoss, discriminator_loss, generator_loss, head_for, probe_cond
+from fewstep.hookspecs import hookimpl
+from fewstep.sampling import sampling_net
+from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
+
+
+class _Adversarial(MethodConfig):
+    num_steps: int = Field(1, ge=1, le=64, description="Student levels N (DMD2's generator grid); 1: one step. "
+                           "ADD trains SD-Turbo at 4 levels (999, 749, 499, 249) [R].")
+    sigma_max: float | None = Field(None, gt=0, description="Level of the first student call; none: the top of "
+                                    "the training grid.")
+    backward_simulation: bool = Field(False, description="Inputs at level k > 0 from the student's own k steps "
+                                      "(DMD2 §2.7); false: real samples noised at level k (ADD).")
+    gan_loss: GanLoss = Field("hinge", description="Adversarial loss (ADD and LADD: hinge [R]).")
+    renoise_mean: float = Field(1.0, description="Mean of log sigma of the discriminator's re-noising (LADD's "
+                                "logit-normal location m over flow time; m = 1 favours high noise [R]).")
+    renoise_std: float = Field(1.0, gt=0, description="Std of log sigma of the re-noising (LADD's s = 1 [R]).")
+    ratio: int = Field(1, ge=1, description="Discriminator updates per generator update (1: alternate, ADD [R]).")
+    disc_lr: float | None = Field(None, gt=0, description="Learning rate of the discriminator head; none: "
+                                  "optimizer.lr.")
+
+
+class LADDConfig(_Adversarial):
+    """LADD: adversarial loss on the teacher's features only, real samples from the teacher's pairs."""
+
+    name: Literal["ladd"] = "ladd"
+    real: Literal["pairs", "data"] = Field("pairs", description="Real samples of the discriminator (and of "
+                                           "multistep inputs): pairs: the teacher's images from data.pairs (LADD's "
+                                           "synthetic data); data: the data set.")
+
+
+class ADDConfig(_Adversarial):
+    """ADD: adversarial loss plus the weighted score-distillation term of the teacher."""
+
+    name: Literal["add"] = "add"
+    real: Literal["pairs", "data"] = Field("data", description="Real samples: data (ADD's real images) or pairs.")
+    distill_weight: float = Field(2.5, ge=0.0, description="lambda of the distillation term (ADD: 2.5 [R]).")
+    distill_weighting: Literal["alpha_bar", "uniform"] = Field("alpha_bar", description="c(t) of the distillation "
+                                                               "term: alpha_bar = 1/(1 + sigma²) (ADD's exponential "
+                                                               "weighting [R]) or 1.")
+    real_guidance: float | None = Field(None, ge=0.0, description="Guidance of the teacher's distillation target; "
+                                        "none: teacher.guidance.")
+    distill_t_range: tuple[float, float] = Field((0.02, 0.98), description="Fractions of the training grid whose "
+                                                 "levels the distillation term draws from, uniformly by index "
+                                                 "(as DMD's L_DM; ADD's range is not verified).")
+
+    @model_validator(mode="after")
+    def _range(self) -> ADDConfig:
+        lo, hi = self.distill_t_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"distill_t_range={self.distill_t_range}: need 0 <= lo <= hi <= 1")
+        return self
+
+
+@hookimpl
+def fewstep_method_config():
+    return [("ladd", LADDConfig), ("add", ADDConfig)]
+
+
+@hookimpl
+def fewstep_configure(config) -> None:
+    cfg = config.method
+    if isinstance(cfg, _Adversarial) and cfg.real == "pairs" and config.data.pairs is None:
+        raise ValueError(f"method {cfg.name}: real 'pairs' reads the teacher's images from a pair store, but "
+                         "data.pairs is not set; make one with `fewstep pairs TEACHER OUT --num N` and set "
+                         "data.pairs: OUT, or set method.real: data")
+
+
+@hookimpl
+def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict[str, nn.Module]:
+    """``disc_head``: a head sized by a dry run of the teacher's bottleneck (the teacher stays frozen)."""
+    return {"disc_head": head_for(teacher.net, teacher.sample_shape, probe_cond(teacher)).float()}
+
+
+@hookimpl
+def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup]:
+    cfg = ctx.method
+    return [optimizer_group(ctx, "generator", ("student",), every_n_steps=cfg.ratio),
+            optimizer_group(ctx, "disc", ("disc_head",), lr=cfg.disc_lr)]
+
+
+def teacher_critic(nets: Nets, cond: Cond | None) -> Critic:
+    """D(x, sigma) = head(frozen teacher's bottleneck at the sigma-space point (x, sigma)), logits (B,)."""
+    teacher, head = nets.teacher, nets.extra["disc_head"]
+    cast = None if cond is None else cond.to(teacher.device, teacher.dtype)
+
+    def critic(x: Tensor, sigma: Tensor) -> Tensor:
+        inputs, timestep = teacher.process.network_inputs(x, sigma)
+        return head(teacher.net.bottleneck(inputs.to(teacher.dtype), timestep, cast)).float()
+
+    return critic
+
+
+def renoise_levels(cfg: _Adversarial, process, step: StepInfo) -> Tensor:
+    """(B,) levels with log sigma ~ N(renoise_mean, renoise_std²), clipped to the teacher's range."""
+    sigma = step.draw(lambda n, g: lognormal_sigmas(n, cfg.renoise_mean, cfg.renoise_std, g))
+    return sigma.clamp(process.sigma_min, process.sigma_max).float().to(step.device)
+
+
+def renoised_logits(critic: Critic, x: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
+    """Discriminator logits (B,) of x (B, C, H, W) re-noised to x + sigma·eps."""
+    return critic(x.float() + append_dims(sigma, x.ndim) * eps, sigma)
+
+
+def distill_loss(x: Tensor, teacher: Denoiser, sigma: Tensor, eps: Tensor, weighting: str) -> Tensor:
+    """ADD's distillation term per sample (B,): c(sigma)·mean (x − sg(D_teacher(sg(x) + sigma·eps)))²; its
+    gradient in x is 2 c (x − target)/(C·H·W), a score-distillation step towards the teacher's denoising."""
+    with torch.no_grad():
+        target = teacher(x.detach().float() + append_dims(sigma, x.ndim) * eps, sigma).float()
+    c = 1.0 / (1.0 + sigma.float() ** 2) if weighting == "alpha_bar" else torch.ones_like(sigma.float())
+    return c * (x.float() - target).square().flatten(1).mean(1)
+
+
+def real_samples(cfg: _Adversarial, batch: Batch) -> tuple[Tensor, Cond | None]:
+    if cfg.real == "pairs":
+        if batch.pairs is None:
+            raise ValueError(f"method {cfg.name}: real 'pairs' needs data.pairs (a `fewstep pairs` store)")
+        return batch.pairs[1].float(), batch.pair_cond
+    if batch.x0 is None:
+        raise ValueError(f"method {cfg.name}: real 'data' needs images, but the data source has none; use an "
+                         "image data source or set method.real: pairs")
+    return batch.x0.float(), batch.cond
+
+
+def generate(cfg: _Adversarial, levels: Tensor, student: Denoiser, x_real: Tensor, step: StepInfo) -> Tensor:
+    """Student samples (B, C, H, W): from pure noise at levels[0] (k = 0), else from level k's input: real
+    samples noised there, or the student's own k steps (backward simulation)."""
+    z = step.randn(*x_real.shape[1:])
+    k = simulation_steps(step, levels.numel())
+    if cfg.backward_simulation or k == 0:
+        x_in, sigma = simulate(student, z, levels, k, step)
+    else:
+        sigma = levels[k].expand(z.shape[0]).to(z.device)
+        x_in = x_real + append_dims(sigma, z.ndim) * z
+    return student(x_in, sigma)
+
+
+@hookimpl
+def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Nets, step: StepInfo) -> LossOutput:
+    """disc: hinge (or non-saturating) loss on re-noised real vs student samples. generator: the adversarial
+    loss of its re-noised samples through the frozen teacher and head (+ lambda·distillation for ``add``)."""
+    cfg, process = ctx.method, nets.teacher.process
+    grid = training_sigmas(process)
+    levels = generator_levels(grid, cfg.num_steps, cfg.sigma_max)
+    x_real, real_cond = real_samples(cfg, batch)
+    cond = real_cond  # student samples share the real samples' conditions, so D compares like with like
+    student = denoiser(process, nets.student, cond)
+    critic = teacher_critic(nets, cond)
+    if group.name == "disc":
+        with torch.no_grad():
+            fake = generate(cfg, levels, student, x_real, step).float()
+        real_logits = renoised_logits(critic, x_real, renoise_levels(cfg, process, step), step.randn_like(x_real))
+        fake_logits = renoised_logits(critic, fake, renoise_levels(cfg, process, step), step.randn_like(fake))
+        loss = discriminator_loss(real_logits, fake_logits, cfg.gan_loss)
+        return LossOutput(loss=loss, terms={"d_real": real_logits.detach().mean(),
+                                            "d_fake": fake_logits.detach().mean()})
+    x = generate(cfg, levels, student, x_real, step).float()
+    adv = generator_loss(renoised_logits(critic, x, renoise_levels(cfg, process, step), step.randn_like(x)),
+                         cfg.gan_loss)
+    terms = {"adv": adv.detach().mean()}
+    loss = adv
+    if cfg.name == "add" and cfg.distill_weight > 0:
+        g = cfg.real_guidance if cfg.real_guidance is not None else ctx.config.teacher.guidance
+        uncond = batch.uncond if cond is batch.cond else None  # None: the teacher's null condition
+        teacher = lambda x_t, s: nets.teacher.denoise(x_t, s, cond, uncond=uncond, guidance=g)  # noqa: E731
+        lo, hi = (min(round(f * grid.numel()), grid.numel() - 1) for f in cfg.distill_t_range)
+        sigma = grid.to(step.device)[step.randint(lo, hi + 1)]
+        dist = distill_loss(x, teacher, sigma, step.randn_like(x), cfg.distill_weighting)
+        loss = loss + cfg.distill_weight * dist
+        terms["distill"] = dist.detach().mean()
+    return LossOutput(loss=loss, terms=terms)
+
+
+@hookimpl
+def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
+                   generator: torch.Generator) -> Tensor:
+    """DMD2's re-noising sampler over ``num_steps`` levels of the training grid (1: one call at sigma_max)."""
+    process = nets.teacher.process
+    levels = generator_levels(training_sigmas(process), num_steps, ctx.method.sigma_max)
+    return few_step_sample(denoiser(process, sampling_net(nets), cond), noise, levels, generator)
