@@ -1,16 +1,18 @@
 """``fewstep`` command line: thin; parse -> config -> trainer / sampler.
 
 Heavy libraries (torch, diffusers, accelerate) are imported inside the commands so ``--help`` is instant.
-Invalid recipes and unknown plugins exit with status 2 and one message, without a traceback.
+Every expected failure (invalid recipe or input, unknown plugin, unreadable file, full disk...) exits with
+status 2 and one message, without a traceback (``--debug`` shows it); other exit codes: README "Exit codes".
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
+from fewstep.reliability import EXIT_ABORTED, EXIT_DIVERGED, EXIT_RESUMABLE, EXIT_USAGE
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +23,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewstep", description="Distil diffusers checkpoints into 1-4 step generators.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also accepted "
+                        "after the command)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, help_ in (("distill", "train a student with a method plugin (also teacher pretraining: method 'diffusion')"),
@@ -29,9 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
         _add_recipe_args(p)
         p.add_argument("--run-dir", type=Path, default=None, help="output folder (default: runs/<recipe name>)")
         p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+        p.add_argument("--allow-config-change", action="store_true", help="with --resume: accept recipe changes "
+                       "that break exact replay (batch, seed, data, method, optimizer...); recorded in "
+                       "RUN/config-changes.jsonl")
 
-    p = sub.add_parser("validate", help="check a recipe without building anything")
+    p = sub.add_parser("validate", help="check a recipe and the files it names without building anything")
     _add_recipe_args(p)
+    p.add_argument("--skip-inputs", action="store_true", help="check the recipe alone, not the teacher, data and "
+                   "other files it names (for a recipe whose teacher or pairs an earlier command makes)")
+
+    p = sub.add_parser("cache", help="encode a recipe's data once (VAE latents, text embeddings) into its data cache")
+    _add_recipe_args(p)
+    p.add_argument("--batch", type=int, default=64, help="encoder batch size (default 64)")
 
     sub.add_parser("plugins", help="list installed plugins, their source package and method names")
 
@@ -110,21 +123,65 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from fewstep.config import ConfigError
-    from fewstep.plugin import PluginError
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    from fewstep.reliability import NonFiniteError, RunStopped
 
     try:
         return {"distill": cmd_distill, "train": cmd_distill, "validate": cmd_validate,
                 "plugins": cmd_plugins, "sample": cmd_sample, "eval": cmd_eval, "pairs": cmd_pairs,
-                "export": cmd_export, "compare": cmd_compare, "coupling": cmd_coupling}[args.command](args)
-    except (ConfigError, PluginError) as exc:
+                "export": cmd_export, "compare": cmd_compare, "coupling": cmd_coupling,
+                "cache": cmd_cache}[args.command](args)
+    except RunStopped as exc:
+        print(f"fewstep: {exc}", file=sys.stderr)
+        return EXIT_RESUMABLE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("fewstep: aborted by a second Ctrl-C; progress since the last checkpoint is lost (--resume "
+              "continues from it)", file=sys.stderr)
+        return EXIT_ABORTED
+    except NonFiniteError as exc:
+        if debug:
+            raise
         print(f"fewstep: error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except Exception as exc:
+        message = None if debug else describe_error(exc)
+        if message is None:
+            raise
+        print(f"fewstep: error: {message}\n(run with --debug for the traceback)", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, ValueError) as exc:
-        # Bad inputs found while building (missing teacher folder, unsupported model...): one clear line.
-        print(f"fewstep: error: {exc}", file=sys.stderr)
-        return 1
+
+
+def describe_error(exc: BaseException) -> str | None:
+    """One message for an expected failure (bad recipe, inputs, files, disk), None for a bug."""
+    from fewstep.config import ConfigError
+    from fewstep.plugin import PluginError
+    from fewstep.reliability import RunLockError
+
+    expected: list[type] = [ConfigError, PluginError, RunLockError, ValueError]
+    if (trainer := sys.modules.get("fewstep.trainer")) is not None:
+        expected.append(trainer.TrainingError)
+    if "safetensors" in sys.modules:
+        from safetensors import SafetensorError
+
+        if isinstance(exc, SafetensorError):
+            return f"a safetensors file could not be read ({exc}); it is truncated or corrupt: replace it"
+    if "PIL" in sys.modules:
+        from PIL import UnidentifiedImageError
+
+        if isinstance(exc, UnidentifiedImageError):
+            return f"{exc}; remove or replace that file in the data folder"
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"no space left on the device{where}; free disk space, or write elsewhere (--run-dir, FEWSTEP_CACHE)"
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"permission denied{where}; check the folder's permissions, or write elsewhere (--run-dir)"
+        return str(exc)  # FileNotFoundError and diffusers/transformers load errors (OSError) name the file
+    return str(exc) if isinstance(exc, tuple(expected)) else None
 
 
 def _load(args: argparse.Namespace):
@@ -138,28 +195,60 @@ def _load(args: argparse.Namespace):
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from fewstep.plugin import build_manager
+    from fewstep.preflight import check_inputs
 
     config, plugins = _load(args)
-    build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
+    pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
+    if not args.skip_inputs:
+        check_inputs(config, pm)
+        from fewstep.data import check_data, teacher_info
+        if config.teacher.pretrained is not None:  # captions / labels / shape of the data against the teacher
+            check_data(config, teacher_info(config.teacher.pretrained))
     print(f"{args.recipe}: ok (method {config.method.name!r}, {config.train.total_nimg} images, "
           f"batch {config.train.batch_size})")
     return 0
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    import contextlib
+    import os
+
+    from fewstep.builtin.checkpoint import checkpoint_dirs
     from fewstep.config import ConfigError, write_resolved
     from fewstep.plugin import build_manager
+    from fewstep.preflight import check_inputs
+    from fewstep.reliability import RunLock, check_resume_config
     from fewstep.trainer import Trainer
 
     config, plugins = _load(args)
     pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
+    check_inputs(config, pm)
     run_dir = args.run_dir or Path("runs") / args.recipe.stem
-    if not args.resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise ConfigError(f"run folder {run_dir} already holds checkpoints; pass --resume to continue it, "
-                          "or --run-dir to start a new run elsewhere")
-    write_resolved(config, run_dir)
-    Trainer(config, pm, run_dir, resume=args.resume).fit()
-    print(f"done: {run_dir} (samples in {run_dir / 'samples'}, export in {run_dir / 'export'})")
+    main_process = int(os.environ.get("RANK", "0")) == 0  # set by torchrun / accelerate launch
+    with RunLock(run_dir) if main_process else contextlib.nullcontext() as lock:
+        if lock is not None and lock.stale_owner:
+            print(f"fewstep: note: took over the lock of {run_dir} left by pid {lock.stale_owner.get('pid')} on "
+                  f"{lock.stale_owner.get('host')}, which no longer runs", file=sys.stderr)
+        done = checkpoint_dirs(run_dir)  # complete checkpoints only: a half-written first one does not count
+        resume = args.resume and bool(done)
+        if not args.resume and done:
+            raise ConfigError(f"run folder {run_dir} already holds checkpoints; pass --resume to continue it, "
+                              "or --run-dir to start a new run elsewhere")
+        if args.resume and not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {run_dir} is not a run folder (no config.yaml); drop --resume to start "
+                              "a new run there, or pass the run's --run-dir")
+        if resume:  # every rank checks (so all refuse alike); the main process records accepted changes
+            check_resume_config(run_dir, config.dump(), allow_change=args.allow_config_change,
+                                checkpoint=done[-1].name, record=main_process)
+        elif main_process:
+            if args.resume:
+                print(f"fewstep: --resume: no complete checkpoint in {run_dir / 'checkpoints'} yet; starting "
+                      "from the beginning", file=sys.stderr)
+            write_resolved(config, run_dir)
+        trainer = Trainer(config, pm, run_dir, resume=resume)
+        trainer.fit()
+    if trainer.ctx.is_main:
+        print(f"done: {run_dir} (samples in {run_dir / 'samples'}, export in {run_dir / 'export'})")
     return 0
 
 
@@ -178,6 +267,16 @@ def cmd_pairs(args: argparse.Namespace) -> int:
                          guidance=args.guidance, prompts=prompts, seed=args.seed, shard_size=args.shard_size,
                          batch_size=args.batch, progress=progress_printer(str(args.out)))
     print(f"wrote {args.num} pairs to {out}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from fewstep.cache import cache_for_recipe
+
+    config, _ = _load(args)
+    dataset = cache_for_recipe(config, batch_size=args.batch,
+                               progress=lambda done, total: print(f"\r{done}/{total} samples", end="", flush=True))
+    print(f"\n{dataset.describe()}")
     return 0
 
 

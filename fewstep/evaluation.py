@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,14 +157,13 @@ def compare_features(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict[str
     return {"fid": fid, "precision": precision, "recall": recall}
 
 
-def cache_dir(source: str, run_dir: Path) -> Path:
-    """Where reference statistics are cached: ``.fewstep-cache`` next to the data (the run folder for
-    the embedded digits, or when the data's folder is not writable)."""
-    if source != "digits":
-        folder = Path(source).parent
-        if os.access(folder, os.W_OK):
-            return folder / ".fewstep-cache"
-    return run_dir / ".fewstep-cache"
+def eval_cache_dir() -> Path:
+    """Where reference features and teacher rows are cached: ``eval/`` in the user cache folder
+    (fewstep.paths.cache_dir), never next to the data, which may be read-only or inside a package.
+    File names carry a digest of what they were computed from, so one folder serves every run."""
+    from fewstep.paths import cache_dir
+
+    return cache_dir() / "eval"
 
 
 def _digest(*parts: object) -> str:
@@ -195,7 +193,7 @@ def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int]
     The student is sampled at each step count in ``steps`` and the teacher at ``teacher_steps``
     (its usual ODE sampler; None or 0: no teacher row), all from the same noise and with the real
     images' labels or prompts as conditions. Reference features and the teacher row are cached
-    (``cache_dir``), so runs that share a teacher and a reference compute them once.
+    (``eval_cache_dir``), so runs that share a teacher and a reference compute them once.
     Returns {row label: {fid, precision, recall, samples_per_s}, "num", "reference", "features"}.
     """
     from fewstep.sampling import generate
@@ -206,7 +204,7 @@ def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int]
         raise ValueError(f"evaluation needs real images: the reference {source!r} has none")
     num = min(num, len(dataset))
     real_images, labels, prompts = dataset.get(torch.arange(num))
-    cache = cache_dir(source, trainer.run_dir)
+    cache = eval_cache_dir()
     ref_key = _digest(source, dataset.describe(), num, str(extractor.path))
     real, _ = cached_features(cache / f"fid-ref-{ref_key}.npz", ref_key, lambda: (extractor(real_images), {}))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,8 @@ from torch import nn
 
 from fewstep.config import RunConfig
 from fewstep.data import IndexStream, build_dataset, encode_latents
-from fewstep.nn import requires_grad
+from fewstep.nn import requires_grad, unwrap
+from fewstep.reliability import NonFiniteError, RunStopped, StopSignals, nonfinite_tensors
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, Phase, RunContext, StepInfo
 
 _DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,6 +48,7 @@ def mix_seed(*parts: int) -> int:
 class TrainState:
     step: int = 0
     nimg: int = 0
+    skipped: int = 0  # optimizer steps skipped for non-finite values (train.nonfinite: skip)
 
 
 class Trainer:
@@ -59,30 +62,35 @@ class Trainer:
         self._accelerator = accelerator
         self.state = TrainState()
         self._teacher_rows: dict[str, torch.Tensor] | None = None  # the frozen teacher's grid row, sampled once
+        self.signals = StopSignals()
+        self._flags: list[float] | None = None  # (stop signal, checkpoint due by time, over max_wall_s), all ranks
+        self._in_step = False
 
     # ------------------------------------------------------------------ the loop (one screen)
     def fit(self) -> Nets:
-        self.setup()
-        hook, ctx, s = self.pm.hook, self.ctx, self.state
-        hook.fewstep_on_train_start(ctx=ctx, nets=self.nets, step=self.step_info())
-        phase = self.phase_at(s.nimg)
-        try:
-            while s.nimg < self.total_nimg:
-                logs: dict[str, float] = {}
-                for group in self.due_groups(phase, s.step):
-                    logs.update(self.train_group(group))
-                s.step, s.nimg = s.step + 1, s.nimg + self.global_batch
-                hook.fewstep_on_step_end(ctx=ctx, step=self.step_info(), logs=logs)
-                if s.nimg < self.total_nimg and (nxt := self.phase_at(s.nimg)) is not phase:
-                    hook.fewstep_on_phase_end(ctx=ctx, phase=phase, nets=self.nets)
-                    phase = nxt
-                if self._crossed(self.config.validation.every_nimg):
-                    self.validate()
-                if self._crossed(self.config.train.checkpoint_every_nimg):
+        with self.signals:  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint at the next step boundary, RunStopped
+            self.setup()
+            hook, ctx, s = self.pm.hook, self.ctx, self.state
+            hook.fewstep_on_train_start(ctx=ctx, nets=self.nets, step=self.step_info())
+            phase = self.phase_at(s.nimg)
+            try:
+                while s.nimg < self.total_nimg:
+                    logs: dict[str, float] = {}
+                    self._in_step, self._flags = True, None
+                    for group in self.due_groups(phase, s.step):
+                        logs.update(self.train_group(group))
+                    s.step, s.nimg, self._in_step = s.step + 1, s.nimg + self.global_batch, False
+                    hook.fewstep_on_step_end(ctx=ctx, step=self.step_info(), logs=logs)
+                    if s.nimg < self.total_nimg and (nxt := self.phase_at(s.nimg)) is not phase:
+                        hook.fewstep_on_phase_end(ctx=ctx, phase=phase, nets=self.nets)
+                        phase = nxt
+                    if self._crossed(self.config.validation.every_nimg):
+                        self.validate()
+                    self.step_boundary()
+            except KeyboardInterrupt:  # a second Ctrl-C, or one raised by a hook
+                if not self._in_step:  # mid-step the networks are half-updated: no consistent state to save
                     self.save_checkpoint()
-        except KeyboardInterrupt:
-            self.save_checkpoint()  # nothing lost on interruption; --resume continues from here
-            raise
+                raise
         hook.fewstep_on_phase_end(ctx=ctx, phase=phase, nets=self.nets)
         self.finish()
         return self.nets
@@ -94,7 +102,7 @@ class Trainer:
                   if n not in group.modules]
         view = self.nets.replace(**{n: self.wrapped[n] for n in group.modules})
         rounds = self.config.train.accumulation
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}  # summed on the device: no host sync until the group's step
         with requires_grad(others, False):
             for micro in range(rounds):
                 batch = self.batch(micro)
@@ -109,24 +117,71 @@ class Trainer:
                         out = self.pm.hook.fewstep_loss(ctx=self.ctx, group=group, batch=batch, nets=view, step=info)
                         loss = self._check_loss(out, group, batch).mean()
                     acc.backward(loss / rounds)
-                totals["loss"] = totals.get("loss", 0.0) + loss.detach().item() / rounds  # host sync, once per micro-batch
-                for k, v in out.terms.items():
-                    totals[k] = totals.get(k, 0.0) + float(v) / rounds
+                for k, v in {"loss": loss.detach(), **out.terms}.items():
+                    v = torch.as_tensor(v, device=self.ctx.device).detach().float().reshape(()) / rounds
+                    totals[k] = totals[k] + v if k in totals else v
         opt = self.optimizers[group.name]
         lr = group.lr * (min(1.0, (s.nimg + self.global_batch) / group.warmup_nimg) if group.warmup_nimg else 1.0)
         if group.lr_scale is not None:  # a schedule: a pure function of where training stands
             lr *= float(group.lr_scale(self.step_info(0, group)))
         for pg in opt.param_groups:
             pg["lr"] = lr
+        params = [p for n in group.modules for p in self.nets.get(n).parameters()]
         if group.max_grad_norm is not None:
-            params = [p for n in group.modules for p in self.nets.get(n).parameters()]
-            totals["grad_norm"] = float(acc.clip_grad_norm_(params, group.max_grad_norm))
+            totals["grad_norm"] = acc.clip_grad_norm_(params, group.max_grad_norm)
+        elif self.config.train.mixed_precision != "fp16":  # fp16: the grad scaler skips non-finite steps itself
+            totals["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        logs = self.synced_logs(totals)
+        if not all(math.isfinite(logs[k]) for k in ("loss", "grad_norm") if k in logs):
+            opt.zero_grad(set_to_none=True)
+            self.nonfinite_step(group, logs)  # raises under train.nonfinite: stop
+            return {f"{group.name}/skipped": 1.0}
         opt.step()
         # Observers run before the gradients are dropped, so they can inspect them (tests do).
         self.pm.hook.fewstep_after_optimizer_step(ctx=self.ctx, group=group, nets=self.nets, step=self.step_info(0, group))
         opt.zero_grad(set_to_none=True)
-        totals["lr"] = opt.param_groups[0]["lr"]
-        return {f"{group.name}/{k}": v for k, v in totals.items()}
+        logs["lr"] = opt.param_groups[0]["lr"]
+        return {f"{group.name}/{k}": v for k, v in logs.items()}
+
+    def synced_logs(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The group's log values averaged over processes, in one all-reduce and one host sync per optimizer
+        step (the only host sync of a step; the gradient norm is equal on every rank after DDP's all-reduce).
+        The stop flags ride along (summed), so every rank takes the same stop and checkpoint decisions."""
+        keys = sorted(totals)
+        vec = torch.cat([torch.stack([totals[k].float() for k in keys]),
+                         torch.tensor(self.local_flags(), device=self.ctx.device)])
+        world = self.ctx.world_size
+        if world > 1:
+            vec = self.accelerator.reduce(vec, reduction="sum")
+        values = vec.tolist()  # host sync
+        self._flags = values[len(keys):]
+        return {k: v / world for k, v in zip(keys, values)}
+
+    def local_flags(self) -> list[float]:
+        """This process's (stop signal received, checkpoint due by time, over the wall-time budget), as 0/1."""
+        train, now = self.config.train, time.perf_counter()
+        return [float(self.signals.received is not None),
+                float(train.checkpoint_every_s is not None and now - self._t_ckpt >= train.checkpoint_every_s),
+                float(train.max_wall_s is not None and now - self._t0 >= train.max_wall_s)]
+
+    def nonfinite_step(self, group: OptimizerGroup, logs: dict[str, float]) -> None:
+        """A non-finite loss or gradient norm (averaged over ranks, so every rank decides alike): skip the
+        step under ``train.nonfinite: skip`` while skips remain, else stop without writing a checkpoint."""
+        train, s = self.config.train, self.state
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
+        where = f"group {group.name!r} at step {s.step} ({s.nimg} images): {shown}"
+        if train.nonfinite == "skip" and s.skipped < train.max_nonfinite_skips:
+            s.skipped += 1
+            if self.ctx.is_main:
+                print(f"fewstep: skipped a non-finite step ({s.skipped}/{train.max_nonfinite_skips}): {where}",
+                      file=sys.stderr, flush=True)
+            return
+        reason = (f"more than train.max_nonfinite_skips={train.max_nonfinite_skips} skipped steps"
+                  if train.nonfinite == "skip" else "train.nonfinite: stop")
+        raise NonFiniteError(f"non-finite values in {where} ({reason}); no checkpoint written, the earlier ones "
+                             f"in {self.run_dir / 'checkpoints'} are kept. Fix: lower optimizer.lr or set "
+                             "optimizer.max_grad_norm, then --resume --allow-config-change (or start again); "
+                             "train.nonfinite: skip tolerates rare spikes")
 
     @staticmethod
     def _check_loss(out: LossOutput | None, group: OptimizerGroup, batch: Batch) -> torch.Tensor:
@@ -223,6 +278,7 @@ class Trainer:
         hook.fewstep_configure(config=cfg)
         torch.manual_seed(cfg.train.seed)  # network initialisation is identical on every rank
         teacher = hook.fewstep_build_teacher(ctx=self.ctx)
+        check_teacher_finite(teacher)
         student = hook.fewstep_build_student(ctx=self.ctx, teacher=teacher)
         extra: dict[str, nn.Module] = {}
         for found in hook.fewstep_extra_networks(ctx=self.ctx, teacher=teacher, student=student):
@@ -262,8 +318,10 @@ class Trainer:
                                                     checkpoint=self.checkpoint)
             if restored is None:
                 raise TrainingError(f"--resume: no checkpoint found in {self.run_dir / 'checkpoints'}")
-            self.state = TrainState(step=int(restored["step"]), nimg=int(restored["nimg"]))
+            self.state = TrainState(step=int(restored["step"]), nimg=int(restored["nimg"]),
+                                    skipped=int(restored.get("skipped", 0)))
         self._t0, self._nimg0, self._t_end, self._peak_mb = time.perf_counter(), self.state.nimg, None, None
+        self._t_ckpt = self._t0  # time-based checkpoints count from the start of this process's training
 
     def _check_schedule(self) -> None:
         known = set(self.groups)
@@ -297,8 +355,11 @@ class Trainer:
             update["class_conditional"] = True
         dataset = build_dataset(cfg.model_copy(update=update), base_dir=None)
         if teacher.vae is not None and dataset.has_images:
-            cache = Path(cfg.source).parent / ".fewstep-cache" if cfg.source != "digits" else self.run_dir / "cache"
+            from fewstep.paths import cache_dir, cache_key
+
             fingerprint = json.dumps([str(teacher.source), cfg.model_dump(mode="json"), update], sort_keys=True)
+            # the user cache, never next to the data (an input, possibly read-only or inside a package)
+            cache = cache_dir() / "latents" / cache_key(fingerprint)
             dataset = encode_latents(dataset, teacher.encode, cache_path=cache / "latents.safetensors",
                                      fingerprint=fingerprint)
         return dataset
@@ -333,8 +394,30 @@ class Trainer:
             return noise, teacher.encode_prompts(list(prompts) if prompts else [""] * n)
         return noise, None
 
+    def step_boundary(self) -> None:
+        """Checkpoints due now (by images or by time) and a stop requested by a signal or the wall-time budget,
+        decided from flags that every rank received in the same all-reduce."""
+        world = self.ctx.world_size
+        stop, timed, over = (self._flags if self._flags is not None  # no group stepped: decide next step
+                             else self.local_flags() if world == 1 else [0.0, 0.0, 0.0])
+        saved = None
+        if self._crossed(self.config.train.checkpoint_every_nimg) or timed:
+            saved = self.save_checkpoint()
+        if stop or over:
+            reason = (self.signals.received or "a signal to another process") if stop else \
+                f"train.max_wall_s={self.config.train.max_wall_s:g}"
+            raise RunStopped(reason, self.state.nimg, saved or self.save_checkpoint())
+
     def save_checkpoint(self) -> Path | None:
-        state = {"step": self.state.step, "nimg": self.state.nimg}
+        """Write a checkpoint, refusing one with non-finite weights (it would rotate a good one out)."""
+        named = {f"{n}.{k}": v for n in self.nets.names() for k, v in unwrap(self.nets.get(n)).state_dict().items()}
+        if bad := nonfinite_tensors(named):
+            raise NonFiniteError(f"not writing a checkpoint at {self.state.nimg} images: {len(bad)} tensor(s) hold "
+                                 f"NaN or inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the earlier "
+                                 f"checkpoints in {self.run_dir / 'checkpoints'} are kept. Fix: lower optimizer.lr or "
+                                 "set optimizer.max_grad_norm, then --resume --allow-config-change")
+        state = {"step": self.state.step, "nimg": self.state.nimg, "skipped": self.state.skipped}
+        self._t_ckpt = time.perf_counter()
         return self.pm.hook.fewstep_save_checkpoint(ctx=self.ctx, accelerator=self.accelerator, nets=self.nets, state=state)
 
     def finish(self) -> None:
@@ -385,6 +468,16 @@ class Trainer:
         tmp.write_text(json.dumps(summary, indent=2))
         tmp.replace(path)
         return path
+
+
+def check_teacher_finite(teacher: Any) -> None:
+    """Refuse a teacher whose weights hold NaN or inf: every target it gives would be non-finite."""
+    named = {f"{label}.{k}": v for label in ("net", "weak", "vae", "text_encoder")
+             if isinstance(m := getattr(teacher, label, None), nn.Module) for k, v in m.state_dict().items()}
+    if bad := nonfinite_tensors(named):
+        raise TrainingError(f"teacher {getattr(teacher, 'source', '')}: {len(bad)} weight tensor(s) hold NaN or inf "
+                            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the file is corrupt or came "
+                            "from a diverged run: point teacher.pretrained at a finite checkpoint")
 
 
 def make_optimizer(group: OptimizerGroup, params: list[nn.Parameter]) -> torch.optim.Optimizer:

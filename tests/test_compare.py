@@ -48,7 +48,7 @@ def test_refuses_runs_of_different_teachers_or_protocols(tmp_path, capsys):
     a = _run(tmp_path, "a")
     b = _run(tmp_path, "b", teacher="/teachers/b")
     c = _run(tmp_path, "c", num=500)
-    assert cli.main(["compare", str(a), str(b)]) == 1
+    assert cli.main(["compare", str(a), str(b)]) == 2
     assert "different teachers" in capsys.readouterr().err
     with pytest.raises(ValueError, match="different protocols"):
         compare_runs([a, c])

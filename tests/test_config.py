@@ -86,4 +86,4 @@ def test_cli_validate_accepts_the_shipped_recipes(capsys):
     recipes = sorted(pathlib.Path(__file__).parents[1].joinpath("recipes").rglob("*.yaml"))
     assert recipes
     for recipe in recipes:
-        assert cli.main(["validate", str(recipe)]) == 0, recipe
+        assert cli.main(["validate", str(recipe), "--skip-inputs"]) == 0, recipe  # some inputs are made by other recipes
