@@ -1,8 +1,13 @@
 """One calling convention over the diffusers denoisers fewstep distils.
 
 :class:`Backbone` wraps a diffusers ``UNet2DModel``, ``UNet2DConditionModel`` or
-``DiTTransformer2DModel`` behind ``backbone(x, timestep, cond, **scalars) -> (B, C, H, W)``, so the
-diffusion maths (``fewstep/diffusion.py``) and every method plugin call all three the same way.
+``DiTTransformer2DModel`` (and the transformers of SD3, Flux, PixArt and Sana) behind
+``backbone(x, timestep, cond, **scalars) -> (B, C, H, W)``, so the diffusion maths
+(``fewstep/diffusion.py``) and every method plugin call them all the same way. What differs per
+teacher family (which Cond fields feed which model input, Flux's packed latents and position ids,
+the time-embedding seam, the bottleneck block) is read from the family's row in
+:mod:`fewstep.families`; Flux latents are packed into 2x2 tokens and unpacked here, so callers
+always pass and get (B, C, H, W) latents.
 
 Extra scalar inputs. Several methods condition the student on a scalar the teacher never saw: the
 target time ``s`` of CTM and flow maps, the guidance scale ``w`` of guided / LCM-style distillation.
@@ -33,21 +38,40 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SanaTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fewstep.families import Family, family_for_model
 from fewstep.types import Cond
 
-__all__ = ["GUIDANCE_EMBED_SCALE", "SUPPORTED_MODELS", "Backbone", "ScalarEmbedding", "enable_gradient_checkpointing", "guidance_inputs"]
+__all__ = ["FLUX_DEFAULT_GUIDANCE", "GUIDANCE_EMBED_SCALE", "SUPPORTED_MODELS", "Backbone", "ScalarEmbedding",
+           "enable_gradient_checkpointing", "flux_image_ids", "guidance_inputs", "pack_latents", "unpack_latents"]
 
 # diffusers class name -> (Backbone.kind, class)
 SUPPORTED_MODELS: dict[str, tuple[str, type[nn.Module]]] = {
     "UNet2DModel": ("unet2d", UNet2DModel),
     "UNet2DConditionModel": ("unet2d_condition", UNet2DConditionModel),
     "DiTTransformer2DModel": ("dit", DiTTransformer2DModel),
+    "SD3Transformer2DModel": ("sd3", SD3Transformer2DModel),
+    "FluxTransformer2DModel": ("flux", FluxTransformer2DModel),
+    "PixArtTransformer2DModel": ("pixart", PixArtTransformer2DModel),
+    "SanaTransformer2DModel": ("sana", SanaTransformer2DModel),
 }
+
+#: The value a Flux backbone with a guidance embedding (``guidance_embeds``) is fed when the Cond carries
+#: none: FluxPipeline's default ``guidance_scale``, so a student exported into a stock FluxPipeline called
+#: with its defaults sees what it was trained with. A teacher fed an explicit scale uses that instead.
+FLUX_DEFAULT_GUIDANCE = 3.5
 
 #: A guidance scale w is fed to a student's zero-initialised scalar input ``w`` as w * 100, through the
 #: backbone's timestep sinusoid (whose usual inputs span 0..1000): one convention for every method.
@@ -109,7 +133,8 @@ class Backbone(nn.Module):
 
     def __init__(
         self, model: nn.Module, extra_scalars: Sequence[str] = (), *, num_classes: int | None = None,
-        extra_channels: int = 0, self_conditioning: bool = False,
+        extra_channels: int = 0, self_conditioning: bool = False, sample_size: int | None = None,
+        family: str | None = None,
     ) -> None:
         super().__init__()
         name = type(model).__name__
@@ -118,22 +143,48 @@ class Backbone(nn.Module):
         self.model = model
         self.kind: str = SUPPORTED_MODELS[name][0]
         cfg = model.config
+        #: the teacher family (fewstep.families): how inputs are assembled and where the scalar seam is.
+        #: ``family`` names it when the class alone is ambiguous (PixArt-alpha vs -sigma).
+        own = dict(cfg)  # the config without fewstep's own extra input channels (see add_input_channels)
+        if extra_channels and own.get("in_channels") is not None:
+            packed = 4 if name == "FluxTransformer2DModel" else 1
+            own["in_channels"] = int(own["in_channels"]) - int(extra_channels) * packed
+        detected = family_for_model(name, own)
+        if family is not None and family != detected.name:
+            from fewstep.families import FAMILIES
+
+            if family not in FAMILIES or FAMILIES[family].denoiser_class != name:
+                raise ValueError(f"family {family!r} does not describe a {name}; detected {detected.name!r}")
+            detected = FAMILIES[family]
+        self.family: Family = detected
+        # Flux reads 2x2 patches of the latents as tokens: its config counts 4x the latent channels.
+        self._pack = 2 if self.family.packed_latents else 1
         #: channels of the extra input image (see add_input_channels); the data has in_channels
         self.extra_channels: int = int(extra_channels)
-        self.in_channels: int = int(cfg.in_channels) - self.extra_channels
+        self.in_channels: int = int(cfg.in_channels) // self._pack**2 - self.extra_channels
         #: the extra input is the model's own previous x0 estimate (Analog Bits; see fewstep.selfcond)
         self.self_conditioning: bool = bool(self_conditioning)
         if self.self_conditioning and self.extra_channels != self.in_channels:
             raise ValueError(f"a self-conditioned backbone takes its x0 estimate as {self.in_channels} extra input "
                              f"channels, but this one has {self.extra_channels}")
         model_out = int(cfg.out_channels) if cfg.out_channels is not None else int(cfg.in_channels)
+        model_out //= self._pack**2
         self._model_out_channels = model_out
         self.out_channels: int = self.in_channels if model_out == 2 * self.in_channels else model_out
-        size = cfg.sample_size
+        size = sample_size if sample_size is not None else cfg.get("sample_size", self.family.default_sample_size)
+        if size is None:
+            raise ValueError(f"{name} has no sample_size in its config; pass the latent size as sample_size")
         self.sample_size: int = int(size[0] if isinstance(size, (tuple, list)) else size)
+        #: Flux with a guidance embedding: the scale fed when a Cond carries none (FLUX_DEFAULT_GUIDANCE).
+        self.embedded_guidance: float | None = (
+            FLUX_DEFAULT_GUIDANCE if self.kind == "flux" and cfg.guidance_embeds else None
+        )
 
         label_rows: int | None = None
-        if self.kind == "dit":
+        if self.kind in ("sd3", "flux", "pixart", "sana"):
+            self.conditioning = "text"
+            default_classes = None
+        elif self.kind == "dit":
             self.conditioning = "class"
             default_classes: int | None = int(cfg.num_embeds_ada_norm)
             for block in model.transformer_blocks:
@@ -202,30 +253,68 @@ class Backbone(nn.Module):
         timestep = torch.as_tensor(timestep, device=x.device)
         # A fresh view per call: its identity keys this call's extra embedding (see __init__).
         timestep = timestep.reshape(-1).expand(batch)
+        if self.family.timestep_scale != 1.0:
+            timestep = timestep * self.family.timestep_scale
         x = self._with_extra_input(x.to(self.model.dtype), extra_input)
-        kwargs = self._model_kwargs(cond, x.dtype)
+        height, width = x.shape[-2:]
+        kwargs = self._model_kwargs(cond, x.dtype, batch, height, width, x.device)
+        if self._pack > 1:
+            x = pack_latents(x, self._pack)
         extra = self._embed_scalars(scalars, batch, x.device)
         if extra is not None and self.kind == "dit":
             self._extra_by_timestep[timestep] = extra
         self._current_extra = extra
         try:
-            out = self.model(x, timestep, return_dict=False, **kwargs)[0]
+            out = self.model(x, timestep=timestep, return_dict=False, **kwargs)[0]
         finally:
             self._current_extra = None
+        if self._pack > 1:
+            out = unpack_latents(out, self._pack, height, width)
         if self._model_out_channels != self.out_channels:
             out = out[:, : self.out_channels]
         return out
 
-    def _model_kwargs(self, cond: Cond | None, dtype: torch.dtype) -> dict[str, Any]:
+    def _needs(self, cond: Cond | None, *fields: str) -> Cond:
+        missing = [f for f in fields if cond is None or getattr(cond, f) is None]
+        if missing:
+            raise ValueError(
+                f"this {type(self.model).__name__} ({self.family.name} family) needs Cond fields {missing}: encode "
+                "prompts with Teacher.encode_prompts / Teacher.null_cond, which fill them for this family"
+            )
+        assert cond is not None
+        return cond
+
+    def _model_kwargs(self, cond: Cond | None, dtype: torch.dtype, batch: int, height: int, width: int,
+                      device: torch.device) -> dict[str, Any]:
+        """The diffusers model's keyword inputs for this family (see fewstep.families for what each reads)."""
         labels = cond.labels if cond is not None else None
         kwargs: dict[str, Any] = {}
-        if self.kind == "unet2d_condition":
-            if cond is None or cond.embeddings is None:
-                raise ValueError(
-                    "this UNet2DConditionModel needs text embeddings: pass Cond(embeddings=(B, L, D)), "
-                    "e.g. from Teacher.encode_prompts or Teacher.null_cond"
-                )
-            kwargs["encoder_hidden_states"] = cond.embeddings.to(dtype)
+        if self.conditioning == "text":
+            kwargs["encoder_hidden_states"] = self._needs(cond, "embeddings").embeddings.to(dtype)
+        if self.kind == "unet2d_condition" and self.model.config.addition_embed_type == "text_time":
+            c = self._needs(cond, "pooled", "added")
+            kwargs["added_cond_kwargs"] = {"text_embeds": c.pooled.to(dtype), "time_ids": c.added.to(dtype)}
+        elif self.kind == "sd3":
+            kwargs["pooled_projections"] = self._needs(cond, "pooled").pooled.to(dtype)
+        elif self.kind == "flux":
+            c = self._needs(cond, "pooled")
+            kwargs["pooled_projections"] = c.pooled.to(dtype)
+            kwargs["txt_ids"] = torch.zeros(c.embeddings.shape[1], 3, device=device, dtype=dtype)
+            kwargs["img_ids"] = flux_image_ids(height // self._pack, width // self._pack, device, dtype)
+            if self.embedded_guidance is not None:
+                g = c.guidance if c.guidance is not None else torch.full((batch,), self.embedded_guidance)
+                kwargs["guidance"] = g.to(device, torch.float32).reshape(-1).expand(batch)
+        elif self.kind in ("pixart", "sana"):
+            if cond is not None and cond.attention_mask is not None:
+                kwargs["encoder_attention_mask"] = cond.attention_mask
+            if self.kind == "pixart":
+                added = None
+                if self.model.use_additional_conditions:
+                    added = self._needs(cond, "added").added.to(dtype)
+                kwargs["added_cond_kwargs"] = {
+                    "resolution": None if added is None else added[:, :2],
+                    "aspect_ratio": None if added is None else added[:, 2:3],
+                }
         if self._label_rows is not None:
             if labels is None:
                 raise ValueError(
@@ -258,19 +347,25 @@ class Backbone(nn.Module):
         """
         if n < 1:
             raise ValueError(f"add_input_channels: n must be >= 1, got {n}")
-        conv = self.model.pos_embed.proj if self.kind == "dit" else self.model.conv_in
-        wider = nn.Conv2d(conv.in_channels + n, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                          bias=conv.bias is not None).to(conv.weight.device, conv.weight.dtype)
+        parent_path, _, attr = self.family.input_layer.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        layer = getattr(parent, attr)
+        grow = n * self._pack**2  # Flux: each latent channel is 4 token features (channel-major packing)
+        if isinstance(layer, nn.Linear):
+            old_in = layer.in_features
+            wider: nn.Module = nn.Linear(old_in + grow, layer.out_features, bias=layer.bias is not None)
+        else:
+            old_in = layer.in_channels
+            wider = nn.Conv2d(old_in + grow, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                              bias=layer.bias is not None)
+        wider = wider.to(layer.weight.device, layer.weight.dtype)
         with torch.no_grad():
             wider.weight.zero_()
-            wider.weight[:, : conv.in_channels] = conv.weight
-            if conv.bias is not None:
-                wider.bias.copy_(conv.bias)
-        if self.kind == "dit":
-            self.model.pos_embed.proj = wider
-        else:
-            self.model.conv_in = wider
-        self.model.register_to_config(in_channels=conv.in_channels + n, out_channels=self._model_out_channels)
+            wider.weight[:, :old_in] = layer.weight
+            if layer.bias is not None:
+                wider.bias.copy_(layer.bias)
+        setattr(parent, attr, wider)
+        self.model.register_to_config(in_channels=old_in + grow, out_channels=self._model_out_channels * self._pack**2)
         self.extra_channels += n
 
     def enable_self_conditioning(self) -> None:
@@ -293,17 +388,15 @@ class Backbone(nn.Module):
         map. The decoder is not run (a forward hook stops the model there); gradients flow to x and
         to the encoder's parameters as usual.
         """
-        if self.kind == "dit":
-            target = self.model.transformer_blocks[-1]
-        else:
-            target = getattr(self.model, "mid_block", None)
-            if target is None:
-                raise ValueError(f"{type(self.model).__name__} has no mid block (mid_block_type=None), so it has "
-                                 "no bottleneck features; use a backbone with a mid block")
+        target = _submodule(self.model, self.family.bottleneck)
+        if target is None:
+            raise ValueError(f"{type(self.model).__name__} has no {self.family.bottleneck} (e.g. mid_block_type=None), "
+                             "so it has no bottleneck features; use a backbone with one")
         captured: list[Tensor] = []
 
         def stop(module: nn.Module, args: tuple, output: Any) -> None:
-            captured.append(output[0] if isinstance(output, tuple) else output)
+            # Joint-attention blocks (SD3, Flux) return (text tokens, image tokens).
+            captured.append(output[-1] if isinstance(output, tuple) else output)
             raise _Bottleneck
 
         handle = target.register_forward_hook(stop)
@@ -314,8 +407,8 @@ class Backbone(nn.Module):
         finally:
             handle.remove()
         features = captured[0]
-        if self.kind == "dit":
-            p = self.model.config.patch_size
+        if features.ndim == 3:  # transformer tokens (B, N, D) -> (B, D, H/p, W/p)
+            p = self._pack * int(self.model.config.get("patch_size") or 1)
             h, w = x.shape[-2] // p, x.shape[-1] // p
             features = features.transpose(1, 2).reshape(features.shape[0], features.shape[2], h, w)
         return features
@@ -326,7 +419,9 @@ class Backbone(nn.Module):
         """Add a zero-initialised embedding for each new scalar name (already present: skipped).
 
         The embeddings' output is added to the time embedding: the output of ``model.time_embedding``
-        for UNets, and for DiT the output of every block's ``norm1.emb`` (timestep + label embedder,
+        for UNets, the timestep MLP inside the time/conditioning embedding of SD3, Flux, PixArt and Sana
+        (``fewstep.families.Family.time_embedding``; the sum then conditions every block and the output
+        norm), and for DiT the output of every block's ``norm1.emb`` (timestep + label embedder,
         which also conditions the final ``proj_out`` through block 0's embedder). All DiT blocks
         share one extra embedding, as the original DiT shares one timestep embedder.
         """
@@ -348,16 +443,25 @@ class Backbone(nn.Module):
                 for block in self.model.transformer_blocks:
                     block.norm1.emb.register_forward_hook(self._add_extra_dit)
             else:
-                self.model.time_embedding.register_forward_hook(self._add_extra)
+                self._time_modules()[1].register_forward_hook(self._add_extra)
             self._hooked = True
+
+    def _time_modules(self) -> tuple[nn.Module, nn.Module]:
+        """(sinusoidal timestep features, time-embedding MLP) of a non-DiT backbone: the first pair of the
+        family's ``time_embedding`` paths present in this model."""
+        for proj_path, emb_path in self.family.time_embedding:
+            proj, emb = _submodule(self.model, proj_path), _submodule(self.model, emb_path)
+            if proj is not None and emb is not None:
+                return proj, emb
+        raise ValueError(f"{type(self.model).__name__}: none of the time embeddings {self.family.time_embedding} of "
+                         f"the {self.family.name} family exists in this model, so it cannot take extra scalar inputs")
 
     def _time_features(self) -> tuple[Timesteps, int]:
         """The backbone's own sinusoidal timestep features and the time-embedding width."""
         if self.kind == "dit":
             emb = self.model.transformer_blocks[0].norm1.emb
             return emb.time_proj, emb.timestep_embedder.linear_2.out_features
-        te = self.model.time_embedding
-        proj = self.model.time_proj
+        proj, te = self._time_modules()
         # Fourier / learned time features: use plain sinusoids of the same width.
         if not isinstance(proj, Timesteps):
             proj = Timesteps(te.linear_1.in_features, True, 0)
@@ -387,6 +491,10 @@ class Backbone(nn.Module):
             extra = self._current_extra
         return output if extra is None else output + extra.to(output.dtype)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the diffusers model's blocks in backward (diffusers' own checkpointing)."""
+        self.model.enable_gradient_checkpointing()
+
     # ---------------------------------------------------------------------------- serialisation
 
     def config_dict(self) -> dict[str, Any]:
@@ -400,6 +508,8 @@ class Backbone(nn.Module):
             "num_classes": self.num_classes,
             "extra_channels": self.extra_channels,
             "self_conditioning": self.self_conditioning,
+            "sample_size": self.sample_size,
+            "family": self.family.name,
         }
 
     @classmethod
@@ -410,7 +520,8 @@ class Backbone(nn.Module):
             raise _unsupported(name)
         model = SUPPORTED_MODELS[name][1].from_config(cfg["model_config"])
         return cls(model, cfg.get("extra_scalars", ()), num_classes=cfg.get("num_classes"),
-                   extra_channels=cfg.get("extra_channels", 0), self_conditioning=cfg.get("self_conditioning", False))
+                   extra_channels=cfg.get("extra_channels", 0), self_conditioning=cfg.get("self_conditioning", False),
+                   sample_size=cfg.get("sample_size"), family=cfg.get("family"))
 
     def save_pretrained(self, folder: str | Path) -> None:
         """diffusers model folder (config.json + safetensors) plus fewstep's metadata and extra weights."""
@@ -419,7 +530,8 @@ class Backbone(nn.Module):
         folder = Path(folder)
         self.model.save_pretrained(folder, safe_serialization=True)
         meta = {"kind": self.kind, "extra_scalars": list(self.extra_scalars), "num_classes": self.num_classes,
-                "extra_channels": self.extra_channels, "self_conditioning": self.self_conditioning}
+                "extra_channels": self.extra_channels, "self_conditioning": self.self_conditioning,
+                "sample_size": self.sample_size, "family": self.family.name}
         (folder / BACKBONE_META).write_text(json.dumps(meta, indent=2) + "\n")
         extra_file = folder / EXTRA_WEIGHTS
         if self.extra_scalars:
@@ -429,10 +541,12 @@ class Backbone(nn.Module):
             extra_file.unlink()
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, num_classes: int | None = None) -> Backbone:
+    def from_pretrained(cls, folder: str | Path, num_classes: int | None = None, *, sample_size: int | None = None,
+                        family: str | None = None) -> Backbone:
         """Load a folder written by :meth:`save_pretrained`, or a plain diffusers model folder.
 
-        num_classes: overrides the value in fewstep's metadata (see the class docstring)."""
+        num_classes: overrides the value in fewstep's metadata (see the class docstring). sample_size /
+        family: the latent size and family (fewstep.families) when the config alone does not say them."""
         folder = Path(folder).expanduser().resolve()
         config_file = folder / "config.json"
         if not config_file.is_file():
@@ -444,10 +558,11 @@ class Backbone(nn.Module):
         if name not in SUPPORTED_MODELS:
             raise _unsupported(str(name))
         model = SUPPORTED_MODELS[name][1].from_pretrained(folder, local_files_only=True)
-        return cls.wrap(model, folder, num_classes)
+        return cls.wrap(model, folder, num_classes, sample_size=sample_size, family=family)
 
     @classmethod
-    def wrap(cls, model: nn.Module, folder: str | Path, num_classes: int | None = None) -> Backbone:
+    def wrap(cls, model: nn.Module, folder: str | Path, num_classes: int | None = None, *,
+             sample_size: int | None = None, family: str | None = None) -> Backbone:
         """Wrap a diffusers model already loaded from ``folder`` (e.g. by a diffusers pipeline), with the
         fewstep metadata and extra scalar embeddings :meth:`save_pretrained` wrote there."""
         from safetensors.torch import load_file
@@ -459,7 +574,9 @@ class Backbone(nn.Module):
             num_classes = meta.get("num_classes")
         backbone = cls(model, meta.get("extra_scalars", ()), num_classes=num_classes,
                        extra_channels=meta.get("extra_channels", 0),
-                       self_conditioning=meta.get("self_conditioning", False))
+                       self_conditioning=meta.get("self_conditioning", False),
+                       sample_size=sample_size if sample_size is not None else meta.get("sample_size"),
+                       family=family if family is not None else meta.get("family"))
         if backbone.extra_scalars:
             extra_file = folder / EXTRA_WEIGHTS
             if not extra_file.is_file():
@@ -470,12 +587,55 @@ class Backbone(nn.Module):
         return backbone
 
 
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    """``model.a.b.-1`` by dotted path (negative integers index module lists); None when absent."""
+    module: Any = model
+    for part in path.split("."):
+        if part.lstrip("-").isdigit():
+            if not isinstance(module, nn.ModuleList) or not len(module):
+                return None
+            module = module[int(part)]
+        else:
+            module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def pack_latents(x: Tensor, p: int = 2) -> Tensor:
+    """(B, C, H, W) latents -> (B, H/p * W/p, C * p * p) tokens of p x p patches, channel-major, as
+    FluxPipeline._pack_latents (row-major over patches)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpack_latents(tokens: Tensor, p: int, height: int, width: int) -> Tensor:
+    """Inverse of :func:`pack_latents`: (B, H/p * W/p, C * p * p) -> (B, C, H, W)."""
+    b, _, d = tokens.shape
+    c = d // (p * p)
+    x = tokens.view(b, height // p, width // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+def flux_image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Flux's positional ids of an h x w token grid: (h * w, 3) rows (0, row, column), as
+    FluxPipeline._prepare_latent_image_ids."""
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = torch.arange(w, device=device)[None, :]
+    return ids.reshape(h * w, 3).to(dtype)
+
+
 def guidance_inputs(w: Tensor | None) -> dict[str, Tensor]:
     """The scalar inputs of a guidance-conditioned student for scales w (B,): ``{"w": w * 100}``, or
     none when w is None (an unguided student)."""
     return {} if w is None else {"w": w * GUIDANCE_EMBED_SCALE}
 
 
-def enable_gradient_checkpointing(backbone: Backbone) -> None:
-    """Recompute the diffusers model's blocks in backward (the extra scalar hooks stay correct)."""
-    backbone.model.enable_gradient_checkpointing()
+def enable_gradient_checkpointing(network: nn.Module) -> None:
+    """Recompute the diffusers blocks of every Backbone in ``network`` in backward (the extra scalar hooks
+    stay correct). Networks without a backbone (GAN heads, sCM's adaptive weight) are skipped by design:
+    they are a few small layers whose activations are not worth recomputing."""
+    for module in network.modules():
+        if isinstance(module, Backbone):
+            module.enable_gradient_checkpointing()

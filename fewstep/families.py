@@ -29,15 +29,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from fewstep.types import Cond
 
 __all__ = [
     "FAMILIES",
     "Family",
     "FamilyError",
     "FolderInfo",
+    "PromptEncoder",
     "detect_family",
     "family_for_model",
     "flow_config_for_family",
@@ -73,6 +77,8 @@ class Family:
         added to the output of the embedding module, built on the same sinusoidal features).
     bottleneck: path of the module whose output is the bottleneck feature map (``Backbone.bottleneck``);
         for transformers the image tokens of the last block.
+    input_layer: path of the layer that reads the latents (a Conv2d, or Flux's token Linear), widened by
+        ``Backbone.add_input_channels``.
     max_sequence_length: the stock pipeline's default text length for the T5/Gemma encoder (None: the
         tokenizer's own model_max_length).
     default_sample_size: latent size (pixels / VAE factor) when the denoiser's config has none (Flux):
@@ -93,9 +99,9 @@ class Family:
     timestep_scale: float = 1.0
     time_embedding: tuple[tuple[str, str], ...] = ()
     bottleneck: str = "mid_block"
+    input_layer: str = "conv_in"
     max_sequence_length: int | None = None
     default_sample_size: int | None = None
-    notes: tuple[str, ...] = field(default=())
 
 
 _UNET_TIME = (("time_proj", "time_embedding"),)
@@ -121,7 +127,7 @@ FAMILIES: dict[str, Family] = {
             pipeline_class="StableDiffusionPipeline",
             conditioning="text",
             text_components=(("text_encoder", "tokenizer"),),
-            latent=True,
+            latent=False,  # a VAE is optional: fewstep's own text teachers may be pixel-space
             prompt_encoder="clip",
             time_embedding=_UNET_TIME,
         ),
@@ -153,6 +159,7 @@ FAMILIES: dict[str, Family] = {
             time_embedding=(("time_text_embed.time_proj", "time_text_embed.timestep_embedder"),),
             bottleneck="transformer_blocks.-1",
             max_sequence_length=256,
+            input_layer="pos_embed.proj",
         ),
         Family(
             name="flux",
@@ -171,6 +178,7 @@ FAMILIES: dict[str, Family] = {
             bottleneck="single_transformer_blocks.-1",
             max_sequence_length=512,
             default_sample_size=128,
+            input_layer="x_embedder",
         ),
         Family(
             name="pixart_alpha",
@@ -186,6 +194,7 @@ FAMILIES: dict[str, Family] = {
             time_embedding=(("adaln_single.emb.time_proj", "adaln_single.emb.timestep_embedder"),),
             bottleneck="transformer_blocks.-1",
             max_sequence_length=120,
+            input_layer="pos_embed.proj",
         ),
         Family(
             name="pixart_sigma",
@@ -200,6 +209,7 @@ FAMILIES: dict[str, Family] = {
             time_embedding=(("adaln_single.emb.time_proj", "adaln_single.emb.timestep_embedder"),),
             bottleneck="transformer_blocks.-1",
             max_sequence_length=300,
+            input_layer="pos_embed.proj",
         ),
         Family(
             name="sana",
@@ -216,6 +226,7 @@ FAMILIES: dict[str, Family] = {
                 ("time_embed.time_proj", "time_embed.timestep_embedder"),
             ),
             bottleneck="transformer_blocks.-1",
+            input_layer="patch_embed.proj",
             max_sequence_length=300,
         ),
         Family(
@@ -226,14 +237,27 @@ FAMILIES: dict[str, Family] = {
             pipeline_class="DiTPipeline",
             conditioning="class",
             bottleneck="transformer_blocks.-1",
+            input_layer="pos_embed.proj",
         ),
     )
 }
 
 
+#: Denoiser classes in the order error messages list them.
+_CLASS_ORDER = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "SD3Transformer2DModel",
+                "FluxTransformer2DModel", "PixArtTransformer2DModel", "SanaTransformer2DModel")
+
+SCHEDULER_HINT = (
+    "add scheduler/scheduler_config.json describing the teacher's training noise schedule, e.g. "
+    "`diffusers.DDPMScheduler(...).save_pretrained(folder / 'scheduler')` (or EDMEulerScheduler / "
+    "FlowMatchEulerDiscreteScheduler for EDM / flow-matching teachers)"
+)
+
+
 def supported_summary() -> str:
-    """One line listing the supported families and their denoiser classes."""
-    return "; ".join(f"{f.name} ({f.denoiser_class})" for f in FAMILIES.values())
+    """One line listing the supported denoiser classes and families."""
+    families = ", ".join(f"{f.name} ({f.pipeline_class or f.denoiser_class})" for f in FAMILIES.values())
+    return f"denoisers {', '.join(_CLASS_ORDER)}; families {families}"
 
 
 def _refuse(found: str, fix: str) -> FamilyError:
@@ -278,6 +302,9 @@ def family_for_model(class_name: str, config: dict[str, Any], index: dict[str, A
         pipeline = (index or {}).get("_class_name")
         return FAMILIES["pixart_alpha" if pipeline == "PixArtAlphaPipeline" else "pixart_sigma"]
     if class_name == "SanaTransformer2DModel":
+        if config.get("guidance_embeds"):
+            raise _refuse("SanaTransformer2DModel with guidance_embeds=True (Sana-Sprint, already a few-step model "
+                          "with its own SanaSprintPipeline)", "Distil a Sana text-to-image checkpoint instead.")
         return FAMILIES["sana"]
     raise _refuse(f"denoiser class {class_name!r}",
                   "Point teacher.pretrained at a checkpoint whose unet/ or transformer/ config names one of these.")
@@ -369,8 +396,8 @@ def detect_family(path: str | Path) -> FolderInfo:
     """
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
-        raise FamilyError(f"teacher folder not found: {root}; teacher.pretrained must be a local diffusers folder "
-                          "(nothing is downloaded)")
+        raise FileNotFoundError(f"teacher folder not found: {root}; teacher.pretrained must be a local diffusers "
+                                "folder (nothing is downloaded)")
     meta_file = root / "fewstep_teacher.json"
     meta = _read(meta_file) if meta_file.is_file() else {}
     index: dict[str, Any] = {}
@@ -378,8 +405,8 @@ def detect_family(path: str | Path) -> FolderInfo:
         index = _read(root / "model_index.json")
         sub = next((s for s in ("unet", "transformer") if (root / s / "config.json").is_file()), None)
         if sub is None:
-            raise FamilyError(f"pipeline folder {root} has no unet/config.json or transformer/config.json; fewstep "
-                              "needs the denoiser in one of those subfolders")
+            raise FileNotFoundError(f"pipeline folder {root} has no unet/config.json or transformer/config.json; "
+                                    "fewstep needs the denoiser in one of those subfolders")
         denoiser_dir = root / sub
         scheduler_file = root / "scheduler" / "scheduler_config.json"
         candidates = [scheduler_file]
@@ -388,14 +415,19 @@ def detect_family(path: str | Path) -> FolderInfo:
         candidates = [root / "scheduler_config.json", root / "scheduler" / "scheduler_config.json",
                       root.parent / "scheduler" / "scheduler_config.json"]
     else:
-        raise FamilyError(f"{root} is not a diffusers folder: it has neither model_index.json (a pipeline) nor "
-                          "config.json (a model); point teacher.pretrained at the folder that contains one of them")
+        raise FileNotFoundError(f"{root} is not a diffusers folder: it has neither model_index.json (a pipeline) "
+                                "nor config.json (a model); point teacher.pretrained at the folder that contains one")
+    config = _read(denoiser_dir / "config.json")
+    backbone_meta = denoiser_dir / "fewstep_backbone.json"
+    extra = _read(backbone_meta).get("extra_channels", 0) if backbone_meta.is_file() else 0
+    if extra and config.get("in_channels") is not None:  # fewstep's own extra input channels are not inpainting
+        packed = 4 if config.get("_class_name") == "FluxTransformer2DModel" else 1
+        config = {**config, "in_channels": config["in_channels"] - extra * packed}
+    family = family_for_model(str(config.get("_class_name")), config, index or None)
     scheduler_file = next((c for c in candidates if c.is_file()), None)
     if scheduler_file is None:
-        raise FamilyError(f"teacher {root}: no scheduler config (looked at {', '.join(map(str, candidates))}); add "
-                          "scheduler/scheduler_config.json describing the teacher's noise schedule")
-    config = _read(denoiser_dir / "config.json")
-    family = family_for_model(str(config.get("_class_name")), config, index or None)
+        raise FileNotFoundError(f"teacher {root}: no scheduler config (looked at {', '.join(map(str, candidates))}); "
+                                f"{SCHEDULER_HINT}")
     if index and family.denoiser_component != denoiser_dir.name:
         raise FamilyError(f"{root}: the {family.denoiser_class} is in {denoiser_dir.name}/, but its pipelines keep it "
                           f"in {family.denoiser_component}/")
@@ -433,3 +465,111 @@ def detect_family(path: str | Path) -> FolderInfo:
         seq_len = (int(sample_size) // patch) ** 2
     scheduler = flow_config_for_family(_read(scheduler_file), seq_len)
     return FolderInfo(family, root, denoiser_dir, scheduler, index, None if sample_size is None else int(sample_size))
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts -> Cond
+
+
+class PromptEncoder:
+    """Turns prompts into the :class:`~fewstep.types.Cond` a family's denoiser reads.
+
+    components: the loaded pipeline components (``text_encoder``, ``tokenizer``, ``text_encoder_2``...,
+    ``vae``, the denoiser model under its component name, ``scheduler``). For ``prompt_encoder ==
+    "pipeline"`` families the stock pipeline (``family.pipeline_class``) is built in memory from these
+    same objects and its ``encode_prompt`` is called, so prompts are tokenised, truncated, padded and
+    pooled exactly as the stock pipeline does. ``image_size``: the pixel (height, width) the teacher
+    generates at, for size conditions (SDXL time ids, PixArt-alpha resolution).
+    """
+
+    def __init__(self, family: Family, components: dict[str, Any], image_size: tuple[int, int],
+                 index: dict[str, Any] | None = None, max_sequence_length: int | None = None) -> None:
+        self.family = family
+        self.components = components
+        self.image_size = image_size
+        self.max_sequence_length = max_sequence_length or family.max_sequence_length
+        self.pipeline: Any = None
+        if family.prompt_encoder == "pipeline":
+            import inspect
+
+            import diffusers
+
+            cls = getattr(diffusers, str(family.pipeline_class))
+            params = inspect.signature(cls.__init__).parameters
+            flags = ("force_zeros_for_empty_prompt", "add_watermarker")
+            kwargs = {k: components.get(k) for k in list(params)[1:] if k not in flags}
+            if "force_zeros_for_empty_prompt" in params:
+                kwargs["force_zeros_for_empty_prompt"] = bool((index or {}).get("force_zeros_for_empty_prompt", True))
+            if "add_watermarker" in params:
+                kwargs["add_watermarker"] = False
+            self.pipeline = cls(**kwargs)
+            self.pipeline.set_progress_bar_config(disable=True)
+
+    @property
+    def encoders(self) -> list[Any]:
+        """The text encoder modules (to move, cast and freeze with the teacher)."""
+        names = [enc for enc, _ in (*self.family.text_components, *self.family.optional_text_components)]
+        return [self.components[n] for n in names if self.components.get(n) is not None]
+
+    def encode(self, prompts: list[str], device: Any, dtype: Any, *, negative: bool = False) -> Cond:
+        """prompts -> Cond for ``len(prompts)`` samples. negative: the stock pipeline's unconditional
+        (negative-prompt "") embedding instead, e.g. SDXL's zeros when ``force_zeros_for_empty_prompt``."""
+        import torch
+
+        from fewstep.types import Cond
+
+        n = len(prompts)
+        fam, pipe, length = self.family.name, self.pipeline, self.max_sequence_length
+        mask = added = None
+        if self.family.prompt_encoder == "clip":
+            tok, enc = self.components["tokenizer"], self.components["text_encoder"]
+            ids = tok([""] * n if negative else prompts, padding="max_length", max_length=tok.model_max_length,
+                      truncation=True, return_tensors="pt").input_ids
+            out = enc(ids.to(device))
+            embeds, pooled = out.last_hidden_state, getattr(out, "pooler_output", None)
+        elif fam == "sdxl":
+            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(prompt=[""] * n if negative else prompts,
+                                                                 device=device, do_classifier_free_guidance=negative)
+            if negative:
+                embeds, pooled = neg, neg_pooled
+            size = tuple(self.image_size)
+            added = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype, text_encoder_projection_dim=int(
+                self.components["text_encoder_2"].config.projection_dim)).to(device).repeat(n, 1)
+        elif fam == "sd3":
+            embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+                prompt=[""] * n if negative else prompts, prompt_2=None, prompt_3=None, device=device,
+                do_classifier_free_guidance=negative, max_sequence_length=length)
+            if negative:
+                embeds, pooled = neg, neg_pooled
+        elif fam == "flux":
+            embeds, pooled, _ = pipe.encode_prompt(prompt=[""] * n if negative else prompts, prompt_2=None,
+                                                   device=device, max_sequence_length=length)
+        elif fam in ("pixart_alpha", "pixart_sigma"):
+            # clean_caption=False: the stock pipeline's own fallback when beautifulsoup4/ftfy are absent.
+            embeds, mask, _, _ = pipe.encode_prompt([""] * n if negative else prompts, do_classifier_free_guidance=False,
+                                                    device=device, clean_caption=False, max_sequence_length=length)
+            pooled = None
+            if self.components["transformer"].use_additional_conditions:
+                h, w = self.image_size
+                added = torch.tensor([[float(h), float(w), h / w]], device=device).repeat(n, 1)
+        elif fam == "sana":
+            # SanaPipeline prefixes prompts with its default complex_human_instruction (not negative prompts).
+            instruction = None if negative else _sana_default_instruction()
+            embeds, mask, _, _ = pipe.encode_prompt([""] * n if negative else prompts, do_classifier_free_guidance=False,
+                                                    device=device, clean_caption=False, max_sequence_length=length,
+                                                    complex_human_instruction=instruction)
+            pooled = None
+        else:
+            raise ValueError(f"family {fam!r} has no prompt encoder")
+        return Cond(embeddings=embeds.to(device, dtype), pooled=None if pooled is None else pooled.to(device, dtype),
+                    attention_mask=None if mask is None else mask.to(device).long(),
+                    added=None if added is None else added.to(device, dtype),
+                    prompts=tuple([""] * n if negative else prompts))
+
+
+def _sana_default_instruction() -> list[str] | None:
+    import inspect
+
+    import diffusers
+
+    return inspect.signature(diffusers.SanaPipeline.__call__).parameters["complex_human_instruction"].default

@@ -24,6 +24,7 @@ gets ``"_class_name": "FewStepTeacher"`` in ``model_index.json``, a marker only 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,19 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from fewstep import selfcond
-from fewstep.backbones import SUPPORTED_MODELS, Backbone
+from fewstep.backbones import Backbone
 from fewstep.diffusion import NoiseProcess, cfg, process_from_scheduler_config, sample_ode
+from fewstep.families import Family, PromptEncoder, detect_family
 from fewstep.types import Cond
 
 __all__ = ["FEWSTEP_PIPELINE", "Teacher", "load_teacher", "save_teacher"]
 
 FEWSTEP_PIPELINE = "FewStepTeacher"
 TEACHER_META = "fewstep_teacher.json"
-_SCHEDULER_HINT = (
-    "add scheduler/scheduler_config.json describing the teacher's training noise schedule, e.g. "
-    "`diffusers.DDPMScheduler(...).save_pretrained(folder / 'scheduler')` (or EDMEulerScheduler / "
-    "FlowMatchEulerDiscreteScheduler for EDM / flow-matching teachers)"
-)
 
 
 class Teacher:
@@ -53,8 +50,13 @@ class Teacher:
     float32 when its config sets ``force_upcast``, as in diffusers pipelines).
 
     net: the backbone; process: its noise process. vae: diffusers AutoencoderKL or None (pixel teacher).
-    vae_scale / vae_shift: latent = (vae mean - shift) * scale (1.0 / 0.0 for pixel teachers).
-    text_encoder / tokenizer: transformers CLIP text model and tokenizer, or None.
+    vae_scale / vae_shift: latent = (vae mean - shift) * scale (1.0 / 0.0 for pixel teachers); the VAE's
+        ``scaling_factor`` and ``shift_factor`` (SD3, Flux).
+    text_encoder / tokenizer: the first text encoder and its tokenizer, or None; prompt_encoder: the
+        family's :class:`~fewstep.families.PromptEncoder` over all of its encoders (built from
+        text_encoder / tokenizer as SD's CLIP when not given). family: the teacher family
+        (:mod:`fewstep.families`), as the backbone reports it. components: every loaded pipeline
+        component by name (denoiser model, vae, encoders, tokenizers), e.g. for an export.
     conditioning: "none" | "class" | "text"; num_classes: real classes (null label = num_classes).
     sample_shape: (C, H, W) in model space (latents for a latent teacher); data_shape: (C, H, W) of images.
     weak: a weaker checkpoint of the same model (same process and parameterisation) for autoguidance
@@ -74,6 +76,8 @@ class Teacher:
         weak: Backbone | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        prompt_encoder: PromptEncoder | None = None,
+        components: dict[str, Any] | None = None,
     ) -> None:
         self.net = net
         self.process = process
@@ -81,17 +85,20 @@ class Teacher:
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.family: Family = net.family
         self.source = Path(source) if source is not None else Path(".")
         self.conditioning: str = net.conditioning
         self.num_classes: int | None = net.num_classes if net.conditioning == "class" else None
-        if self.conditioning == "text" and (text_encoder is None or tokenizer is None):
+        if self.conditioning == "text" and prompt_encoder is None and (text_encoder is None or tokenizer is None):
             raise ValueError(
-                f"teacher at {self.source} is text-conditional but has no text_encoder/tokenizer; "
-                "add text_encoder/ and tokenizer/ folders next to the backbone"
+                f"teacher at {self.source} is text-conditional ({self.family.description}) but has no text "
+                "encoder/tokenizer; add text_encoder/ and tokenizer/ folders next to the backbone"
             )
         self.sample_shape: tuple[int, int, int] = (net.in_channels, net.sample_size, net.sample_size)
+        factor = 1
         if vae is not None:
-            factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            blocks = getattr(vae.config, "block_out_channels", None) or vae.config.encoder_block_out_channels
+            factor = 2 ** (len(blocks) - 1)
             size = net.sample_size * factor
             self.data_shape: tuple[int, int, int] = (int(vae.config.in_channels), size, size)
             self.vae_scale = float(vae.config.scaling_factor)
@@ -99,6 +106,11 @@ class Teacher:
         else:
             self.data_shape = self.sample_shape
             self.vae_scale, self.vae_shift = 1.0, 0.0
+        self.components: dict[str, Any] = dict(components or {})
+        if prompt_encoder is None and text_encoder is not None and tokenizer is not None:
+            size = (net.sample_size * factor,) * 2
+            prompt_encoder = PromptEncoder(self.family, {"text_encoder": text_encoder, "tokenizer": tokenizer}, size)
+        self.prompt_encoder = prompt_encoder
         self._null_text: Cond | None = None
         for module in self._modules():
             module.eval().requires_grad_(False)
@@ -107,7 +119,9 @@ class Teacher:
         self.to(device, dtype)
 
     def _modules(self) -> list[nn.Module]:
-        return [m for m in (self.net, self.weak, self.vae, self.text_encoder) if m is not None]
+        encoders = self.prompt_encoder.encoders if self.prompt_encoder is not None else [self.text_encoder]
+        unique = {id(m): m for m in (self.net, self.weak, self.vae, self.text_encoder, *encoders) if m is not None}
+        return list(unique.values())
 
     @property
     def autoguided(self) -> bool:
@@ -156,10 +170,18 @@ class Teacher:
         - autoguidance (Karras et al. 2024, distribution.md §5.1), when the teacher has a ``weak``
           checkpoint: ref is the weak model's prediction for the same ``cond``; ``uncond`` is unused.
         At a fixed x, guidance in x0 space equals guidance on eps, v or velocity.
+
+        A guidance-distilled teacher (Flux with ``guidance_embeds``, e.g. Flux-dev) takes the scale as an
+        input instead: ``guidance`` (1.0 included) is fed to its guidance embedding in one pass, with no
+        classifier-free combination (unless the teacher is autoguided).
         """
         guided = isinstance(guidance, Tensor) or guidance != 1.0
         xd = x.to(self.device, self.dtype)
         sigma = torch.as_tensor(sigma, device=self.device)
+        if self.net.embedded_guidance is not None and self.weak is None:
+            scale = torch.as_tensor(guidance, device=self.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+            cond = dataclasses.replace(cond if cond is not None else Cond(), guidance=scale)
+            guided = False
         if estimate is not None and not self.net.self_conditioning:
             raise ValueError(f"estimate given, but the teacher {self.source} is not self-conditioned")
         est = None if estimate is None else estimate.to(self.device, self.dtype)
@@ -201,26 +223,14 @@ class Teacher:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
-        """Prompts -> Cond(embeddings (B, L, D) last hidden state, pooled (B, D), prompts)."""
-        if self.text_encoder is None or self.tokenizer is None:
+        """Prompts -> Cond as the family's stock pipeline encodes them (see :mod:`fewstep.families`): SD's
+        CLIP gives embeddings (B, L, D) (last hidden state) and pooled (B, D); SDXL, SD3, Flux, PixArt and
+        Sana fill the fields their denoisers read."""
+        if self.prompt_encoder is None:
             raise ValueError(
                 f"teacher at {self.source} has no text encoder; it is {self.conditioning!r}-conditioned"
             )
-        prompts = list(prompts)
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        out = self.text_encoder(tokens.input_ids.to(self.device))
-        pooled = getattr(out, "pooler_output", None)
-        return Cond(
-            embeddings=out.last_hidden_state.to(self.dtype),
-            pooled=None if pooled is None else pooled.to(self.dtype),
-            prompts=tuple(prompts),
-        )
+        return self.prompt_encoder.encode(list(prompts), self.device, self.dtype)
 
     def null_cond(self, n: int, device: torch.device | str | None = None) -> Cond | None:
         """The unconditional Cond for ``n`` samples: null labels, the empty prompt, or None."""
@@ -235,7 +245,9 @@ class Teacher:
             return Cond(labels=torch.full((n,), self.num_classes, dtype=torch.long, device=device))
         if self.conditioning == "text":
             if self._null_text is None:
-                self._null_text = self.encode_prompts([""])
+                assert self.prompt_encoder is not None
+                with torch.no_grad():
+                    self._null_text = self.prompt_encoder.encode([""], self.device, self.dtype, negative=True)
             return self._null_text.repeat(n).to(device)
         return None
 
@@ -246,7 +258,9 @@ class Teacher:
         """Images in [-1, 1], (B, *data_shape) -> model space (B, *sample_shape), in images' dtype."""
         if self.vae is None:
             return images
-        mean = self.vae.encode(images.to(self.device, self._vae_dtype)).latent_dist.mean
+        out = self.vae.encode(images.to(self.device, self._vae_dtype))
+        # AutoencoderKL: the posterior mean; AutoencoderDC (Sana): a deterministic latent.
+        mean = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent
         return ((mean - self.vae_shift) * self.vae_scale).to(images.dtype)
 
     def decode(self, z: Tensor) -> Tensor:
@@ -304,16 +318,6 @@ def _component_class(index: dict[str, Any], name: str, library: str, default: st
     return getattr(module, cls)
 
 
-def _load_backbone(folder: Path, num_classes: int | None, top: Path) -> Backbone:
-    name = _read_json(folder / "config.json").get("_class_name")
-    if name not in SUPPORTED_MODELS:
-        raise ValueError(
-            f"teacher backbone {folder / 'config.json'} is a {name!r}; fewstep supports "
-            f"{', '.join(SUPPORTED_MODELS)}. Point teacher.pretrained at a checkpoint with one of those (got {top})"
-        )
-    return Backbone.from_pretrained(folder, num_classes=num_classes)
-
-
 def load_teacher(
     path: str | Path,
     *,
@@ -322,6 +326,12 @@ def load_teacher(
     dtype: torch.dtype = torch.float32,
 ) -> Teacher:
     """Load a local diffusers teacher folder (layout (a) or (b), see the module docstring), frozen.
+
+    The folder's family (:func:`fewstep.families.detect_family`, JSON only) is checked first, so an
+    unsupported checkpoint (unknown denoiser, missing encoder, inpainting UNet, SDXL refiner) fails here
+    with a message naming what was found and what is supported, before any weight is read. Then the
+    denoiser, the VAE and the family's text encoders/tokenizers are loaded with the classes
+    ``model_index.json`` names; other components (safety checker, image encoders) are not loaded.
 
     weak: a second teacher folder, a weaker checkpoint of the same model, for autoguidance. It must
     have the same noise process (scheduler config), conditioning and data shape; its VAE and text
@@ -332,52 +342,35 @@ def load_teacher(
             f"teacher folder not found: {root} (from {str(path)!r}); teacher.pretrained must be a local "
             "diffusers folder (nothing is downloaded); create one with save_pretrained or fewstep.teacher.save_teacher"
         )
+    info = detect_family(root)
+    family = info.family
     meta_file = root / TEACHER_META
     num_classes = _read_json(meta_file).get("num_classes") if meta_file.is_file() else None
+    net = Backbone.from_pretrained(info.denoiser_dir, num_classes=num_classes, sample_size=info.sample_size,
+                                   family=family.name)
 
-    vae = text_encoder = tokenizer = None
-    if (root / "model_index.json").is_file():
-        index = _read_json(root / "model_index.json")
-        sub = next((s for s in ("unet", "transformer") if (root / s / "config.json").is_file()), None)
-        if sub is None:
-            raise FileNotFoundError(
-                f"pipeline folder {root} has no unet/config.json or transformer/config.json; fewstep needs "
-                "the denoiser in one of those subfolders"
-            )
-        scheduler_file = root / "scheduler" / "scheduler_config.json"
-        if not scheduler_file.is_file():
-            raise FileNotFoundError(
-                f"teacher {root}: no scheduler config at {scheduler_file}; {_SCHEDULER_HINT}"
-            )
-        net = _load_backbone(root / sub, num_classes, root)
-        if (root / "vae" / "config.json").is_file():
-            vae_cls = _component_class(index, "vae", "diffusers", "AutoencoderKL")
-            vae = vae_cls.from_pretrained(root / "vae", local_files_only=True)
-        if (root / "text_encoder").is_dir():
-            enc_cls = _component_class(index, "text_encoder", "transformers", "CLIPTextModel")
-            text_encoder = enc_cls.from_pretrained(root / "text_encoder", local_files_only=True)
-        if (root / "tokenizer").is_dir():
-            tok_cls = _component_class(index, "tokenizer", "transformers", "CLIPTokenizer")
-            tokenizer = tok_cls.from_pretrained(root / "tokenizer", local_files_only=True)
-    elif (root / "config.json").is_file():
-        candidates = [
-            root / "scheduler_config.json",
-            root / "scheduler" / "scheduler_config.json",
-            root.parent / "scheduler" / "scheduler_config.json",
-        ]
-        scheduler_file = next((c for c in candidates if c.is_file()), None)
-        if scheduler_file is None:
-            looked = ", ".join(str(c) for c in candidates)
-            raise FileNotFoundError(
-                f"teacher {root}: no scheduler config (looked at {looked}); {_SCHEDULER_HINT}"
-            )
-        net = _load_backbone(root, num_classes, root)
-    else:
-        raise FileNotFoundError(
-            f"{root} is not a diffusers folder: it has neither model_index.json (a pipeline) nor config.json "
-            "(a model); point teacher.pretrained at the folder that contains one of them"
-        )
-    process = process_from_scheduler_config(_read_json(scheduler_file))
+    components: dict[str, Any] = {family.denoiser_component: net.model}
+    index = info.index
+    wanted = ["vae"] + [name for pair in (*family.text_components, *family.optional_text_components) for name in pair]
+    if index and family.prompt_encoder == "pipeline":
+        wanted.append("scheduler")
+    for name in wanted:
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] and (root / name).is_dir()):
+            continue
+        cls = _component_class(index, name, entry[0], entry[1])
+        components[name] = cls.from_pretrained(root / name, local_files_only=True)
+    vae = components.get("vae")
+    factor = 1
+    if vae is not None:
+        blocks = getattr(vae.config, "block_out_channels", None) or vae.config.encoder_block_out_channels
+        factor = 2 ** (len(blocks) - 1)
+    prompt_encoder = None
+    if family.prompt_encoder is not None and "text_encoder" in components and "tokenizer" in components:
+        meta = _read_json(meta_file) if meta_file.is_file() else {}
+        prompt_encoder = PromptEncoder(family, components, (net.sample_size * factor,) * 2, index=index,
+                                       max_sequence_length=meta.get("max_sequence_length"))
+    process = process_from_scheduler_config(info.scheduler_config)
     weak_net = None
     if weak is not None:
         other = load_teacher(weak)
@@ -387,12 +380,14 @@ def load_teacher(
         net,
         process,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        text_encoder=components.get("text_encoder"),
+        tokenizer=components.get("tokenizer"),
         source=root,
         weak=weak_net,
         device=device,
         dtype=dtype,
+        prompt_encoder=prompt_encoder,
+        components=components,
     )
 
 
@@ -427,7 +422,7 @@ def save_teacher(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sub = "transformer" if net.kind == "dit" else "unet"
+    sub = net.family.denoiser_component
     net.save_pretrained(folder / sub)
     scheduler_cfg = {**process.scheduler_config()}
     scheduler_cfg.setdefault("_diffusers_version", diffusers.__version__)

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-__all__ = ["MethodConformance", "Recorder", "assert_ranks_match", "make_tiny_teacher", "run_on_ranks", "run_tiny", "tiny_run_config", "tiny_clip", "tiny_dit", "tiny_unet", "tiny_unet_condition", "tiny_vae"]
+__all__ = ["TINY_FAMILIES", "MethodConformance", "Recorder", "assert_ranks_match", "make_tiny_pipeline", "make_tiny_teacher",
+           "run_on_ranks", "run_tiny", "tiny_clip", "tiny_clip_with_projection", "tiny_dit", "tiny_gemma2", "tiny_pipeline",
+           "tiny_run_config", "tiny_t5", "tiny_unet", "tiny_unet_condition", "tiny_vae", "tiny_vae_rgb"]
 
 TINY_NUM_CLASSES = 10
 TINY_TEXT_LENGTH = 16
@@ -376,3 +378,175 @@ class MethodConformance:
             assert torch.isfinite(x).all(), label
         assert (tmp_path / "run" / "samples" / "latest.png").is_file()
         assert any((tmp_path / "run" / "export").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny stock pipelines, one per teacher family (fewstep.families)
+
+#: Families :func:`make_tiny_pipeline` builds, in the order of fewstep.families.FAMILIES.
+TINY_FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart_sigma", "sana")
+TINY_IMAGE_SIZE = 32
+_TINY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?-'"
+
+
+def tiny_clip_with_projection(hidden_size: int = 32, projection_dim: int = 32) -> tuple[Any, Any]:
+    """A 2-layer ``CLIPTextModelWithProjection`` (SDXL's and SD3's CLIP-G role) and the tokenizer of :func:`tiny_clip`."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    _, tokenizer = tiny_clip(hidden_size)
+    config = CLIPTextConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=hidden_size,
+                            intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=TINY_TEXT_LENGTH, projection_dim=projection_dim,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPTextModelWithProjection(config).eval(), tokenizer
+
+
+def tiny_t5(d_model: int = 32) -> tuple[Any, Any]:
+    """A 2-layer ``T5EncoderModel`` and an offline character-level ``T5Tokenizer``.
+
+    transformers 5's ``T5Tokenizer`` is tokenizers-backed and takes its Unigram vocabulary as
+    ``[(piece, log-probability), ...]`` (pad, eos, unk first, as T5's SentencePiece model): no
+    SentencePiece file is needed, and it saves and reloads with ``save_pretrained`` / ``from_pretrained``.
+    """
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in _TINY_CHARS] + [("\u2581" + c, -3.5) for c in _TINY_CHARS]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+    config = T5Config(vocab_size=len(pieces), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
+                      num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0,
+                      eos_token_id=1)
+    return T5EncoderModel(config).eval(), tokenizer
+
+
+def tiny_gemma2(hidden_size: int = 32) -> tuple[Any, Any]:
+    """A 2-layer ``Gemma2Model`` (Sana's text encoder) and an offline character-level ``GemmaTokenizer``
+    (a BPE over single characters with no merges, built in memory)."""
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4, "\u2581": 5}
+    for c in _TINY_CHARS:
+        vocab[c] = len(vocab)
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[], model_max_length=4096)
+    config = Gemma2Config(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                          max_position_embeddings=4096, query_pre_attn_scalar=16, sliding_window=64,
+                          pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    return Gemma2Model(config).eval(), tokenizer
+
+
+def tiny_vae_rgb(latent_channels: int = 4, shift_factor: float | None = None) -> Any:
+    """Two-block RGB ``AutoencoderKL`` for :data:`TINY_IMAGE_SIZE` images (latents half the size).
+    SD3 and Flux pipelines add ``shift_factor`` unconditionally, so their VAEs set one."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                         sample_size=TINY_IMAGE_SIZE, scaling_factor=0.5, shift_factor=shift_factor)
+
+
+def tiny_pipeline(family: str, *, guidance_embeds: bool = False, dynamic_shift: bool = False,
+                  with_t5: bool = True, seed: int = 0) -> Any:
+    """A stock diffusers pipeline of ``family`` (see :data:`TINY_FAMILIES`) with random tiny weights:
+    32x32 RGB images, 16x16 latents, 2-layer encoders with character-level tokenizers. Nothing is downloaded.
+
+    guidance_embeds: Flux with a guidance embedding (as Flux-dev). dynamic_shift: Flux's scheduler with
+    resolution-dependent shift (as Flux-dev) instead of a static shift. with_t5: SD3 with its optional T5.
+    """
+    import diffusers
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
+    size = TINY_IMAGE_SIZE // 2
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if family == "sd":
+            text_encoder, tokenizer = tiny_clip()
+            unet = diffusers.UNet2DConditionModel(
+                sample_size=size, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8)
+            scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                clip_sample=False, set_alpha_to_one=False,
+                                                timestep_spacing="trailing")
+            return diffusers.StableDiffusionPipeline(
+                vae=tiny_vae_rgb(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        if family == "sdxl":
+            text_encoder, tokenizer = tiny_clip()
+            text_encoder_2, tokenizer_2 = tiny_clip_with_projection()
+            time_dim = 8
+            unet = diffusers.UNet2DConditionModel(
+                sample_size=size, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64, attention_head_dim=8,
+                addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim + 6 * time_dim)
+            scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                                         beta_schedule="scaled_linear", timestep_spacing="trailing")
+            return diffusers.StableDiffusionXLPipeline(
+                vae=tiny_vae_rgb(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+        if family == "sd3":
+            text_encoder, tokenizer = tiny_clip_with_projection()
+            text_encoder_2, tokenizer_2 = tiny_clip_with_projection()
+            text_encoder_3, tokenizer_3 = tiny_t5(64) if with_t5 else (None, None)
+            transformer = diffusers.SD3Transformer2DModel(
+                sample_size=size, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+                num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+                pos_embed_max_size=16)
+            scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+            return diffusers.StableDiffusion3Pipeline(
+                transformer=transformer, scheduler=scheduler, vae=tiny_vae_rgb(shift_factor=0.1),
+                text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+        if family == "flux":
+            text_encoder, tokenizer = tiny_clip()
+            text_encoder_2, tokenizer_2 = tiny_t5(32)
+            transformer = diffusers.FluxTransformer2DModel(
+                patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
+            if dynamic_shift:  # Flux-dev's scheduler: shift from the image's token count
+                scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+                    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                    max_image_seq_len=4096)
+            else:  # Flux-schnell's: a static shift of 1
+                scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0)
+            return diffusers.FluxPipeline(
+                scheduler=scheduler, vae=tiny_vae_rgb(shift_factor=0.1), text_encoder=text_encoder,
+                tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+        if family == "pixart_sigma":
+            text_encoder, tokenizer = tiny_t5(32)
+            transformer = diffusers.PixArtTransformer2DModel(
+                num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+                cross_attention_dim=32, caption_channels=32, sample_size=size, patch_size=2, norm_num_groups=8,
+                use_additional_conditions=False)
+            scheduler = diffusers.DPMSolverMultistepScheduler()  # PixArt's: VP, linear betas, epsilon
+            return diffusers.PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae_rgb(),
+                                                 transformer=transformer, scheduler=scheduler)
+        text_encoder, tokenizer = tiny_gemma2(32)
+        vae = diffusers.AutoencoderDC(
+            in_channels=3, latent_channels=4, attention_head_dim=8, encoder_block_types=("ResBlock", "ResBlock"),
+            decoder_block_types=("ResBlock", "ResBlock"), encoder_block_out_channels=(8, 16),
+            decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+            encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()), decoder_norm_types="rms_norm",
+            decoder_act_fns="silu", scaling_factor=0.5)
+        transformer = diffusers.SanaTransformer2DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
+            sample_size=size, patch_size=1, norm_elementwise_affine=False)
+        # Sana's own scheduler: DPM-Solver++ over flow sigmas with shift 3 (its model_index.json)
+        scheduler = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                          flow_shift=3.0)
+        return diffusers.SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                      transformer=transformer, scheduler=scheduler)
+
+
+def make_tiny_pipeline(folder: str | Path, family: str, **options: Any) -> Path:
+    """Build :func:`tiny_pipeline` and save it with ``pipe.save_pretrained(folder)``, as a user's checkpoint
+    folder; returns the folder."""
+    folder = Path(folder)
+    tiny_pipeline(family, **options).save_pretrained(folder, safe_serialization=True)
+    return folder

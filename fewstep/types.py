@@ -41,16 +41,26 @@ class Cond:
     labels: (B,) int64 class ids; the null (unconditional) class is ``num_classes``.
     embeddings: (B, L, D) text-encoder hidden states (``encoder_hidden_states`` in diffusers).
     pooled: (B, D) pooled text embedding, for backbones that take one.
+    attention_mask: (B, L) int64 text mask (1: token, 0: padding) for backbones that read one (PixArt, Sana).
+    added: (B, K) float size conditions: SDXL's time ids (original h, w, crop top, left, target h, w;
+        K = 6), PixArt-alpha's resolution and aspect ratio (h, w, h/w; K = 3).
+    guidance: (B,) float guidance scale fed to a guidance-distilled backbone's own guidance embedding
+        (Flux ``guidance_embeds``); None: the backbone's default (see ``Backbone.embedded_guidance``).
     prompts: the raw prompts, kept for logging and model cards; never fed to a network.
+    The fields a family fills are listed in :mod:`fewstep.families`.
     """
 
     labels: Tensor | None = None
     embeddings: Tensor | None = None
     pooled: Tensor | None = None
     prompts: tuple[str, ...] | None = None
+    attention_mask: Tensor | None = None
+    added: Tensor | None = None
+    guidance: Tensor | None = None
 
     def _tensors(self) -> dict[str, Tensor]:
-        return {k: v for k in ("labels", "embeddings", "pooled") if (v := getattr(self, k)) is not None}
+        names = ("labels", "embeddings", "pooled", "attention_mask", "added", "guidance")
+        return {k: v for k in names if (v := getattr(self, k)) is not None}
 
     @property
     def is_empty(self) -> bool:
