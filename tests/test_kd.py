@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fewstep_plugins.kd import kd_loss, student_levels
 
 from fewstep.diffusion import VPProcess
 from fewstep.pairs import generate_pairs
 from fewstep.teacher import load_teacher
 from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_run_config
-from fewstep_plugins.kd import kd_loss, student_levels
 
 
 def pair_store(teacher: Path) -> Path:

@@ -1,0 +1,134 @@
+"""ladd plugin (``ladd``, ``add``): conformance on the UNet and DiT tiny teachers, the hinge losses the two turns
+compute from known discriminator logits, that only the head's group trains it while the generator's gradient
+passes through the frozen teacher, ADD's distillation term against a Gaussian teacher, the re-noising levels,
+and the configuration error without a pair store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fewstep_plugins.ladd as ladd
+import pytest
+import torch
+
+from fewstep.diffusion import VPProcess
+from fewstep.pairs import generate_pairs
+from fewstep.teacher import load_teacher
+from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_run_config
+
+
+def pair_store(teacher: Path) -> Path:
+    """A 16-pair store of ``teacher`` next to its folder (2 Heun steps), made once per teacher."""
+    out = teacher.parent / f"{teacher.name}-pairs"
+    if not (out / "manifest.json").is_file():
+        loaded = load_teacher(teacher)
+        prompts = ["a digit", "a number"] if loaded.conditioning == "text" else None
+        generate_pairs(loaded, out, 16, num_steps=2, prompts=prompts, shard_size=16)
+    return out
+
+
+class TestLADDConformance(MethodConformance):
+    method = {"name": "ladd"}
+    backbones = ("unet", "dit")
+    steps = 3
+
+    def config(self, teacher, **sections):
+        sections["data"] = {**sections.get("data", {}), "pairs": str(pair_store(teacher))}
+        return super().config(teacher, **sections)
+
+
+class TestADDConformance(MethodConformance):
+    """Two student levels trained on noised real digits, sampled with 1 and 2 steps."""
+
+    method = {"name": "add", "num_steps": 2}
+    backbones = ("unet",)
+    steps = 3
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return make_tiny_teacher(tmp_path_factory.mktemp("ladd") / "t", "unet")
+
+
+def setup_trainer(config, run_dir):
+    from fewstep.plugin import build_manager
+    from fewstep.trainer import Trainer
+
+    trainer = Trainer(config, build_manager(config.method.name), run_dir)
+    trainer.setup()
+    return trainer
+
+
+def turn(trainer, name):
+    group = trainer.groups[name]
+    return trainer.pm.hook.fewstep_loss(ctx=trainer.ctx, group=group, batch=trainer.batch(0), nets=trainer.nets,
+                                        step=trainer.step_info(0, group))
+
+
+def test_hinge_losses_on_known_logits(teacher, tmp_path, monkeypatch):
+    """The disc turn reads real logits then fake ones; the generator turn the fake ones."""
+    real = torch.tensor([2.0, 0.5, -1.0, 0.0])
+    fake = torch.tensor([-2.0, 0.0, 1.0, 0.3])
+    queue: list[torch.Tensor] = []
+    monkeypatch.setattr(ladd, "teacher_critic", lambda nets, cond: lambda x, s: queue.pop(0) + 0 * x.sum())
+    trainer = setup_trainer(tiny_run_config(teacher, {"name": "ladd", "real": "data"}, steps=1), tmp_path / "r")
+    queue[:] = [real, fake]
+    out = turn(trainer, "disc")
+    torch.testing.assert_close(out.loss, torch.tensor([0.0, 0.5, 2.0, 1.0]) + torch.tensor([0.0, 1.0, 2.0, 1.3]))
+    queue[:] = [fake]
+    torch.testing.assert_close(turn(trainer, "generator").loss, -fake)
+
+
+def test_only_the_disc_group_trains_the_head_and_the_teacher_never(teacher, tmp_path):
+    from fewstep.nn import requires_grad
+
+    trainer = setup_trainer(tiny_run_config(teacher, {"name": "ladd", "real": "data"}, steps=1), tmp_path / "r")
+    head, student = trainer.nets.extra["disc_head"], trainer.nets.student
+    with requires_grad([head], False):  # the trainer freezes the other group's networks
+        turn(trainer, "generator").loss.mean().backward()
+    assert all(p.grad is None for p in head.parameters())
+    assert student.model.conv_in.weight.grad.abs().sum() > 0  # through the frozen teacher's features
+    student.zero_grad(set_to_none=True)
+    with requires_grad([student], False):
+        turn(trainer, "disc").loss.mean().backward()
+    assert all(p.grad is not None for p in head.parameters())
+    assert all(p.grad is None for p in student.parameters())
+    assert all(p.grad is None for p in trainer.nets.teacher.net.parameters())
+
+
+def test_add_distillation_term_against_a_gaussian_teacher():
+    """c(sigma)·mean (x − D(x + sigma eps))² with D exact for N(m, s²) data; gradient 2c(x − D)/n, alpha_bar c."""
+    torch.manual_seed(0)
+    m, s = 0.5, 0.4
+
+    def gaussian(x, sigma):
+        return m + (s**2 / (s**2 + sigma**2)).view(-1, 1, 1, 1) * (x - m)
+
+    x = torch.randn(3, 1, 4, 4, requires_grad=True)
+    sigma, eps = torch.tensor([0.3, 1.0, 4.0]), torch.randn(3, 1, 4, 4)
+    loss = ladd.distill_loss(x, gaussian, sigma, eps, "alpha_bar")
+    target = gaussian(x.detach() + sigma.view(-1, 1, 1, 1) * eps, sigma)
+    c = 1 / (1 + sigma**2)
+    torch.testing.assert_close(loss, c * (x.detach() - target).square().flatten(1).mean(1))
+    loss.sum().backward()
+    torch.testing.assert_close(x.grad, 2 * c.view(-1, 1, 1, 1) * (x.detach() - target) / 16)
+    fixed = torch.full((3, 1, 4, 4), m)  # the data mean with eps = 0 is a fixed point of the teacher
+    assert ladd.distill_loss(fixed, gaussian, sigma, torch.zeros_like(eps), "uniform").abs().max() < 1e-7
+
+
+def test_renoise_levels_are_lognormal_in_the_teachers_range():
+    from fewstep.types import StepInfo
+
+    cfg = ladd.LADDConfig(renoise_mean=1.0, renoise_std=0.5)
+    process = VPProcess()
+    step = StepInfo(step=0, nimg=0, total_nimg=1, phase="train", phase_progress=0.0, progress=0.0,
+                    generator=torch.Generator().manual_seed(0), local_batch=4096, global_batch=4096)
+    sigma = ladd.renoise_levels(cfg, process, step)
+    assert sigma.min() >= process.sigma_min and sigma.max() <= process.sigma_max
+    assert sigma.log().mean().item() == pytest.approx(1.0, abs=0.05)
+    assert sigma.log().std().item() == pytest.approx(0.5, abs=0.05)
+
+
+def test_ladd_on_pairs_needs_a_store(teacher, tmp_path):
+    with pytest.raises(ValueError, match="fewstep pairs"):
+        run_tiny(tiny_run_config(teacher, {"name": "ladd"}, steps=1), tmp_path / "a")
