@@ -16,15 +16,18 @@ import gzip
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
+
+from fewstep.types import Cond
 
 __all__ = [
     "DataConfig",
@@ -105,6 +108,62 @@ class DataConfig(BaseModel):
         description="Folder of teacher noise-image couplings written by `fewstep pairs` (DMD regression, CAF, "
         "reflow); every batch then also carries a batch of pairs in their own seeded order. Default None: no "
         "pairs. Relative paths resolve against the recipe's folder.",
+    )
+    caption_column: str | None = Field(
+        None,
+        description="Caption column of a metadata.jsonl/.csv, datasets or webdataset-json source. Default None "
+        "tries text, caption, prompt (a webdataset sample's .txt member comes first).",
+    )
+    label_column: str | None = Field(
+        None,
+        description="Class-label column (integer ids 0..K-1) of a metadata, datasets or webdataset-json source. "
+        "Default None tries label, labels, class (a webdataset sample's .cls member comes first).",
+    )
+    negative_column: str | None = Field(
+        None,
+        description="Per-sample negative prompt column; the batch's uncond is then the negative prompt (CFG "
+        "against it). Default None uses negative_prompt or negative when present.",
+    )
+    image_column: str | None = Field(
+        None, description="Image column of a datasets source. Default None tries image, img, png, jpg."
+    )
+    split: str = Field("train", description="Split of a saved DatasetDict folder; 'train' by convention.")
+    num_classes: int | None = Field(
+        None,
+        ge=1,
+        description="Number of classes of a webdataset source (its labels are not scanned ahead of training). "
+        "Default None: only needed for class-conditional runs on shards.",
+    )
+    crop: Literal["center", "random"] = Field(
+        "center",
+        description="After resizing the short side to cover the target size: take the centre (default, as in "
+        "diffusers' training scripts) or a random window drawn from (seed, images seen). Sources read per batch "
+        "only (metadata folders, datasets, webdataset).",
+    )
+    buckets: list[tuple[int, int]] | None = Field(
+        None,
+        description="Aspect-ratio buckets as (height, width) pixel sizes, e.g. [[1024, 1024], [896, 1152], "
+        "[1152, 896]] for SDXL-style teachers: each image goes to the bucket of nearest aspect ratio and every "
+        "global micro-batch comes from one bucket. Default None: square data.resolution. Indexable sources only "
+        "(metadata folders, datasets).",
+    )
+    caption_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Probability that a sample's caption is replaced by the empty prompt (the teacher's null "
+        "condition), drawn from (seed, images seen); for CFG-aware training. Default 0: never.",
+    )
+    cache: str = Field(
+        "auto",
+        description="Cache of VAE latents and text embeddings for sources read per batch: 'auto' (default) "
+        "builds it on first use in the user cache folder (fewstep.paths.cache_dir) and reads it afterwards; a "
+        "path names the cache folder; 'off' encodes live every batch. `fewstep cache RECIPE` builds it ahead.",
+    )
+    cache_dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="Storage type of cached latents and embeddings; float16 halves the disk (SD text "
+        "embeddings are 77x768 values per caption). Default float32: exact.",
     )
 
 
@@ -681,3 +740,437 @@ def _write_cache(path: Path, latents: Tensor, fingerprint: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file({"latents": latents}, str(tmp), metadata={"fingerprint": fingerprint})
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a half-written cache behind
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources read per batch (metadata folders, datasets, webdataset shards), batches and the stream
+
+
+@dataclass(frozen=True)
+class Samples:
+    """One process's slice of a global micro-batch, on the CPU, before conditioning is encoded.
+
+    x: (B, C, H, W) float32 images in [-1, 1], or latents in the teacher's scale when ``latent``; None for a
+        prompt-only source. Within a batch every sample has the same H, W (one aspect-ratio bucket).
+    labels: (B,) int64 or None (None unless class-conditional). prompts: B captions after caption dropout
+        (a dropped caption is ""), or None when the source has none. negatives: B negative prompts or None.
+    size_cond: (B, 6) float32 (original height, original width, crop top, crop left, target height, target
+        width) in pixels, SDXL's ``add_time_ids`` order (Podell et al. 2023, §2.2), for sources read per batch;
+        None for in-memory sources. Crop coordinates are in the resized image, as in SDXL's training.
+    text / negative_text: the cached text-encoder outputs for ``prompts`` / ``negatives`` (Cond with the cached
+        fields, caption dropout already applied), or None when the prompts must be encoded live.
+    """
+
+    x: Tensor | None
+    labels: Tensor | None = None
+    prompts: tuple[str, ...] | None = None
+    negatives: tuple[str, ...] | None = None
+    size_cond: Tensor | None = None
+    latent: bool = False
+    text: Cond | None = None
+    negative_text: Cond | None = None
+
+
+def source_kind(cfg: DataConfig, base: Path | None = None) -> str:
+    """What ``cfg.source`` is: digits, prompts, folder, npz, idx (read into memory) or metadata, datasets,
+    shards (read per batch). See the table in README.md."""
+    from fewstep.sources import is_hf_dataset, is_metadata_folder, is_shard_pattern
+
+    if cfg.source == "digits":
+        return "digits"
+    base = Path.cwd() if base is None else Path(base)
+    if is_shard_pattern(cfg.source):
+        return "shards"
+    path = _resolve(cfg.source, base, "data.source", _SOURCE_HINT)
+    if is_metadata_folder(path):
+        return "metadata"
+    if is_hf_dataset(path):
+        return "datasets"
+    return _source_kind(path)
+
+
+PER_BATCH_KINDS = ("metadata", "datasets", "shards")
+
+
+def open_source(cfg: DataConfig, base: Path | None = None, cache_root: Path | None = None) -> Any:
+    """The source object of a per-batch kind (:mod:`fewstep.sources`); ``cache_root`` holds parquet
+    conversions and shard sample counts."""
+    from fewstep.sources import HFSource, MetadataFolderSource, ShardSource
+
+    base = Path.cwd() if base is None else Path(base)
+    kind = source_kind(cfg, base)
+    _reject_unused(cfg, kind=f"a {kind} source", fields=("labels", "images_key", "labels_key", "prompts"))
+    if kind == "shards":
+        given = Path(cfg.source).expanduser()
+        return ShardSource(str(given if given.is_absolute() else base / given), cfg, cache_root)
+    path = _resolve(cfg.source, base, "data.source", _SOURCE_HINT)
+    if kind == "metadata":
+        return MetadataFolderSource(path, cfg)
+    if kind == "datasets":
+        return HFSource(path, cfg, cache_root / "datasets" if cache_root is not None else None)
+    raise ValueError(f"data.source '{cfg.source}' is a {kind} source, read into memory by build_dataset")
+
+
+def load_image(record: Any, size: tuple[int, int], channels: int, *, crop_u: tuple[float, float] | None = None,
+               flip: bool = False) -> tuple[Tensor, Tensor]:
+    """Decode, resize and crop one image.
+
+    The image (H, W) is resized (bilinear, antialiased) by the smallest factor that covers ``size`` = (h, w),
+    then an h x w window is cut: centred, or at fractions ``crop_u`` in [0, 1) of the free range (random
+    crops). Returns x: (channels, h, w) float32 in [-1, 1] and size_cond: (6,) (H, W, top, left, h, w).
+    """
+    h, w = size
+    with record.open() as im:
+        a = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    x = torch.from_numpy(np.array(a, dtype=np.float32)) / 127.5 - 1
+    x = x[None] if channels == 1 else x.permute(2, 0, 1)
+    H, W = x.shape[-2:]
+    scale = max(h / H, w / W)
+    rh, rw = max(h, round(H * scale)), max(w, round(W * scale))
+    if (rh, rw) != (H, W):
+        x = F.interpolate(x[None], size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)[0]
+    if crop_u is None:
+        top, left = (rh - h) // 2, (rw - w) // 2
+    else:
+        top, left = min(int(crop_u[0] * (rh - h + 1)), rh - h), min(int(crop_u[1] * (rw - w + 1)), rw - w)
+    x = x[:, top : top + h, left : left + w]
+    if flip:
+        x = x.flip(-1)
+    return x.clamp(-1.0, 1.0), torch.tensor([H, W, top, left, h, w], dtype=torch.float32)
+
+
+def nearest_buckets(sizes: np.ndarray, buckets: list[tuple[int, int]]) -> np.ndarray:
+    """sizes: (N, 2) (height, width) -> (N,) int64 index of the bucket of nearest aspect ratio (in log ratio)."""
+    ratios = np.log(sizes[:, 0] / sizes[:, 1])[:, None]
+    targets = np.log(np.array([h / w for h, w in buckets]))[None]
+    return np.abs(ratios - targets).argmin(1).astype(np.int64)
+
+
+class RecordDataset:
+    """A per-batch source (:func:`open_source`) behind the :class:`Dataset` interface: nothing but the source's
+    small index is in memory; images are decoded when a batch is gathered.
+
+    size: (height, width) of square data.resolution, or None with buckets (each sample's bucket size).
+    """
+
+    def __init__(self, source: Any, cfg: DataConfig, kind: str) -> None:
+        self.source, self.cfg, self.kind = source, cfg, kind
+        self.name = source.name
+        self.indexable = kind != "shards"
+        has_captions = getattr(source, "has_captions", None)
+        self.has_captions = has_captions if has_captions is not None else source.captions is not None
+        has_labels = getattr(source, "has_labels", None)
+        self.has_labels = has_labels if has_labels is not None else source.labels is not None
+        self.num_classes = source.num_classes if source.num_classes is not None else cfg.num_classes
+        self.class_conditional = cfg.class_conditional
+        self.flip = cfg.flip
+        self.has_images = kind == "shards" and source.image_key is not None or (
+            kind == "metadata" or getattr(source, "image_column", None) is not None)
+        _require_labels(cfg, self.has_labels, self.name)
+        if cfg.class_conditional and self.num_classes is None:
+            raise ValueError(f"data.class_conditional: the labels of the shards '{self.name}' are not scanned; "
+                             "set data.num_classes")
+        self.channels = cfg.channels or 3
+        self.buckets = [tuple(b) for b in cfg.buckets] if cfg.buckets else None
+        if self.buckets is not None and not self.indexable:
+            raise ValueError("data.buckets needs random access to group images by aspect ratio; webdataset shards "
+                             "are a stream: use a metadata folder or a datasets source, or drop data.buckets")
+        if self.buckets is None and cfg.resolution is None and self.has_images:
+            raise ValueError(f"data.resolution is not set for '{self.name}'; images read per batch are resized to "
+                             "it (the trainer sets it from the teacher)")
+        res = cfg.resolution
+        self.shape: tuple[int, int, int] | None = (self.channels, res, res) if res and self.has_images else None
+        self._bucket_of: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def prompts(self) -> bool | None:
+        """Truthy when the source has captions (the in-memory Dataset's attribute, read by checks)."""
+        return True if self.has_captions else None
+
+    def bucket_of(self) -> np.ndarray:
+        """(N,) bucket index of every sample (image headers are read once, on first use)."""
+        assert self.buckets is not None
+        if self._bucket_of is None:
+            sizes = []
+            for lo in range(0, len(self), 1024):
+                for r in self.source.records(range(lo, min(lo + 1024, len(self)))):
+                    with r.open() as im:
+                        sizes.append((im.height, im.width))
+            self._bucket_of = nearest_buckets(np.asarray(sizes, dtype=np.float64), self.buckets)
+        return self._bucket_of
+
+    def size_of(self, bucket: int) -> tuple[int, int]:
+        if self.buckets is not None:
+            return self.buckets[bucket]
+        assert self.cfg.resolution is not None
+        return (self.cfg.resolution, self.cfg.resolution)
+
+    def gather(self, records: list[Any], bucket: int = 0, *, flip: Tensor | None = None,
+               crop_u: Tensor | None = None, dropped: Tensor | None = None) -> Samples:
+        """Decode and preprocess ``records`` into one batch (see :class:`Samples`)."""
+        x = size_cond = None
+        if self.has_images:
+            size = self.size_of(bucket)
+            outs = [load_image(r, size, self.channels, crop_u=tuple(crop_u[j].tolist()) if crop_u is not None
+                               else None, flip=bool(flip[j]) if flip is not None else False)
+                    for j, r in enumerate(records)]
+            x = torch.stack([o[0] for o in outs])
+            size_cond = torch.stack([o[1] for o in outs])
+        labels = None
+        if self.class_conditional:
+            labels = torch.tensor([r.label for r in records], dtype=torch.int64)
+        prompts = None
+        if self.has_captions:
+            prompts = tuple("" if dropped is not None and dropped[j] else (r.caption or "")
+                            for j, r in enumerate(records))
+        negatives = tuple(r.negative or "" for r in records) if records and records[0].negative is not None else None
+        return Samples(x=x, labels=labels, prompts=prompts, negatives=negatives, size_cond=size_cond)
+
+    def get(self, idx: Tensor, flip: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, tuple[str, ...] | None]:
+        """The :class:`Dataset` interface: centre crops of samples ``idx`` (first bucket's size with buckets)."""
+        records = self.source.records(idx.tolist())
+        buckets = self.bucket_of()[idx.numpy()] if self.buckets is not None else None
+        if buckets is not None and len(set(buckets.tolist())) > 1:  # one tensor needs one size: use the first
+            buckets = np.zeros_like(buckets)
+        s = self.gather(records, int(buckets[0]) if buckets is not None else 0, flip=flip)
+        return s.x, s.labels, s.prompts
+
+    def describe(self) -> str:
+        text = f"{self.name}: {len(self)} {self.kind} samples"
+        if self.buckets is not None:
+            text += f", buckets {', '.join(f'{h}x{w}' for h, w in self.buckets)}"
+        elif self.shape is not None:
+            text += f" -> {'x'.join(map(str, self.shape))}"
+        if self.num_classes is not None:
+            text += f", {self.num_classes} classes"
+        if self.has_captions:
+            text += ", with captions"
+        return text
+
+
+class BucketStream:
+    """Global micro-batches of one aspect-ratio bucket each, a pure function of (seed, position).
+
+    Epoch e: the permutation of all samples seeded by (seed, e) (the same as :class:`IndexStream`'s) is split
+    by bucket, keeping its order; each bucket is cut into groups of ``group`` samples (the remainder of each
+    bucket is left out of that epoch); the groups are shuffled by (seed, e). An epoch holds M = group x
+    (number of groups) positions; position p is in epoch p // M, group (p % M) // group. Reads must start
+    at a multiple of ``group`` (the trainer's micro-batches do).
+    """
+
+    def __init__(self, bucket_of: np.ndarray, seed: int, group: int) -> None:
+        counts = np.bincount(bucket_of)
+        self.groups_per_epoch = int((counts // group).sum())
+        if self.groups_per_epoch == 0:
+            raise ValueError(f"data.buckets: no bucket holds a full global micro-batch of {group} samples (bucket "
+                             f"sizes {counts.tolist()}); use fewer buckets or a smaller batch")
+        self.bucket_of, self.seed, self.group = bucket_of, seed, group
+        self.n = len(bucket_of)
+        self._epoch: tuple[int, list[np.ndarray]] | None = None
+
+    def _groups(self, epoch: int) -> list[np.ndarray]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            perm = _permutation(self.n, self.seed, epoch).numpy()
+            groups = []
+            for b in range(int(self.bucket_of.max()) + 1):
+                members = perm[self.bucket_of[perm] == b]
+                usable = len(members) // self.group * self.group
+                groups += list(members[:usable].reshape(-1, self.group))
+            rng = np.random.Generator(np.random.PCG64(_mix_seed(self.seed, epoch, 5)))
+            self._epoch = (epoch, [groups[i] for i in rng.permutation(len(groups))])
+        return self._epoch[1]
+
+    def batch(self, start: int, count: int) -> tuple[Tensor, int]:
+        """(count,) indices of the group at position ``start`` and its bucket; count must equal ``group``."""
+        if start % self.group or count != self.group:
+            raise ValueError(f"BucketStream: reads must be whole groups of {self.group} at multiples of it, "
+                             f"got start={start}, count={count}")
+        epoch, k = divmod(start // self.group, self.groups_per_epoch)
+        idx = self._groups(epoch)[k]
+        return torch.from_numpy(idx.copy()), int(self.bucket_of[idx[0]])
+
+
+def uniform_draws(seed: int, tag: int, start: int, count: int, width: int = 1) -> Tensor:
+    """(count, width) uniforms in [0, 1) at stream positions [start, start + count), a pure function of (seed,
+    tag, position): drawn per block of 4096 positions like :meth:`IndexStream.flips`."""
+    _check_span(start, count)
+    block_size = IndexStream._FLIP_BLOCK
+    parts, pos, end = [], start, start + count
+    while pos < end:
+        block, offset = divmod(pos, block_size)
+        take = min(block_size - offset, end - pos)
+        gen = torch.Generator().manual_seed(_mix_seed(seed, block, tag))
+        parts.append(torch.rand(block_size, width, generator=gen)[offset : offset + take])
+        pos += take
+    return torch.cat(parts) if parts else torch.empty(0, width)
+
+
+class DataStream:
+    """What the trainer reads: this process's slice of the global micro-batch at a stream position.
+
+    dataset: an in-memory :class:`Dataset` / :class:`LatentDataset`, a :class:`RecordDataset` or a
+    :class:`fewstep.cache.CachedDataset`. Order: webdataset shards follow :class:`fewstep.sources.ShardStream`;
+    with buckets, :class:`BucketStream`; otherwise :class:`IndexStream`. Flips, random-crop offsets and caption
+    dropout are drawn per stream position from (seed, position), so every draw is a pure function of (seed,
+    images seen): a resumed run replays exactly and ranks together see the same global batch as one process.
+    """
+
+    _TAG_DROP, _TAG_CROP = 3, 4
+
+    def __init__(self, dataset: Any, cfg: DataConfig, seed: int, group: int) -> None:
+        self.dataset, self.cfg, self.seed, self.group = dataset, cfg, seed, group
+        self.shards = None
+        self.buckets = None
+        self.index = IndexStream(len(dataset), seed)
+        if isinstance(dataset, RecordDataset) and not dataset.indexable:
+            from fewstep.sources import ShardStream
+
+            self.shards = ShardStream(dataset.source, seed)
+        elif getattr(dataset, "buckets", None) is not None:
+            self.buckets = BucketStream(dataset.bucket_of(), seed, group)
+        if cfg.crop == "random" and not isinstance(dataset, RecordDataset):
+            raise ValueError(f"data.crop: random crops apply to images decoded per batch; '{dataset.name}' is "
+                             "in memory or cached (set data.crop: center, or data.cache: off)")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def read(self, start: int, count: int, lo: int, n: int) -> Samples:
+        """Positions [start, start + count) form the global micro-batch; this process gets rows [lo, lo + n)."""
+        keep = slice(lo, lo + n)
+        cfg, ds = self.cfg, self.dataset
+        flip = self.index.flips(start, count)[keep] if cfg.flip else None
+        dropped = None
+        if cfg.caption_dropout > 0:
+            dropped = uniform_draws(self.seed, self._TAG_DROP, start, count)[keep, 0] < cfg.caption_dropout
+        if isinstance(ds, RecordDataset):
+            crop_u = uniform_draws(self.seed, self._TAG_CROP, start, count, 2)[keep] if cfg.crop == "random" else None
+            if self.shards is not None:
+                return ds.gather(self.shards.read(start, count, keep), flip=flip, crop_u=crop_u, dropped=dropped)
+            idx, bucket = self._indices(start, count)
+            return ds.gather(ds.source.records(idx[keep].tolist()), bucket, flip=flip, crop_u=crop_u,
+                             dropped=dropped)
+        idx, bucket = self._indices(start, count)
+        if hasattr(ds, "fetch"):  # a cache
+            return ds.fetch(idx[keep], bucket, flip=flip, dropped=dropped)
+        x, labels, prompts = ds.get(idx[keep], flip)
+        if prompts is not None and dropped is not None:
+            prompts = tuple("" if d else p for p, d in zip(prompts, dropped.tolist()))
+        return Samples(x=x, labels=labels, prompts=prompts, latent=isinstance(ds, LatentDataset))
+
+    def _indices(self, start: int, count: int) -> tuple[Tensor, int]:
+        if self.buckets is not None:
+            return self.buckets.batch(start, count)
+        return self.index.indices(start, count), 0
+
+
+def build_data(cfg: DataConfig, base: Path | None = None, cache_root: Path | None = None) -> Dataset | RecordDataset:
+    """An in-memory :class:`Dataset` (digits, folders without metadata, npz, idx, prompt lists) or a
+    :class:`RecordDataset` (metadata folders, datasets, webdataset shards) for ``cfg.source``."""
+    kind = source_kind(cfg, base)
+    if kind in PER_BATCH_KINDS:
+        return RecordDataset(open_source(cfg, base, cache_root), cfg, kind)
+    if cfg.buckets or cfg.crop == "random":
+        raise ValueError(f"data.buckets / data.crop: random apply to sources read per batch (metadata folders, "
+                         f"datasets, webdataset shards); '{cfg.source}' is a {kind} source read into memory")
+    return build_dataset(cfg, base)
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What :func:`check_data` needs to know of a teacher, read from its folder's JSON configs (no weights).
+
+    conditioning: "none" | "class" | "text"; num_classes: real classes or None; data_shape: (C, H, W) of the
+    images it generates; vae_factor: the VAE's downsampling factor (1 for a pixel teacher).
+    """
+
+    conditioning: str
+    num_classes: int | None
+    data_shape: tuple[int, int, int]
+    vae_factor: int = 1
+
+
+def teacher_info(path: str | Path) -> TeacherInfo:
+    """:class:`TeacherInfo` of a local teacher folder (fewstep.families.detect_family reads the layout)."""
+    from fewstep.families import detect_family
+
+    info = detect_family(path)
+    denoiser = json.loads((info.denoiser_dir / "config.json").read_text())
+    meta_file = info.root / "fewstep_teacher.json"
+    num_classes = json.loads(meta_file.read_text()).get("num_classes") if meta_file.is_file() else None
+    conditioning = info.family.conditioning
+    if conditioning == "none" and (denoiser.get("num_class_embeds") or denoiser.get("class_embed_type")):
+        conditioning = "class"  # a UNet2DModel with a label table (fewstep.backbones reads it the same way)
+    if num_classes is None and conditioning == "class":
+        rows = denoiser.get("num_class_embeds") or denoiser.get("num_embeds_ada_norm")
+        num_classes = int(rows) if rows else None
+    size = int(info.sample_size or denoiser.get("sample_size") or 0)
+    vae_file = info.root / "vae" / "config.json"
+    if vae_file.is_file():
+        vae = json.loads(vae_file.read_text())
+        factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+        shape = (int(vae.get("in_channels", 3)), size * factor, size * factor)
+    else:
+        factor = 1
+        shape = (int(denoiser.get("in_channels", 3)), size, size)
+    return TeacherInfo(conditioning, num_classes, shape, factor)
+
+
+def check_data(config: Any, teacher: Any, dataset: Any = None) -> None:
+    """Refuse data that cannot train ``teacher`` (a :class:`fewstep.teacher.Teacher` or a :class:`TeacherInfo`): a text teacher without captions, a
+    class teacher without labels or with labels out of its range, or images of another channel count or
+    resolution than the teacher's. ``dataset`` is built from ``config.data`` when not given (the
+    ``validate`` command). Raises ValueError naming the problem and the fix."""
+    cfg: DataConfig = config.data
+    require_source(cfg, config.teacher.pretrained)
+    c, h, w = teacher.data_shape
+    where = f"data.source '{cfg.source}'"
+    if cfg.channels is not None and cfg.channels != c:
+        raise ValueError(f"data.channels={cfg.channels} but the teacher takes {c}-channel images; remove "
+                         f"data.channels or set it to {c}")
+    if cfg.resolution is not None and cfg.resolution != h and not cfg.buckets:
+        raise ValueError(f"data.resolution={cfg.resolution} but the teacher generates {h}x{w} images; remove "
+                         f"data.resolution or set it to {h}")
+    vae = getattr(teacher, "vae", None)
+    factor = getattr(teacher, "vae_factor", None) or (2 ** (len(vae.config.block_out_channels) - 1) if vae else 1)
+    if cfg.buckets and factor > 1:
+        bad = [b for b in cfg.buckets if b[0] % factor or b[1] % factor]
+        if bad:
+            raise ValueError(f"data.buckets {bad} are not multiples of the VAE's downsampling factor {factor}")
+    if dataset is None:
+        update: dict[str, Any] = {"resolution": cfg.resolution or h, "channels": cfg.channels or c}
+        if teacher.conditioning == "class":
+            update["class_conditional"] = True
+        dataset = build_data(cfg.model_copy(update=update))
+    shape = getattr(dataset, "data_shape", None) or dataset.shape
+    if shape is not None and tuple(shape)[0] != c:
+        raise ValueError(f"{where} holds {shape[0]}-channel images but the teacher takes {c} channels; set "
+                         f"data.channels: {c} to convert them")
+    if teacher.conditioning == "text" and not dataset.prompts:
+        raise ValueError(f"the teacher is text-conditional but {where} has no captions, so every sample would be "
+                         "trained on the empty prompt; give a captioned source (metadata.jsonl/.csv, datasets or "
+                         "webdataset with a caption column: data.caption_column), data.prompts, or a prompt list")
+    if teacher.conditioning == "class":
+        classes = dataset.num_classes
+        if classes is None:
+            raise ValueError(f"the teacher is class-conditional but {where} has no labels; give a labelled source "
+                             "(class subfolders, a label column: data.label_column, idx/npz labels)")
+        if teacher.num_classes is not None and classes > teacher.num_classes:
+            raise ValueError(f"{where} has labels up to {classes - 1} but the teacher knows {teacher.num_classes} "
+                             "classes (0..{}); give data with the teacher's classes".format(teacher.num_classes - 1))
+
+
+def require_source(cfg: DataConfig, teacher_pretrained: Path | None) -> None:
+    """Refuse a recipe that names its own teacher but no ``data.source`` (it would silently train on the
+    embedded digits). The teachers shipped in this repository's recipes/digits/ are exempt."""
+    if teacher_pretrained is None or "source" in cfg.model_fields_set:
+        return
+    shipped = Path(__file__).resolve().parent.parent / "recipes" / "digits"
+    if Path(teacher_pretrained).resolve().is_relative_to(shipped):
+        return
+    raise ValueError(f"data.source: required when teacher.pretrained is your own teacher ({teacher_pretrained}); "
+                     "without it the run would train on the embedded digits. Set data.source to the teacher's data "
+                     "(or to 'digits' on purpose)")
