@@ -102,6 +102,8 @@ class ValidationConfig(Strict):
     teacher_steps: int | None = Field(32, gt=0, description="Teacher row with this many ODE steps; none: no row.")
     teacher_solver: Literal["euler", "ddim", "heun"] = Field("heun", description="Solver of the teacher row.")
     upscale: int = Field(4, ge=1, description="Nearest-neighbour upscale of the PNG grid (small images).")
+    prompts: list[str] | None = Field(None, min_length=1, description="Prompts of a text teacher's grid, cycled "
+                                      "over num_images; none: the first captions of the data.")
 
 
 class ExportConfig(Strict):
@@ -189,7 +191,8 @@ def _resolve_paths(config: RunConfig, base_dir: Path) -> RunConfig:
     teacher = config.teacher.model_copy(update={"pretrained": resolve(config.teacher.pretrained),
                                                  "autoguidance": resolve(config.teacher.autoguidance)})
     data_update = {k: (str(resolve(v)) if v is not None else None)
-                   for k in ("source", "labels", "prompts", "pairs") if (v := getattr(config.data, k)) is not None}
+                   for k in ("source", "labels", "prompts", "pairs")
+                   if k in config.data.model_fields_set and (v := getattr(config.data, k)) is not None}  # unset: default
     data = config.data.model_copy(update=data_update)
     reference = config.eval.reference
     evaluation = config.eval.model_copy(update={

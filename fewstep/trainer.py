@@ -397,11 +397,12 @@ class Trainer:
     def step_boundary(self) -> None:
         """Checkpoints due now (by images or by time) and a stop requested by a signal or the wall-time budget,
         decided from flags that every rank received in the same all-reduce."""
-        world = self.ctx.world_size
-        stop, timed, over = (self._flags if self._flags is not None  # no group stepped: decide next step
-                             else self.local_flags() if world == 1 else [0.0, 0.0, 0.0])
+        if self.ctx.world_size == 1:
+            stop, timed, over = self.local_flags()  # no other rank to agree with: the freshest values
+        else:  # the values all ranks summed in this step's last all-reduce; no group stepped: decide next step
+            stop, timed, over = self._flags if self._flags is not None else [0.0, 0.0, 0.0]
         saved = None
-        if self._crossed(self.config.train.checkpoint_every_nimg) or timed:
+        if self._crossed(self.config.train.checkpoint_every_nimg) or (timed and self.state.nimg < self.total_nimg):
             saved = self.save_checkpoint()
         if stop or over:
             reason = (self.signals.received or "a signal to another process") if stop else \
