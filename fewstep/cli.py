@@ -204,8 +204,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from fewstep.data import check_data, teacher_info
         if config.teacher.pretrained is not None:  # captions / labels / shape of the data against the teacher
             check_data(config, teacher_info(config.teacher.pretrained))
+    family = ""
+    if config.teacher.pretrained is not None:  # refuses unsupported checkpoints from their JSON configs alone
+        from fewstep.families import detect_family
+
+        family = f", teacher family {detect_family(config.teacher.pretrained).family.name}"
     print(f"{args.recipe}: ok (method {config.method.name!r}, {config.train.total_nimg} images, "
-          f"batch {config.train.batch_size})")
+          f"batch {config.train.batch_size}{family})")
     return 0
 
 

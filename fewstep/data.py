@@ -1111,7 +1111,8 @@ def teacher_info(path: str | Path) -> TeacherInfo:
     vae_file = info.root / "vae" / "config.json"
     if vae_file.is_file():
         vae = json.loads(vae_file.read_text())
-        factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+        blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels") or [0]  # KL or DC (Sana)
+        factor = 2 ** (len(blocks) - 1)
         shape = (int(vae.get("in_channels", 3)), size * factor, size * factor)
     else:
         factor = 1

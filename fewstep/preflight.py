@@ -121,6 +121,10 @@ def _teacher_shape(root: Path, field: str, errors: list[str]) -> tuple[int, int]
     extra = _read(sub / "fewstep_backbone.json", field, errors) if (sub / "fewstep_backbone.json").is_file() else {}
     size = cfg.get("sample_size")
     size = size[0] if isinstance(size, list) else size
+    if size is None and (root / "model_index.json").is_file():  # Flux: the size comes from the VAE (fewstep.families)
+        from fewstep.families import detect_family
+
+        size = detect_family(root).sample_size
     channels = cfg.get("in_channels")
     if not isinstance(size, int) or not isinstance(channels, int):
         errors.append(f"{field}: {sub / 'config.json'} has no integer sample_size / in_channels; restore the "
@@ -132,7 +136,8 @@ def _teacher_shape(root: Path, field: str, errors: list[str]) -> tuple[int, int]
         vcfg = _read(vae, field, errors)
         if vcfg is None:
             return None
-        return int(vcfg.get("in_channels", 3)), size * 2 ** (len(vcfg.get("block_out_channels", [0])) - 1)
+        blocks = vcfg.get("block_out_channels") or vcfg.get("encoder_block_out_channels") or [0]  # KL or DC (Sana)
+        return int(vcfg.get("in_channels", 3)), size * 2 ** (len(blocks) - 1)
     return channels, size
 
 
