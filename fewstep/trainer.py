@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fewstep.config import RunConfig
-from fewstep.data import IndexStream, build_dataset, encode_latents
+from fewstep.data import DataStream, IndexStream, RecordDataset, Samples, build_data, encode_latents
 from fewstep.nn import requires_grad, unwrap
 from fewstep.reliability import NonFiniteError, RunStopped, StopSignals, nonfinite_tensors
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, Phase, RunContext, StepInfo
@@ -229,11 +229,11 @@ class Trainer:
         g_micro = self.local_batch * self.ctx.world_size
         start = self.state.nimg + micro * g_micro
         lo = self.ctx.rank * self.local_batch
-        idx = self.stream.indices(start, g_micro)[lo : lo + self.local_batch]
-        flip = self.stream.flips(start, g_micro)[lo : lo + self.local_batch] if self.config.data.flip else None
-        x, labels, prompts = self.dataset.get(idx, flip)
-        x = x.to(self.ctx.device) if x is not None else None
-        cond, uncond = self.make_cond(labels, prompts, len(idx))
+        s = self.stream.read(start, g_micro, lo, self.local_batch)
+        x = s.x.to(self.ctx.device) if s.x is not None else None
+        if x is not None and not s.latent and self.nets.teacher.vae is not None:
+            x = self.nets.teacher.encode(x)  # data.cache: off: live VAE encoding
+        cond, uncond = self.make_cond(s.labels, s.prompts, self.local_batch, samples=s)
         if self.pairs is None:
             return Batch(x0=x, cond=cond, uncond=uncond)
         pidx = self.pair_stream.indices(start, g_micro)[lo : lo + self.local_batch]
@@ -242,15 +242,30 @@ class Trainer:
         return Batch(x0=x, cond=cond, uncond=uncond, pairs=(noise.to(self.ctx.device), x_pair.to(self.ctx.device)),
                      pair_cond=pair_cond)
 
-    def make_cond(self, labels: torch.Tensor | None, prompts: tuple[str, ...] | None, n: int) -> tuple[Cond, Cond | None]:
-        teacher = self.nets.teacher
+    def make_cond(self, labels: torch.Tensor | None, prompts: tuple[str, ...] | None, n: int,
+                  samples: Samples | None = None) -> tuple[Cond, Cond | None]:
+        """cond and uncond of a batch: cached text embeddings when ``samples`` has them, negative prompts as the
+        uncond where the data has them, and the data's size conditioning as ``added`` where the teacher's
+        conditioning carries SDXL time ids (fewstep.data.Samples)."""
+        teacher, device = self.nets.teacher, self.ctx.device
         if teacher.conditioning == "class":
-            cond = Cond(labels=labels.to(self.ctx.device))
+            cond = Cond(labels=labels.to(device))
         elif teacher.conditioning == "text":
-            cond = teacher.encode_prompts(list(prompts) if prompts is not None else [""] * n)
+            if samples is not None and samples.text is not None:
+                cond = samples.text.to(device, teacher.dtype)
+            else:
+                cond = teacher.encode_prompts(list(prompts) if prompts is not None else [""] * n)
         else:
             return Cond(), None
-        return cond, teacher.null_cond(n, device=self.ctx.device)
+        uncond = teacher.null_cond(n, device=device)
+        if samples is not None and samples.negative_text is not None:
+            uncond = samples.negative_text.to(device, teacher.dtype)
+        elif samples is not None and samples.negatives is not None and teacher.conditioning == "text":
+            uncond = teacher.encode_prompts(list(samples.negatives))
+        if samples is not None and samples.size_cond is not None and cond.added is not None and cond.added.shape[-1] == 6:
+            added = samples.size_cond.to(device, cond.added.dtype)
+            cond, uncond = replace(cond, added=added), replace(uncond, added=added)
+        return cond, uncond
 
     # ------------------------------------------------------------------ setup
     @property
@@ -304,8 +319,9 @@ class Trainer:
                     self.wrapped[name] = acc.prepare_model(self.nets.get(name))
             params = [p for n in group.modules for p in self.nets.get(n).parameters()]
             self.optimizers[group.name] = acc.prepare_optimizer(make_optimizer(group, params))
-        self.dataset = self._build_data(teacher)
-        self.stream = IndexStream(len(self.dataset), cfg.train.seed)
+        with acc.main_process_first():  # a data cache is built once, by the main process
+            self.dataset = self._build_data(teacher)
+        self.stream = DataStream(self.dataset, cfg.data, cfg.train.seed, self.local_batch * world)
         self.pairs = None
         if cfg.data.pairs is not None:
             from fewstep.pairs import PairStore
@@ -353,10 +369,17 @@ class Trainer:
             update["channels"] = c
         if teacher.conditioning == "class":
             update["class_conditional"] = True
-        dataset = build_dataset(cfg.model_copy(update=update), base_dir=None)
-        if teacher.vae is not None and dataset.has_images:
-            from fewstep.paths import cache_dir, cache_key
+        from fewstep.data import check_data, require_source
+        from fewstep.paths import cache_dir, cache_key
 
+        require_source(cfg, self.config.teacher.pretrained)
+        dataset = build_data(cfg.model_copy(update=update), cache_root=cache_dir())
+        if isinstance(dataset, RecordDataset):  # read per batch: latents and text embeddings from a disk cache
+            from fewstep.cache import prepare_cache
+
+            check_data(self.config, teacher, dataset)  # in-memory sources: checked by `fewstep validate`
+            return prepare_cache(dataset, teacher, cache_dir())
+        if teacher.vae is not None and dataset.has_images:
             fingerprint = json.dumps([str(teacher.source), cfg.model_dump(mode="json"), update], sort_keys=True)
             # the user cache, never next to the data (an input, possibly read-only or inside a package)
             cache = cache_dir() / "latents" / cache_key(fingerprint)
@@ -390,7 +413,10 @@ class Trainer:
         if teacher.conditioning == "class":
             return noise, Cond(labels=torch.arange(n, device=self.ctx.device) % teacher.num_classes)
         if teacher.conditioning == "text":
-            _, _, prompts = self.dataset.get(torch.arange(n) % len(self.dataset))
+            if (given := self.config.validation.prompts) is not None:
+                prompts = tuple(given[i % len(given)] for i in range(n))
+            else:
+                _, _, prompts = self.dataset.get(torch.arange(n) % len(self.dataset))
             return noise, teacher.encode_prompts(list(prompts) if prompts else [""] * n)
         return noise, None
 
