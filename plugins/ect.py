@@ -32,7 +32,15 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from fewstep.config import MethodConfig
-from fewstep.diffusion import append_dims, consistency_from_denoiser, ddim_step, karras_sigmas
+from fewstep.consistency import (
+    adaptive_loss,
+    ect_r,
+    ect_sample_levels,
+    ect_stage,
+    inverse_gap_weight,
+    truncated_lognormal,
+)
+from fewstep.diffusion import append_dims, consistency_from_denoiser, ddim_step
 from fewstep.hookspecs import hookimpl
 from fewstep.nn import frozen_copy, same_dropout
 from fewstep.sampling import consistency_sample, sampling_net
@@ -111,30 +119,6 @@ class SCTConfig(ECTConfig):
 # Curricula and time sampling: pure functions
 
 
-def ect_stage(nimg: int, stage_nimg: int) -> int:
-    """Stage index a = floor(images seen / stage length) (ECT ``update_schedule``: a = tick // double)."""
-    return nimg // stage_nimg
-
-
-def ect_r(t: Tensor, stage: int, mapping: str = "sigmoid", q: float = 2.0, k: float = 8.0, b: float = 1.0) -> Tensor:
-    """ECT's r(t) (consistency.md §4.3): r = max(0, t (1 - q^-(a+1) n(t))), with n(t) = 1 + k sigmoid(-b t)
-    ("sigmoid") or n = 1 ("const"). t: (B,) sigma-space levels; 0 <= r <= t, and r -> t as a grows."""
-    n = 1 + k * torch.sigmoid(-b * t) if mapping == "sigmoid" else torch.ones_like(t)
-    return t * (1 - q ** -(stage + 1) * n).clamp_min(0)
-
-
-def truncated_lognormal(n: int, p_mean: float, p_std: float, lo: float, hi: float,
-                        generator: torch.Generator | None = None) -> Tensor:
-    """(n,) levels with ln t ~ N(p_mean, p_std^2) conditioned on lo <= t <= hi (inverse-CDF draw)."""
-    def cdf(x: float) -> float:
-        return 0.5 * (1 + math.erf((math.log(x) - p_mean) / (p_std * math.sqrt(2))))
-
-    c_lo, c_hi = cdf(lo), cdf(hi)
-    u = c_lo + (c_hi - c_lo) * torch.rand(n, generator=generator, dtype=torch.float64)
-    t = torch.exp(p_mean + p_std * math.sqrt(2) * torch.erfinv(2 * u - 1))
-    return t.clamp(lo, hi).to(torch.get_default_dtype())
-
-
 def sigma_range(cfg: ECTConfig, process) -> tuple[float, float]:
     return cfg.sigma_min or process.sigma_min, cfg.sigma_max or min(ECT_SIGMA_MAX, process.sigma_max)
 
@@ -158,10 +142,7 @@ def sample_levels(cfg: ECTConfig, num_steps: int, sigma_min: float, sigma_max: f
         if len(levels) != num_steps:
             raise ValueError(f"method.sample_sigmas[{num_steps}] has {len(levels)} levels; expected {num_steps}")
         return levels
-    if num_steps > 1 and not sigma_min < cfg.t_mid < sigma_max:
-        raise ValueError(f"method.t_mid={cfg.t_mid} must lie in (sigma_min, sigma_max) = ({sigma_min:g}, "
-                         f"{sigma_max:g}); change t_mid or give method.sample_sigmas[{num_steps}]")
-    return [sigma_max, *karras_sigmas(num_steps, sigma_min, cfg.t_mid)[:-1].tolist()]
+    return ect_sample_levels(num_steps, cfg.t_mid, sigma_min, sigma_max)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,24 +208,12 @@ def consistency_fn(net: nn.Module, process, x: Tensor, sigma: Tensor, edge: Tens
     return ddim_step(x, sigma, edge, denoised(net, process, x, sigma, cond, sigma_min, sigma_data))
 
 
-def adaptive_loss(delta: Tensor, c: float) -> Tensor:
-    """sqrt(|delta|^2 + c^2) - c per sample, the norm over the whole sample (ECT §4.4), evaluated as
-    |delta|^2 / (sqrt(|delta|^2 + c^2) + c), which does not cancel in float32 when |delta| << c. c = 0 is
-    the L2 norm, computed with ``vector_norm`` so that an exact zero difference has gradient 0, not NaN."""
-    flat = delta.flatten(1).float()
-    if c == 0:
-        return torch.linalg.vector_norm(flat, dim=1)
-    sq = flat.square().sum(1)
-    return sq / (torch.sqrt(sq + c * c) + c)
-
-
 def loss_weight(cfg: ECTConfig, t: Tensor, r: Tensor, sigma_data: float) -> Tensor:
     """ECT CIFAR-10 1/(t - r), or ECT ImageNet 1/t^2 + 1/sigma_d^2 (§4.4). A sample drawn exactly at its
     floor (t = r, probability ~1e-9) has online == target and gets weight 0 instead of 0/0."""
     if cfg.weighting == "snr_k":
         return 1 / t**2 + 1 / sigma_data**2
-    dt = t - r
-    return torch.where(dt > 0, 1 / dt.clamp_min(torch.finfo(dt.dtype).tiny), torch.zeros_like(dt))
+    return inverse_gap_weight(t, r)
 
 
 @hookimpl

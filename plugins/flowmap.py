@@ -31,7 +31,6 @@ the default here) and the gamma-sampler settings (§9.7).
 from __future__ import annotations
 
 import copy
-import math
 from typing import Literal
 
 import torch
@@ -39,14 +38,23 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from fewstep.backbones import guidance_inputs
-from fewstep.diffusion import FlowProcess, append_dims
+from fewstep.diffusion import append_dims
+from fewstep.flowmaps import (
+    FLOW,
+    average_velocity,
+    chain,
+    default_sample_times,
+    fd_steps,
+    flow_map,
+    s_input,
+    teacher_velocity,
+    time_range,
+)
 from fewstep.hookspecs import hookimpl
-from fewstep.jvp import TangentOptions, jvp, normalize_tangent, resolve_mode, window_steps
+from fewstep.jvp import TangentOptions, jvp, normalize_tangent, resolve_mode
 from fewstep.nn import same_dropout, unwrap
 from fewstep.sampling import sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
-
-_FLOW = FlowProcess()  # only its sigma <-> flow-time conversions are used: t = sigma/(1 + sigma), alpha = 1 − t
 
 
 class FlowMapConfig(TangentOptions):
@@ -98,11 +106,6 @@ def tangent_warmup(nimg: int, warmup_nimg: int, r_max: float) -> float:
     return r_max if warmup_nimg == 0 else r_max * min(1.0, nimg / warmup_nimg)
 
 
-def time_range(process) -> tuple[float, float]:
-    """The teacher's levels [sigma_min, sigma_max] in flow time."""
-    return process.sigma_min / (1 + process.sigma_min), process.sigma_max / (1 + process.sigma_max)
-
-
 def sample_pair(cfg: FlowMapConfig, n: int, generator: torch.Generator) -> Tensor:
     """(n, 2) flow times (t, s) with s <= t, before clamping (§9.4, [UNVERIFIED])."""
     if cfg.time_sampling == "gap":
@@ -111,38 +114,6 @@ def sample_pair(cfg: FlowMapConfig, n: int, generator: torch.Generator) -> Tenso
         return torch.stack([s + d, s], dim=1)
     u = torch.sigmoid(cfg.p_mean + cfg.p_std * torch.randn(n, 2, generator=generator))
     return u.sort(dim=1, descending=True).values
-
-
-def s_input(process, s: Tensor) -> Tensor:
-    """The student's ``s`` input: model time of flow time s's level, clamped at the teacher's sigma_min."""
-    return process.model_time(process.sigma_to_t(_FLOW.t_to_sigma(s).clamp(min=process.sigma_min)))
-
-
-def velocity(denoise, x: Tensor, t: Tensor) -> Tensor:
-    """Flow velocity (x_t − D(x_t/(1 − t), t/(1 − t)))/t of a sigma-space denoiser. x: (B, C, H, W); t: (B,)."""
-    x0 = denoise(x / append_dims(_FLOW.alpha(t), x.ndim), _FLOW.t_to_sigma(t))
-    return (x - x0) / append_dims(t, x.ndim)
-
-
-def average_velocity(net, process, x: Tensor, t: Tensor, s: Tensor, cond: Cond | None, **scalars: Tensor) -> Tensor:
-    """F(x_t, t, s) of a (t, s) student: its denoiser read as a flow velocity, with s as an input."""
-    return velocity(lambda x_, sigma: process.denoise(net, x_, sigma, cond, s=s_input(process, s), **scalars), x, t)
-
-
-def flow_map(F: Tensor, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
-    """Euler parameterisation f = x_t + (s − t)·F (§9.1)."""
-    return x + append_dims(s - t, x.ndim) * F
-
-
-
-
-def _steps(mode: str, process, time_map, t: Tensor, window: float) -> Tensor | float:
-    """Finite-difference steps: for a VP teacher, moving its timestep input by ±window DDPM timesteps; for
-    EDM and flow teachers (continuous time, no oscillation to average out) the float step 1e-3 (the RMS size
-    of the input perturbation, ``fewstep.jvp``). Unused by the exact mode."""
-    if mode != "finite_difference" or process.kind != "vp":
-        return 1e-3
-    return window_steps(time_map, t, window)
 
 
 def map_target(objective: str, F_minus: Tensor, g: Tensor, kind: str, c: float) -> Tensor:
@@ -162,9 +133,9 @@ def emd_tangent(net, process, x: Tensor, t: Tensor, s: Tensor, v: Tensor, cond: 
             return average_velocity(net, process, x_, t_, s.to(t_.dtype), cond, **scalars)
 
     def model_time(t_: Tensor) -> Tensor:
-        return process.model_time(process.sigma_to_t(_FLOW.t_to_sigma(t_)))
+        return process.model_time(process.sigma_to_t(FLOW.t_to_sigma(t_)))
 
-    step = _steps(mode, process, model_time, t, fd_window)
+    step = fd_steps(mode, process, model_time, t, fd_window)
     with torch.no_grad():
         F_minus, dF = jvp(F, (x, t), (v, torch.ones_like(t)), mode=mode, step=step, dtype=x.dtype)
     F_minus, dF = F_minus.to(x.dtype), dF.to(x.dtype)
@@ -180,7 +151,7 @@ def lmd_tangent(net, process, x: Tensor, t: Tensor, s: Tensor, teacher_velocity,
         with same_dropout():
             return average_velocity(net, process, x, t, s_, cond, **scalars)
 
-    step = _steps(mode, process, lambda s_: s_input(process, s_), s, fd_window)
+    step = fd_steps(mode, process, lambda s_: s_input(process, s_), s, fd_window)
     with torch.no_grad():
         F_minus, dF_ds = jvp(F, (s,), (torch.ones_like(s),), mode=mode, step=step, dtype=x.dtype)
         F_minus, dF_ds = F_minus.to(x.dtype), dF_ds.to(x.dtype)
@@ -188,34 +159,6 @@ def lmd_tangent(net, process, x: Tensor, t: Tensor, s: Tensor, teacher_velocity,
     return F_minus, F_minus + r * append_dims(s - t, x.ndim) * dF_ds - v_end
 
 
-
-
-def default_sample_times(process, num_steps: int) -> list[float]:
-    """The teacher's own N-step grid (``sampling_sigmas``) in flow time, ending at 0."""
-    sigmas = process.sampling_sigmas(num_steps).double()
-    return (sigmas / (1 + sigmas)).tolist()
-
-
-@torch.no_grad()
-def chain(F_fn, noise: Tensor, times: list[float], gamma: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
-    """Flow-map sampling (§9.7): x_0 = t_0·noise, x_{i+1} = f(x_i, t_i, t_{i+1}) with f = x + (s − t)·F_fn(x, t, s).
-
-    With gamma > 0 every step but the last lands at the level sqrt(1 − gamma²)·sigma_{i+1} and fresh noise
-    brings it back up to sigma_{i+1} (CTM's gamma-sampling in sigma space). noise: (B, C, H, W) unit normal."""
-    x = times[0] * noise
-    batch = noise.shape[0]
-    for i, (t, s) in enumerate(zip(times, times[1:])):
-        renoise = gamma > 0 and i < len(times) - 2
-        sigma_next = s / (1 - s)
-        target = math.sqrt(1 - gamma**2) * sigma_next if renoise else sigma_next
-        s_jump = target / (1 + target)
-        tt, ss = (torch.full((batch,), v, device=noise.device, dtype=noise.dtype) for v in (t, s_jump))
-        x = flow_map(F_fn(x, tt, ss), x, tt, ss)
-        if renoise:
-            z = torch.randn(noise.shape, generator=generator).to(noise.device)
-            x_sigma = x * (1 + target) + gamma * sigma_next * z  # sqrt(sigma_next² − target²) = gamma·sigma_next
-            x = x_sigma / (1 + sigma_next)
-    return x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,14 +183,6 @@ def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module:
     return student.requires_grad_(True).train()
 
 
-def _teacher_velocity(teacher, batch: Batch, guidance: float | Tensor):
-    def v(x: Tensor, t: Tensor) -> Tensor:
-        return velocity(lambda x_, sigma: teacher.denoise(x_, sigma, batch.cond, uncond=batch.uncond,
-                                                          guidance=guidance).float(), x, t)
-
-    return v
-
-
 @hookimpl
 def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Nets, step: StepInfo) -> LossOutput:
     """||F_theta(x_t, t, s) − sg[F⁻ + ĝ]||² (EMD, §9.2) or − ĝ (LMD, §9.3), mean over the sample."""
@@ -265,7 +200,7 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     if cfg.guidance is not None:
         lo, hi = cfg.guidance
         w = step.rand().to(x0.device) * (hi - lo) + lo
-    v_teacher = _teacher_velocity(teacher, batch, w if w is not None else ctx.config.teacher.guidance)
+    v_teacher = teacher_velocity(teacher, batch, w if w is not None else ctx.config.teacher.guidance)
     scalars = guidance_inputs(w)
     r = tangent_warmup(step.nimg, cfg.warmup_nimg, cfg.r_max)
     with same_dropout():
