@@ -230,6 +230,14 @@ class Backbone(nn.Module):
             and self._label_rows > self.num_classes
         )
 
+    @property
+    def output_layer(self) -> nn.Module:
+        """The denoiser's last layer (UNets ``conv_out``, DiT ``proj_out_2``, SD3/Flux/PixArt/Sana ``proj_out``)."""
+        layer = _submodule(self.model, self.family.output_layer)
+        if layer is None:
+            raise ValueError(f"{type(self.model).__name__} has no {self.family.output_layer}")
+        return layer
+
     # ----------------------------------------------------------------------------------- forward
 
     def forward(self, x: Tensor, timestep: Tensor, cond: Cond | None = None, *, extra_input: Tensor | None = None,

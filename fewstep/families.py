@@ -77,6 +77,7 @@ class Family:
         added to the output of the embedding module, built on the same sinusoidal features).
     bottleneck: path of the module whose output is the bottleneck feature map (``Backbone.bottleneck``);
         for transformers the image tokens of the last block.
+    output_layer: path of the denoiser's last layer (where an adaptive GAN weight compares gradient norms).
     input_layer: path of the layer that reads the latents (a Conv2d, or Flux's token Linear), widened by
         ``Backbone.add_input_channels``.
     max_sequence_length: the stock pipeline's default text length for the T5/Gemma encoder (None: the
@@ -100,6 +101,7 @@ class Family:
     time_embedding: tuple[tuple[str, str], ...] = ()
     bottleneck: str = "mid_block"
     input_layer: str = "conv_in"
+    output_layer: str = "proj_out"
     max_sequence_length: int | None = None
     default_sample_size: int | None = None
 
@@ -118,6 +120,7 @@ FAMILIES: dict[str, Family] = {
             pipeline_class="DDPMPipeline",
             conditioning="none",
             time_embedding=_UNET_TIME,
+            output_layer="conv_out",
         ),
         Family(
             name="sd",
@@ -130,6 +133,7 @@ FAMILIES: dict[str, Family] = {
             latent=False,  # a VAE is optional: fewstep's own text teachers may be pixel-space
             prompt_encoder="clip",
             time_embedding=_UNET_TIME,
+            output_layer="conv_out",
         ),
         Family(
             name="sdxl",
@@ -143,6 +147,7 @@ FAMILIES: dict[str, Family] = {
             latent=True,
             prompt_encoder="pipeline",
             time_embedding=_UNET_TIME,
+            output_layer="conv_out",
         ),
         Family(
             name="sd3",
@@ -238,6 +243,7 @@ FAMILIES: dict[str, Family] = {
             conditioning="class",
             bottleneck="transformer_blocks.-1",
             input_layer="pos_embed.proj",
+            output_layer="proj_out_2",
         ),
     )
 }

@@ -125,12 +125,9 @@ def generator_loss(fake_logits: Tensor, kind: GanLoss = "nonsaturating") -> Tens
 
 
 def output_layer(backbone: nn.Module) -> Tensor:
-    """The weight of the backbone's last layer (UNets: ``conv_out``, DiT: ``proj_out_2``): where the
-    adaptive GAN weight compares gradient norms."""
-    model = getattr(backbone, "module", backbone).model
-    layer = getattr(model, "conv_out", None) or getattr(model, "proj_out_2", None)
-    if layer is None:
-        raise ValueError(f"{type(model).__name__} has neither conv_out nor proj_out_2")
+    """The weight of the backbone's last layer (``Backbone.output_layer``: UNets ``conv_out``, DiT
+    ``proj_out_2``, SD3/Flux/PixArt/Sana ``proj_out``): where the adaptive GAN weight compares gradient norms."""
+    layer = getattr(backbone, "module", backbone).output_layer  # per family (fewstep.families)
     return layer.weight
 
 
