@@ -133,6 +133,34 @@ class PluginsConfig(Strict):
     extra: list[str] = Field([], description="Installed plugins to activate in addition to the method's.")
 
 
+class LoraConfig(Strict):
+    """LoRA students with peft (docs/LORA.md): the networks below train adapters on frozen teacher weights,
+    sharing one frozen base in memory; the maths of every method is unchanged."""
+
+    rank: int = Field(16, ge=1, description="LoRA rank r (LCM-LoRA and DMD2's SDXL LoRA: 64; 16 is a common "
+                      "default of diffusers' LoRA training scripts).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / rank (peft's "
+                         "convention); equal to rank by default, as in diffusers' training scripts.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch's input (peft "
+                           "lora_dropout); 0 keeps online and target passes deterministic.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names (suffixes, peft's matching) that get adapters; none: the family default "
+        "of fewstep.lora.DEFAULT_TARGETS (UNets: attention, projections, feed-forward, ResNet convolutions and "
+        "time projections as in LCM-LoRA; transformers: attention and feed-forward projections).")
+    init: Literal["default", "gaussian"] = Field(
+        "default", description="peft init_lora_weights: 'default' (Kaiming A, zero B) or 'gaussian' (normal A, "
+        "zero B); both start the student exactly at its teacher. Inits that rewrite the base weights (PiSSA, "
+        "OLoRA, LoftQ) are refused: the base is shared with the teacher.")
+    networks: list[str] | None = Field(
+        None, description="Trainable networks that train adapters: 'student' and copies of it such as "
+        "'fake_score' (DMD2's critic) or MSD's 'student_1'; none: the student and every trainable copy of it. "
+        "Frozen copies of an adapter network (EMA, targets, snapshots) always hold adapters only.")
+    export: Literal["both", "adapter"] = Field(
+        "both", description="'both': the full export with the adapter fused into the weights plus "
+        "pytorch_lora_weights.safetensors (diffusers' LoRA format) in the same folder; 'adapter': only the "
+        "LoRA file.")
+
+
 class RunConfig(Strict):
     method: Any = Field(..., description="The method section, validated by the plugin that provides method.name.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -144,6 +172,8 @@ class RunConfig(Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    lora: LoraConfig | None = Field(None, description="LoRA adapters on frozen teacher weights "
+                                   "(docs/LORA.md); none: full fine-tuning.")
 
     def dump(self) -> dict[str, Any]:
         """The resolved config as plain data (paths as strings), ready for YAML."""

@@ -128,6 +128,9 @@ def output_layer(backbone: nn.Module) -> Tensor:
     """The weight of the backbone's last layer (``Backbone.output_layer``: UNets ``conv_out``, DiT
     ``proj_out_2``, SD3/Flux/PixArt/Sana ``proj_out``): where the adaptive GAN weight compares gradient norms."""
     layer = getattr(backbone, "module", backbone).output_layer  # per family (fewstep.families)
+    if not layer.weight.requires_grad:  # a frozen base (fewstep.lora): the last trainable weight, the adapter's
+        trainable = [p for p in getattr(backbone, "module", backbone).parameters() if p.requires_grad]
+        return trainable[-1] if trainable else layer.weight
     return layer.weight
 
 

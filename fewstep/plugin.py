@@ -29,6 +29,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "logging": "fewstep.builtin.logging",
     "validation": "fewstep.builtin.validation",
     "export": "fewstep.builtin.export",
+    "lora": "fewstep.builtin.lora",
 }
 REQUIRED_BUILTINS = frozenset({"core"})
 

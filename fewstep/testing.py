@@ -241,7 +241,8 @@ class Recorder:
     @hookimpl
     def fewstep_after_optimizer_step(self, group, nets) -> None:
         has = {name: any(p.grad is not None for p in nets.get(name).parameters()) for name in nets.names()}
-        has["teacher"] = any(p.grad is not None for p in nets.teacher.net.parameters())
+        # The teacher's own weights: LoRA adapters of other networks may live in its model (fewstep.lora).
+        has["teacher"] = any(p.grad is not None for n, p in nets.teacher.net.named_parameters() if ".lora_" not in n)
         self.grads.append((group.name, has))
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewstep import lora
 from fewstep.config import RunConfig
 from fewstep.data import DataStream, IndexStream, RecordDataset, Samples, build_data, encode_latents
 from fewstep.nn import requires_grad, unwrap
@@ -295,12 +296,15 @@ class Trainer:
         teacher = hook.fewstep_build_teacher(ctx=self.ctx)
         check_teacher_finite(teacher)
         student = hook.fewstep_build_student(ctx=self.ctx, teacher=teacher)
+        student = lora.adapt_student(cfg, teacher, student)  # a LoRA recipe: an adapter on frozen weights
         extra: dict[str, nn.Module] = {}
         for found in hook.fewstep_extra_networks(ctx=self.ctx, teacher=teacher, student=student):
             if clash := set(found) & (set(extra) | {"student"}):
                 raise TrainingError(f"two plugins both provide the network(s) {sorted(clash)}")
             extra.update(found or {})
+        extra = lora.share_networks(cfg, student, extra)
         teacher.to(self.ctx.device, self.ctx.dtype)  # after the student and extra networks copied fp32 weights
+        lora.place_adapters(teacher, [student, *extra.values()], self.ctx.device, self.ctx.dtype)
         self.nets = Nets(teacher, student.to(self.ctx.device), {k: v.to(self.ctx.device) for k, v in extra.items()})
         self.groups = {g.name: g for g in hook.fewstep_optimizer_groups(ctx=self.ctx, nets=self.nets)}
         self.group_index = {name: i for i, name in enumerate(self.groups)}
@@ -317,7 +321,7 @@ class Trainer:
             for name in group.modules:
                 if name not in self.wrapped:
                     self.wrapped[name] = acc.prepare_model(self.nets.get(name))
-            params = [p for n in group.modules for p in self.nets.get(n).parameters()]
+            params = [p for n in group.modules for p in self.nets.get(n).parameters() if p.requires_grad]
             self.optimizers[group.name] = acc.prepare_optimizer(make_optimizer(group, params))
         with acc.main_process_first():  # a data cache is built once, by the main process
             self.dataset = self._build_data(teacher)

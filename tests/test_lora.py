@@ -1,0 +1,331 @@
+"""LoRA students with one shared frozen base (fewstep.lora), gradient checkpointing for every method, and
+the diffusers LoRA export."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep.backbones import Backbone, enable_gradient_checkpointing
+from fewstep.config import ConfigError, LoraConfig
+from fewstep.lora import LORA_WEIGHTS, LoraBackbone, SharedBase, materialize, save_lora
+from fewstep.pairs import MANIFEST, generate_pairs
+from fewstep.teacher import load_teacher
+from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config, tiny_unet_condition
+from fewstep.types import Cond
+
+# One small configuration per method (the conformance classes' settings); None-free so every method runs.
+METHODS: dict[str, dict] = {
+    "diffusion": {"name": "diffusion", "solver": "euler"},
+    "cd": {"name": "cd", "num_scales": 8},
+    "ct": {"name": "ct", "s0": 2, "s1": 10},
+    "ict": {"name": "ict", "s0": 2, "s1": 16},
+    "ect": {"name": "ect", "stage_nimg": 8},
+    "sct": {"name": "sct", "stage_nimg": 8},
+    "scm": {"name": "scm", "mode": "scd", "warmup_nimg": 8},
+    "ctm": {"name": "ctm", "gan_start_nimg": 2},
+    "flowmap": {"name": "flowmap", "warmup_nimg": 8},
+    "dmd": {"name": "dmd", "regression_weight": 0.0},
+    "dmd2": {"name": "dmd2", "ratio": 2},
+    "msd": {"name": "msd", "num_students": 2, "ratio": 2, "adm_nimg": 2},
+    "guided": {"name": "guided", "stage1_nimg": 2, "round_nimg": 2, "start_steps": 4, "final_steps": 2},
+    "caf": {"name": "caf", "velocity_nimg": 2, "gan_nimg": 2},
+    "reflow": {"name": "reflow"},
+}
+PAIRED = {"caf", "reflow"}
+NO_EMA = {"msd"}  # MSD refuses the evaluation EMA (it would average student 0 only)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lora-teachers")
+    # UNet: the text-conditional SD-style UNet (guided and MSD need a conditional teacher); DiT: class-conditional.
+    return {"unet": make_tiny_teacher(root / "unet", "unet_condition"), "dit": make_tiny_teacher(root / "dit", "dit")}
+
+
+def pairs_for(teacher_path: Path) -> Path:
+    out = teacher_path.parent / f"{teacher_path.name}-pairs"
+    if not (out / MANIFEST).is_file():
+        teacher = load_teacher(teacher_path)
+        prompts = ["zero", "one"] if teacher.conditioning == "text" else None
+        generate_pairs(teacher, out, 8, num_steps=2, prompts=prompts)
+    return out
+
+
+def method_config(name: str, teacher: Path, *, steps: int | None = None, lora: dict | None = None, **sections):
+    if name in PAIRED:
+        sections["data"] = {**sections.get("data", {}), "pairs": str(pairs_for(teacher))}
+    if name in NO_EMA:
+        sections["plugins"] = {"disable": ["ema"]}
+    sections.setdefault("export", {"enabled": False})
+    extra = {} if lora is None else {"lora": lora}
+    steps = steps or (3 if name == "caf" else 2)  # CAF: velocity, acceleration and GAN phases
+    return tiny_run_config(teacher, METHODS[name], steps=steps, batch=2, **extra, **sections)
+
+
+def assert_gradients_where_due(trainer, rec) -> None:
+    assert rec.grads
+    for group_name, has in rec.grads:
+        assert not has.pop("teacher"), f"group {group_name}: a gradient reached the teacher's weights"
+        for name, flag in has.items():
+            assert flag == (name in trainer.groups[group_name].modules), f"group {group_name!r}: {name} grad={flag}"
+
+
+# ------------------------------------------------------------------------------------------------ the view
+
+
+def text_backbone() -> Backbone:
+    torch.manual_seed(0)
+    return Backbone(tiny_unet_condition(8, 1, 32))
+
+
+def test_view_starts_as_its_base_and_switches_adapters_per_forward():
+    teacher = text_backbone()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([500.0, 20.0])
+    cond = Cond(embeddings=torch.randn(2, 16, 32))
+    ref = teacher(x, t, cond).detach()
+    base = SharedBase(teacher.model, LoraConfig(rank=4), ["to_q", "to_k", "to_v", "to_out.0", "conv1"])
+    a = LoraBackbone(base, teacher)
+    torch.testing.assert_close(a(x, t, cond), ref)  # B = 0 at init: the student is its teacher
+    b = copy.deepcopy(a)
+    assert b.adapter != a.adapter and b.model is a.model
+    with torch.no_grad():
+        for p in b.lora.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out_a, out_b = a(x, t, cond), b(x, t, cond)
+    torch.testing.assert_close(out_a, ref)
+    assert not torch.allclose(out_b, ref, atol=1e-4)
+    torch.testing.assert_close(teacher(x, t, cond), ref)  # outside a view: every adapter is off
+    torch.testing.assert_close(materialize(b)(x, t, cond), out_b, rtol=1e-4, atol=1e-5)
+    # Only adapter weights are parameters / state of a view; the frozen base is not.
+    assert {k.split(".")[0] for k in a.state_dict()} == {"lora"}
+    assert all(".lora_" in n for n, _ in teacher.named_parameters() if _.requires_grad)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_land_on_the_adapter_of_each_forward(checkpointing):
+    """Two adapters used in one graph, one frozen (as the fake score on the generator's turn): the gradient of
+    a loss through both equals the one computed with each adapter on its own copy, and the frozen one gets none."""
+    teacher = text_backbone()
+    base = SharedBase(teacher.model, LoraConfig(rank=4, init="gaussian"), ["to_q", "to_v", "conv1", "conv2"])
+    gen = LoraBackbone(base, teacher)
+    with torch.no_grad():
+        for p in gen.lora.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fake = copy.deepcopy(gen)
+    with torch.no_grad():
+        for p in fake.lora.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fake.requires_grad_(False)
+    if checkpointing:
+        enable_gradient_checkpointing(gen)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([700.0, 300.0])
+    cond = Cond(embeddings=torch.randn(2, 16, 32))
+    (fake(gen(x, t, cond), t, cond).square().mean() + gen(x, t, cond).mean()).backward()
+    grads = {n: p.grad.clone() for n, p in gen.named_parameters()}
+    assert all(p.grad is None for p in fake.parameters())
+    assert all(p.grad is None for n, p in teacher.named_parameters() if ".lora_" not in n)
+    # Reference: two independent full networks with the adapters merged in; chain rule through W + delta.
+    g_full, f_full = materialize(gen), materialize(fake).requires_grad_(False)
+    y = g_full(x, t, cond)
+    (f_full(y, t, cond).square().mean() + g_full(x, t, cond).mean()).backward()
+    for path, layer in gen.base.layers:
+        if gen.adapter not in layer.lora_A:
+            continue
+        key = path.replace(".", "-")
+        a, b = gen.lora[key]["lora_A"].weight, gen.lora[key]["lora_B"].weight
+        dw = g_full.model.get_submodule(path).weight.grad
+        scale = layer.scaling[gen.adapter]
+        dw2 = dw.reshape(dw.shape[0], -1)
+        a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        torch.testing.assert_close(grads[f"lora.{key}.lora_B.weight"].reshape(b2.shape), scale * dw2 @ a2.T.detach(),
+                                   rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(grads[f"lora.{key}.lora_A.weight"].reshape(a2.shape), scale * b2.T.detach() @ dw2,
+                                   rtol=1e-3, atol=1e-6)
+
+
+def test_config_refuses_unknown_fields_and_bad_networks(teachers, tmp_path):
+    with pytest.raises(ConfigError, match="lora.ranks: unknown field"):
+        tiny_run_config(teachers["unet"], {"name": "cd"}, lora={"ranks": 4})
+    cfg = method_config("dmd2", teachers["unet"], lora={"rank": 4, "networks": ["student", "gan_head"]})
+    with pytest.raises(ValueError, match="gan_head"):
+        run_tiny(cfg, tmp_path / "run")
+
+
+def test_unlisted_trainable_copies_are_full_networks(teachers, tmp_path):
+    cfg = method_config("dmd2", teachers["unet"], lora={"rank": 4, "networks": ["student"]})
+    trainer, rec = run_tiny(cfg, tmp_path / "run")
+    assert isinstance(trainer.nets.student, LoraBackbone) and isinstance(trainer.nets.ema, LoraBackbone)
+    fake = trainer.nets.extra["fake_score"]
+    assert type(fake) is Backbone and all(p.requires_grad for p in fake.parameters())
+    assert_gradients_where_due(trainer, rec)
+
+
+# ------------------------------------------------------------------------------- every method, LoRA and checkpointing
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_with_gradient_checkpointing(method, teachers, tmp_path):
+    trainer, rec = run_tiny(method_config(method, teachers["unet"], train={"gradient_checkpointing": True}),
+                            tmp_path / "run")
+    assert all(torch.isfinite(torch.tensor(v)) for log in rec.logs for v in log.values() if isinstance(v, float))
+    assert_gradients_where_due(trainer, rec)
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_lora_adapters_on_one_base(method, backbone, teachers, tmp_path):
+    """LoRA + gradient checkpointing: finite losses, gradients only where due and never on the teacher's
+    weights, every copy of the student an adapter on the one frozen base (the teacher's model, or the
+    student's own for a widened input), and the student's adapter moved by training."""
+    cfg = method_config(method, teachers[backbone], lora={"rank": 4},
+                        train={"gradient_checkpointing": True})
+    trainer, rec = run_tiny(cfg, tmp_path / "run")
+    assert_gradients_where_due(trainer, rec)
+    views = [n for n in trainer.nets.names() if isinstance(trainer.nets.get(n), LoraBackbone)]
+    assert "student" in views
+    assert len({id(trainer.nets.get(n).model) for n in views}) == 1
+    student = trainer.nets.student
+    if not student.extra_channels:
+        assert student.model is trainer.nets.teacher.net.model
+    assert any(p.abs().sum() > 0 for v in views for n, p in trainer.nets.get(v).lora.named_parameters()
+               if "lora_B" in n)  # some adapter trained (MSD's generators step on later steps only)
+    assert not any(p.requires_grad for n, p in student.model.named_parameters() if ".lora_" not in n)
+
+
+def test_lora_resume_is_bit_identical(teachers, tmp_path):
+    every = {"checkpoint_every_nimg": 4, "keep_checkpoints": 10}
+    cfg = method_config("dmd2", teachers["unet"], steps=4, lora={"rank": 4}, train=every)
+    full, rec_full = run_tiny(cfg, tmp_path / "full")
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    for later in sorted((tmp_path / "resumed" / "checkpoints").glob("step-*"))[1:]:
+        shutil.rmtree(later)
+    saved = next((tmp_path / "resumed" / "checkpoints").glob("step-*")) / "nets" / "student.safetensors"
+    assert saved.stat().st_size < 200_000  # adapter weights only, not the base
+    resumed, rec_res = run_tiny(cfg, tmp_path / "resumed", resume=True)
+    assert rec_res.logs == rec_full.logs[2:]
+    for name in full.nets.names():
+        for k, v in full.nets.get(name).state_dict().items():
+            assert torch.equal(v, resumed.nets.get(name).state_dict()[k]), f"{name}.{k}"
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+@pytest.fixture(scope="module")
+def latent_text_teacher(tmp_path_factory) -> Path:
+    return make_tiny_teacher(tmp_path_factory.mktemp("sd") / "teacher", "unet_condition", latent=True)
+
+
+def stock_pipeline(teacher_path: Path, scheduler_cls):
+    """The teacher as diffusers' stock StableDiffusionPipeline (the tiny teacher's folder is not one)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    teacher = load_teacher(teacher_path)
+    scheduler = scheduler_cls.from_config({**teacher.process.scheduler_config(), "timestep_spacing": "trailing"})
+    return StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(teacher_path / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(teacher_path / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(teacher_path / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(teacher_path / "unet"), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+EXPORTED = {
+    "cd": {"name": "cd", "grid": "teacher", "skip": 100, "solver": "ddim", "boundary": "lcm"},
+    "dmd2": {"name": "dmd2", "ratio": 2},
+}
+
+
+@pytest.mark.parametrize("method", sorted(EXPORTED))
+def test_stock_pipeline_with_load_lora_weights_matches_fewstep(method, latent_text_teacher, tmp_path):
+    """One step: the teacher's stock StableDiffusionPipeline + LCMScheduler + load_lora_weights(export) draws
+    the latents fewstep's sampler draws from the same noise; the LoRA also loads into a perturbed teacher."""
+    from diffusers import LCMScheduler
+
+    from fewstep.sampling import sampling_net
+
+    cfg = tiny_run_config(latent_text_teacher, EXPORTED[method], steps=2, batch=2, lora={"rank": 4},
+                          export={"enabled": False}, plugins={"disable": ["ema"]})
+    trainer, _ = run_tiny(cfg, tmp_path / "run")
+    net = sampling_net(trainer.nets)
+    with torch.no_grad():  # a visible adapter: two training steps barely move B away from zero
+        for n, p in net.lora.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.02 * torch.randn_like(p))
+    out = tmp_path / "lora"
+    save_lora(net, out)
+    assert (out / LORA_WEIGHTS).is_file()
+    prompts = ["one", "two"]
+    noise = torch.randn(2, *trainer.nets.teacher.sample_shape, generator=torch.Generator().manual_seed(3))
+    cond = trainer.nets.teacher.encode_prompts(prompts)
+    with torch.no_grad():
+        ours = trainer.pm.hook.fewstep_sample(ctx=trainer.ctx, nets=trainer.nets, noise=noise, cond=cond,
+                                              num_steps=1, generator=torch.Generator().manual_seed(0))
+    pipe = stock_pipeline(latent_text_teacher, LCMScheduler)
+    plain = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, latents=noise, output_type="latent").images
+    pipe.load_lora_weights(out)
+    stock = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, latents=noise, output_type="latent").images
+    torch.testing.assert_close(stock, ours.float(), rtol=1e-3, atol=2e-3)
+    assert (stock - plain).abs().max() > 1e-3  # the adapter is what makes them agree
+    # A different fine-tune of the same base (perturbed teacher weights) takes the adapter: its denoiser moves
+    # by the adapter's change of the original's (to first order in the perturbation).
+    x, t = torch.randn(2, *trainer.nets.teacher.sample_shape), torch.tensor([999.0, 500.0])
+    ehs = cond.embeddings.float()
+    lora_unet, other = pipe.unet, stock_pipeline(latent_text_teacher, LCMScheduler)
+    with torch.no_grad():
+        for p in other.unet.parameters():
+            p.add_(1e-4 * torch.randn_like(p))
+        fine = other.unet(x, t, encoder_hidden_states=ehs).sample
+        other.load_lora_weights(out)
+        fine_lora = other.unet(x, t, encoder_hidden_states=ehs).sample
+        lora_unet.disable_lora()
+        orig = lora_unet(x, t, encoder_hidden_states=ehs).sample
+        lora_unet.enable_lora()
+        orig_lora = lora_unet(x, t, encoder_hidden_states=ehs).sample
+    delta = (orig_lora - orig).abs().max()
+    assert (fine - orig).abs().max() > 1e-4 and delta > 1e-3
+    assert ((fine_lora - fine) - (orig_lora - orig)).abs().max() < 0.05 * delta
+
+
+@pytest.mark.parametrize("method", ["sct", "ctm"])
+def test_lora_export_reproduces_the_denoiser(method, latent_text_teacher, tmp_path):
+    """sCT / CTM samplers have no stock scheduler: the stock UNet with the loaded LoRA computes the student's
+    diffusers model (CTM's s embedding goes to fewstep_lora_scalars.safetensors)."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = tiny_run_config(latent_text_teacher, METHODS[method], steps=2, batch=2, lora={"rank": 4},
+                          export={"enabled": False})
+    trainer, _ = run_tiny(cfg, tmp_path / "run")
+    net = trainer.nets.student
+    with torch.no_grad():
+        for n, p in net.lora.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.02 * torch.randn_like(p))
+    save_lora(net, tmp_path / "lora")
+    assert (tmp_path / "lora" / "fewstep_lora_scalars.safetensors").is_file() == bool(net.extra_scalars)
+    unet = UNet2DConditionModel.from_pretrained(latent_text_teacher / "unet")
+    unet.load_lora_adapter(tmp_path / "lora", prefix="unet", weight_name=LORA_WEIGHTS)
+    x = torch.randn(2, *trainer.nets.teacher.sample_shape)
+    t = torch.tensor([999.0, 400.0])
+    ehs = trainer.nets.teacher.encode_prompts(["one", "two"]).embeddings.float()
+    with torch.no_grad(), net.base.use(net.adapter):
+        ours = net.model(x, t, encoder_hidden_states=ehs).sample
+        stock = unet(x, t, encoder_hidden_states=ehs).sample
+    torch.testing.assert_close(stock, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_export_writes_fused_pipeline_and_lora_file(latent_text_teacher, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    cfg = tiny_run_config(latent_text_teacher, {"name": "dmd2", "ratio": 2}, steps=2, batch=2, lora={"rank": 4})
+    trainer, _ = run_tiny(cfg, tmp_path / "run")
+    out = tmp_path / "run" / "export"
+    assert (out / LORA_WEIGHTS).is_file()
+    fused = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert not any("lora" in k for k in fused.state_dict())
