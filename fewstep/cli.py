@@ -180,6 +180,8 @@ def describe_error(exc: BaseException) -> str | None:
             return f"no space left on the device{where}; free disk space, or write elsewhere (--run-dir, FEWSTEP_CACHE)"
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return f"permission denied{where}; check the folder's permissions, or write elsewhere (--run-dir)"
+        if "Unable to load weights" in str(exc):  # diffusers' wrapper around a safetensors/torch read error
+            return f"{str(exc).strip()} The file is truncated or corrupt: replace it (save the model again)"
         return str(exc)  # FileNotFoundError and diffusers/transformers load errors (OSError) name the file
     return str(exc) if isinstance(exc, tuple(expected)) else None
 
@@ -205,7 +207,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if config.teacher.pretrained is not None:  # captions / labels / shape of the data against the teacher
             check_data(config, teacher_info(config.teacher.pretrained))
     family = ""
-    if config.teacher.pretrained is not None:  # refuses unsupported checkpoints from their JSON configs alone
+    if config.teacher.pretrained is not None and not args.skip_inputs:  # refuses unsupported checkpoints from their JSON configs alone
         from fewstep.families import detect_family
 
         family = f", teacher family {detect_family(config.teacher.pretrained).family.name}"

@@ -306,6 +306,9 @@ def load_config(path: str | Path, overrides: list[str] = (), methods: dict[str, 
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level (method:, train:, ...), got "
+                          f"{type(data).__name__}")
     data = apply_overrides(data, list(overrides))
     if methods is None:
         from fewstep.plugin import discover, method_registry
