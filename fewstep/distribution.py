@@ -405,10 +405,10 @@ def f_weights(divergence: FDivergence, logits: Tensor, *, ratio_clip: tuple[floa
     logits: (B,) the discriminator's estimate of log r = log p/q at the noisy points (the optimum of the
     non-saturating GAN loss, §2.3(c)), clamped to ±logit_clip; r is clipped to ``ratio_clip``. With
     ``bins`` ((B,) ints in [0, num_bins), the sample's noise-level bin) r is first divided by its bin's batch
-    mean; then h(r) is divided by its batch mean. Defaults (clip [0.1, 20], ±10 logits, 10 level bins,
-    both normalisations) are FastGen's f-distill defaults [C, FastGen]; it keeps an EMA of the bin means
-    (rate 0 by default, 0.5 on ImageNet-64) and normalises over the global batch, where this uses the batch
-    the loss hook sees [departure]."""
+    mean; then h(r) is divided by its batch mean. The clip [0.1, 20], the ±10 logits and the ``fdistill``
+    plugin's 10 level bins are FastGen's f-distill defaults [C, FastGen]; FastGen keeps an EMA of the bin
+    means (rate 0 by default, 0.5 on ImageNet-64) and normalises over the global batch, where this uses the
+    batch the loss hook sees [departure]."""
     r = torch.exp(logits.detach().float().clamp(-logit_clip, logit_clip)).clamp(*ratio_clip)
     if bins is not None:
         count = torch.bincount(bins, minlength=num_bins).float()

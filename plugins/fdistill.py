@@ -50,7 +50,7 @@ from fewstep.distribution import (
 from fewstep.gan import head_for
 from fewstep.hookspecs import hookimpl
 from fewstep.sampling import sampling_net
-from fewstep.types import Batch, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
+from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
 
 
 class FDistillConfig(DistributionMatchingConfig):
@@ -143,7 +143,8 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
 
 
 @hookimpl
-def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond, num_steps: int, generator) -> Tensor:
+def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
+                   generator: torch.Generator) -> Tensor:
     """DMD2's sampler with ``num_steps`` levels of the training grid (1: one call at sigma_max)."""
     cfg, process = ctx.method, nets.teacher.process
     levels = generator_levels(Schedule.of(cfg, process).grid, num_steps, cfg.sigma_max)
