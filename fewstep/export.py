@@ -1,31 +1,39 @@
-"""The diffusers export of a trained student and the pipeline that samples from it (DESIGN.md §7).
+"""The diffusers export of a trained student and the pipeline that samples from it (DESIGN.md §7, §9).
+
+Exports are stock first. A method declares, through the hook ``fewstep_stock_sampler``, which stock diffusers
+scheduler reproduces its N-step sampler (a :class:`StockSampler`); the export then writes the teacher family's
+own pipeline (:data:`STOCK_PIPELINES`: ``StableDiffusionPipeline``, ``DiTPipeline``, ``ConsistencyModelPipeline``
+...) with the student as a plain diffusers model in place of the teacher's denoiser, and that scheduler.
+``DiffusionPipeline.from_pretrained(OUT)`` loads it with diffusers alone (no fewstep, no remote code). Where no
+stock scheduler reproduces the sampler (CTM's gamma sampler, CAF, MSD's routing, students with inputs a stock
+model cannot hold), the export is fewstep's :class:`FewStepPipeline`, and it says why (printed, and in the
+model card).
 
 An export folder, written at the end of training and by ``fewstep export RUN OUT``::
 
     model_index.json       the pipeline class and components: DiffusionPipeline.from_pretrained(OUT) loads it
-    pipeline_fewstep.py    two lines re-exporting FewStepPipeline (diffusers finds a pipeline class named
-                           in model_index.json in a file of the folder); absent for stock pipelines
-    unet/ | transformer/   the student (its EMA when the run keeps one): diffusers weights and config, plus
-                           fewstep's metadata and extra scalar embeddings (Backbone.save_pretrained)
-    scheduler/             the teacher's noise process as a diffusers scheduler config, or the stock
-                           few-step scheduler (e.g. CMStochasticIterativeScheduler)
-    vae/, text_encoder/, tokenizer/   copied from the teacher folder, where the teacher has them
-    fewstep_extra/<name>/  other networks the method's sampler needs (hook fewstep_sampling_networks)
-    fewstep_export.json    method, plugin, the resolved recipe, default steps, the noise process, metrics
-    README.md              the model card
+    unet/ | transformer/   the student (its EMA when the run keeps one): diffusers weights and config (plus an
+                           fp16 ``variant`` where the teacher's denoiser had one), and fewstep's metadata
+    scheduler/             the stock scheduler of the sampler, or (FewStepPipeline) the teacher's noise process
+    vae/, text_encoder/, tokenizer/, ...   the teacher's other components, copied bit for bit
+    pipeline_fewstep.py    FewStepPipeline only: two lines re-exporting the class (needs fewstep installed)
+    fewstep_extra/<name>/  FewStepPipeline only: other networks the sampler needs (hook fewstep_sampling_networks)
+    fewstep_export.json    method, pipeline, per-step call arguments, the resolved recipe, the noise process, metrics
+    samples.png            a sample grid drawn at the export's default steps
+    README.md              the model card in the Hub's format (YAML header, loading snippet, steps, recipe, metrics)
 
-:class:`FewStepPipeline` samples with the method plugin's own ``fewstep_sample`` (so an export draws
-exactly the images fewstep's sampler draws); it needs fewstep and the method's plugin installed.
-Where a stock diffusers pipeline reproduces the sampler exactly, the method writes that pipeline
-instead (``write_export(..., pipeline="ConsistencyModelPipeline", scheduler=...)``); fewstep still
-reads such a folder with :func:`load_export`.
+Constant scalar inputs. A student that takes a guidance scale w (guided, LCM-style CD) is sampled at a fixed w;
+its zero-initialised w embedding (``fewstep.backbones.ScalarEmbedding``, added to the time embedding) then adds
+one constant vector, which the stock export folds into the bias of the time embedding's last layer (exact up to
+float rounding). :func:`load_export` unfolds it, so ``fewstep sample OUT`` still runs the w-conditioned student.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,32 +44,377 @@ from torch import Tensor, nn
 
 from fewstep.types import Cond, Nets, RunContext
 
-__all__ = ["EXPORT_META", "FewStepPipeline", "LoadedExport", "export_run", "load_export", "run_metrics", "write_export"]
+__all__ = ["EXPORT_META", "STOCK_PIPELINES", "FewStepPipeline", "LoadedExport", "StockExport", "StockPipeline",
+           "StockSampler", "export_run", "fold_scalars", "load_export", "model_card", "plan_stock_export",
+           "renoise_sampler", "run_metrics", "vp_scheduler_config", "vp_timesteps", "write_export"]
 
 EXPORT_META = "fewstep_export.json"
 PIPELINE_FILE = "pipeline_fewstep"
 EXTRA_DIR = "fewstep_extra"
-_FORMAT = 1
+SAMPLES_FILE = "samples.png"
+_FORMAT = 2
 _SHIM = '''"""Makes `diffusers.DiffusionPipeline.from_pretrained(<this folder>)` find fewstep's pipeline.
 
 Needs `pip install fewstep` and the plugin of the method that made this export."""
 from fewstep.export import FewStepPipeline  # noqa: F401
 '''
+#: Largest distance of a sampler level from an integer timestep for a discrete (VP) stock scheduler, in
+#: timestep units: levels are computed in float32 sigma space, so an integer timestep comes back as t ± 1e-4.
+TIMESTEP_TOLERANCE = 1e-3
+#: LCMScheduler's ``timestep_scaling`` that makes its boundary scalings c_skip = 0, c_out = 1 in float32 at every
+#: timestep >= 1 (c_skip = 0.25 / (t * 1e4)^2 <= 2.5e-9): the scheduler returns the student's x0 prediction.
+X0_TIMESTEP_SCALING = 1e4
+
+
+@dataclass(frozen=True)
+class StockSampler:
+    """How a stock diffusers scheduler reproduces a method's N-step sampler (hook ``fewstep_stock_sampler``).
+
+    scheduler / config: the diffusers scheduler class name and its config (without ``_class_name``).
+    num_inference_steps: N. timesteps / sigmas: the custom schedule the pipeline passes to ``set_timesteps``
+        (None: the scheduler's own ``set_timesteps(N)`` is the sampler's schedule).
+    scalars: constant extra scalar inputs the sampler feeds the student, as given to the backbone (e.g.
+        ``{"w": 400.0}``); the export folds them into the denoiser (see the module docstring).
+    guidance_scale: the pipeline's ``guidance_scale`` when the student reads it (a guidance embedding); None:
+        the pipeline's no-guidance value (a distilled student is never run with classifier-free guidance).
+    latents_scale: c such that the pipeline's initial noise L (``latents``, unit normal, before it multiplies by
+        the scheduler's ``init_noise_sigma``) is fewstep's noise c·z: fewstep starts at the sampler's first level
+        sigma_0, i.e. x_t = alpha_0·sigma_0·z, where a DDPM-family pipeline starts from pure unit noise (VP at
+        timestep 999: c = sqrt(1 - alphā_999), 0.9976 for Stable Diffusion's schedule).
+    note: what the scheduler does, one line for the model card.
+    """
+
+    scheduler: str
+    config: Mapping[str, Any]
+    num_inference_steps: int
+    timesteps: tuple[int, ...] | None = None
+    sigmas: tuple[float, ...] | None = None
+    scalars: Mapping[str, float] = field(default_factory=dict)
+    guidance_scale: float | None = None
+    latents_scale: float = 1.0
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class StockPipeline:
+    """A family's stock diffusers pipeline as the export uses it (one row of :data:`STOCK_PIPELINES`).
+
+    name: the pipeline class; component: the denoiser's component name; condition: the call argument that
+    carries the condition ("prompt" or "class_labels"); schedule_args: which of ``timesteps`` / ``sigmas`` it
+    forwards to the scheduler; takes_latents: whether it accepts ``latents=`` (else it draws them from
+    ``generator``); renoise_generator: whether it passes ``generator`` to ``scheduler.step`` (DiTPipeline does
+    not: multistep re-noising then draws from torch's global generator); scales_input: whether it calls
+    ``scheduler.scale_model_input`` (the FlowMatch schedulers have none); batch_size: whether it needs
+    ``batch_size`` also with class labels; no_guidance: call arguments that turn
+    off its classifier-free guidance; index: model_index.json entries it needs besides the components.
+    """
+
+    name: str
+    component: str
+    condition: str
+    schedule_args: frozenset[str]
+    takes_latents: bool = True
+    renoise_generator: bool = True
+    scales_input: bool = True
+    batch_size: bool = False
+    no_guidance: Mapping[str, Any] = field(default_factory=dict)
+    index: Mapping[str, Any] = field(default_factory=dict)
+
+
+_SD_INDEX = {"safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
+             "requires_safety_checker": False}
+
+#: (denoiser class, latent teacher) -> the family's stock pipeline. Pixel UNets (unconditional or
+#: class-conditional) use ConsistencyModelPipeline: DDPMPipeline takes no class labels, latents or timesteps.
+STOCK_PIPELINES: dict[tuple[str, bool], StockPipeline] = {
+    # ConsistencyModelPipeline checks latents against 3 channels: its own draw from `generator` is used instead.
+    ("UNet2DModel", False): StockPipeline("ConsistencyModelPipeline", "unet", "class_labels",
+                                          frozenset({"timesteps"}), takes_latents=False, batch_size=True),
+    ("UNet2DConditionModel", True): StockPipeline("StableDiffusionPipeline", "unet", "prompt",
+                                                  frozenset({"timesteps", "sigmas"}),
+                                                  no_guidance={"guidance_scale": 1.0}, index=_SD_INDEX),
+    ("DiTTransformer2DModel", True): StockPipeline("DiTPipeline", "transformer", "class_labels", frozenset(),
+                                                   takes_latents=False, renoise_generator=False,
+                                                   no_guidance={"guidance_scale": 1.0}),
+}
+
+
+@dataclass(frozen=True)
+class StockExport:
+    """A resolved stock export: the pipeline, the scheduler (one config for every step count) and the sampler
+    of each step count it reproduces, keyed by N; scalars: the constant scalar inputs folded into the student."""
+
+    pipeline: StockPipeline
+    scheduler: str
+    config: Mapping[str, Any]
+    samplers: Mapping[int, StockSampler]
+    scalars: Mapping[str, float]
+
+    def call_kwargs(self, num_steps: int) -> dict[str, Any]:
+        """The pipeline call arguments that reproduce fewstep's ``num_steps``-step sampler."""
+        s = self.samplers[num_steps]
+        kwargs: dict[str, Any] = {"num_inference_steps": s.num_inference_steps}
+        if s.timesteps is not None and "timesteps" in self.pipeline.schedule_args:
+            kwargs = {"timesteps": list(s.timesteps)}
+        elif s.sigmas is not None and "sigmas" in self.pipeline.schedule_args:
+            kwargs["sigmas"] = list(s.sigmas)
+        kwargs.update(self.pipeline.no_guidance)
+        if s.guidance_scale is not None:
+            kwargs["guidance_scale"] = s.guidance_scale
+        return kwargs
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers for method plugins: the stock schedulers of common few-step samplers
+
+
+def vp_timesteps(process: Any, sigmas: Sequence[float] | Tensor) -> tuple[int, ...] | None:
+    """The integer timesteps of a VP process at sigma-space levels, or None when the process is not VP or a
+    level is not within :data:`TIMESTEP_TOLERANCE` of an integer timestep (a discrete stock scheduler cannot
+    evaluate there)."""
+    if process.kind != "vp":
+        return None
+    t = process.sigma_to_t(torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1))
+    steps = t.round()
+    if bool(((t - steps).abs() > TIMESTEP_TOLERANCE).any()):
+        return None
+    return tuple(int(v) for v in steps.tolist())
+
+
+def vp_scheduler_config(process: Any) -> dict[str, Any]:
+    """The betas and parameterisation of a VP process as diffusers DDPM-family scheduler keys."""
+    return {"num_train_timesteps": process.num_train_timesteps, "beta_start": process.beta_start,
+            "beta_end": process.beta_end, "beta_schedule": process.beta_schedule,
+            "trained_betas": process.trained_betas, "prediction_type": process.prediction_type}
+
+
+def renoise_sampler(process: Any, levels: Sequence[float] | Tensor, *, clip: bool = False,
+                    scalars: Mapping[str, float] | None = None) -> StockSampler | None:
+    """The stock scheduler of the "predict x0, re-noise with fresh noise" sampler: x0 = D(s_1 z, s_1), then for
+    each later level x0 = D(x0 + s_j z_j, s_j) (DMD2's multistep sampler; sCM's sampler in sigma space).
+
+    VP: ``LCMScheduler`` at the levels' timesteps with ``timestep_scaling`` :data:`X0_TIMESTEP_SCALING` (its
+    boundary scalings become c_skip = 0, c_out = 1) and ``clip_sample`` for a sampler that clamps x0 to [-1, 1];
+    None when a level is off the integer timesteps. Flow: ``FlowMatchLCMScheduler`` with the levels' times
+    t = sigma / (1 + sigma) as custom sigmas and shift 1 (its step is x0 = x_t - t v, then (1 - t') x0 + t' z);
+    None when the sampler clamps. EDM: None (diffusers' consistency scheduler shifts its boundary scalings by
+    its grid's sigma_min). levels: (N,) descending sigma-space levels; scalars: see :class:`StockSampler`."""
+    levels = torch.as_tensor(levels, dtype=torch.float64).reshape(-1)
+    n = levels.numel()
+    if process.kind == "vp":
+        timesteps = vp_timesteps(process, levels)
+        if timesteps is None or len(set(timesteps)) != n:
+            return None
+        config = {**vp_scheduler_config(process), "timestep_scaling": X0_TIMESTEP_SCALING, "clip_sample": clip}
+        scale = float(levels[0] / (1 + levels[0] ** 2).sqrt())  # alpha_0 * sigma_0 = sqrt(1 - alphabar_0)
+        return StockSampler("LCMScheduler", config, n, timesteps=timesteps, scalars=dict(scalars or {}),
+                            latents_scale=scale,
+                            note="x0 prediction at each timestep (c_skip = 0), re-noised with fresh noise")
+    if process.kind == "flow" and not clip:
+        t = levels / (1 + levels)
+        config = {"num_train_timesteps": process.num_train_timesteps, "shift": 1.0, "use_dynamic_shifting": False}
+        return StockSampler("FlowMatchLCMScheduler", config, n, sigmas=tuple(t.tolist()), scalars=dict(scalars or {}),
+                            latents_scale=float(t[0]),
+                            note="x0 = x_t - t v at each time t, re-noised to the next t with fresh noise")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Folding constant scalar inputs into the denoiser
+
+
+def _time_biases(backbone: Any) -> list[nn.Parameter]:
+    """The biases after which the extra scalar embeddings' output is added (see Backbone.add_scalar_inputs)."""
+    if backbone.kind == "dit":
+        return [block.norm1.emb.timestep_embedder.linear_2.bias for block in backbone.model.transformer_blocks]
+    if backbone.kind in ("unet2d", "unet2d_condition"):
+        return [backbone.model.time_embedding.linear_2.bias]
+    raise ValueError(f"folding constant scalar inputs into a {backbone.kind!r} backbone is not supported")
+
+
+@torch.no_grad()
+def fold_scalars(backbone: Any, scalars: Mapping[str, float], sign: float = 1.0) -> None:
+    """Add (sign = -1: remove) the constant embedding of ``scalars`` to the time embedding's bias, in place.
+
+    Every declared scalar is embedded (one left out counts as 0, as in ``Backbone.forward``), so after folding
+    the diffusers model alone computes what the backbone computed with these inputs."""
+    unknown = set(scalars) - set(backbone.extra_scalars)
+    if unknown:
+        raise ValueError(f"fold_scalars: {sorted(unknown)} are not scalar inputs of this backbone "
+                         f"({list(backbone.extra_scalars)})")
+    biases = _time_biases(backbone)
+    ref = biases[0]
+    total = torch.zeros_like(ref)
+    for name in backbone.extra_scalars:
+        value = torch.tensor([float(scalars.get(name, 0.0))], device=ref.device)
+        total += backbone.scalar_embeddings[name](value)[0].to(ref.dtype)
+    for bias in biases:
+        bias.add_(sign * total)
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning an export
+
+
+def export_steps(ctx: RunContext) -> list[int]:
+    """The step counts an export documents: its default steps and the run's validation steps."""
+    cfg = ctx.config
+    return sorted({int(cfg.export.steps), *(int(k) for k in cfg.validation.steps)})
+
+
+def stock_pipeline(teacher: Any) -> StockPipeline | None:
+    """The teacher family's stock pipeline (:data:`STOCK_PIPELINES`), or None."""
+    return STOCK_PIPELINES.get((type(teacher.net.model).__name__, teacher.vae is not None))
+
+
+def _reproduces_schedule(sampler: StockSampler, config: Mapping[str, Any], pipeline: StockPipeline) -> bool:
+    """Whether the pipeline runs the sampler's schedule: it forwards the custom schedule, or the scheduler's own
+    ``set_timesteps(N)`` gives the same timesteps / sigmas."""
+    if sampler.timesteps is None and sampler.sigmas is None:
+        return True
+    if sampler.timesteps is not None and "timesteps" in pipeline.schedule_args:
+        return True
+    if sampler.sigmas is not None and "sigmas" in pipeline.schedule_args:
+        return True
+    import diffusers
+
+    scheduler = getattr(diffusers, sampler.scheduler).from_config(dict(config))
+    try:
+        scheduler.set_timesteps(sampler.num_inference_steps)
+    except ValueError:  # e.g. LCMScheduler: more steps than original_inference_steps
+        return False
+    if sampler.timesteps is not None:
+        return scheduler.timesteps.tolist() == list(sampler.timesteps)
+    own = scheduler.sigmas[: sampler.num_inference_steps].double()
+    return torch.allclose(own, torch.tensor(sampler.sigmas, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def _teacher_scheduler_options(teacher: Any, scheduler: str) -> dict[str, Any]:
+    """The teacher's own x0 clipping / thresholding settings (its scheduler_config.json) for a stock scheduler
+    that has those keys: the export keeps them (fewstep's noise process does not model them, issue 14)."""
+    import diffusers
+
+    path = Path(teacher.source) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return {}
+    own = json.loads(path.read_text())
+    accepted = getattr(diffusers, scheduler).from_config({}).config
+    keys = ("clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
+    clipping = own.get("clip_sample") or own.get("thresholding")
+    return {k: own[k] for k in keys if clipping and k in own and k in accepted}
+
+
+def plan_stock_export(hook: Any, ctx: RunContext, nets: Nets, sampling_networks: Sequence[str]) -> StockExport | str:
+    """Ask the method how its sampler maps to a stock scheduler at each documented step count; return the stock
+    export, or the reason (one sentence) why the export is a FewStepPipeline."""
+    from fewstep.nn import unwrap
+    from fewstep.sampling import sampling_net
+
+    teacher, student = nets.teacher, unwrap(sampling_net(nets))
+    pipeline = stock_pipeline(teacher)
+    if pipeline is None:
+        families = "; ".join(f"{p.name} for a {'latent' if latent else 'pixel'} {cls}"
+                             for (cls, latent), p in STOCK_PIPELINES.items())
+        return (f"no stock diffusers pipeline takes a {'latent' if teacher.vae is not None else 'pixel'} "
+                f"{type(teacher.net.model).__name__} teacher (stock families: {families})")
+    if sampling_networks:
+        return f"the sampler needs the extra networks {sorted(sampling_networks)}, which a stock pipeline cannot hold"
+    if student.extra_channels:
+        return ("the student reads extra input channels (self-conditioning or an initial velocity), which a stock "
+                "diffusers model cannot take")
+    default = int(ctx.config.export.steps)
+    samplers: dict[int, StockSampler] = {}
+    for n in export_steps(ctx):
+        try:
+            found = hook.fewstep_stock_sampler(ctx=ctx, nets=nets, num_steps=n)
+        except ValueError:  # the method has no n-step sampler (e.g. off its nested grid)
+            found = None
+        if found is not None:
+            samplers[n] = found
+    if default not in samplers:
+        return (f"method {ctx.method.name!r} declares no stock diffusers scheduler that reproduces its "
+                f"{default}-step sampler with this teacher and student (hook fewstep_stock_sampler)")
+    first = samplers[default]
+    scalars = dict(first.scalars)
+    varying = set(student.extra_scalars) - set(scalars)
+    if varying:
+        return (f"the student takes the scalar inputs {sorted(varying)}, which change between steps; a stock "
+                "diffusers model cannot take them")
+    if student.extra_scalars:
+        try:
+            _time_biases(student)
+        except ValueError as err:
+            return str(err)
+    import diffusers
+
+    if pipeline.scales_input and not hasattr(getattr(diffusers, first.scheduler), "scale_model_input"):
+        return f"{pipeline.name} calls scale_model_input, which {first.scheduler} does not have"
+    same = {n: s for n, s in samplers.items()
+            if s.scheduler == first.scheduler and dict(s.config) == dict(first.config) and dict(s.scalars) == scalars}
+    config = {**first.config, **_teacher_scheduler_options(teacher, first.scheduler)}
+    candidates = [config]
+    if first.scheduler == "LCMScheduler":  # its own N-step schedule is drawn from original_inference_steps levels
+        candidates += [{**config, "original_inference_steps": m} for m in sorted(same, reverse=True)]
+
+    def reproduced(cand: dict[str, Any]) -> dict[int, StockSampler]:
+        return {n: s for n, s in same.items() if _reproduces_schedule(s, cand, pipeline)}
+
+    config = max(candidates, key=lambda c: (default in reproduced(c), len(reproduced(c))))
+    kept = reproduced(config)
+    if default not in kept:
+        return (f"{pipeline.name} cannot pass the custom schedule of the {default}-step sampler to "
+                f"{first.scheduler}, and the scheduler's own {default}-step schedule differs")
+    return StockExport(pipeline, first.scheduler, config, kept, scalars)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing an export
 
 
 def _component(net: nn.Module) -> str:
     return "transformer" if getattr(net, "kind", "") == "dit" else "unet"
 
 
+def _teacher_components(teacher: Any, skip: set[str]) -> dict[str, Any]:
+    """The teacher folder's model_index.json entries of its other components (VAE, encoders, tokenizers...),
+    or, for a teacher without one, those fewstep loaded."""
+    index_file = Path(teacher.source) / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    found = {k: v for k, v in index.items()
+             if not k.startswith("_") and k not in skip and isinstance(v, list) and len(v) == 2 and v[0] is not None
+             and (Path(teacher.source) / k).is_dir()}
+    for name, library in (("vae", "diffusers"), ("text_encoder", "transformers"), ("tokenizer", "transformers")):
+        module = getattr(teacher, name, None)
+        if name not in found and module is not None:
+            found[name] = [library, type(module).__name__]
+    return found
+
+
+def _has_fp16_variant(folder: Path) -> bool:
+    return folder.is_dir() and (any(folder.glob("*.fp16.safetensors")) or any(folder.glob("*.fp16.bin")))
+
+
+def _write_student(student: Any, folder: Path, scalars: Mapping[str, float] | None, fp16: bool) -> None:
+    """The student's diffusers model and fewstep's metadata, with the constant ``scalars`` folded in for a stock
+    export (None: a FewStepPipeline, whose backbone embeds its scalars itself); an fp16 variant when asked."""
+    import copy
+
+    if scalars is not None and student.extra_scalars:
+        student = copy.deepcopy(student)
+        fold_scalars(student, scalars)
+    student.save_pretrained(folder)
+    if fp16:
+        copy.deepcopy(student.model).half().save_pretrained(folder, variant="fp16", safe_serialization=True)
+
+
 def write_export(ctx: RunContext, nets: Nets, out_dir: Path, *, student: nn.Module,
-                 extra: dict[str, nn.Module] | None = None, pipeline: str | None = None,
-                 scheduler: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Path:
+                 extra: dict[str, nn.Module] | None = None, stock: StockExport | None = None,
+                 reason: str = "", metrics: dict[str, Any] | None = None) -> Path:
     """Write the export folder (layout in the module docstring) and return it.
 
-    student: the sampling network (a Backbone). extra: further sampling networks by name.
-    pipeline: a stock diffusers pipeline class name, or None for :class:`FewStepPipeline`.
-    scheduler: the scheduler config to write (default: the teacher process's). metrics: for the card.
-    """
+    student: the sampling network (a Backbone). stock: the stock export (:func:`plan_stock_export`), or None for
+    a FewStepPipeline, then with ``reason`` (why not stock, for the card) and ``extra`` (further sampling
+    networks by name). metrics: the run's evaluation block, for the card."""
     import diffusers
 
     from fewstep.nn import unwrap
@@ -72,86 +425,170 @@ def write_export(ctx: RunContext, nets: Nets, out_dir: Path, *, student: nn.Modu
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     student = unwrap(student)
-    name = _component(student)
-    student.save_pretrained(out_dir / name)
+    name = stock.pipeline.component if stock is not None else _component(student)
+    teacher_denoiser = Path(teacher.source) / _component(teacher.net)
+    fp16 = _has_fp16_variant(teacher_denoiser)
+    _write_student(student, out_dir / name, stock.scalars if stock is not None else None, fp16)
     process_config = teacher.process.scheduler_config()
-    scheduler = scheduler or process_config
+    scheduler = {"_class_name": stock.scheduler, **stock.config} if stock is not None else process_config
     (out_dir / "scheduler").mkdir()
     sched_file = {**scheduler, "_diffusers_version": diffusers.__version__}
     (out_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_file, indent=2) + "\n")
+    pipeline = stock.pipeline.name if stock is not None else "FewStepPipeline"
     index: dict[str, Any] = {
-        "_class_name": pipeline or [PIPELINE_FILE, "FewStepPipeline"],
+        "_class_name": pipeline if stock is not None else [PIPELINE_FILE, "FewStepPipeline"],
         "_diffusers_version": diffusers.__version__,
         name: ["diffusers", type(student.model).__name__],
         "scheduler": ["diffusers", scheduler["_class_name"]],
     }
-    for component, library in (("vae", "diffusers"), ("text_encoder", "transformers"), ("tokenizer", "transformers")):
-        module = getattr(teacher, component)
-        if module is None:
-            continue
-        source = teacher.source / component
+    for component, entry in _teacher_components(teacher, {"unet", "transformer", "scheduler"}).items():
+        source = Path(teacher.source) / component
         if source.is_dir():  # the teacher's own files, bit for bit (not its compute-dtype copy)
             shutil.copytree(source, out_dir / component)
         else:
-            module.save_pretrained(out_dir / component)
-        index[component] = [library, type(module).__name__]
-    if pipeline is None:
+            getattr(teacher, component).save_pretrained(out_dir / component)
+        index[component] = entry
+    if stock is not None:
+        index.update(stock.pipeline.index)
+    else:
         (out_dir / f"{PIPELINE_FILE}.py").write_text(_SHIM)
+        for extra_name, module in (extra or {}).items():
+            unwrap(module).save_pretrained(out_dir / EXTRA_DIR / extra_name)
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    for extra_name, module in (extra or {}).items():
-        unwrap(module).save_pretrained(out_dir / EXTRA_DIR / extra_name)
     cfg = ctx.config
+    steps = int(cfg.export.steps)
     meta = {
         "format": _FORMAT,
         "method": cfg.method.name,
         "component": name,
-        "pipeline": pipeline or "FewStepPipeline",
-        "steps": cfg.export.steps,
-        "sampling_networks": sorted(extra or {}),
+        "pipeline": pipeline,
+        "steps": steps,
+        "stock": None if stock is None else {
+            "scheduler": stock.scheduler,
+            "calls": {str(n): stock.call_kwargs(n) for n in sorted(stock.samplers)},
+            "notes": {str(n): s.note for n, s in sorted(stock.samplers.items())},
+            "latents_scale": {str(n): s.latents_scale for n, s in sorted(stock.samplers.items())},
+            "folded_scalars": dict(stock.scalars),
+            "condition": stock.pipeline.condition,
+            "renoise_generator": stock.pipeline.renoise_generator,
+            "takes_latents": stock.pipeline.takes_latents,
+            "batch_size": stock.pipeline.batch_size,
+        },
+        "custom_reason": reason if stock is None else "",
+        "fp16_variant": fp16,
+        "sampling_networks": sorted(extra or {}) if stock is None else [],
         "process": process_config,
         "teacher": str(teacher.source),
+        "teacher_name": teacher_name(teacher),
         "config": cfg.dump(),
         "metrics": metrics or {},
     }
     (out_dir / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
-    (out_dir / "README.md").write_text(model_card(meta, teacher))
+    (out_dir / "README.md").write_text(model_card(meta, teacher, out_dir.name))
     return out_dir
 
 
-def model_card(meta: dict[str, Any], teacher: Any) -> str:
-    """A short Markdown model card: what the student is, how to sample it, what it scored."""
+def teacher_name(teacher: Any) -> str:
+    """The teacher's name for ``base_model``: the ``_name_or_path`` of its folder's model_index.json or its
+    denoiser's config.json when that is a Hub-style id (never a local path), else the folder's name."""
+    source = Path(teacher.source)
+    for path in (source / "model_index.json", source / _component(teacher.net) / "config.json",
+                 source / "config.json"):
+        if path.is_file():
+            named = json.loads(path.read_text()).get("_name_or_path")
+            if isinstance(named, str) and named and not Path(named).is_absolute() and not named.startswith("."):
+                if not Path(named).exists():
+                    return named
+    return source.name
+
+
+# ------------------------------------------------------------------------------------------------
+# The model card
+
+
+def _condition_value(teacher: Any) -> str | None:
+    """The Python literal of 4 conditions for the card's snippet (None: unconditional)."""
+    if teacher.conditioning == "class":
+        return repr([i % teacher.num_classes for i in range(4)])
+    if teacher.conditioning == "text":
+        return repr(["a photo of a cat"] * 4)
+    return None
+
+
+def loading_snippet(meta: dict[str, Any], teacher: Any, folder_name: str) -> str:
+    """The Python snippet of the model card: load the export with diffusers and draw 4 images."""
+    steps = meta["steps"]
+    lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
+    stock = meta["stock"]
+    if stock is None:
+        lines.append(f'pipe = DiffusionPipeline.from_pretrained("{folder_name}", trust_remote_code=True)')
+        arg = "prompt" if teacher.conditioning == "text" else "class_labels"
+        call = [f"num_inference_steps={steps}"]
+    else:
+        lines.append(f'pipe = DiffusionPipeline.from_pretrained("{folder_name}")')
+        arg = stock["condition"]
+        call = [f"{k}={v!r}" for k, v in stock["calls"][str(steps)].items()]
+    cond = _condition_value(teacher)
+    call.insert(0, "batch_size=4" if cond is None else f"{arg}={cond}")
+    if cond is not None and stock is not None and stock["batch_size"]:
+        call.insert(0, "batch_size=4")
+    call.append("generator=torch.Generator().manual_seed(0)")
+    lines.append(f"images = pipe({', '.join(call)}).images")
+    lines.append('images[0].save("sample.png")')
+    return "\n".join(lines)
+
+
+def model_card(meta: dict[str, Any], teacher: Any, folder_name: str) -> str:
+    """The model card in the Hub's format: YAML header, what the student is, the loading snippet, the steps and
+    guidance to use, why a custom pipeline (where it is one), the measured metrics and the resolved recipe."""
     import yaml
 
-    method, steps = meta["method"], meta["steps"]
-    if teacher.conditioning == "class":
-        call = f"pipe(num_inference_steps={steps}, class_labels=[0, 1, 2, 3])"
-    elif teacher.conditioning == "text":
-        call = f'pipe(num_inference_steps={steps}, prompt=["a photo of a cat"])'
+    method, steps, stock = meta["method"], meta["steps"], meta["stock"]
+    task = "text-to-image" if teacher.conditioning == "text" else "unconditional-image-generation"
+    header = {
+        "library_name": "diffusers",
+        "base_model": meta["teacher_name"],
+        "tags": ["fewstep", "distillation", "few-step", method, meta["pipeline"]],
+        # The Hub has no class-conditional task; DiT checkpoints there are listed as unconditional [unverified].
+        "pipeline_tag": task,
+    }
+    lines = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "",
+             f"# {meta['teacher_name']} distilled to {steps} step{'s' if steps > 1 else ''} with `{method}`", "",
+             f"A few-step generator distilled by [fewstep](https://example.invalid/fewstep) with the `{method}` method "
+             f"from the teacher `{meta['teacher_name']}` ({teacher.process.describe()}; conditioning: "
+             f"{teacher.conditioning}).", "",
+             f"![samples]({SAMPLES_FILE})", "",
+             f"`{SAMPLES_FILE}`: samples at {steps} step{'s' if steps > 1 else ''} from fewstep's sampler (the "
+             "pipeline below draws the same images for the same noise).", "",
+             "## Sampling", "", "```python", loading_snippet(meta, teacher, folder_name), "```", ""]
+    if stock is not None:
+        lines += [f"A stock `{meta['pipeline']}` with the stock `{stock['scheduler']}`: it needs only diffusers. "
+                  "Each row gives the call arguments that reproduce fewstep's sampler at that number of steps "
+                  "(other step counts are the student's extrapolation):", "",
+                  "| steps | call arguments | what the scheduler does |", "|---|---|---|"]
+        lines += [f"| {n} | `{', '.join(f'{k}={v!r}' for k, v in kwargs.items())}` | {stock['notes'][n]} |"
+                  for n, kwargs in stock["calls"].items()]
+        lines.append("")
+        if stock["folded_scalars"]:
+            lines += [f"The student's extra inputs are fixed at {stock['folded_scalars']} (the values fewstep samples "
+                      "with), folded into the time embedding: the pipeline's `guidance_scale` does not change them, "
+                      "and classifier-free guidance must stay off.", ""]
+        scale = stock["latents_scale"][str(steps)]
+        if scale != 1.0:
+            lines += [f"fewstep's sampler starts from the teacher's first noise level, so the pipeline's unit noise "
+                      f"`latents` L are fewstep's noise z scaled by {scale:.6g} (the pipeline draws L = z, a "
+                      f"{abs(1 - scale):.2%} smaller start: pass `latents={scale:.6g} * z` to draw fewstep's image "
+                      "of noise z exactly).", ""]
+        if not stock["renoise_generator"]:
+            lines += [f"`{meta['pipeline']}` does not pass `generator` to the scheduler: multistep sampling re-noises "
+                      "with torch's global generator (seed it with `torch.manual_seed`).", ""]
     else:
-        call = f"pipe(num_inference_steps={steps}, batch_size=4)"
-    lines = [
-        f"# fewstep student: {method}",
-        "",
-        f"A {steps}-step generator distilled by fewstep with the `{method}` method from the teacher "
-        f"`{meta['teacher']}`.",
-        "",
-        f"- pipeline: `{meta['pipeline']}`; backbone: `{meta['component']}`",
-        f"- teacher process: {teacher.process.describe()}",
-        f"- conditioning: {teacher.conditioning}",
-        "",
-        "## Sampling",
-        "",
-        "```python",
-        "from diffusers import DiffusionPipeline",
-        "",
-        "pipe = DiffusionPipeline.from_pretrained(\"<this folder>\")",
-        f"images = {call}.images",
-        "```",
-        "",
-    ]
-    if meta["pipeline"] == "FewStepPipeline":
-        lines += ["`FewStepPipeline` runs fewstep's own sampler of the method: it needs `pip install fewstep` "
-                  "(and the method's plugin, when it is not built in).", ""]
+        lines += [f"A custom `FewStepPipeline` (fewstep's own sampler of the method), because {meta['custom_reason']}. "
+                  "It needs `pip install fewstep` (and the method's plugin when it is not built in); "
+                  f"`num_inference_steps` defaults to {steps}.", ""]
+    if meta.get("fp16_variant"):
+        lines += ["Half-precision weights: `DiffusionPipeline.from_pretrained(..., variant=\"fp16\", "
+                  "torch_dtype=torch.float16)`.", ""]
     evaluation = meta["metrics"]
     rows = {k: v for k, v in evaluation.items() if isinstance(v, dict)}
     if rows:
@@ -160,15 +597,55 @@ def model_card(meta: dict[str, Any], teacher: Any) -> str:
         lines += [f"| {k} | {v['fid']:.2f} | {v['precision']:.3f} | {v['recall']:.3f} | {v['samples_per_s']} |"
                   for k, v in rows.items()]
         lines.append("")
+    else:
+        lines += ["## Metrics", "", "Not measured: the run had no `eval.reference` (`fewstep eval RUN` measures it).", ""]
     lines += ["## Recipe (resolved)", "", "```yaml", yaml.safe_dump(meta["config"], sort_keys=False).rstrip(),
               "```", ""]
     return "\n".join(lines)
 
 
+def card_snippet(readme: str) -> str:
+    """The first Python code block of a model card (what the card tells users to run)."""
+    start = readme.index("```python\n") + len("```python\n")
+    return readme[start: readme.index("```", start)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Running an export
+
+
 def export_run(hook: Any, ctx: RunContext, nets: Nets, out_dir: Path) -> Path:
-    """Ask the run's plugins for the sampling networks and write the export through ``fewstep_export``."""
+    """Ask the run's plugins for the sampling networks and the stock mapping of the sampler, write the export
+    through ``fewstep_export``, print why it is a custom pipeline where it is one, and draw its sample grid."""
     names = sorted({n for found in hook.fewstep_sampling_networks(ctx=ctx) for n in (found or [])})
-    return hook.fewstep_export(ctx=ctx, nets=nets, out_dir=Path(out_dir), sampling_networks=names)
+    plan = plan_stock_export(hook, ctx, nets, names)
+    stock = plan if isinstance(plan, StockExport) else None
+    out = hook.fewstep_export(ctx=ctx, nets=nets, out_dir=Path(out_dir), sampling_networks=names, stock=stock,
+                              reason="" if stock is not None else plan)
+    out = Path(out)
+    if ctx.is_main and (out / EXPORT_META).is_file():
+        if stock is None:
+            print(f"export {out}: a custom FewStepPipeline (needs fewstep to load), because {plan}")
+        write_sample_grid(hook, ctx, nets, out)
+    return out
+
+
+def write_sample_grid(hook: Any, ctx: RunContext, nets: Nets, out: Path, num: int = 8) -> Path:
+    """``samples.png``: ``num`` samples at the export's default steps from fewstep's sampler (fixed seed)."""
+    from fewstep.images import save_grid
+    from fewstep.sampling import generate
+
+    teacher = nets.teacher
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn((num, *teacher.sample_shape), generator=g).to(ctx.device)
+    if teacher.conditioning == "class":
+        cond: Cond | None = Cond(labels=torch.arange(num, device=ctx.device) % teacher.num_classes)
+    elif teacher.conditioning == "text":
+        cond = teacher.encode_prompts(["a photo of a cat"] * num)
+    else:
+        cond = None
+    images = generate(hook, ctx, nets, noise, cond, int(ctx.config.export.steps), generator=g)
+    return save_grid(images, out / SAMPLES_FILE, nrow=num // 2 if num > 4 else num)
 
 
 def run_metrics(run_dir: Path) -> dict[str, Any]:
@@ -221,6 +698,8 @@ def load_export(folder: str | Path, *, device: str | torch.device | None = None,
         student = Backbone.wrap(modules[component], folder / component)
     else:
         student = Backbone.from_pretrained(folder / component)
+    if meta.get("stock") is not None and student.extra_scalars:  # a stock model holds its constant scalars folded
+        fold_scalars(student, meta["stock"]["folded_scalars"], sign=-1.0)
     extra = {name: Backbone.from_pretrained(folder / EXTRA_DIR / name) for name in meta["sampling_networks"]}
     loaded: dict[str, Any] = {}
     for name, (library, default) in {"vae": ("diffusers", "AutoencoderKL"),

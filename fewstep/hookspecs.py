@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
     from torch import Tensor, nn
 
+    from fewstep.export import StockExport, StockSampler
     from fewstep.teacher import Teacher
     from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, Phase, RunContext, StepInfo
 
@@ -139,12 +140,24 @@ def fewstep_sampling_networks(ctx: RunContext) -> list[str] | None:
 
 
 @hookspec(firstresult=True)
-def fewstep_export(ctx: RunContext, nets: Nets, out_dir: Path, sampling_networks: list[str]) -> Path | None:
+def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int) -> StockSampler | None:
+    """First. How a stock diffusers scheduler reproduces this method's ``num_steps``-step ``fewstep_sample`` with
+    the student as a plain diffusers model: a :class:`fewstep.export.StockSampler` (scheduler class and config,
+    the pipeline's ``timesteps`` / ``sigmas``, constant scalar inputs to fold into the student), or None when no
+    stock scheduler does (then the export is fewstep's FewStepPipeline and its model card says why). Exact up
+    to float rounding (a mapping that neglects a term documents its bound, e.g. cm's BOUNDARY_TOLERANCE);
+    ``fewstep.export.renoise_sampler`` covers the common "predict x0, re-noise" sampler. Raise ``ValueError``
+    for a step count the method cannot sample."""
+
+
+@hookspec(firstresult=True)
+def fewstep_export(ctx: RunContext, nets: Nets, out_dir: Path, sampling_networks: list[str],
+                   stock: StockExport | None, reason: str) -> Path | None:
     """First. Write the student as a folder that ``diffusers.DiffusionPipeline.from_pretrained`` loads and
     samples from; return its path. ``sampling_networks``: what ``fewstep_sampling_networks`` collected.
-    Core default: a fewstep pipeline folder (see ``fewstep.export``).
-    A method whose sampler a stock diffusers pipeline reproduces exactly writes that instead (and
-    returns None where it does not apply, so the default runs)."""
+    ``stock``: the family's stock pipeline and scheduler when ``fewstep_stock_sampler`` maps the sampler to
+    one (``fewstep.export.plan_stock_export``), else None and ``reason`` says why. Core default:
+    ``fewstep.export.write_export`` (the stock pipeline, or a FewStepPipeline folder)."""
 
 
 @hookspec(firstresult=True)

@@ -334,33 +334,63 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     return consistency_sample(f, noise.float(), sigmas, lo, generator, clamp=cfg.clamp and teacher.vae is None)
 
 
-def stock_pipeline_reproduces(cfg: _Consistency, nets: Nets) -> bool:
-    """Whether diffusers' ConsistencyModelPipeline + CMStochasticIterativeScheduler draw exactly this
-    plugin's samples: an EDM teacher in the OpenAI timestep convention (1000·¼·ln sigma, epsilon
-    preconditioning), a pixel UNet2DModel student without extra inputs, CM boundary scalings with the
-    process's sigma_data, and the default sampling grid (see STOCK_CM_TIMESTEPS)."""
-    net, teacher = unwrap(sampling_net(nets)), nets.teacher
-    p = teacher.process
-    return (p.kind == "edm" and p.timestep_scale == 1000.0 and p.prediction_type == "epsilon"
-            and net.kind == "unet2d" and not net.extra_scalars and not net.extra_channels and teacher.vae is None
-            and getattr(cfg, "boundary", "cm") == "cm" and cfg.sigma_data in (None, p.sigma_data)
-            and not cfg.sample_sigmas)
+#: How far the consistency function at sigma_max may be from the plain denoiser for a one-step stock export that
+#: returns the denoiser's x0: |1 - b| and |a| * sigma_max for f = a x + b D. 1e-5 is below what shows in 8-bit
+#: images and well above float32 rounding.
+BOUNDARY_TOLERANCE = 1e-5
+
+
+def sample_scalars(cfg: _Consistency) -> dict[str, float]:
+    """The constant scalar inputs of the sampler (an LCM-style guided student's w), as the backbone gets them."""
+    if getattr(cfg, "guidance", None) is None:
+        return {}
+    return {k: float(v[0]) for k, v in guidance_inputs(torch.full((1,), cfg.sample_guidance)).items()}
+
+
+def boundary_coefficients(cfg: _Consistency, process, sigma: float) -> tuple[float, float]:
+    """(a, b) with f(x, sigma) = a x + b D(x, sigma) for the plugin's boundary scalings (sigma space)."""
+    s = torch.tensor([sigma], dtype=torch.float64)
+    if getattr(cfg, "boundary", "cm") == "lcm":
+        c_skip, c_out = lcm_scalings(process.sigma_to_t(s))
+        return float(c_skip), float(c_out)
+    lo, _ = _range(cfg, process)
+    sd = cfg.sigma_data or process.sigma_data
+    one, zero = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    return (float(consistency_from_denoiser(one, s, zero, lo, sd)), float(consistency_from_denoiser(zero, s, one, lo, sd)))
 
 
 @hookimpl
-def fewstep_export(ctx: RunContext, nets: Nets, out_dir) -> object:
-    """A stock ConsistencyModelPipeline folder where it reproduces the sampler (`stock_pipeline_reproduces`);
-    otherwise None, and the core writes a FewStepPipeline folder."""
-    from fewstep.export import run_metrics, write_export
+def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int) -> object:
+    """The stock scheduler of the consistency sampler, where one reproduces it:
+    - EDM teacher in the OpenAI timestep convention (1000·¼·ln sigma) with epsilon preconditioning, CM boundary
+      scalings with the process's sigma_data and the default levels: CMStochasticIterativeScheduler with
+      STOCK_CM_TIMESTEPS training timesteps (its N-step grid is fewstep's for N dividing 840);
+    - any other teacher, one step, where f at sigma_max is the denoiser itself to BOUNDARY_TOLERANCE (the LCM
+      boundary on VP teachers, flow teachers): ``renoise_sampler`` at sigma_max (LCMScheduler at timestep T - 1,
+      FlowMatchLCMScheduler at t_max).
+    Otherwise None: the multistep sampler re-noises to sqrt(tau^2 - sigma_min^2) with boundary scalings that no
+    discrete stock scheduler applies."""
+    from fewstep.export import StockSampler, renoise_sampler
 
-    cfg = ctx.method
-    if not stock_pipeline_reproduces(cfg, nets):
+    cfg, teacher = ctx.method, nets.teacher
+    p = teacher.process
+    if selfcond.enabled(unwrap(sampling_net(nets))):
         return None
-    if not ctx.is_main:
-        return out_dir
-    lo, hi = _range(cfg, nets.teacher.process)
-    scheduler = {"_class_name": "CMStochasticIterativeScheduler", "num_train_timesteps": STOCK_CM_TIMESTEPS,
-                 "sigma_min": lo, "sigma_max": hi, "sigma_data": nets.teacher.process.sigma_data, "s_noise": 1.0,
-                 "rho": cfg.rho, "clip_denoised": cfg.clamp}
-    return write_export(ctx, nets, out_dir, student=sampling_net(nets), pipeline="ConsistencyModelPipeline",
-                        scheduler=scheduler, metrics=run_metrics(ctx.run_dir))
+    lo, hi = _range(cfg, p)
+    scalars = sample_scalars(cfg)
+    if p.kind == "edm":
+        if not (p.timestep_scale == 1000.0 and p.prediction_type == "epsilon" and cfg.sigma_data in (None, p.sigma_data)
+                and getattr(cfg, "boundary", "cm") == "cm" and not cfg.sample_sigmas
+                and (STOCK_CM_TIMESTEPS - 1) % num_steps == 0):
+            return None
+        config = {"num_train_timesteps": STOCK_CM_TIMESTEPS, "sigma_min": lo, "sigma_max": hi,
+                  "sigma_data": p.sigma_data, "s_noise": 1.0, "rho": cfg.rho,
+                  "clip_denoised": cfg.clamp and teacher.vae is None}
+        return StockSampler("CMStochasticIterativeScheduler", config, num_steps, scalars=scalars,
+                            note="CM's multistep sampler (Algorithm 1) on its Karras grid")
+    if num_steps != 1 or cfg.sample_sigmas.get(1, [hi]) != [hi]:
+        return None
+    a, b = boundary_coefficients(cfg, p, hi)
+    if abs(1.0 - b) > BOUNDARY_TOLERANCE or abs(a) * hi > BOUNDARY_TOLERANCE:
+        return None
+    return renoise_sampler(p, [hi], clip=cfg.clamp and teacher.vae is None, scalars=scalars)

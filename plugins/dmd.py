@@ -158,3 +158,14 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     grid = Schedule.of(cfg, process).grid
     levels = generator_levels(grid, num_steps, cfg.sigma_max)
     return few_step_sample(denoiser(process, sampling_net(nets), cond), noise, levels, generator)
+
+
+@hookimpl
+def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int):
+    """DMD2's sampler predicts x0 and re-noises with fresh noise at the next generator level: the stock
+    ``renoise_sampler`` at the same levels (VP: LCMScheduler at timesteps 999, 749, ... for N = 4; flow:
+    FlowMatchLCMScheduler)."""
+    from fewstep.export import renoise_sampler
+
+    cfg, process = ctx.method, nets.teacher.process
+    return renoise_sampler(process, generator_levels(Schedule.of(cfg, process).grid, num_steps, cfg.sigma_max))

@@ -329,3 +329,22 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
         z = torch.randn(noise.shape, generator=generator).to(noise.device) * sd
         x0 = f(math.cos(time) * x0 + math.sin(time) * z, time)
     return x0
+
+
+@hookimpl
+def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int):
+    """In sigma space the sCM sampler is "predict x0, re-noise": x = x_t / cos t = x0 + sd·tan t·(z / sd) with
+    z / sd unit normal, and f(x_t, t) = D(x, sd·tan t) (§6.1), so the stock ``renoise_sampler`` at levels sd·tan t_i reproduces it (a
+    guided student's w folded in). diffusers' SCMScheduler would need a network in TrigFlow's own time
+    parameterisation; fewstep's sCM students keep their teacher's."""
+    from fewstep.export import renoise_sampler
+
+    cfg, teacher = ctx.method, nets.teacher
+    sd = _sigma_data(cfg, teacher.process)
+    times = sample_times(cfg, num_steps, time_range(cfg, teacher.process)[1])
+    scalars = {}
+    if cfg.guidance is not None:
+        value = cfg.sample_guidance if cfg.sample_guidance is not None else sum(cfg.guidance) / 2
+        scalars = {k: float(v[0]) for k, v in guidance_inputs(torch.full((1,), value)).items()}
+    return renoise_sampler(teacher.process, [sd * math.tan(t) for t in times], clip=cfg.clamp and teacher.vae is None,
+                           scalars=scalars)

@@ -1,0 +1,198 @@
+"""Stock-pipeline exports (fewstep.export, hook fewstep_stock_sampler): the teacher family's own diffusers pipeline
+with the student as a plain diffusers model and a stock scheduler, loaded with `DiffusionPipeline.from_pretrained`
+(no trust_remote_code, no fewstep class named anywhere) and drawing the images `fewstep sample` draws for the same
+noise; the Hub-format model card, its snippet, its sample grid; fp16 variants; the teacher's x0 clipping.
+
+Tolerance: images in [0, 1] agree to 1e-4 (max abs). The two sides compute the same maths in a different order
+(diffusers' float32 alphas_cumprod against fewstep's float64 table, x_t-space against sigma-space updates, an
+integer timestep against fewstep's float32 t = 999 ± 5e-5); measured: 2e-7 to 4e-7 on latent teachers, 3e-5 on
+pixel ones (x0 = (x_t - sigma eps) / alpha amplifies rounding by 1 / alpha = 15 at timestep 999).
+"""
+
+import json
+import re
+
+import pytest
+import torch
+import yaml
+from diffusers import DiffusionPipeline
+
+from fewstep.export import EXPORT_META, SAMPLES_FILE, card_snippet, condition, load_export
+from fewstep.sampling import generate
+from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config
+
+ATOL = 1e-4
+PROMPTS = ["a cat", "two dogs", "tree"]
+LABELS = [1, 4, 9]
+
+
+def _only_stock_classes(folder) -> None:
+    """model_index.json names a diffusers pipeline and diffusers/transformers components only."""
+    import diffusers
+    import transformers
+
+    index = json.loads((folder / "model_index.json").read_text())
+    assert isinstance(index["_class_name"], str) and hasattr(diffusers, index["_class_name"])
+    for key, value in index.items():
+        if key.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        library = {"diffusers": diffusers, "transformers": transformers}[value[0]]
+        assert hasattr(library, value[1]), (key, value)
+    assert not list(folder.glob("*.py")), "a stock export has no pipeline file"
+
+
+def _train(tmp_path, backbone, method, *, steps=2, validation_steps=(1, 2), **teacher_options):
+    teacher = make_tiny_teacher(tmp_path / "teacher", backbone, **teacher_options)
+    config = tiny_run_config(teacher, method, steps=steps, validation={"steps": list(validation_steps)})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    return trainer, tmp_path / "run" / "export"
+
+
+def _condition_kwargs(teacher, condition_arg):
+    if teacher.conditioning == "class":
+        return {"class_labels": LABELS}, {"class_labels": LABELS}
+    if teacher.conditioning == "text":
+        return {"prompt": PROMPTS}, {"prompt": PROMPTS}
+    return {"batch_size": 3}, {}
+
+
+def assert_stock_matches_fewstep(trainer, out, expect_pipeline, expect_scheduler, expect_steps):
+    """For every documented step count, the stock pipeline with the card's call arguments draws fewstep's
+    images: the pipeline's unit noise L is fewstep's noise L / latents_scale; re-noising uses one generator."""
+    meta = json.loads((out / EXPORT_META).read_text())
+    stock = meta["stock"]
+    assert meta["pipeline"] == expect_pipeline and stock["scheduler"] == expect_scheduler
+    assert sorted(int(n) for n in stock["calls"]) == list(expect_steps)
+    _only_stock_classes(out)
+    pipe = DiffusionPipeline.from_pretrained(out)
+    assert type(pipe).__name__ == expect_pipeline and type(pipe.scheduler).__name__ == expect_scheduler
+    teacher = trainer.nets.teacher
+    call_cond, fewstep_cond = _condition_kwargs(teacher, stock["condition"])
+    cond = condition(teacher, 3, fewstep_cond.get("class_labels"), fewstep_cond.get("prompt"))
+    for n, kwargs in stock["calls"].items():
+        g = torch.Generator().manual_seed(0)
+        latents = torch.randn((3, *teacher.sample_shape), generator=g)
+        renoise = torch.Generator().manual_seed(1)
+        if stock["takes_latents"]:
+            call = {**kwargs, **call_cond, "latents": latents, "generator": torch.Generator().manual_seed(1)}
+        else:  # the pipeline draws L from its generator itself, then re-noises from it (or the global one)
+            call = {**kwargs, **call_cond, "generator": torch.Generator().manual_seed(0)}
+            renoise = g if stock["renoise_generator"] else renoise
+        if stock["batch_size"]:
+            call["batch_size"] = 3
+        if not stock["renoise_generator"]:
+            torch.manual_seed(1)  # it re-noises from torch's global generator
+        images = pipe(**call, output_type="pt" if expect_pipeline != "DiTPipeline" else "np").images
+        images = torch.as_tensor(images)
+        if images.shape[-1] != teacher.data_shape[-1] or images.shape[1] != teacher.data_shape[0]:
+            images = images.permute(0, 3, 1, 2)
+        scale = stock["latents_scale"][n]
+        ours = generate(trainer.pm.hook, trainer.ctx, trainer.nets, latents / scale, cond, int(n), generator=renoise)
+        ours = (ours.clamp(-1, 1) + 1) / 2
+        assert images.shape == ours.shape
+        torch.testing.assert_close(images.float(), ours, rtol=0, atol=ATOL, msg=lambda m, n=n: f"{n} steps: {m}")
+
+
+def test_dmd2_on_a_text_teacher_exports_stable_diffusion_with_lcm_timesteps(tmp_path):
+    trainer, out = _train(tmp_path, "unet_condition", {"name": "dmd2", "num_steps": 4, "ratio": 1},
+                          validation_steps=(1, 2, 4), latent=True)
+    assert_stock_matches_fewstep(trainer, out, "StableDiffusionPipeline", "LCMScheduler", [1, 2, 4])
+    meta = json.loads((out / EXPORT_META).read_text())
+    assert meta["stock"]["calls"]["4"] == {"timesteps": [999, 749, 499, 249], "guidance_scale": 1.0}
+
+
+def test_dmd2_on_a_dit_teacher_exports_dit_pipeline(tmp_path):
+    """DiTPipeline takes no custom timesteps: LCMScheduler's own N-step schedule must be DMD2's (999, 499)."""
+    trainer, out = _train(tmp_path, "dit", {"name": "dmd2", "num_steps": 2, "ratio": 1}, latent=True)
+    assert_stock_matches_fewstep(trainer, out, "DiTPipeline", "LCMScheduler", [1, 2])
+    calls = json.loads((out / EXPORT_META).read_text())["stock"]["calls"]
+    assert calls["2"] == {"num_inference_steps": 2, "guidance_scale": 1.0}
+
+
+def test_lcm_original_steps_chosen_for_a_pipeline_without_custom_timesteps(tmp_path):
+    """DMD2 with 4 generator steps on DiT: 999, 749, 499, 249 is not a subset of LCMScheduler's default 50-level
+    schedule (k = 20), so the export sets original_inference_steps = 4."""
+    trainer, out = _train(tmp_path, "dit", {"name": "dmd2", "num_steps": 4, "ratio": 1}, latent=True,
+                          validation_steps=(1, 2, 4))
+    config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert config["original_inference_steps"] == 4
+    assert_stock_matches_fewstep(trainer, out, "DiTPipeline", "LCMScheduler", [1, 2, 4])
+
+
+@pytest.mark.parametrize("conditioning", [None, "class"])
+def test_scm_on_a_pixel_teacher_exports_consistency_pipeline_with_clipping(tmp_path, conditioning):
+    """sCM's sampler clamps x0 on pixel teachers: LCMScheduler with clip_sample; its 2-step time 1.1 is off the
+    integer timesteps, so only 1 step is documented. The teacher has Stable Diffusion's betas: its top level
+    (14.6) is below sCM's sigma_max 80, so the sampler starts at timestep 999. (DDPM's linear betas put it at 157,
+    where x0 = (x_t - sigma eps) / alpha amplifies the float32 rounding of the timestep by 1 / alpha = 157:
+    a few pixels then differ by up to 4e-3.)"""
+    sd_betas = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    trainer, out = _train(tmp_path, "unet", {"name": "scm"}, conditioning=conditioning, process_options=sd_betas)
+    assert_stock_matches_fewstep(trainer, out, "ConsistencyModelPipeline", "LCMScheduler", [1])
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["clip_sample"] is True
+
+
+def test_lcm_style_cd_folds_the_guidance_scale_into_the_unet(tmp_path):
+    """An LCM-style student takes w; sampled at sample_guidance, its w embedding is a constant vector, folded
+    into the time embedding's bias: StableDiffusionPipeline (guidance off) draws the w = 3 images, and fewstep
+    reads the export back with the w input intact."""
+    method = {"name": "cd", "grid": "teacher", "boundary": "lcm", "solver": "ddim", "guidance": [2.0, 6.0],
+              "sample_guidance": 3.0}
+    trainer, out = _train(tmp_path, "unet_condition", method, latent=True)
+    assert_stock_matches_fewstep(trainer, out, "StableDiffusionPipeline", "LCMScheduler", [1])
+    meta = json.loads((out / EXPORT_META).read_text())
+    assert meta["stock"]["folded_scalars"] == {"w": 300.0}
+    loaded = load_export(out).nets.student
+    assert loaded.extra_scalars == ("w",)
+    for k, v in trainer.nets.ema.model.state_dict().items():  # unfolded: the trained student again
+        torch.testing.assert_close(loaded.model.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+def test_model_card_is_in_hub_format_and_its_snippet_runs(tmp_path, monkeypatch):
+    trainer, out = _train(tmp_path, "unet_condition", {"name": "dmd2", "num_steps": 2, "ratio": 1}, latent=True)
+    readme = (out / "README.md").read_text()
+    header = yaml.safe_load(readme.split("---\n")[1])
+    assert header["library_name"] == "diffusers" and header["pipeline_tag"] == "text-to-image"
+    assert header["base_model"] == "teacher" and "dmd2" in header["tags"]
+    assert (out / SAMPLES_FILE).is_file() and f"]({SAMPLES_FILE})" in readme
+    assert "LCMScheduler" in readme and "timesteps=[999, 499]" in readme
+    assert str(tmp_path) not in readme.split("## Recipe")[0]  # no local path before the recipe
+    snippet = card_snippet(readme)
+    assert "trust_remote_code" not in snippet and "fewstep" not in snippet
+    monkeypatch.chdir(out.parent)
+    exec(compile(snippet, "model card", "exec"), {})
+    assert (out.parent / "sample.png").is_file()
+
+
+def test_custom_pipeline_only_where_no_stock_scheduler_fits_and_the_card_says_why(tmp_path, capsys, monkeypatch):
+    """CD with CM boundary scalings on a VP teacher: f(x, sigma_max) is not the plain denoiser (r = 1 - 6e-5), so
+    no stock scheduler reproduces it: FewStepPipeline, with the reason printed and in the card."""
+    trainer, out = _train(tmp_path, "unet", {"name": "cd", "num_scales": 4})
+    meta = json.loads((out / EXPORT_META).read_text())
+    assert meta["pipeline"] == "FewStepPipeline" and meta["stock"] is None
+    assert "no stock diffusers scheduler" in meta["custom_reason"]
+    assert "because" in capsys.readouterr().out
+    readme = (out / "README.md").read_text()
+    assert meta["custom_reason"] in readme and "trust_remote_code=True" in card_snippet(readme)
+    monkeypatch.chdir(out.parent)
+    exec(compile(card_snippet(readme), "model card", "exec"), {})
+
+
+def test_fp16_variant_where_the_teacher_has_one_and_clip_sample_is_kept(tmp_path):
+    """A teacher folder with fp16 variant files gets an fp16 variant of the student; a teacher scheduler with
+    clip_sample keeps it in the export's stock scheduler config."""
+    from diffusers import UNet2DConditionModel
+
+    teacher = make_tiny_teacher(tmp_path / "teacher", "unet_condition", latent=True)
+    UNet2DConditionModel.from_pretrained(teacher / "unet").half().save_pretrained(teacher / "unet", variant="fp16")
+    sched = teacher / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "clip_sample": True, "clip_sample_range": 1.0}))
+    config = tiny_run_config(teacher, {"name": "dmd2", "ratio": 1}, steps=1)
+    run_tiny(config, tmp_path / "run")
+    out = tmp_path / "run" / "export"
+    assert (out / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["clip_sample"] is True and scheduler["clip_sample_range"] == 1.0
+    pipe = DiffusionPipeline.from_pretrained(out, variant="fp16", torch_dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16
+    assert re.search(r'variant="fp16"', (out / "README.md").read_text())
