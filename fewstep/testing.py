@@ -19,12 +19,15 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-__all__ = ["TINY_FAMILIES", "MethodConformance", "Recorder", "assert_ranks_match", "make_tiny_pipeline", "make_tiny_teacher",
+__all__ = ["FLUX_DEV_OPTIONS", "TINY_FAMILIES", "MethodConformance", "Recorder", "assert_ranks_match", "make_tiny_pipeline", "make_tiny_teacher",
            "run_on_ranks", "run_tiny", "tiny_clip", "tiny_clip_with_projection", "tiny_dit", "tiny_gemma2", "tiny_pipeline",
-           "tiny_run_config", "tiny_t5", "tiny_unet", "tiny_unet_condition", "tiny_vae", "tiny_vae_rgb"]
+           "tiny_run_config", "tiny_family_teacher", "tiny_t5", "tiny_unet", "tiny_unet_condition", "tiny_vae", "tiny_vae_rgb",
+           "write_digit_prompts"]
 
 TINY_NUM_CLASSES = 10
 TINY_TEXT_LENGTH = 16
+#: Teacher families :func:`tiny_pipeline` builds (rows of fewstep.families.FAMILIES), in that table's order.
+TINY_FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart_sigma", "sana")
 
 
 def tiny_unet(sample_size: int = 8, channels: int = 1, num_classes: int | None = None) -> UNet2DModel:
@@ -380,12 +383,32 @@ class MethodConformance:
         assert (tmp_path / "run" / "samples" / "latest.png").is_file()
         assert any((tmp_path / "run" / "export").iterdir())
 
+    #: Teacher families (tiny stock pipelines, :func:`tiny_pipeline`) that ``test_runs_on_each_family`` covers;
+    #: a method that makes no sense on some family lists the others.
+    families: tuple[str, ...] = TINY_FAMILIES
+
+    @pytest.mark.slow
+    @pytest.mark.parametrize("family", TINY_FAMILIES)
+    def test_runs_on_each_family(self, family, tmp_path_factory, tmp_path):
+        """Two steps on a tiny stock pipeline of each family (saved with ``save_pretrained``, loaded like a
+        user's checkpoint): finite losses, gradients only where due, sample shapes, an export."""
+        if family not in self.families:
+            pytest.skip(f"{family} not in {type(self).__name__}.families")
+        folder, prompts = tiny_family_teacher(family, tmp_path_factory.getbasetemp() / "tiny-families")
+        config = self.config(folder, data={"prompts": str(prompts)}, train={"total_nimg": 2 * self.batch})
+        trainer, rec = run_tiny(config, tmp_path / "run")
+        assert rec.grads and all(torch.isfinite(torch.tensor(v)) for log in rec.logs for v in log.values())
+        for group_name, has in rec.grads:
+            assert not has.pop("teacher"), "a gradient reached the teacher"
+            assert any(has[name] for name in trainer.groups[group_name].modules)
+        for label, x in trainer.validate().items():
+            assert x.shape[1:] == trainer.nets.teacher.data_shape and torch.isfinite(x).all(), label
+        assert any((tmp_path / "run" / "export").iterdir())
+
 
 # ------------------------------------------------------------------------------------------------
 # Tiny stock pipelines, one per teacher family (fewstep.families)
 
-#: Families :func:`make_tiny_pipeline` builds, in the order of fewstep.families.FAMILIES.
-TINY_FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart_sigma", "sana")
 TINY_IMAGE_SIZE = 32
 _TINY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?-'"
 
@@ -551,3 +574,33 @@ def make_tiny_pipeline(folder: str | Path, family: str, **options: Any) -> Path:
     folder = Path(folder)
     tiny_pipeline(family, **options).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def write_digit_prompts(path: str | Path) -> Path:
+    """A prompt list pairing each scikit-learn digits image (in ``load_digits`` order, the ``digits`` source)
+    with ``"digit <label>"``: captions for text teachers trained on the embedded data. Returns ``path``."""
+    from sklearn.datasets import load_digits
+
+    path = Path(path)
+    path.write_text("".join(f"digit {label}\n" for label in load_digits().target))
+    return path
+
+
+def tiny_family_teacher(family: str, root: str | Path) -> tuple[Path, Path]:
+    """(pipeline folder, prompt list) of ``family`` under ``root``, built on first use and reused after."""
+    root = Path(root)
+    folder = root / family
+    if not (folder / "model_index.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        partial = root / f".{family}-partial"
+        make_tiny_pipeline(partial, family, **(FLUX_DEV_OPTIONS if family == "flux" else {}))
+        partial.rename(folder)
+    prompts = root / "prompts.txt"
+    if not prompts.is_file():
+        write_digit_prompts(prompts)
+    return folder, prompts
+
+
+#: Options of :func:`tiny_pipeline` that make the tiny Flux a guidance-distilled teacher with dynamic shift
+#: (as Flux-dev), the harder of the two Flux variants.
+FLUX_DEV_OPTIONS = {"guidance_embeds": True, "dynamic_shift": True}

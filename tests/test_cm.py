@@ -29,6 +29,7 @@ class TestLCMConformance(MethodConformance):
     method = {"name": "cd", "grid": "teacher", "skip": 100, "solver": "ddim", "boundary": "lcm",
               "guidance": [2.0, 6.0], "target_ema": 0.95}
     backbones = ("unet_condition", "dit")
+    families = ("sd", "sdxl", "pixart_sigma")  # LCM scalings need a VP teacher; SD3, Flux, Sana are flow teachers
 
 
 @pytest.mark.parametrize("process", ["edm", "flow"])
