@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
-    from fewstep.reliability import NonFiniteError, RunStopped
+    from fewstep.reliability import NonFiniteError, RunStopped, is_main_process
 
     try:
         return {"distill": cmd_distill, "train": cmd_distill, "validate": cmd_validate,
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 "export": cmd_export, "compare": cmd_compare, "coupling": cmd_coupling,
                 "cache": cmd_cache}[args.command](args)
     except RunStopped as exc:
-        print(f"fewstep: {exc}", file=sys.stderr)
+        if is_main_process():
+            print(f"fewstep: {exc}", file=sys.stderr)
         return EXIT_RESUMABLE
     except KeyboardInterrupt:
         if debug:
@@ -218,20 +219,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     import contextlib
-    import os
 
     from fewstep.builtin.checkpoint import checkpoint_dirs
     from fewstep.config import ConfigError, write_resolved
     from fewstep.plugin import build_manager
     from fewstep.preflight import check_inputs
-    from fewstep.reliability import RunLock, check_resume_config
+    from fewstep.reliability import RunLock, check_resume_config, is_main_process
     from fewstep.trainer import Trainer
 
     config, plugins = _load(args)
     pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
     check_inputs(config, pm)
     run_dir = args.run_dir or Path("runs") / args.recipe.stem
-    main_process = int(os.environ.get("RANK", "0")) == 0  # set by torchrun / accelerate launch
+    main_process = is_main_process()
     with RunLock(run_dir) if main_process else contextlib.nullcontext() as lock:
         if lock is not None and lock.stale_owner:
             print(f"fewstep: note: took over the lock of {run_dir} left by pid {lock.stale_owner.get('pid')} on "
@@ -241,14 +241,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
         if not args.resume and done:
             raise ConfigError(f"run folder {run_dir} already holds checkpoints; pass --resume to continue it, "
                               "or --run-dir to start a new run elsewhere")
-        if args.resume and not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume: {run_dir} is not a run folder (no config.yaml); drop --resume to start "
-                              "a new run there, or pass the run's --run-dir")
         if resume:  # every rank checks (so all refuse alike); the main process records accepted changes
             check_resume_config(run_dir, config.dump(), allow_change=args.allow_config_change,
                                 checkpoint=done[-1].name, record=main_process)
         elif main_process:
-            if args.resume:
+            if args.resume:  # a requeued job killed before its first checkpoint: nothing to lose, start over
                 print(f"fewstep: --resume: no complete checkpoint in {run_dir / 'checkpoints'} yet; starting "
                       "from the beginning", file=sys.stderr)
             write_resolved(config, run_dir)

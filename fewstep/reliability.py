@@ -29,6 +29,12 @@ EXIT_RESUMABLE = 75  # stopped early on request (SIGTERM, SIGUSR1, Ctrl-C, train
 EXIT_ABORTED = 130  # a second Ctrl-C: stopped at once, progress since the last checkpoint is lost
 
 
+def is_main_process() -> bool:
+    """Whether this is the process that prints and writes files, known before accelerate starts: RANK is set
+    by torchrun and accelerate launch for every process of a multi-process run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class RunStopped(Exception):
     """Training stopped early at a step boundary after writing a checkpoint; ``--resume`` continues it."""
 
@@ -78,6 +84,8 @@ class StopSignals:
             raise KeyboardInterrupt
         if self.received is None:
             self.received = name
+            if not is_main_process():
+                return
             hint = " (Ctrl-C again to abort without one)" if name == "SIGINT" else ""
             print(f"fewstep: {name}: writing a checkpoint at the next step boundary, then stopping{hint}",
                   file=sys.stderr, flush=True)

@@ -311,8 +311,8 @@ def _held_lock(tmp_path):
 RUN_CASES = [
     case("distill-existing-run", None, "already holds checkpoints", "pass --resume",
          setup=lambda t: distill(_run_folder(t))),
-    case("resume-not-a-run", None, "not a run folder", "drop --resume",
-         setup=lambda t: distill(t / "empty", "--resume")),
+    case("resume-damaged-checkpoint", None, "step-00000001 cannot be read", "delete it and start again",
+         setup=lambda t: distill(_run_folder(t), "--resume")),
     case("resume-batch-changed", None, "train.batch_size: 64 -> 32", "--allow-config-change",
          setup=lambda t: distill(_run_folder(t, train__batch_size=64), "--resume")),
     case("resume-seed-changed", None, "train.seed: 5 -> 0", "--allow-config-change",

@@ -10,10 +10,12 @@ network itself, trainable or not (targets, EMA), in one format.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from fewstep.hookspecs import hookimpl
@@ -86,8 +88,25 @@ def fewstep_load_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets, check
     for name in nets.names():
         path = latest / "nets" / f"{name}.safetensors"
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {latest} has no weights for network {name!r} ({path}); it was "
-                                    "written by a run with different networks: resume with the same recipe")
-        load_model(unwrap(nets.get(name)), str(path), device=str(ctx.device))
-    accelerator.load_state(str(latest / "accelerate"))
-    return json.loads((latest / "trainer_state.json").read_text())
+            raise damaged_checkpoint(latest, found, FileNotFoundError(f"no weights for network {name!r} at {path}"))
+    try:
+        for name in nets.names():
+            load_model(unwrap(nets.get(name)), str(latest / "nets" / f"{name}.safetensors"), device=str(ctx.device))
+        accelerator.load_state(str(latest / "accelerate"))
+        return json.loads((latest / "trainer_state.json").read_text())
+    except (SafetensorError, OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise damaged_checkpoint(latest, found, exc) from exc
+
+
+class CheckpointError(ValueError):
+    """A checkpoint exists but cannot be read back."""
+
+
+def damaged_checkpoint(path: Path, found: list[Path], exc: BaseException) -> CheckpointError:
+    """The error for a checkpoint that fails to load (truncated or corrupted file, other architecture), with
+    the fix: resume from the previous complete checkpoint, which fewstep keeps (train.keep_checkpoints)."""
+    earlier = [p for p in found if p != path]
+    fix = (f"delete {path} to resume from the previous checkpoint {earlier[-1].name}" if earlier else
+           "no earlier checkpoint is kept: delete it and start again")
+    return CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).strip()[:300]}); it was "
+                           f"damaged after it was written, or comes from another recipe: {fix}")
