@@ -31,7 +31,9 @@ def check_inputs(config: RunConfig, pm: Any = None) -> None:
     if config.teacher.autoguidance is not None:
         _teacher_shape(Path(config.teacher.autoguidance), "teacher.autoguidance", errors)
     data = config.data
-    if data.source != "digits":
+    from fewstep.sources import is_shard_pattern
+
+    if data.source != "digits" and not is_shard_pattern(data.source):  # shard patterns are checked when opened
         _exists(data.source, "data.source", "an image folder, .npz, idx(.gz) or prompt list", errors)
     for field in ("labels", "prompts", "pairs"):
         if (value := getattr(data, field)) is not None:
