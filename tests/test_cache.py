@@ -11,7 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from fewstep.cache import CachedDataset, StaleCacheError, build_cache, fingerprint, prepare_cache, weights_digest
+from fewstep.cache import (
+    CachedDataset,
+    StaleCacheError,
+    build_cache,
+    fingerprint,
+    prepare_cache,
+    weights_digest,
+)
 from fewstep.data import DataConfig, DataStream, build_data
 from fewstep.types import Cond
 from tests.test_sources import N, _value, make_source
