@@ -35,8 +35,18 @@ METHODS: dict[str, dict] = {
     "guided": {"name": "guided", "stage1_nimg": 2, "round_nimg": 2, "start_steps": 4, "final_steps": 2},
     "caf": {"name": "caf", "velocity_nimg": 2, "gan_nimg": 2},
     "reflow": {"name": "reflow"},
+    "kd": {"name": "kd"},
+    "meanflow": {"name": "meanflow"},
+    "tcm": {"name": "tcm", "stage_nimg": 8},
+    "pcm": {"name": "pcm", "solver_steps": 8},
+    "ladd": {"name": "ladd"},
+    "add": {"name": "add", "num_steps": 2},
+    "fdistill": {"name": "fdistill", "ratio": 2},
 }
-PAIRED = {"caf", "reflow"}
+PAIRED = {"caf", "reflow", "kd", "ladd"}
+# LoRA on the UNet for these in the default run (one per kind of network set: targets, critics + GAN head, K
+# students, an adaptive-weight net, a discriminator and a widened input); the rest under -m slow.
+LORA_DEFAULT = {"dmd2", "ctm", "msd", "scm", "caf"}
 NO_EMA = {"msd"}  # MSD refuses the evaluation EMA (it would average student 0 only)
 
 
@@ -62,6 +72,7 @@ def method_config(name: str, teacher: Path, *, steps: int | None = None, lora: d
     if name in NO_EMA:
         sections["plugins"] = {"disable": ["ema"]}
     sections.setdefault("export", {"enabled": False})
+    sections.setdefault("validation", {"steps": [1], "teacher_steps": None})
     extra = {} if lora is None else {"lora": lora}
     steps = steps or (3 if name == "caf" else 2)  # CAF: velocity, acceleration and GAN phases
     return tiny_run_config(teacher, METHODS[name], steps=steps, batch=2, **extra, **sections)
@@ -154,8 +165,13 @@ def test_config_refuses_unknown_fields_and_bad_networks(teachers, tmp_path):
     cfg = method_config("dmd2", teachers["unet"], lora={"rank": 4, "networks": ["student", "gan_head"]})
     with pytest.raises(ValueError, match="gan_head"):
         run_tiny(cfg, tmp_path / "run")
+    small = {**METHODS["msd"], "width": 0.5, "tsm_nimg": 2}
+    cfg = tiny_run_config(teachers["unet"], small, steps=3, batch=2, lora={"rank": 4}, plugins={"disable": ["ema"]})
+    with pytest.raises(ValueError, match="not a copy of the teacher"):
+        run_tiny(cfg, tmp_path / "small")
 
 
+@pytest.mark.slow
 def test_unlisted_trainable_copies_are_full_networks(teachers, tmp_path):
     cfg = method_config("dmd2", teachers["unet"], lora={"rank": 4, "networks": ["student"]})
     trainer, rec = run_tiny(cfg, tmp_path / "run")
@@ -176,8 +192,9 @@ def test_every_method_trains_with_gradient_checkpointing(method, teachers, tmp_p
     assert_gradients_where_due(trainer, rec)
 
 
-@pytest.mark.parametrize("backbone", ["unet", "dit"])
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method, backbone", [
+    pytest.param(m, b, marks=() if b == "unet" and m in LORA_DEFAULT else pytest.mark.slow)
+    for b in ("unet", "dit") for m in sorted(METHODS)])
 def test_every_method_trains_lora_adapters_on_one_base(method, backbone, teachers, tmp_path):
     """LoRA + gradient checkpointing: finite losses, gradients only where due and never on the teacher's
     weights, every copy of the student an adapter on the one frozen base (the teacher's model, or the
@@ -293,6 +310,7 @@ def test_stock_pipeline_with_load_lora_weights_matches_fewstep(method, latent_te
     assert ((fine_lora - fine) - (orig_lora - orig)).abs().max() < 0.05 * delta
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sct", "ctm"])
 def test_lora_export_reproduces_the_denoiser(method, latent_text_teacher, tmp_path):
     """sCT / CTM samplers have no stock scheduler: the stock UNet with the loaded LoRA computes the student's
