@@ -492,7 +492,7 @@ def tiny_pipeline(family: str, *, guidance_embeds: bool = False, dynamic_shift: 
                 norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8)
             scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                clip_sample=False, set_alpha_to_one=False,
+                                                clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                                                 timestep_spacing="trailing")
             return diffusers.StableDiffusionPipeline(
                 vae=tiny_vae_rgb(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,

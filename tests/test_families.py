@@ -234,3 +234,51 @@ def test_tiny_pipeline_builds_every_family():
     assert set(TINY_FAMILIES) <= set(FAMILIES)
     with pytest.raises(ValueError, match="family must be one of"):
         tiny_pipeline("kandinsky")
+
+
+# ---------------------------------------------------------------------------------------- distillation
+
+
+def _distil(family, method, tmp_path_factory, tmp_path):
+    from fewstep.testing import run_tiny, tiny_family_teacher, tiny_run_config
+
+    folder, prompts = tiny_family_teacher(family, tmp_path_factory.getbasetemp() / "tiny-families")
+    config = tiny_run_config(folder, method, steps=2, batch=2, data={"prompts": str(prompts)},
+                             validation={"steps": [1], "num_images": 2, "teacher_steps": 2, "upscale": 1})
+    trainer, rec = run_tiny(config, tmp_path / "run")
+    assert len(rec.logs) == 2 and all(torch.isfinite(torch.tensor(v)) for log in rec.logs for v in log.values())
+    teacher = trainer.nets.teacher
+    before = load_teacher(folder).net.state_dict()
+    changed = [k for k, v in trainer.nets.student.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    assert changed, "one optimizer step changed no student weight"
+    images = trainer.validate()
+    assert images and all(x.shape == (2, *teacher.data_shape) and torch.isfinite(x).all() for x in images.values())
+    assert any((tmp_path / "run" / "export").iterdir())
+    return trainer
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_cd_distils_on_every_family(family, tmp_path_factory, tmp_path):
+    """Fast smoke: LCM-style consistency distillation (w input, teacher grid on VP teachers; the sigma grid on
+    flow teachers) for two steps on each family, then samples and an export."""
+    vp = family in ("sd", "sdxl", "pixart_sigma")
+    method = {"name": "cd", "guidance": [1.0, 3.0]}
+    if vp:
+        method.update({"grid": "teacher", "skip": 100, "solver": "ddim", "boundary": "lcm"})
+    trainer = _distil(family, method, tmp_path_factory, tmp_path)
+    assert "w" in trainer.nets.student.extra_scalars
+
+
+METHODS = {
+    "dmd2": {"name": "dmd2"},
+    "scm": {"name": "scm", "guidance": [1.0, 2.0]},  # TrigFlow tangents (JVP) through the model; w scalar input
+    "ctm": {"name": "ctm"},  # target time s as a scalar input, GAN on the bottleneck, adaptive weight on output_layer
+    "flowmap": {"name": "flowmap", "guidance": [1.0, 3.0]},  # s and w scalar inputs
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_methods_distil_on_every_family(family, method, tmp_path_factory, tmp_path):
+    _distil(family, METHODS[method], tmp_path_factory, tmp_path)
