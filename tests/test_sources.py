@@ -60,14 +60,15 @@ def make_source(kind: str, root: Path) -> str:
                 f'{r["file_name"]},"{r["text"]}, with a comma",{r["label"]},{r["negative_prompt"]}' for r in rows]
             (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
         return str(folder)
-    if kind in ("datasets", "parquet"):
+    if kind in ("datasets", "parquet", "arrow"):
         datasets = pytest.importorskip("datasets")
         paths = _images(root / "png")
         table = {"image": [str(p) for p in paths], **{k: [r[k] for r in _rows()] for k in _rows()[0]}}
         ds = datasets.Dataset.from_dict(table).cast_column("image", datasets.Image())
-        if kind == "datasets":
+        if kind in ("datasets", "arrow"):
             ds.save_to_disk(str(root / "saved"))
-            return str(root / "saved")
+            arrow = next((root / "saved").glob("*.arrow"))  # one arrow file of the saved folder, memory-mapped
+            return str(root / "saved") if kind == "datasets" else str(arrow)
         (root / "pq").mkdir()
         ds.to_parquet(str(root / "pq" / "train.parquet"))
         return str(root / "pq")
@@ -82,7 +83,7 @@ def make_source(kind: str, root: Path) -> str:
     return str(root / "shards" / "part-{00000..00002}.tar")
 
 
-KINDS = ["jsonl", "csv", "datasets", "parquet", "shards"]
+KINDS = ["jsonl", "csv", "datasets", "parquet", "arrow", "shards"]
 
 
 @pytest.fixture(params=KINDS)
