@@ -314,11 +314,11 @@ def share_networks(config: Any, student: nn.Module, extra: dict[str, nn.Module])
 def place_adapters(teacher: Any, networks: list[nn.Module], device: torch.device, dtype: torch.dtype) -> None:
     """After the teacher's cast to the compute dtype (which also cast the adapters living in its model):
     adapters back to float32, a base of the student's own in the compute dtype on ``device``."""
-    for net in networks:
-        if isinstance(net, LoraBackbone):
-            if net.model is not teacher.net.model:
-                net.model.to(device, dtype)
-            net.float()
+    views = [net for net in networks if isinstance(net, LoraBackbone)]
+    for model in {id(v.model): v.model for v in views if v.model is not teacher.net.model}.values():
+        model.to(device, dtype)
+    for view in views:  # after every cast of a base: a later cast would round earlier views' adapters again
+        view.float()
 
 
 # ------------------------------------------------------------------------------------------------

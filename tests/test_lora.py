@@ -347,3 +347,15 @@ def test_export_writes_fused_pipeline_and_lora_file(latent_text_teacher, tmp_pat
     assert (out / LORA_WEIGHTS).is_file()
     fused = UNet2DConditionModel.from_pretrained(out / "unet")
     assert not any("lora" in k for k in fused.state_dict())
+
+
+def test_bf16_base_with_float32_adapters(teachers, tmp_path):
+    """Mixed precision: the shared base is the teacher in bf16, the adapters stay float32 and train."""
+    cfg = method_config("dmd2", teachers["unet"], lora={"rank": 4}, train={"mixed_precision": "bf16"})
+    trainer, rec = run_tiny(cfg, tmp_path / "run")
+    student = trainer.nets.student
+    assert student.model is trainer.nets.teacher.net.model and student.model.dtype == torch.bfloat16
+    for name in ("student", "fake_score", "ema"):
+        assert all(p.dtype == torch.float32 for p in trainer.nets.get(name).parameters()), name
+    assert all(torch.isfinite(torch.tensor(v)) for log in rec.logs for v in log.values() if isinstance(v, float))
+    assert_gradients_where_due(trainer, rec)
