@@ -2,7 +2,7 @@
 Method ``meanflow``: an average-velocity network u(z_t, r, t) = 1/(t − r) ∫_r^t v(z_τ, τ) dτ trained with the
 MeanFlow identity
 
-    u(z_t, r, t) = v(z_t, t) − (t − r)·d/dt u(z_t, r, t),   d/dt u = v·∂_z u + ∂_t u   (MeanFlow Eq. 6, 8),
+    u(z_t, r, t) = v(z_t, t) − (t − r)·d/dt u(z_t, r, t),   d/dt u = v·∂_z u + ∂_t u   (the MeanFlow identity),
 
 as the regression ||u_θ(z_t, r, t) − sg(u_tgt)||² with u_tgt the right-hand side at θ, the total derivative one
 JVP with tangent (v, 0, 1) over (z, r, t) (``fewstep.jvp``: exact forward mode, or a central finite difference),
@@ -116,12 +116,12 @@ def total_derivative(net, process, x: Tensor, t: Tensor, r: Tensor, v: Tensor, c
 
 
 def meanflow_target(v: Tensor, du_dt: Tensor, t: Tensor, r: Tensor) -> Tensor:
-    """u_tgt = v − (t − r)·du/dt (MeanFlow Eq. 8-10). v, du_dt: (B, C, H, W); t, r: (B,)."""
+    """u_tgt = v − (t − r)·du/dt (the MeanFlow target). v, du_dt: (B, C, H, W); t, r: (B,)."""
     return v - append_dims(t - r, v.ndim) * du_dt
 
 
 def adaptive_weight(squared_error: Tensor, p: float, c: float) -> Tensor:
-    """sg(1/(||Δ||² + c)^p) per sample (MeanFlow §4.3): p = 1 turns the squared L2 into a log-like loss, p = 0.5
+    """sg(1/(||Δ||² + c)^p) per sample (MeanFlow's adaptive loss weighting): p = 1 turns the squared L2 into a log-like loss, p = 0.5
     into pseudo-Huber-like. squared_error: (B,)."""
     return (squared_error.detach() + c).pow(-p)
 
@@ -185,7 +185,7 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
 @hookimpl
 def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
                    generator: torch.Generator) -> Tensor:
-    """z_{i+1} = z_i − (t_i − t_{i+1})·u(z_i, t_{i+1}, t_i) from z = t_0·noise (1 step: MeanFlow Alg. 2)."""
+    """z_{i+1} = z_i − (t_i − t_{i+1})·u(z_i, t_{i+1}, t_i) from z = t_0·noise (1 step: MeanFlow's 1-NFE sampler)."""
     cfg, teacher = ctx.method, nets.teacher
     process = teacher.process
     times = cfg.sample_times.get(num_steps) or default_sample_times(process, num_steps)

@@ -110,7 +110,7 @@ def phase_of(interval: Tensor, edges: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def phased_map(x0_hat: Tensor, x: Tensor, sigma: Tensor, edge: Tensor) -> Tensor:
-    """f(x, sigma) = x0_hat + edge·(x − x0_hat)/sigma: the DDIM step to the phase's lower edge (PCM Eq. 6)."""
+    """f(x, sigma) = x0_hat + edge·(x − x0_hat)/sigma: the DDIM step to the phase's lower edge (PCM's DDIM-form parameterisation)."""
     return ddim_step(x, sigma, edge, x0_hat)
 
 

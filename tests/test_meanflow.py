@@ -89,7 +89,7 @@ def _points():
 
 @pytest.mark.parametrize("mode", ["exact", "finite_difference"])
 def test_the_meanflow_target_at_the_exact_average_velocity_is_itself(mode):
-    """u = v − (t − r)·du/dt holds for the exact u (MeanFlow Eq. 6); the student at step 0 (u = v) violates it."""
+    """u = v − (t − r)·du/dt holds for the exact u (the MeanFlow identity); the student at step 0 (u = v) violates it."""
     x, t, r = _points()
     v = exact_velocity(x, t)
     u_exact = exact_average_velocity(x, r, t)
@@ -156,7 +156,7 @@ def test_time_pairs_follow_the_ratio_of_distinct_times():
 
 
 def test_one_step_sampling_with_the_exact_average_velocity_is_the_exact_flow():
-    """z_0 = z_1 − u(z_1, 0, 1) (MeanFlow Alg. 2) and its chained form are exact for the exact u; the r input is
+    """z_0 = z_1 − u(z_1, 0, 1) (MeanFlow's 1-NFE sampler) and its chained form are exact for the exact u; the r input is
     clamped at the teacher's smallest level t_min = 1e-3, an O(t_min) error."""
     noise = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     exact = AnalyticFlowNet(exact_average_velocity)
