@@ -12,7 +12,15 @@ from torch import nn
 
 from fewstep.diffusion import FlowProcess
 from fewstep.flowmaps import average_velocity, chain, default_sample_times
-from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_run_config
+from fewstep.testing import (
+    MethodConformance,
+    assert_ranks_match,
+    make_tiny_teacher,
+    network_state,
+    run_on_ranks,
+    run_tiny,
+    tiny_run_config,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Conformance
@@ -228,3 +236,20 @@ def test_distillation_with_a_guided_teacher_trains(tmp_path):
                             tmp_path / "run")
     assert trainer.nets.student.extra_scalars == ("s",)
     assert all(math.isfinite(log["student/loss"]) for log in rec.logs)
+
+
+@pytest.mark.slow  # 15-20 s: two forked ranks
+@pytest.mark.multiprocess
+def test_two_processes_match_one_process(tmp_path):
+    """The forward-mode JVP runs through the unwrapped student: 2 gloo ranks must still train like 1 process."""
+    teacher = make_tiny_teacher(tmp_path / "teacher", "unet")
+
+    def config():
+        return tiny_run_config(teacher, {"name": "meanflow", "jvp": "exact"}, steps=3, batch=8,
+                               optimizer={"name": "sgd", "lr": 1e-3})
+
+    single, _ = run_tiny(config(), tmp_path / "single")
+    ranks = run_on_ranks(config(), tmp_path / "multi", tmp_path / "ranks", ("student",))
+    assert_ranks_match(ranks, network_state(single.nets, ("student",)))
+    initial = single.nets.teacher.net.state_dict()
+    assert any(not torch.equal(ranks[0][f"student.{k}"], v.float()) for k, v in initial.items())
