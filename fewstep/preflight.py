@@ -117,6 +117,9 @@ def _teacher_shape(root: Path, field: str, errors: list[str]) -> tuple[int, int]
     if not any(next(sub.glob(pattern), None) is not None for pattern in _WEIGHTS):
         errors.append(f"{field}: {sub} holds no weights file (diffusion_pytorch_model.safetensors); the folder is "
                       "incomplete: save the model again with save_pretrained")
+    for weights in sorted(root.rglob("*.safetensors")):
+        if problem := safetensors_problem(weights):
+            errors.append(f"{field}: {weights} is {problem}; copy or save the model again")
     cfg = _read(sub / "config.json", field, errors)
     if cfg is None or len(errors) > n:
         return None
@@ -141,6 +144,28 @@ def _teacher_shape(root: Path, field: str, errors: list[str]) -> tuple[int, int]
         blocks = vcfg.get("block_out_channels") or vcfg.get("encoder_block_out_channels") or [0]  # KL or DC (Sana)
         return int(vcfg.get("in_channels", 3)), size * 2 ** (len(blocks) - 1)
     return channels, size
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's framing, read from its header alone (no tensor data): an
+    8-byte little-endian header length, a JSON header, then exactly the bytes the header's offsets cover."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            return f"not a complete safetensors file ({size} bytes, no readable header)"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict):
+        return "not a safetensors file (its header is not a JSON object)"
+    end = max((v["data_offsets"][1] for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets", ())) == 2), default=0)
+    if 8 + n + end > size:
+        return f"truncated ({size} of {8 + n + end} bytes)"
+    return None
 
 
 def _check_data_shape(config: RunConfig, shape: tuple[int, int], errors: list[str]) -> None:

@@ -257,7 +257,11 @@ TEACHER_CASES = [
     teacher_case("teacher-nan-weight", _nan_weight, "NaN or inf", "point teacher.pretrained at a finite",
                  command="distill"),
     teacher_case("teacher-truncated-weights", _truncate("unet/diffusion_pytorch_model.safetensors"),
-                 "diffusion_pytorch_model.safetensors", "truncated or corrupt: replace it", command="distill"),
+                 "diffusion_pytorch_model.safetensors is truncated", "save the model again", command="distill"),
+    teacher_case("teacher-truncated-validate", _truncate("unet/diffusion_pytorch_model.safetensors"),
+                 "diffusion_pytorch_model.safetensors is truncated", "save the model again"),
+    teacher_case("teacher-garbage-weights", _write("unet/diffusion_pytorch_model.safetensors", "garbage" * 9),
+                 "diffusion_pytorch_model.safetensors is not a complete safetensors file", "save the model again"),
     teacher_case("teacher-unsupported-class", _edit_json("unet/config.json", _class_name="VQModel"), "VQModel",
                  "Point teacher.pretrained at a checkpoint", command="distill"),
 ]

@@ -280,6 +280,23 @@ def test_cli_resume_rules(in_repo, tmp_path, capsys):
     assert "starting from the beginning" in capsys.readouterr().err
 
 
+def test_disk_full_while_checkpointing(in_repo, tmp_path, capsys, monkeypatch):
+    import fewstep.builtin.checkpoint as checkpoint
+
+    def full(model, filename, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(checkpoint, "save_model", full)
+    run = tmp_path / "run"
+    assert cli.main(digits_args(run)) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device" in err and "student.safetensors" in err and "Traceback" not in err
+    assert checkpoint_dirs(run) == []  # the half-written checkpoint is hidden; once space is free:
+    monkeypatch.undo()
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(__file__)))
+    assert cli.main(digits_args(run, "--resume")) == 0
+
+
 def test_cli_exit_codes_for_stops(in_repo, tmp_path, capsys, monkeypatch):
     def stop(self):
         raise RunStopped("SIGTERM", 16, tmp_path / "ck")
@@ -351,3 +368,51 @@ def test_evaluation_cache_is_not_next_to_the_data(monkeypatch, tmp_path):
 
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "c"))
     assert eval_cache_dir() == tmp_path / "c" / "eval"
+
+
+# ------------------------------------------------------------------------------------------ 2 processes
+class SignalOnRank(SignalAt):
+    def __init__(self, rank: int, at: int) -> None:
+        super().__init__(at)
+        self.rank = rank
+
+    @hookimpl
+    def fewstep_on_step_end(self, step):
+        if step.rank == self.rank and step.step == self.at:
+            os.kill(os.getpid(), self.sig)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_log_the_global_mean_and_stop_together(teacher, tmp_path):
+    """The logged loss is the mean over both ranks (equal to one process on the same global batch), and a
+    SIGTERM that reaches rank 1 only stops both ranks after the same step (no rank waits forever)."""
+    from accelerate import debug_launcher
+
+    config = cd_config(teacher, steps=5, train={"log_every_nimg": B})
+    run_tiny(config, tmp_path / "one")
+
+    def worker() -> None:
+        torch.set_num_threads(1)
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        acc = Accelerator(cpu=True)
+        pm = build_manager(config.method.name)
+        pm.register(SignalOnRank(1, at=2), name="signal")
+        try:
+            Trainer(config, pm, tmp_path / "two", accelerator=acc).fit()
+            stopped = None
+        except RunStopped as exc:
+            stopped = exc.nimg
+        (tmp_path / f"rank{acc.process_index}.json").write_text(json.dumps(stopped))
+
+    debug_launcher(worker, num_processes=2)
+    stops = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert stops == [3 * B, 3 * B]  # rank 1's flag reaches rank 0 in the next step's all-reduce
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["nimg"] for line in two] == [B, 2 * B, 3 * B]
+    for a, b in zip(one, two):
+        assert b["student/loss"] == pytest.approx(a["student/loss"], rel=1e-4)
