@@ -150,7 +150,7 @@ def build_cache(folder: Path, dataset: RecordDataset, fp: dict[str, Any], *,
     """
     if (folder / "meta.json").is_file():
         return CachedDataset(folder, _check(folder, fp), dataset)
-    n, dtype = len(dataset), np.dtype(fp["dtype"])
+    n = len(dataset)
     partial = folder.with_name(folder.name + ".partial")
     state = partial / "progress.json"
     if partial.is_dir() and (not state.is_file() or json.loads(state.read_text()).get("fingerprint") != fp):
@@ -166,68 +166,85 @@ def build_cache(folder: Path, dataset: RecordDataset, fp: dict[str, Any], *,
     if not resuming:
         np.save(partial / "bucket_of.npy", bucket_of)
         np.save(partial / "row_of.npy", row_of)
-    arrays: dict[str, np.memmap] = {}
-
-    def array(name: str, shape: tuple[int, ...], kind: np.dtype) -> np.memmap:
-        if name not in arrays:
-            path = partial / f"{name}.npy"
-            arrays[name] = (np.load(path, mmap_mode="r+") if path.is_file() else
-                            np.lib.format.open_memmap(path, mode="w+", dtype=kind, shape=shape))
-        return arrays[name]
-
+    out = _Arrays(partial, n, np.dtype(fp["dtype"]))
     if encode_text is not None and not (partial / "null.json").is_file():
         null = encode_text([""])
         for field, t in _fields(null).items():
-            np.save(partial / f"null_{field}.npy", t.float().numpy().astype(dtype))
+            np.save(partial / f"null_{field}.npy", t.float().numpy().astype(out.dtype))
         (partial / "null.json").write_text(json.dumps(sorted(_fields(null))))
-    captions: list[str] = []
-    if resuming and (partial / "captions.json").is_file():
-        captions = json.loads((partial / "captions.json").read_text())
+    captions = None
+    if dataset.has_captions:  # appended per chunk, end offsets in a memory-mapped array like the rest
+        ends = out.get("captions_ends", (), np.int64)
+        with open(partial / "captions.bin", "ab") as f:
+            f.truncate(int(ends[done - 1]) if done else 0)  # drop the bytes of a chunk that was not completed
+        captions = open(partial / "captions.bin", "ab")  # noqa: SIM115 (closed in the finally below)
     i = done
-    with torch.no_grad():
-        for records in _records_from(dataset, done, batch_size):
-            rows = np.arange(i, i + len(records))
-            if encode_images is not None and dataset.has_images:
-                for b in np.unique(bucket_of[rows]):
-                    sel = np.nonzero(bucket_of[rows] == b)[0]
-                    x = torch.stack([load_image(records[j], dataset.size_of(int(b)), dataset.channels)[0]
-                                     for j in sel])
-                    z = encode_images(x).float().cpu().numpy()
-                    lat = array(f"latents_{b}", (int((bucket_of == b).sum()), *z.shape[1:]), dtype)
-                    lat[row_of[rows[sel]]] = z.astype(dtype)
-                    size = array("size_cond", (n, 6), np.dtype(np.float32))
-                    size[rows[sel]] = _size_conds(records, sel, dataset, int(b))
-            if dataset.has_labels:
-                array("labels", (n,), np.dtype(np.int64))[rows] = [r.label for r in records]
-            if dataset.has_captions:
-                captions += [r.caption or "" for r in records]
-                if encode_text is not None:
-                    for field, t in _fields(encode_text([r.caption or "" for r in records])).items():
-                        array(f"text_{field}", (n, *t.shape[1:]), dtype)[rows] = t.float().cpu().numpy().astype(dtype)
-            if records[0].negative is not None and encode_text is not None:
-                for field, t in _fields(encode_text([r.negative or "" for r in records])).items():
-                    array(f"negative_{field}", (n, *t.shape[1:]), dtype)[rows] = t.float().cpu().numpy().astype(dtype)
-            for a in arrays.values():
-                a.flush()
-            if dataset.has_captions:
-                _atomic_write(partial / "captions.json", json.dumps(captions))
-            i += len(records)
-            _atomic_write(state, json.dumps({"fingerprint": fp, "done": i}))
-            if progress is not None:
-                progress(i, n)
+    try:
+        with torch.no_grad():
+            for records in _records_from(dataset, done, batch_size):
+                rows = np.arange(i, i + len(records))
+                if encode_images is not None and dataset.has_images:
+                    for b in np.unique(bucket_of[rows]):
+                        sel = np.nonzero(bucket_of[rows] == b)[0]
+                        size = dataset.size_of(int(b))
+                        x = torch.stack([load_image(records[j], size, dataset.channels)[0] for j in sel])
+                        z = encode_images(x).float().cpu().numpy()
+                        latents = out.get(f"latents_{b}", z.shape[1:], out.dtype, rows=int((bucket_of == b).sum()))
+                        latents[row_of[rows[sel]]] = z.astype(out.dtype)
+                        out.get("size_cond", (6,), np.float32)[rows[sel]] = _size_conds(records, sel, dataset, int(b))
+                if dataset.has_labels:
+                    out.get("labels", (), np.int64)[rows] = [r.label for r in records]
+                if captions is not None:
+                    encoded = [(r.caption or "").encode("utf-8") for r in records]
+                    ends = out.get("captions_ends", (), np.int64)
+                    ends[rows] = (int(ends[i - 1]) if i else 0) + np.cumsum([len(e) for e in encoded])
+                    captions.write(b"".join(encoded))
+                    captions.flush()
+                    if encode_text is not None:
+                        for field, t in _fields(encode_text([r.caption or "" for r in records])).items():
+                            out.get(f"text_{field}", t.shape[1:], out.dtype)[rows] = t.float().cpu().numpy()
+                if records[0].negative is not None and encode_text is not None:
+                    for field, t in _fields(encode_text([r.negative or "" for r in records])).items():
+                        out.get(f"negative_{field}", t.shape[1:], out.dtype)[rows] = t.float().cpu().numpy()
+                out.flush()
+                i += len(records)
+                _atomic_write(state, json.dumps({"fingerprint": fp, "done": i}))  # after the rows are on disk
+                if progress is not None:
+                    progress(i, n)
+    finally:
+        if captions is not None:
+            captions.close()
     if i != n:
         raise RuntimeError(f"data cache: the source yielded {i} samples, {n} expected; is it changing on disk?")
-    arrays.clear()
-    if dataset.has_captions:
-        blob = Strings(captions)
-        np.save(partial / "captions_offsets.npy", blob.offsets)
-        (partial / "captions.bin").write_bytes(blob.blob)
-        (partial / "captions.json").unlink()
+    out.close()
     state.unlink()
     _atomic_write(partial / "meta.json", json.dumps({"fingerprint": fp, "samples": n,
                                                       "buckets": dataset.buckets}, indent=1))
     partial.rename(folder)  # atomic: the folder appears complete or not at all
     return CachedDataset(folder, _check(folder, fp), dataset)
+
+
+class _Arrays:
+    """The memory-mapped .npy files of a cache being built, created on first use (N rows, or ``rows``)."""
+
+    def __init__(self, folder: Path, n: int, dtype: np.dtype) -> None:
+        self.folder, self.n, self.dtype = folder, n, dtype
+        self.open: dict[str, np.memmap] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: Any, rows: int | None = None) -> np.memmap:
+        if name not in self.open:
+            path = self.folder / f"{name}.npy"
+            self.open[name] = (np.load(path, mmap_mode="r+") if path.is_file() else np.lib.format.open_memmap(
+                path, mode="w+", dtype=np.dtype(dtype), shape=(self.n if rows is None else rows, *shape)))
+        return self.open[name]
+
+    def flush(self) -> None:
+        for a in self.open.values():
+            a.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self.open.clear()
 
 
 def _size_conds(records: list[Any], sel: np.ndarray, dataset: RecordDataset, bucket: int) -> np.ndarray:
@@ -277,9 +294,10 @@ class CachedDataset:
         self.null = {p.stem[5:]: np.load(p) for p in folder.glob("null_*.npy")}
         self.captions = None
         if (folder / "captions.bin").is_file():
-            self.captions = Strings([])
-            self.captions.offsets = np.load(folder / "captions_offsets.npy")
-            self.captions.blob = (folder / "captions.bin").read_bytes()
+            blob = folder / "captions.bin"
+            self.captions = Strings.from_arrays(np.load(folder / "captions_ends.npy", mmap_mode="r"),
+                                                np.memmap(blob, dtype=np.uint8, mode="r") if blob.stat().st_size
+                                                else b"")
         self.prompts = True if self.captions is not None else None
 
     def __len__(self) -> int:

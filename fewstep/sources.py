@@ -19,7 +19,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,20 +74,34 @@ class Record:
 
 
 class Strings:
-    """N strings packed into one UTF-8 blob plus an (N + 1,) int64 offsets array: about 8 bytes of overhead per
-    string instead of ~50 for a Python str, so 100 000 captions of 40 characters cost ~5 MB."""
+    """N strings packed into one UTF-8 blob plus an int64 array of end offsets: about 8 bytes of overhead per
+    string instead of ~50 for a Python str, so 100 000 captions of 40 characters cost ~5 MB. Built by
+    :meth:`append` without ever holding the strings as Python objects."""
 
-    def __init__(self, values: Sequence[str]) -> None:
-        encoded = [v.encode("utf-8") for v in values]
-        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
-        self.blob = b"".join(encoded)
+    def __init__(self, values: Iterable[str] = ()) -> None:
+        self.blob = bytearray()
+        self.ends = array("q")
+        for v in values:
+            self.append(v)
+
+    @classmethod
+    def from_arrays(cls, ends: Any, blob: Any) -> Strings:
+        """Strings over existing arrays, e.g. memory-mapped ones: ends (N,) int64, blob (bytes,) uint8."""
+        out = cls()
+        out.ends, out.blob = ends, blob
+        return out
+
+    def append(self, value: str) -> None:
+        self.blob += value.encode("utf-8")
+        self.ends.append(len(self.blob))
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.ends)
 
     def __getitem__(self, i: int) -> str:
-        return self.blob[self.offsets[i] : self.offsets[i + 1]].decode("utf-8")
+        i = i + len(self) if i < 0 else i
+        start = self.ends[i - 1] if i > 0 else 0
+        return bytes(self.blob[int(start) : int(self.ends[i])]).decode("utf-8")
 
 
 def _pick(name: str | None, available: Sequence[str], candidates: Sequence[str], field: str, where: str,
@@ -141,7 +156,7 @@ class MetadataFolderSource:
         meta = meta if meta.is_file() else root / "metadata.csv"
         where = f"'{meta}'"
         available: list[str] = []
-        files, captions, negatives, labels = [], [], [], []
+        files, captions, negatives, labels = Strings(), Strings(), Strings(), array("q")
         cols: _Columns | None = None
         for i, row in enumerate(rows):
             if cols is None:
@@ -168,10 +183,10 @@ class MetadataFolderSource:
         missing = next((f for f in (files[0], files[-1]) if not (root / f).is_file()), None)
         if missing is not None:
             raise FileNotFoundError(f"{where} names '{missing}', which is not a file in {root}")
-        self.files = Strings(files)
-        self.captions = Strings(captions) if cols.caption is not None else None
-        self.negatives = Strings(negatives) if cols.negative is not None else None
-        self.labels = np.asarray(labels, dtype=np.int64) if cols.label is not None else None
+        self.files = files
+        self.captions = captions if cols.caption is not None else None
+        self.negatives = negatives if cols.negative is not None else None
+        self.labels = np.frombuffer(labels, dtype=np.int64) if cols.label is not None else None
         self.num_classes = int(self.labels.max()) + 1 if self.labels is not None else None
         self.columns = cols
 
