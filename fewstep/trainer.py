@@ -103,7 +103,7 @@ class Trainer:
                   if n not in group.modules]
         view = self.nets.replace(**{n: self.wrapped[n] for n in group.modules})
         rounds = self.config.train.accumulation
-        totals: dict[str, torch.Tensor] = {}  # summed on the device: no host sync until the group's step
+        totals: dict[str, torch.Tensor | float] = {}  # tensors summed on the device: no host sync until the step
         with requires_grad(others, False):
             for micro in range(rounds):
                 batch = self.batch(micro)
@@ -119,7 +119,8 @@ class Trainer:
                         loss = self._check_loss(out, group, batch).mean()
                     acc.backward(loss / rounds)
                 for k, v in {"loss": loss.detach(), **out.terms}.items():
-                    v = torch.as_tensor(v, device=self.ctx.device).detach().float().reshape(()) / rounds
+                    # a Python float stays on the host: a host-to-GPU copy of it would wait for the GPU
+                    v = v.detach().float().reshape(()) / rounds if isinstance(v, torch.Tensor) else float(v) / rounds
                     totals[k] = totals[k] + v if k in totals else v
         opt = self.optimizers[group.name]
         lr = group.lr * (min(1.0, (s.nimg + self.global_batch) / group.warmup_nimg) if group.warmup_nimg else 1.0)
@@ -144,13 +145,16 @@ class Trainer:
         logs["lr"] = opt.param_groups[0]["lr"]
         return {f"{group.name}/{k}": v for k, v in logs.items()}
 
-    def synced_logs(self, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+    def synced_logs(self, totals: dict[str, torch.Tensor | float]) -> dict[str, float]:
         """The group's log values averaged over processes, in one all-reduce and one host sync per optimizer
         step (the only host sync of a step; the gradient norm is equal on every rank after DDP's all-reduce).
         The stop flags ride along (summed), so every rank takes the same stop and checkpoint decisions."""
-        keys = sorted(totals)
-        vec = torch.cat([torch.stack([totals[k].float() for k in keys]),
-                         torch.tensor(self.local_flags(), device=self.ctx.device)])
+        device = self.ctx.device
+        on_device = sorted(k for k, v in totals.items() if isinstance(v, torch.Tensor))
+        on_host = sorted(k for k in totals if k not in on_device)
+        keys = on_device + on_host
+        host = torch.tensor([*(totals[k] for k in on_host), *self.local_flags()], device=device)
+        vec = torch.cat([torch.stack([totals[k].float().to(device) for k in on_device]), host])
         world = self.ctx.world_size
         if world > 1:
             vec = self.accelerator.reduce(vec, reduction="sum")
@@ -337,7 +341,9 @@ class Trainer:
             restored = hook.fewstep_load_checkpoint(ctx=self.ctx, accelerator=acc, nets=self.nets,
                                                     checkpoint=self.checkpoint)
             if restored is None:
-                raise TrainingError(f"--resume: no checkpoint found in {self.run_dir / 'checkpoints'}")
+                raise TrainingError(f"no complete checkpoint in {self.run_dir / 'checkpoints'}: the run stopped before "
+                                    "its first one; train it with `fewstep distill RECIPE --run-dir "
+                                    f"{self.run_dir} --resume` (which starts over when there is none)")
             self.state = TrainState(step=int(restored["step"]), nimg=int(restored["nimg"]),
                                     skipped=int(restored.get("skipped", 0)))
         self._t0, self._nimg0, self._t_end, self._peak_mb = time.perf_counter(), self.state.nimg, None, None

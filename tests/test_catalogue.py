@@ -340,6 +340,8 @@ RUN_CASES = [
          setup=lambda t: ["sample", str(t)]),
     case("coupling-not-a-run", None, "config.yaml is missing", "not a run folder",
          setup=lambda t: ["coupling", str(t), str(t / "pairs")]),
+    case("eval-no-checkpoint", None, "no complete checkpoint", "--resume",
+         setup=lambda t: ["eval", str(_run_folder(t, checkpoint=False))]),
     case("pairs-teacher-missing", None, "/nonexistent/teacher", "local diffusers folder",
          setup=lambda t: ["pairs", "/nonexistent/teacher", str(t / "out"), "--num", "4"]),
 ]
