@@ -298,7 +298,6 @@ class Trainer:
         hook.fewstep_configure(config=cfg)
         torch.manual_seed(cfg.train.seed)  # network initialisation is identical on every rank
         teacher = hook.fewstep_build_teacher(ctx=self.ctx)
-        check_teacher_finite(teacher)
         student = hook.fewstep_build_student(ctx=self.ctx, teacher=teacher)
         student = lora.adapt_student(cfg, teacher, student)  # a LoRA recipe: an adapter on frozen weights
         extra: dict[str, nn.Module] = {}
@@ -308,6 +307,7 @@ class Trainer:
             extra.update(found or {})
         extra = lora.share_networks(cfg, student, extra)
         teacher.to(self.ctx.device, self.ctx.dtype)  # after the student and extra networks copied fp32 weights
+        check_teacher_finite(teacher)  # on the device (fast) and in the compute dtype (an fp16 overflow shows)
         lora.place_adapters(teacher, [student, *extra.values()], self.ctx.device, self.ctx.dtype)
         self.nets = Nets(teacher, student.to(self.ctx.device), {k: v.to(self.ctx.device) for k, v in extra.items()})
         self.groups = {g.name: g for g in hook.fewstep_optimizer_groups(ctx=self.ctx, nets=self.nets)}
