@@ -250,13 +250,14 @@ class HFSource:
         columns = list(ds.column_names)
         self.image_column = _pick(cfg.image_column, columns, IMAGE_COLUMNS, "image_column", where)
         cols = _Columns(cfg, columns, where)
-        if self.image_column is not None and isinstance(ds.features[self.image_column], datasets.Image):
-            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
         if cfg.limit is not None:
             ds = ds.select(range(min(cfg.limit, len(ds))))
         if len(ds) == 0:
             raise ValueError(f"{where} holds no rows")
         self.ds, self.columns = ds, cols
+        # Rows as arrow: images stay encoded ({"bytes", "path"} structs or binary) until a batch decodes them.
+        # (cast_column(Image(decode=False)) would rewrite the whole table in memory.)
+        self.rows = ds.with_format("arrow")
         self.captions = cols.caption
         self.num_classes = None
         if cols.label is not None:
@@ -277,7 +278,9 @@ class HFSource:
         return len(self.ds)
 
     def records(self, idx: Sequence[int]) -> list[Record]:
-        rows = self.ds[list(idx)]  # one batched read of the memory-mapped table
+        table = self.rows[list(idx)]  # one batched read of the memory-mapped table
+        rows = {name: table.column(name).to_pylist() for name in
+                {self.image_column, self.captions, self.labels, self.negatives} - {None}}
         out = []
         for j, i in enumerate(idx):
             image = rows[self.image_column][j] if self.image_column is not None else None
