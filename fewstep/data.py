@@ -1,13 +1,15 @@
-"""Training data: small image sets held in memory, prompt lists, VAE-latent caches, and the index stream.
+"""Training data: in-memory image sets, sources read per batch, prompt lists, latent caches and the stream.
 
-Every source is loaded once, when :func:`build_dataset` runs, into one float32 tensor of shape
-(N, C, H, W) with values in [-1, 1], already resized and channel-converted. The sets this project
-trains on are small (scikit-learn digits: 1797 images of 8x8; MNIST / Fashion-MNIST: 60 000 of 28x28,
-about 190 MB as float32), so memory is not a concern; an image folder is read the same way, which is
-fine up to about 100 000 small (<= 64x64) images.
+Small sets (scikit-learn digits, image folders without metadata, .npz, idx/MNIST, prompt lists) are loaded
+once by :func:`build_dataset` into one float32 tensor (N, C, H, W) in [-1, 1], already resized and
+channel-converted: fine up to about 100 000 small (<= 64x64) images. Caption data at scale (an image folder
+with metadata.jsonl/.csv, a local Hugging Face ``datasets`` set, webdataset shards; :mod:`fewstep.sources`)
+is a :class:`RecordDataset`: images are decoded, resized and cropped per batch, and VAE latents and text
+embeddings can be cached on disk (:mod:`fewstep.cache`). :func:`build_data` picks the kind from the path.
 
-Which samples a step sees is decided by :class:`IndexStream`, a pure function of (seed, images seen),
-so a resumed run replays exactly the same batches and flips.
+Which samples a step sees is decided by :class:`DataStream` (:class:`IndexStream`, :class:`BucketStream` or
+:class:`fewstep.sources.ShardStream`), a pure function of (seed, images seen), so a resumed run replays exactly
+the same batches, flips, crops and caption dropouts, and ranks split each global batch. docs/DATA.md.
 """
 
 from __future__ import annotations
@@ -30,13 +32,25 @@ from torch import Tensor
 from fewstep.types import Cond
 
 __all__ = [
+    "BucketStream",
     "DataConfig",
+    "DataStream",
     "Dataset",
     "IndexStream",
     "LatentDataset",
+    "RecordDataset",
+    "Samples",
+    "TeacherInfo",
+    "build_data",
     "build_dataset",
+    "check_data",
     "digits_array",
     "encode_latents",
+    "load_image",
+    "open_source",
+    "require_source",
+    "source_kind",
+    "teacher_info",
 ]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -864,8 +878,8 @@ class RecordDataset:
         self.num_classes = source.num_classes if source.num_classes is not None else cfg.num_classes
         self.class_conditional = cfg.class_conditional
         self.flip = cfg.flip
-        self.has_images = kind == "shards" and source.image_key is not None or (
-            kind == "metadata" or getattr(source, "image_column", None) is not None)
+        image_field = {"metadata": "root", "datasets": "image_column", "shards": "image_key"}[kind]
+        self.has_images = getattr(source, image_field) is not None
         _require_labels(cfg, self.has_labels, self.name)
         if cfg.class_conditional and self.num_classes is None:
             raise ValueError(f"data.class_conditional: the labels of the shards '{self.name}' are not scanned; "
@@ -1145,7 +1159,9 @@ def check_data(config: Any, teacher: Any, dataset: Any = None) -> None:
         update: dict[str, Any] = {"resolution": cfg.resolution or h, "channels": cfg.channels or c}
         if teacher.conditioning == "class":
             update["class_conditional"] = True
-        dataset = build_data(cfg.model_copy(update=update))
+        from fewstep.paths import cache_dir
+
+        dataset = build_data(cfg.model_copy(update=update), cache_root=cache_dir())  # shard counts: memoised
     shape = getattr(dataset, "data_shape", None) or dataset.shape
     if shape is not None and tuple(shape)[0] != c:
         raise ValueError(f"{where} holds {shape[0]}-channel images but the teacher takes {c} channels; set "
