@@ -244,6 +244,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         if resume:  # every rank checks (so all refuse alike); the main process records accepted changes
             check_resume_config(run_dir, config.dump(), allow_change=args.allow_config_change,
                                 checkpoint=done[-1].name, record=main_process)
+            if main_process and not (run_dir / "config.yaml").is_file():  # accepted in its place
+                write_resolved(config, run_dir)
         elif main_process:
             if args.resume:  # a requeued job killed before its first checkpoint: nothing to lose, start over
                 print(f"fewstep: --resume: no complete checkpoint in {run_dir / 'checkpoints'} yet; starting "

@@ -192,11 +192,17 @@ def check_resume_config(run_dir: Path, new: dict[str, Any], *, allow_change: boo
     from fewstep.config import ConfigError
 
     saved_path = Path(run_dir) / "config.yaml"
-    try:
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{saved_path} (the run's original config) is not valid YAML: {exc}; restore it, or "
-                          "start a new run with another --run-dir") from None
+    saved: dict[str, Any] = {}
+    if saved_path.is_file():
+        try:
+            saved = yaml.safe_load(saved_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{saved_path} (the run's original config) is not valid YAML: {exc}; restore it, or "
+                              "start a new run with another --run-dir") from None
+    elif not allow_change:
+        raise ConfigError(f"--resume: {saved_path} (the run's original config) is missing, so the recipe cannot "
+                          "be checked against the run; restore it, or pass --allow-config-change to accept this "
+                          "recipe as the run's")
     changes = config_changes(saved, new)
     breaking = [c for c in changes if not c["replay_safe"]]
     if breaking and not allow_change:
