@@ -136,6 +136,15 @@ def fewstep_method_config():
 
 
 @hookimpl
+def fewstep_configure(config) -> None:
+    cfg = config.method
+    if cfg.name == "meanflow" and cfg.velocity == "data" and config.teacher.guidance != 1.0:
+        raise ValueError(f"teacher.guidance={config.teacher.guidance} with method.velocity: data would be ignored (the "
+                         "target uses eps − x0 and never the teacher); set teacher.guidance: 1.0, or velocity: teacher "
+                         "to distil the guided teacher")
+
+
+@hookimpl
 def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module:
     """The teacher's backbone (its weights, or fresh ones for ``init: random``) with the scalar input ``s`` = r."""
     if ctx.method.init == "random":

@@ -232,6 +232,9 @@ def test_training_from_data_on_gaussian_data_learns_the_one_step_map():
 
 def test_distillation_with_a_guided_teacher_trains(tmp_path):
     teacher = make_tiny_teacher(tmp_path / "t", "dit")
+    with pytest.raises(ValueError, match="velocity: data would be ignored"):
+        run_tiny(tiny_run_config(teacher, {"name": "meanflow", "velocity": "data"}, steps=1, teacher={"guidance": 2.0}),
+                 tmp_path / "refused")
     trainer, rec = run_tiny(tiny_run_config(teacher, {"name": "meanflow"}, steps=2, teacher={"guidance": 2.0}),
                             tmp_path / "run")
     assert trainer.nets.student.extra_scalars == ("s",)
