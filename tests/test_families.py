@@ -282,3 +282,24 @@ METHODS = {
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_methods_distil_on_every_family(family, method, tmp_path_factory, tmp_path):
     _distil(family, METHODS[method], tmp_path_factory, tmp_path)
+
+
+def test_family_recipes_validate_on_the_example_pipelines(tmp_path, capsys):
+    """examples/make_tiny_pipelines.py writes the folders recipes/families/*.yaml name; each recipe validates
+    and reports its family."""
+    import importlib.util
+    from pathlib import Path
+
+    from fewstep.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_tiny_pipelines", root / "examples" / "make_tiny_pipelines.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main([str(tmp_path / "tiny")])
+    recipes = sorted((root / "recipes" / "families").glob("*.yaml"))
+    assert {r.stem for r in recipes} == set(TINY_FAMILIES)
+    for recipe in recipes:
+        shutil.copy(recipe, tmp_path / recipe.name)
+        assert main(["validate", str(tmp_path / recipe.name)]) == 0
+        assert f"teacher family {recipe.stem})" in capsys.readouterr().out
