@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +104,12 @@ class StockPipeline:
     forwards to the scheduler; takes_latents: whether it accepts ``latents=`` (else it draws them from
     ``generator``); renoise_generator: whether it passes ``generator`` to ``scheduler.step`` (DiTPipeline does
     not: multistep re-noising then draws from torch's global generator); scales_input: whether it calls
-    ``scheduler.scale_model_input`` (the FlowMatch schedulers have none); batch_size: whether it needs
-    ``batch_size`` also with class labels; no_guidance: call arguments that turn
+    ``scheduler.scale_model_input`` (the FlowMatch schedulers have none); scales_noise: whether it multiplies its
+    initial noise by the scheduler's ``init_noise_sigma`` (DiTPipeline does not); batch_size: whether it needs
+    ``batch_size`` also with class labels; size_args: whether it takes ``height`` / ``width`` (passed: the
+    teacher's image size, where e.g. FluxPipeline would default to 1024); packed_noise: its scheduler draws
+    re-noising noise in the packed token layout (FluxPipeline): the same sampler, but for N > 1 steps not the
+    same images as fewstep's for one seed; no_guidance: call arguments that turn
     off its classifier-free guidance; index: model_index.json entries it needs besides the components.
     """
 
@@ -116,27 +120,50 @@ class StockPipeline:
     takes_latents: bool = True
     renoise_generator: bool = True
     scales_input: bool = True
+    scales_noise: bool = True
     batch_size: bool = False
+    size_args: bool = False
+    packed_noise: bool = False
     no_guidance: Mapping[str, Any] = field(default_factory=dict)
     index: Mapping[str, Any] = field(default_factory=dict)
 
 
 _SD_INDEX = {"safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
              "requires_safety_checker": False}
+_NO_CFG = {"guidance_scale": 1.0}
+#: PixArt and Sana bin the requested size to their training aspect ratios; fewstep samples at the teacher's size.
+_NATIVE_SIZE = {"guidance_scale": 1.0, "use_resolution_binning": False}
 
-#: (denoiser class, latent teacher) -> the family's stock pipeline. Pixel UNets (unconditional or
-#: class-conditional) use ConsistencyModelPipeline: DDPMPipeline takes no class labels, latents or timesteps.
-STOCK_PIPELINES: dict[tuple[str, bool], StockPipeline] = {
-    # ConsistencyModelPipeline checks latents against 3 channels: its own draw from `generator` is used instead.
-    ("UNet2DModel", False): StockPipeline("ConsistencyModelPipeline", "unet", "class_labels",
-                                          frozenset({"timesteps"}), takes_latents=False, batch_size=True),
-    ("UNet2DConditionModel", True): StockPipeline("StableDiffusionPipeline", "unet", "prompt",
-                                                  frozenset({"timesteps", "sigmas"}),
-                                                  no_guidance={"guidance_scale": 1.0}, index=_SD_INDEX),
-    ("DiTTransformer2DModel", True): StockPipeline("DiTPipeline", "transformer", "class_labels", frozenset(),
-                                                   takes_latents=False, renoise_generator=False,
-                                                   no_guidance={"guidance_scale": 1.0}),
-}
+#: How the export calls each family's stock pipeline, by pipeline class (the family table,
+#: ``fewstep.families.FAMILIES``, names each family's pipeline). Checked against diffusers 0.42.1's sources:
+#: which of timesteps / sigmas / latents / generator each forwards, and whether it calls scale_model_input and
+#: multiplies its initial noise by init_noise_sigma.
+STOCK_PIPELINES: dict[str, StockPipeline] = {p.name: p for p in (
+    # Pixel UNets (unconditional or class labels): DDPMPipeline takes no class labels, latents or timesteps.
+    # ConsistencyModelPipeline checks latents against 3 channels, so its own draw from `generator` is used.
+    StockPipeline("ConsistencyModelPipeline", "unet", "class_labels", frozenset({"timesteps"}), takes_latents=False,
+                  batch_size=True),
+    StockPipeline("StableDiffusionPipeline", "unet", "prompt", frozenset({"timesteps", "sigmas"}),
+                  no_guidance=_NO_CFG, index=_SD_INDEX),
+    StockPipeline("StableDiffusionXLPipeline", "unet", "prompt", frozenset({"timesteps", "sigmas"}),
+                  no_guidance=_NO_CFG),
+    StockPipeline("StableDiffusion3Pipeline", "transformer", "prompt", frozenset({"sigmas"}), renoise_generator=False,
+                  scales_input=False, scales_noise=False, no_guidance=_NO_CFG),
+    # FluxPipeline's latents are packed 2x2 tokens: its own (unpacked) draw from `generator` is used. Its
+    # guidance_scale feeds only a guidance embedding (StockSampler.guidance_scale); CFG needs true_cfg_scale > 1.
+    StockPipeline("FluxPipeline", "transformer", "prompt", frozenset({"sigmas"}), takes_latents=False,
+                  renoise_generator=False, scales_input=False, scales_noise=False, packed_noise=True),
+    StockPipeline("PixArtAlphaPipeline", "transformer", "prompt", frozenset({"timesteps", "sigmas"}),
+                  no_guidance=_NATIVE_SIZE),
+    StockPipeline("PixArtSigmaPipeline", "transformer", "prompt", frozenset({"timesteps", "sigmas"}),
+                  no_guidance=_NATIVE_SIZE),
+    StockPipeline("SanaPipeline", "transformer", "prompt", frozenset({"timesteps", "sigmas"}), scales_input=False,
+                  scales_noise=False, no_guidance=_NATIVE_SIZE),
+    StockPipeline("DiTPipeline", "transformer", "class_labels", frozenset(), takes_latents=False,
+                  renoise_generator=False, scales_noise=False, no_guidance=_NO_CFG),
+)}
+# Every text-to-image pipeline takes height / width.
+STOCK_PIPELINES.update({k: replace(p, size_args=True) for k, p in STOCK_PIPELINES.items() if p.condition == "prompt"})
 
 
 @dataclass(frozen=True)
@@ -149,6 +176,7 @@ class StockExport:
     config: Mapping[str, Any]
     samplers: Mapping[int, StockSampler]
     scalars: Mapping[str, float]
+    size: tuple[int, int] = (0, 0)  # the teacher's image size (height, width)
 
     def call_kwargs(self, num_steps: int) -> dict[str, Any]:
         """The pipeline call arguments that reproduce fewstep's ``num_steps``-step sampler."""
@@ -159,6 +187,8 @@ class StockExport:
         elif s.sigmas is not None and "sigmas" in self.pipeline.schedule_args:
             kwargs["sigmas"] = list(s.sigmas)
         kwargs.update(self.pipeline.no_guidance)
+        if self.pipeline.size_args:
+            kwargs.update(height=self.size[0], width=self.size[1])
         if s.guidance_scale is not None:
             kwargs["guidance_scale"] = s.guidance_scale
         return kwargs
@@ -224,12 +254,20 @@ def renoise_sampler(process: Any, levels: Sequence[float] | Tensor, *, clip: boo
 
 
 def _time_biases(backbone: Any) -> list[nn.Parameter]:
-    """The biases after which the extra scalar embeddings' output is added (see Backbone.add_scalar_inputs)."""
+    """The biases after which the extra scalar embeddings' output is added (``Backbone.add_scalar_inputs``): the
+    last Linear of DiT's per-block timestep embedders, else of the family's time-embedding MLP
+    (``Family.time_embedding``, a diffusers TimestepEmbedding)."""
     if backbone.kind == "dit":
         return [block.norm1.emb.timestep_embedder.linear_2.bias for block in backbone.model.transformer_blocks]
-    if backbone.kind in ("unet2d", "unet2d_condition"):
-        return [backbone.model.time_embedding.linear_2.bias]
-    raise ValueError(f"folding constant scalar inputs into a {backbone.kind!r} backbone is not supported")
+    for _, path in backbone.family.time_embedding:
+        try:
+            emb = backbone.model.get_submodule(path)
+        except AttributeError:
+            continue
+        if getattr(emb, "post_act", None) is None and isinstance(getattr(emb, "linear_2", None), nn.Linear):
+            return [emb.linear_2.bias]
+    raise ValueError(f"the {backbone.family.name} backbone's time embedding ends in no plain Linear, so constant "
+                     "scalar inputs cannot be folded into it")
 
 
 @torch.no_grad()
@@ -263,8 +301,16 @@ def export_steps(ctx: RunContext) -> list[int]:
 
 
 def stock_pipeline(teacher: Any) -> StockPipeline | None:
-    """The teacher family's stock pipeline (:data:`STOCK_PIPELINES`), or None."""
-    return STOCK_PIPELINES.get((type(teacher.net.model).__name__, teacher.vae is not None))
+    """The teacher family's stock pipeline (``Family.pipeline_class``, called as :data:`STOCK_PIPELINES` says), or
+    None: pixel UNets use ConsistencyModelPipeline (see :data:`STOCK_PIPELINES`); every other stock pipeline
+    decodes with a VAE, so a pixel-space teacher of another family (fewstep's own pixel text or DiT teachers)
+    has none."""
+    family = teacher.family
+    name = "ConsistencyModelPipeline" if family.name == "pixel_unet" else family.pipeline_class
+    spec = STOCK_PIPELINES.get(name or "")
+    if spec is None or (teacher.vae is None) != (spec.name == "ConsistencyModelPipeline"):
+        return None
+    return spec
 
 
 def _reproduces_schedule(sampler: StockSampler, config: Mapping[str, Any], pipeline: StockPipeline) -> bool:
@@ -313,10 +359,11 @@ def plan_stock_export(hook: Any, ctx: RunContext, nets: Nets, sampling_networks:
     teacher, student = nets.teacher, unwrap(sampling_net(nets))
     pipeline = stock_pipeline(teacher)
     if pipeline is None:
-        families = "; ".join(f"{p.name} for a {'latent' if latent else 'pixel'} {cls}"
-                             for (cls, latent), p in STOCK_PIPELINES.items())
         return (f"no stock diffusers pipeline takes a {'latent' if teacher.vae is not None else 'pixel'} "
-                f"{type(teacher.net.model).__name__} teacher (stock families: {families})")
+                f"{type(teacher.net.model).__name__} teacher of the {teacher.family.name} family (stock pipelines: "
+                f"ConsistencyModelPipeline for pixel UNet2DModels, "
+                f"{', '.join(n for n in STOCK_PIPELINES if n != 'ConsistencyModelPipeline')} for latent teachers "
+                "of their families)")
     if sampling_networks:
         return f"the sampler needs the extra networks {sorted(sampling_networks)}, which a stock pipeline cannot hold"
     if student.extra_channels:
@@ -347,8 +394,12 @@ def plan_stock_export(hook: Any, ctx: RunContext, nets: Nets, sampling_networks:
             return str(err)
     import diffusers
 
-    if pipeline.scales_input and not hasattr(getattr(diffusers, first.scheduler), "scale_model_input"):
+    scheduler_class = getattr(diffusers, first.scheduler)
+    if pipeline.scales_input and not hasattr(scheduler_class, "scale_model_input"):
         return f"{pipeline.name} calls scale_model_input, which {first.scheduler} does not have"
+    if not pipeline.scales_noise and getattr(scheduler_class.from_config(dict(first.config)), "init_noise_sigma", 1.0) != 1.0:
+        return (f"{pipeline.name} does not scale its initial noise by the scheduler's init_noise_sigma, which "
+                f"{first.scheduler} needs")
     same = {n: s for n, s in samplers.items()
             if s.scheduler == first.scheduler and dict(s.config) == dict(first.config) and dict(s.scalars) == scalars}
     config = {**first.config, **_teacher_scheduler_options(teacher, first.scheduler)}
@@ -361,25 +412,33 @@ def plan_stock_export(hook: Any, ctx: RunContext, nets: Nets, sampling_networks:
 
     config = max(candidates, key=lambda c: (default in reproduced(c), len(reproduced(c))))
     kept = reproduced(config)
+    embedded = getattr(student, "embedded_guidance", None)  # Flux-dev-style guidance embedding: the pipeline feeds it
+    if embedded is not None:
+        kept = {n: s if s.guidance_scale is not None else replace(s, guidance_scale=float(embedded))
+                for n, s in kept.items()}
     if default not in kept:
         return (f"{pipeline.name} cannot pass the custom schedule of the {default}-step sampler to "
                 f"{first.scheduler}, and the scheduler's own {default}-step schedule differs")
-    return StockExport(pipeline, first.scheduler, config, kept, scalars)
+    return StockExport(pipeline, first.scheduler, config, kept, scalars, tuple(teacher.data_shape[1:]))
 
 
 # ------------------------------------------------------------------------------------------------
 # Writing an export
 
 
-def _component(net: nn.Module) -> str:
-    return "transformer" if getattr(net, "kind", "") == "dit" else "unet"
+def _component(net: Any) -> str:
+    return net.family.denoiser_component
+
+
+def _teacher_index(teacher: Any) -> dict[str, Any]:
+    index_file = Path(teacher.source) / "model_index.json"
+    return json.loads(index_file.read_text()) if index_file.is_file() else {}
 
 
 def _teacher_components(teacher: Any, skip: set[str]) -> dict[str, Any]:
     """The teacher folder's model_index.json entries of its other components (VAE, encoders, tokenizers...),
     or, for a teacher without one, those fewstep loaded."""
-    index_file = Path(teacher.source) / "model_index.json"
-    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    index = _teacher_index(teacher)
     found = {k: v for k, v in index.items()
              if not k.startswith("_") and k not in skip and isinstance(v, list) and len(v) == 2 and v[0] is not None
              and (Path(teacher.source) / k).is_dir()}
@@ -450,6 +509,10 @@ def write_export(ctx: RunContext, nets: Nets, out_dir: Path, *, student: nn.Modu
         index[component] = entry
     if stock is not None:
         index.update(stock.pipeline.index)
+        own = _teacher_index(teacher)
+        if own.get("_class_name") == stock.pipeline.name:  # the teacher's own pipeline settings and empty slots
+            index.update({k: v for k, v in own.items() if not k.startswith("_") and k not in index
+                          and (not isinstance(v, list) or None in v)})
     else:
         (out_dir / f"{PIPELINE_FILE}.py").write_text(_SHIM)
         for extra_name, module in (extra or {}).items():
@@ -473,6 +536,7 @@ def write_export(ctx: RunContext, nets: Nets, out_dir: Path, *, student: nn.Modu
             "renoise_generator": stock.pipeline.renoise_generator,
             "takes_latents": stock.pipeline.takes_latents,
             "batch_size": stock.pipeline.batch_size,
+            "packed_noise": stock.pipeline.packed_noise,
         },
         "custom_reason": reason if stock is None else "",
         "fp16_variant": fp16,
@@ -575,10 +639,13 @@ def model_card(meta: dict[str, Any], teacher: Any, folder_name: str) -> str:
                       "and classifier-free guidance must stay off.", ""]
         scale = stock["latents_scale"][str(steps)]
         if scale != 1.0:
-            lines += [f"fewstep's sampler starts from the teacher's first noise level, so the pipeline's unit noise "
-                      f"`latents` L are fewstep's noise z scaled by {scale:.6g} (the pipeline draws L = z, a "
-                      f"{abs(1 - scale):.2%} smaller start: pass `latents={scale:.6g} * z` to draw fewstep's image "
-                      "of noise z exactly).", ""]
+            lines += [f"fewstep's sampler starts at the teacher's largest noise level, {scale:.6g} times unit noise for "
+                      f"this teacher: the pipeline's image for `latents=L` is fewstep's image for the noise "
+                      f"L / {scale:.6g} (starting noise {abs(1 - scale):.2%} smaller than the pipeline's).", ""]
+        if stock["packed_noise"] and any(int(n) > 1 for n in stock["calls"]):
+            lines += [f"`{meta['pipeline']}` draws the re-noising noise of multistep sampling in its packed token "
+                      "layout: the same sampler as fewstep's, but for more than one step not the same image for "
+                      "one seed.", ""]
         if not stock["renoise_generator"]:
             lines += [f"`{meta['pipeline']}` does not pass `generator` to the scheduler: multistep sampling re-noises "
                       "with torch's global generator (seed it with `torch.manual_seed`).", ""]

@@ -388,3 +388,26 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     if cfg.sampler == "stochastic":
         return stochastic_sample(denoise, noise.float(), levels, generator)
     return sample_ode(denoise, noise.float() * levels[0], levels, "ddim")
+
+
+@hookimpl
+def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int):
+    """DDIM in sigma space is Euler: on an EDM teacher (timestep ¼·ln sigma) diffusers' EDMEulerScheduler runs
+    the deterministic sampler, at w = ``sample_w`` folded into the student, where its own N-level Karras grid is
+    the nested grid's (N = 1 and N = start_steps). None for VP teachers (the nested Karras levels fall between
+    their timesteps), the stochastic sampler and pixel clipping (EDMEulerScheduler does not clip)."""
+    from fewstep.export import StockSampler
+
+    cfg, teacher = ctx.method, nets.teacher
+    p = teacher.process
+    if (p.kind != "edm" or p.timestep_scale != 1.0 or cfg.sampler != "ddim" or (cfg.clip and teacher.vae is None)
+            or num_steps not in (1, cfg.start_steps)):
+        return None
+    sigma_max = cfg.sigma_max or p.sigma_max
+    config = {"sigma_min": cfg.sigma_min or p.sigma_min, "sigma_max": sigma_max, "sigma_data": p.sigma_data,
+              "sigma_schedule": "karras", "rho": cfg.rho, "prediction_type": p.prediction_type,
+              "final_sigmas_type": "zero", "num_train_timesteps": 1000}
+    scalars = {k: float(v[0]) for k, v in guidance_inputs(torch.full((1,), cfg.sample_w)).items()}
+    return StockSampler("EDMEulerScheduler", config, num_steps, scalars=scalars,
+                        latents_scale=sigma_max / (sigma_max**2 + 1) ** 0.5,  # its init_noise_sigma is sqrt(s^2 + 1)
+                        note="DDIM = Euler on EDM's Karras grid, the student's w fixed at sample_w")

@@ -98,7 +98,8 @@ def test_dmd2_on_a_text_teacher_exports_stable_diffusion_with_lcm_timesteps(tmp_
                           validation_steps=(1, 2, 4), latent=True)
     assert_stock_matches_fewstep(trainer, out, "StableDiffusionPipeline", "LCMScheduler", [1, 2, 4])
     meta = json.loads((out / EXPORT_META).read_text())
-    assert meta["stock"]["calls"]["4"] == {"timesteps": [999, 749, 499, 249], "guidance_scale": 1.0}
+    assert meta["stock"]["calls"]["4"] == {"timesteps": [999, 749, 499, 249], "guidance_scale": 1.0, "height": 8,
+                                           "width": 8}
 
 
 def test_dmd2_on_a_dit_teacher_exports_dit_pipeline(tmp_path):
@@ -196,3 +197,77 @@ def test_fp16_variant_where_the_teacher_has_one_and_clip_sample_is_kept(tmp_path
     pipe = DiffusionPipeline.from_pretrained(out, variant="fp16", torch_dtype=torch.float16)
     assert pipe.unet.dtype == torch.float16
     assert re.search(r'variant="fp16"', (out / "README.md").read_text())
+
+
+def test_guided_on_an_edm_teacher_exports_edm_euler(tmp_path):
+    """Guided distillation's DDIM sampler is Euler in sigma space: EDMEulerScheduler on an EDM teacher (pixel
+    clipping off), with w = sample_w folded in, at 1 step and at start_steps (its own Karras grids)."""
+    method = {"name": "guided", "stage1_nimg": 4, "round_nimg": 4, "start_steps": 8, "final_steps": 1,
+              "keep_steps": [], "clip": False, "sample_w": 2.0}
+    trainer, out = _train(tmp_path, "unet", method, steps=4, validation_steps=(1, 2, 8), process="edm",
+                          conditioning="class")
+    assert_stock_matches_fewstep(trainer, out, "ConsistencyModelPipeline", "EDMEulerScheduler", [1, 8])
+
+
+# ------------------------------------------------------------------------------------------------
+# Every teacher family (tiny stock pipelines of fewstep.testing) x the methods with a stock mapping.
+# docs/EXPORT.md's table is this one.
+
+LCM_STYLE = {"name": "cd", "grid": "teacher", "boundary": "lcm", "solver": "ddim", "guidance": [2.0, 6.0],
+             "sample_guidance": 3.0}
+FAMILY_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "pixart_sigma": "PixArtSigmaPipeline",
+                    "sana": "SanaPipeline"}
+VP_FAMILIES, FLOW_FAMILIES = ("sd", "sdxl", "pixart_sigma"), ("sd3", "flux", "sana")
+#: (family, method) -> (method section, expected scheduler and step counts, or None: FewStepPipeline)
+FAMILY_MATRIX = {
+    **{(f, "dmd2"): ({"name": "dmd2", "num_steps": 2, "ratio": 1}, ("LCMScheduler", [1, 2])) for f in VP_FAMILIES},
+    **{(f, "dmd2"): ({"name": "dmd2", "num_steps": 2, "ratio": 1}, ("FlowMatchLCMScheduler", [1, 2]))
+       for f in FLOW_FAMILIES},
+    # sCM's 2-step time 1.1 falls between VP timesteps; PixArt's linear betas reach sigma 157 > sCM's 80, so
+    # its first level is between timesteps too.
+    **{(f, "scm"): ({"name": "scm"}, ("LCMScheduler", [1])) for f in ("sd", "sdxl")},
+    ("pixart_sigma", "scm"): ({"name": "scm"}, None),
+    **{(f, "scm"): ({"name": "scm"}, ("FlowMatchLCMScheduler", [1, 2])) for f in FLOW_FAMILIES},
+    **{(f, "cd"): (LCM_STYLE, ("LCMScheduler", [1])) for f in VP_FAMILIES},
+    **{(f, "cd"): ({"name": "cd", "num_scales": 4}, ("FlowMatchLCMScheduler", [1])) for f in FLOW_FAMILIES},
+    # CTM's gamma sampler feeds the target time s, different at every step
+    **{(f, "ctm"): ({"name": "ctm"}, None) for f in ("sd", "sd3")},
+}
+#: Cells in the default test run (the rest are slow): the flow-matching path through a packed-latent pipeline.
+DEFAULT_CELLS = {("flux", "dmd2")}
+
+
+def _unpacked_renoise(monkeypatch, sample_shape):
+    """Make FlowMatchLCMScheduler draw its re-noising noise as fewstep does, (B, C, H, W), packed afterwards,
+    so that multistep FluxPipeline images can be compared with fewstep's for one seed."""
+    from diffusers.schedulers import scheduling_flow_match_lcm
+
+    from fewstep.backbones import pack_latents
+
+    def randn(shape, generator=None, device=None, dtype=None, **_):
+        return pack_latents(torch.randn((shape[0], *sample_shape), generator=generator, dtype=dtype)).to(device)
+
+    monkeypatch.setattr(scheduling_flow_match_lcm, "randn_tensor", randn)
+
+
+@pytest.mark.parametrize(("family", "method"), [
+    pytest.param(f, m, id=f"{f}-{m}", marks=() if (f, m) in DEFAULT_CELLS else pytest.mark.slow)
+    for f, m in FAMILY_MATRIX])
+def test_family_export_matrix(family, method, tmp_path_factory, tmp_path, monkeypatch):
+    from fewstep.testing import tiny_family_teacher
+
+    section, expected = FAMILY_MATRIX[family, method]
+    folder, prompts = tiny_family_teacher(family, tmp_path_factory.getbasetemp() / "tiny-families")
+    config = tiny_run_config(folder, section, steps=1, batch=2, data={"prompts": str(prompts)},
+                             validation={"steps": [1, 2]})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    out = tmp_path / "run" / "export"
+    if expected is None:
+        meta = json.loads((out / EXPORT_META).read_text())
+        assert meta["pipeline"] == "FewStepPipeline" and meta["custom_reason"]
+        assert meta["custom_reason"] in (out / "README.md").read_text()
+        return
+    if family == "flux":
+        _unpacked_renoise(monkeypatch, trainer.nets.teacher.sample_shape)
+    assert_stock_matches_fewstep(trainer, out, FAMILY_PIPELINES[family], *expected)
