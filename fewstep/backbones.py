@@ -231,6 +231,20 @@ class Backbone(nn.Module):
         )
 
     @property
+    def model_dtype(self) -> torch.dtype:
+        """The diffusers model's dtype, cached: ``ModelMixin.dtype`` walks every submodule on each call (1.4 ms
+        per call on the digits UNet, issue 15). ``.to()`` / ``.half()`` / ``.float()`` reach ``_apply`` below,
+        which clears the cache."""
+        cached = self.__dict__.get("_model_dtype")
+        if cached is None:
+            cached = self.__dict__["_model_dtype"] = self.model.dtype
+        return cached
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Backbone:
+        self.__dict__.pop("_model_dtype", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    @property
     def output_layer(self) -> nn.Module:
         """The denoiser's last layer (UNets ``conv_out``, DiT ``proj_out_2``, SD3/Flux/PixArt/Sana ``proj_out``)."""
         layer = _submodule(self.model, self.family.output_layer)
@@ -263,7 +277,7 @@ class Backbone(nn.Module):
         timestep = timestep.reshape(-1).expand(batch)
         if self.family.timestep_scale != 1.0:
             timestep = timestep * self.family.timestep_scale
-        x = self._with_extra_input(x.to(self.model.dtype), extra_input)
+        x = self._with_extra_input(x.to(self.model_dtype), extra_input)
         height, width = x.shape[-2:]
         kwargs = self._model_kwargs(cond, x.dtype, batch, height, width, x.device)
         if self._pack > 1:

@@ -48,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("plugins", help="list installed plugins, their source package and method names")
 
+    p = sub.add_parser("bench", help="training throughput of a recipe: images/s, step-time split, peak memory, "
+                       "FLOPs and MFU -> JSON")
+    _add_recipe_args(p)
+    p.add_argument("--steps", type=int, default=10, help="measured steps per pass (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
+    p.add_argument("--out", type=Path, default=None, help="JSON report path (default: print it only)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s for the MFU "
+                   "(default: known GPUs' dense bf16 peak; none on CPU)")
+    p.add_argument("--plain", action="store_true", help="images/s and peak memory only: no timed split, no "
+                   "FLOP count")
+
     p = sub.add_parser("eval", help="FID, precision/recall and samples/s of a run -> RUN/summary.json")
     p.add_argument("run", type=Path, help="run folder written by `fewstep distill`")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="student step counts (default: the "
@@ -132,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"distill": cmd_distill, "train": cmd_distill, "validate": cmd_validate,
                 "plugins": cmd_plugins, "sample": cmd_sample, "eval": cmd_eval, "pairs": cmd_pairs,
                 "export": cmd_export, "compare": cmd_compare, "coupling": cmd_coupling,
-                "cache": cmd_cache}[args.command](args)
+                "cache": cmd_cache, "bench": cmd_bench}[args.command](args)
     except RunStopped as exc:
         if is_main_process():
             print(f"fewstep: {exc}", file=sys.stderr)
@@ -283,6 +294,23 @@ def cmd_cache(args: argparse.Namespace) -> int:
     dataset = cache_for_recipe(config, batch_size=args.batch,
                                progress=lambda done, total: print(f"\r{done}/{total} samples", end="", flush=True))
     print(f"\n{dataset.describe()}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from fewstep.bench import bench, format_report, write_report
+    from fewstep.plugin import build_manager
+
+    config, plugins = _load(args)
+    pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
+    report = bench(config, pm, warmup=args.warmup, steps=args.steps, peak=args.peak_tflops, detail=not args.plain)
+    print(format_report(report))
+    if args.out is not None:
+        print(f"wrote {write_report(report, args.out)}")
+    else:
+        print(json.dumps(report, indent=2))
     return 0
 
 

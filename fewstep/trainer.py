@@ -221,12 +221,17 @@ class Trainer:
         gi = self.group_index[group.name] if group is not None else 0
         # Not seeded by the micro-round: every round redraws the step's global batch and keeps its rows.
         generator = torch.Generator().manual_seed(mix_seed(self.config.train.seed, s.nimg, gi))
+        device = self.ctx.device
+        # GPUs: the batch's noise is drawn on the device (no host-to-device copy), from its own stream
+        device_generator = (torch.Generator(device).manual_seed(mix_seed(self.config.train.seed, s.nimg, gi, 0xDE7))
+                            if device.type != "cpu" else None)
         return StepInfo(step=s.step, nimg=s.nimg, total_nimg=self.total_nimg, phase=phase.name,
                         phase_progress=min(1.0, (s.nimg - start) / max(span, 1)),
                         progress=min(1.0, s.nimg / self.total_nimg), generator=generator,
                         rank=self.ctx.rank, world_size=self.ctx.world_size, local_batch=self.local_batch,
                         global_batch=self.global_batch,
-                        offset=(micro * self.ctx.world_size + self.ctx.rank) * self.local_batch, device=self.ctx.device)
+                        offset=(micro * self.ctx.world_size + self.ctx.rank) * self.local_batch, device=device,
+                        device_generator=device_generator)
 
     # ------------------------------------------------------------------ data
     def batch(self, micro: int) -> Batch:
@@ -319,6 +324,11 @@ class Trainer:
 
             for name in {n for g in self.groups.values() for n in g.modules}:
                 enable_gradient_checkpointing(self.nets.get(name))
+        if cfg.train.compile:  # in place: parameter names, checkpoints and exports are unchanged
+            from fewstep.compiling import compile_backbones
+
+            compile_backbones({"teacher": teacher.net, **{n: self.nets.get(n) for n in self.nets.names()}},
+                              announce=self.ctx.is_main)
         self.wrapped = {}
         self.optimizers = {}
         for group in self.groups.values():

@@ -146,6 +146,9 @@ class StepInfo:
     this process's micro-batch (``offset`` .. ``offset + local_batch``). Sample j of the global batch
     therefore gets the same numbers whatever the number of processes or accumulation rounds, and a
     resumed run replays exactly.
+
+    ``device_generator`` (the trainer sets one on GPUs, seeded like ``generator``): randn / rand / randint
+    draw on the device from it, with no host-to-device copy; ``draw`` always uses the CPU ``generator``.
     """
 
     step: int
@@ -161,21 +164,26 @@ class StepInfo:
     global_batch: int = 1
     offset: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device_generator: torch.Generator | None = None
 
     def _global(self, draw: Tensor) -> Tensor:
         return draw[self.offset : self.offset + self.local_batch].to(self.device)
 
+    def _gen(self) -> dict[str, Any]:
+        g = self.device_generator or self.generator
+        return {"generator": g, "device": g.device}
+
     def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """(B_local, *shape) standard normal draws."""
-        return self._global(torch.randn((self.global_batch, *shape), generator=self.generator, dtype=dtype))
+        return self._global(torch.randn((self.global_batch, *shape), dtype=dtype, **self._gen()))
 
     def rand(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         """(B_local, *shape) uniform draws in [0, 1)."""
-        return self._global(torch.rand((self.global_batch, *shape), generator=self.generator, dtype=dtype))
+        return self._global(torch.rand((self.global_batch, *shape), dtype=dtype, **self._gen()))
 
     def randint(self, low: int, high: int, *shape: int) -> Tensor:
         """(B_local, *shape) integers in [low, high)."""
-        return self._global(torch.randint(low, high, (self.global_batch, *shape), generator=self.generator))
+        return self._global(torch.randint(low, high, (self.global_batch, *shape), **self._gen()))
 
     def draw(self, fn: Callable[[int, torch.Generator], Tensor]) -> Tensor:
         """Any other draw: ``fn(global_batch, generator)`` returns (global_batch, ...); this micro-batch's rows."""
