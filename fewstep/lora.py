@@ -369,4 +369,12 @@ def export_lora(ctx: RunContext, nets: Nets, out_dir: Path) -> Path:
         raise ValueError(f"lora export: the sampling network is a {type(net).__name__}, not a LoRA adapter")
     if ctx.is_main:
         save_lora(net, out_dir)
+        card = Path(out_dir) / "README.md"
+        if card.is_file():  # the model card of a full export: say what the extra file is
+            loader = ("pipe.load_lora_weights(\"<this folder>\")" if net.kind.startswith("unet") else
+                      f"pipe.transformer.load_lora_adapter(\"<this folder>\", prefix=\"transformer\", "
+                      f"weight_name=\"{LORA_WEIGHTS}\")")
+            card.write_text(card.read_text().rstrip() + f"\n\n## LoRA\n\nThe weights above have the adapter fused in. "
+                            f"`{LORA_WEIGHTS}` is the adapter alone (rank {net.base.config.rank}, diffusers' LoRA "
+                            f"format): in the teacher's pipeline (or a fine-tune of it), `{loader}`.\n")
     return Path(out_dir)

@@ -347,6 +347,16 @@ def test_export_writes_fused_pipeline_and_lora_file(latent_text_teacher, tmp_pat
     assert (out / LORA_WEIGHTS).is_file()
     fused = UNet2DConditionModel.from_pretrained(out / "unet")
     assert not any("lora" in k for k in fused.state_dict())
+    assert "load_lora_weights" in (out / "README.md").read_text()
+    # lora.export: adapter writes the LoRA file alone.
+    import dataclasses
+
+    from fewstep.export import export_run
+
+    config = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"export": "adapter"})})
+    alone = export_run(trainer.pm.hook, dataclasses.replace(trainer.ctx, config=config), trainer.nets,
+                       tmp_path / "adapter")
+    assert sorted(p.name for p in Path(alone).iterdir()) == [LORA_WEIGHTS]
 
 
 def test_bf16_base_with_float32_adapters(teachers, tmp_path):
