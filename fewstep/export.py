@@ -544,6 +544,7 @@ def write_export(ctx: RunContext, nets: Nets, out_dir: Path, *, student: nn.Modu
         "process": process_config,
         "teacher": str(teacher.source),
         "teacher_name": teacher_name(teacher),
+        "max_sequence_length": getattr(teacher.prompt_encoder, "max_sequence_length", None),
         "config": cfg.dump(),
         "metrics": metrics or {},
     }
@@ -768,24 +769,39 @@ def load_export(folder: str | Path, *, device: str | torch.device | None = None,
     if meta.get("stock") is not None and student.extra_scalars:  # a stock model holds its constant scalars folded
         fold_scalars(student, meta["stock"]["folded_scalars"], sign=-1.0)
     extra = {name: Backbone.from_pretrained(folder / EXTRA_DIR / name) for name in meta["sampling_networks"]}
+    family = student.family
+    wanted = ["vae", *(n for pair in (*family.text_components, *family.optional_text_components) for n in pair)]
+    if family.prompt_encoder == "pipeline":
+        wanted.append("scheduler")  # the stock pipeline built in memory to encode prompts needs one
+    index = json.loads((folder / "model_index.json").read_text())
     loaded: dict[str, Any] = {}
-    for name, (library, default) in {"vae": ("diffusers", "AutoencoderKL"),
-                                     "text_encoder": ("transformers", "CLIPTextModel"),
-                                     "tokenizer": ("transformers", "CLIPTokenizer")}.items():
+    for name in wanted:
+        entry = index.get(name)
         if modules.get(name) is not None:
             loaded[name] = modules[name]
-        elif (folder / name).is_dir():
+        elif isinstance(entry, list) and len(entry) == 2 and entry[0] and (folder / name).is_dir():
             import importlib
 
-            index = json.loads((folder / "model_index.json").read_text())
-            lib, cls = index.get(name, [library, default])
-            loaded[name] = getattr(importlib.import_module(lib), cls).from_pretrained(folder / name,
-                                                                                       local_files_only=True)
+            loaded[name] = getattr(importlib.import_module(entry[0]), entry[1]).from_pretrained(
+                folder / name, local_files_only=True)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    # Sampling needs the teacher's process, VAE and text encoder, never its weights: the stand-in
+    prompt_encoder = None
+    if family.prompt_encoder is not None and "text_encoder" in loaded and "tokenizer" in loaded:
+        from fewstep.families import PromptEncoder
+
+        vae = loaded.get("vae")
+        factor = 1
+        if vae is not None:
+            blocks = getattr(vae.config, "block_out_channels", None) or vae.config.encoder_block_out_channels
+            factor = 2 ** (len(blocks) - 1)
+        prompt_encoder = PromptEncoder(family, {family.denoiser_component: student.model, **loaded},
+                                       (student.sample_size * factor,) * 2, index=index,
+                                       max_sequence_length=meta.get("max_sequence_length"))
+    # Sampling needs the teacher's process, VAE and text encoders, never its weights: the stand-in
     # teacher holds the student's network (no second copy).
     standin = Teacher(student, process_from_scheduler_config(meta["process"]), source=Path(meta["teacher"]),
-                      device=device, dtype=dtype, **loaded)
+                      device=device, dtype=dtype, vae=loaded.get("vae"), text_encoder=loaded.get("text_encoder"),
+                      tokenizer=loaded.get("tokenizer"), prompt_encoder=prompt_encoder, components=loaded)
     for net in extra.values():
         net.to(device, dtype).eval().requires_grad_(False)
     ctx = RunContext(method=config.method, config=config, device=device, dtype=dtype, run_dir=folder,

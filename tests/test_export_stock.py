@@ -263,6 +263,13 @@ def test_family_export_matrix(family, method, tmp_path_factory, tmp_path, monkey
                              validation={"steps": [1, 2]})
     trainer, _ = run_tiny(config, tmp_path / "run")
     out = tmp_path / "run" / "export"
+    # fewstep reads the export back (`fewstep sample OUT`): the family's encoders, the student, the same images
+    loaded = load_export(out)
+    teacher = trainer.nets.teacher
+    noise = torch.randn((2, *teacher.sample_shape), generator=torch.Generator().manual_seed(0))
+    ours, theirs = (generate(run.pm.hook if hasattr(run, "pm") else run.hook, run.ctx, run.nets, noise,
+                             condition(run.nets.teacher, 2, None, PROMPTS[:2]), 1, seed=3) for run in (trainer, loaded))
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
     if expected is None:
         meta = json.loads((out / EXPORT_META).read_text())
         assert meta["pipeline"] == "FewStepPipeline" and meta["custom_reason"]
