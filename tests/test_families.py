@@ -303,3 +303,28 @@ def test_family_recipes_validate_on_the_example_pipelines(tmp_path, capsys):
         shutil.copy(recipe, tmp_path / recipe.name)
         assert main(["validate", str(tmp_path / recipe.name)]) == 0
         assert f"teacher family {recipe.stem})" in capsys.readouterr().out
+
+
+def test_pixart_alpha_size_conditions_reach_the_model():
+    """A PixArt transformer with resolution / aspect-ratio conditions (PixArt-alpha 1024) reads them from
+    Cond.added, (h, w, h/w) in pixels, as PixArtAlphaPipeline passes them."""
+    from diffusers import PixArtTransformer2DModel
+
+    from fewstep.types import Cond
+
+    torch.manual_seed(0)
+    # the size embedding splits the width in three (resolution h, w and aspect ratio): 2 x 12 = 24 channels
+    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=8,
+                                     num_layers=1, cross_attention_dim=24, caption_channels=32, sample_size=16,
+                                     patch_size=2, norm_num_groups=8, use_additional_conditions=True)
+    net = Backbone(model, family="pixart_alpha")
+    assert net.family.pipeline_class == "PixArtAlphaPipeline"
+    x, t, text = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 900.0]), torch.randn(2, 5, 32)
+    added = torch.tensor([[32.0, 32.0, 1.0], [32.0, 64.0, 0.5]])
+    out = net(x, t, Cond(embeddings=text, added=added))
+    ref = model(x, text, timestep=t, added_cond_kwargs={"resolution": added[:, :2], "aspect_ratio": added[:, 2:]},
+                return_dict=False)[0][:, :4]
+    torch.testing.assert_close(out, ref)
+    assert not torch.allclose(out, net(x, t, Cond(embeddings=text, added=added.flip(0))))
+    with pytest.raises(ValueError, match=r"needs Cond fields \['added'\]"):
+        net(x, t, Cond(embeddings=text))
