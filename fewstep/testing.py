@@ -390,12 +390,12 @@ class MethodConformance:
     @pytest.mark.slow
     @pytest.mark.parametrize("family", TINY_FAMILIES)
     def test_runs_on_each_family(self, family, tmp_path_factory, tmp_path):
-        """Two steps on a tiny stock pipeline of each family (saved with ``save_pretrained``, loaded like a
+        """The class's steps on a tiny stock pipeline of each family (saved with ``save_pretrained``, loaded like a
         user's checkpoint): finite losses, gradients only where due, sample shapes, an export."""
         if family not in self.families:
             pytest.skip(f"{family} not in {type(self).__name__}.families")
         folder, prompts = tiny_family_teacher(family, tmp_path_factory.getbasetemp() / "tiny-families")
-        config = self.config(folder, data={"prompts": str(prompts)}, train={"total_nimg": 2 * self.batch})
+        config = self.config(folder, data={"prompts": str(prompts)})
         trainer, rec = run_tiny(config, tmp_path / "run")
         assert rec.grads and all(torch.isfinite(torch.tensor(v)) for log in rec.logs for v in log.values())
         for group_name, has in rec.grads:
