@@ -26,7 +26,8 @@ the solver points of the phase (PCM: a uniform DDPM timestep of the phase); the 
 steps where PCM alternates them.
 
 Sampler: deterministic DDIM with the student's denoiser through the K + 1 edges (one step per phase), or through
-every (K/N)-th edge for N steps when N divides K; other step counts use the teacher's N-step grid.
+every (K/N)-th edge for N steps when N divides K; other step counts use the teacher's N-step grid. Exports of flow
+teachers (SD3, Flux, Sana) use the family's stock pipeline with FlowMatchEulerDiscreteScheduler at those levels.
 Departures and [UNVERIFIED] facts: the official loss is an elementwise pseudo-Huber with c = 0.001 (c's default
 [UNVERIFIED]); fewstep's shared distances (``distance``) are offered instead, default pseudo-Huber over the
 whole sample (iCT's c). The official guidance range w in [4, 5] is LCM's convention, CFG scale 1 + w.
@@ -254,6 +255,24 @@ def fewstep_after_optimizer_step(ctx: RunContext, group: OptimizerGroup, nets: N
     target = nets.extra.get("target")
     if target is not None and "student" in group.modules:
         ema_update(target, nets.student, ctx.method.target_ema)
+
+
+@hookimpl
+def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int):
+    """Flow teachers: DDIM through the levels is Euler in flow time on the student's velocity, diffusers'
+    FlowMatchEulerDiscreteScheduler with the levels' times t = sigma/(1 + sigma) as custom sigmas (shift 1; its last
+    step, to 0, returns x0 = x_t − t·v). None for VP teachers (DDIMScheduler takes no custom timesteps, TCDScheduler
+    ends at timestep 0 rather than at the clean sample) and EDM ones."""
+    from fewstep.export import StockSampler
+
+    cfg, process = ctx.method, nets.teacher.process
+    if process.kind != "flow":
+        return None
+    sigmas = torch.tensor(sample_levels(cfg, process, num_steps), dtype=torch.float64)
+    t = sigmas / (1 + sigmas)
+    config = {"num_train_timesteps": process.num_train_timesteps, "shift": 1.0, "use_dynamic_shifting": False}
+    return StockSampler("FlowMatchEulerDiscreteScheduler", config, num_steps, sigmas=tuple(t[:-1].tolist()),
+                        latents_scale=float(t[0]), note="deterministic DDIM through the phase edges (Euler in flow time)")
 
 
 @hookimpl

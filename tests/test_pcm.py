@@ -138,3 +138,20 @@ def test_fewer_steps_use_every_other_edge_and_other_counts_the_teacher_grid():
     assert pcm.sample_levels(cfg, PROCESS, 3) == pytest.approx(PROCESS.sampling_sigmas(3).double().tolist())
     with pytest.raises(ValueError, match="num_phases"):
         pcm.PCMConfig(solver_steps=4, num_phases=8)
+
+
+@pytest.mark.slow  # a tiny stock pipeline per family, ~10 s each
+@pytest.mark.parametrize("family", ["sd3", "flux", "sana"])
+def test_flow_teachers_export_the_stock_pipeline_with_flow_match_euler(family, tmp_path_factory, tmp_path):
+    """The K-step sampler through the edges is Euler in flow time: the family's stock pipeline with
+    FlowMatchEulerDiscreteScheduler draws fewstep's images (1, 2 and 4 steps)."""
+    from test_export_stock import FAMILY_PIPELINES, assert_stock_matches_fewstep
+
+    from fewstep.testing import run_tiny, tiny_family_teacher, tiny_run_config
+
+    folder, prompts = tiny_family_teacher(family, tmp_path_factory.getbasetemp() / "tiny-families")
+    config = tiny_run_config(folder, {"name": "pcm", "solver_steps": 8}, steps=1, batch=2,
+                             data={"prompts": str(prompts)}, validation={"steps": [1, 2, 4]})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    assert_stock_matches_fewstep(trainer, tmp_path / "run" / "export", FAMILY_PIPELINES[family],
+                                 "FlowMatchEulerDiscreteScheduler", [1, 2, 4])
