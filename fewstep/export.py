@@ -44,9 +44,10 @@ from torch import Tensor, nn
 
 from fewstep.types import Cond, Nets, RunContext
 
-__all__ = ["EXPORT_META", "STOCK_PIPELINES", "FewStepPipeline", "LoadedExport", "StockExport", "StockPipeline",
-           "StockSampler", "export_run", "fold_scalars", "load_export", "model_card", "plan_stock_export",
-           "renoise_sampler", "run_metrics", "vp_scheduler_config", "vp_timesteps", "write_export"]
+__all__ = ["BOUNDARY_TOLERANCE", "EXPORT_META", "STOCK_PIPELINES", "FewStepPipeline", "LoadedExport", "StockExport",
+           "StockPipeline", "StockSampler", "cm_boundary_coefficients", "export_run", "fold_scalars", "load_export",
+           "model_card", "one_step_sampler", "plan_stock_export", "renoise_sampler", "run_metrics",
+           "vp_scheduler_config", "vp_timesteps", "write_export"]
 
 EXPORT_META = "fewstep_export.json"
 PIPELINE_FILE = "pipeline_fewstep"
@@ -247,6 +248,33 @@ def renoise_sampler(process: Any, levels: Sequence[float] | Tensor, *, clip: boo
                             latents_scale=float(t[0]),
                             note="x0 = x_t - t v at each time t, re-noised to the next t with fresh noise")
     return None
+
+
+#: How far a one-step consistency sampler's output may be from the plain denoiser's for its stock export (which
+#: returns the denoiser's x0): |1 - b| and |a| * sigma for f = a x + b D. 1e-5 is below what shows in 8-bit images
+#: and well above float32 rounding.
+BOUNDARY_TOLERANCE = 1e-5
+
+
+def one_step_sampler(process: Any, sigma: float, a: float, b: float, *, clip: bool = False,
+                     scalars: Mapping[str, float] | None = None) -> StockSampler | None:
+    """The stock scheduler of a one-step sampler f(sigma z, sigma) = a x + b D(x, sigma) (sigma space; a
+    consistency function's boundary scalings at its top level): :func:`renoise_sampler` at sigma when f is
+    the denoiser itself to :data:`BOUNDARY_TOLERANCE` (the LCM boundary on VP teachers, the CM boundary on
+    flow teachers, whose sigma_min / sigma_max is 1e-6), else None."""
+    if abs(1.0 - b) > BOUNDARY_TOLERANCE or abs(a) * sigma > BOUNDARY_TOLERANCE:
+        return None
+    return renoise_sampler(process, [sigma], clip=clip, scalars=scalars)
+
+
+def cm_boundary_coefficients(sigma: float, sigma_min: float, sigma_data: float) -> tuple[float, float]:
+    """(a, b) with consistency_from_denoiser(x, sigma, D) = a x + b D (CM's boundary scalings, sigma space)."""
+    from fewstep.diffusion import consistency_from_denoiser
+
+    s = torch.tensor([sigma], dtype=torch.float64)
+    one, zero = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    return (float(consistency_from_denoiser(one, s, zero, sigma_min, sigma_data)),
+            float(consistency_from_denoiser(zero, s, one, sigma_min, sigma_data)))
 
 
 # ------------------------------------------------------------------------------------------------

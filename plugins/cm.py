@@ -334,12 +334,6 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     return consistency_sample(f, noise.float(), sigmas, lo, generator, clamp=cfg.clamp and teacher.vae is None)
 
 
-#: How far the consistency function at sigma_max may be from the plain denoiser for a one-step stock export that
-#: returns the denoiser's x0: |1 - b| and |a| * sigma_max for f = a x + b D. 1e-5 is below what shows in 8-bit
-#: images and well above float32 rounding.
-BOUNDARY_TOLERANCE = 1e-5
-
-
 def sample_scalars(cfg: _Consistency) -> dict[str, float]:
     """The constant scalar inputs of the sampler (an LCM-style guided student's w), as the backbone gets them."""
     if getattr(cfg, "guidance", None) is None:
@@ -349,14 +343,12 @@ def sample_scalars(cfg: _Consistency) -> dict[str, float]:
 
 def boundary_coefficients(cfg: _Consistency, process, sigma: float) -> tuple[float, float]:
     """(a, b) with f(x, sigma) = a x + b D(x, sigma) for the plugin's boundary scalings (sigma space)."""
-    s = torch.tensor([sigma], dtype=torch.float64)
+    from fewstep.export import cm_boundary_coefficients
+
     if getattr(cfg, "boundary", "cm") == "lcm":
-        c_skip, c_out = lcm_scalings(process.sigma_to_t(s))
+        c_skip, c_out = lcm_scalings(process.sigma_to_t(torch.tensor([sigma], dtype=torch.float64)))
         return float(c_skip), float(c_out)
-    lo, _ = _range(cfg, process)
-    sd = cfg.sigma_data or process.sigma_data
-    one, zero = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
-    return (float(consistency_from_denoiser(one, s, zero, lo, sd)), float(consistency_from_denoiser(zero, s, one, lo, sd)))
+    return cm_boundary_coefficients(sigma, _range(cfg, process)[0], cfg.sigma_data or process.sigma_data)
 
 
 @hookimpl
@@ -365,12 +357,12 @@ def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int) -> object
     - EDM teacher in the OpenAI timestep convention (1000·¼·ln sigma) with epsilon preconditioning, CM boundary
       scalings with the process's sigma_data and the default levels: CMStochasticIterativeScheduler with
       STOCK_CM_TIMESTEPS training timesteps (its N-step grid is fewstep's for N dividing 840);
-    - any other teacher, one step, where f at sigma_max is the denoiser itself to BOUNDARY_TOLERANCE (the LCM
-      boundary on VP teachers, flow teachers): ``renoise_sampler`` at sigma_max (LCMScheduler at timestep T - 1,
-      FlowMatchLCMScheduler at t_max).
+    - any other teacher, one step, where f at sigma_max is the denoiser itself (``fewstep.export.one_step_sampler``:
+      the LCM boundary on VP teachers, flow teachers): LCMScheduler at timestep T - 1, FlowMatchLCMScheduler at
+      t_max.
     Otherwise None: the multistep sampler re-noises to sqrt(tau^2 - sigma_min^2) with boundary scalings that no
     discrete stock scheduler applies."""
-    from fewstep.export import StockSampler, renoise_sampler
+    from fewstep.export import StockSampler, one_step_sampler
 
     cfg, teacher = ctx.method, nets.teacher
     p = teacher.process
@@ -391,6 +383,4 @@ def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int) -> object
     if num_steps != 1 or cfg.sample_sigmas.get(1, [hi]) != [hi]:
         return None
     a, b = boundary_coefficients(cfg, p, hi)
-    if abs(1.0 - b) > BOUNDARY_TOLERANCE or abs(a) * hi > BOUNDARY_TOLERANCE:
-        return None
-    return renoise_sampler(p, [hi], clip=cfg.clamp and teacher.vae is None, scalars=scalars)
+    return one_step_sampler(p, hi, a, b, clip=cfg.clamp and teacher.vae is None, scalars=scalars)

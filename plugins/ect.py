@@ -362,3 +362,28 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
         out = edge_skipping_sample(x0_hat, noise.float(), edges, lo, hi, cfg.eta)
         return out.clamp(-1, 1) if clamp else out
     return ect_sample(x0_hat, noise.float(), sample_levels(cfg, num_steps, lo, hi), generator, clamp)
+
+
+@hookimpl
+def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int):
+    """One step, unguided: f(sigma_max z, sigma_max) is CM's parameterisation with sigma_min, so an EDM teacher in
+    the OpenAI timestep convention (1000·¼·ln sigma, epsilon) samples with CMStochasticIterativeScheduler, and a
+    teacher whose f at sigma_max is its denoiser (flow) with ``fewstep.export.one_step_sampler``. Multistep ECT
+    re-noises with tau z (sigma_min = 0) where the stock consistency scheduler uses sqrt(tau^2 - sigma_min^2),
+    on other levels: None, as for SCT's guided and edge-skipping samplers."""
+    from fewstep.export import StockSampler, cm_boundary_coefficients, one_step_sampler
+
+    cfg, teacher = ctx.method, nets.teacher
+    p = teacher.process
+    lo, hi = sigma_range(cfg, p)
+    if num_steps != 1 or getattr(cfg, "guidance", 1.0) != 1.0 or sample_levels(cfg, 1, lo, hi) != [hi]:
+        return None
+    clip = cfg.clamp and teacher.vae is None
+    if p.kind == "edm":
+        if p.timestep_scale != 1000.0 or p.prediction_type != "epsilon":
+            return None
+        config = {"num_train_timesteps": 2, "sigma_min": lo, "sigma_max": hi, "sigma_data": p.sigma_data,
+                  "s_noise": 1.0, "rho": 7.0, "clip_denoised": clip}
+        return StockSampler("CMStochasticIterativeScheduler", config, 1, note="CM's one-step sampler at sigma_max")
+    a, b = cm_boundary_coefficients(hi, lo, p.sigma_data)
+    return one_step_sampler(p, hi, a, b, clip=clip)

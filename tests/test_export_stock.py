@@ -133,6 +133,12 @@ def test_scm_on_a_pixel_teacher_exports_consistency_pipeline_with_clipping(tmp_p
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["clip_sample"] is True
 
 
+def test_one_step_ect_on_an_openai_edm_teacher_exports_the_consistency_pipeline(tmp_path):
+    trainer, out = _train(tmp_path, "unet", {"name": "ect"}, process="edm",
+                          process_options={"timestep_scale": 1000.0})
+    assert_stock_matches_fewstep(trainer, out, "ConsistencyModelPipeline", "CMStochasticIterativeScheduler", [1])
+
+
 def test_lcm_style_cd_folds_the_guidance_scale_into_the_unet(tmp_path):
     """An LCM-style student takes w; sampled at sample_guidance, its w embedding is a constant vector, folded
     into the time embedding's bias: StableDiffusionPipeline (guidance off) draws the w = 3 images, and fewstep
@@ -231,6 +237,9 @@ FAMILY_MATRIX = {
     **{(f, "scm"): ({"name": "scm"}, ("FlowMatchLCMScheduler", [1, 2])) for f in FLOW_FAMILIES},
     **{(f, "cd"): (LCM_STYLE, ("LCMScheduler", [1])) for f in VP_FAMILIES},
     **{(f, "cd"): ({"name": "cd", "num_scales": 4}, ("FlowMatchLCMScheduler", [1])) for f in FLOW_FAMILIES},
+    # ECT starts at sigma 80 (not the flow teacher's 999), where CM's boundary scalings leave f 1.3e-5 from the
+    # denoiser (sigma_min / 80): above BOUNDARY_TOLERANCE, so no stock scheduler reproduces it.
+    ("sd3", "ect"): ({"name": "ect"}, None),
     # CTM's gamma sampler feeds the target time s, different at every step
     **{(f, "ctm"): ({"name": "ctm"}, None) for f in ("sd", "sd3")},
 }
