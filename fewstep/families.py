@@ -279,7 +279,7 @@ def family_for_model(class_name: str, config: dict[str, Any], index: dict[str, A
         return FAMILIES["dit"]
     if class_name == "UNet2DConditionModel":
         in_ch, out_ch = config.get("in_channels", 4), config.get("out_channels", 4)
-        if in_ch != out_ch:
+        if in_ch != out_ch and out_ch != 2 * in_ch:  # 2x: a learned-variance output, not extra inputs
             raise _refuse(
                 f"UNet2DConditionModel with in_channels={in_ch} and out_channels={out_ch} (an inpainting / "
                 "image-conditioned UNet: extra mask or image channels)",

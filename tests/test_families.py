@@ -328,3 +328,16 @@ def test_pixart_alpha_size_conditions_reach_the_model():
     assert not torch.allclose(out, net(x, t, Cond(embeddings=text, added=added.flip(0))))
     with pytest.raises(ValueError, match=r"needs Cond fields \['added'\]"):
         net(x, t, Cond(embeddings=text))
+
+
+def test_sd3_without_t5_feeds_zeros_as_its_pipeline(tmp_path):
+    """SD3 / SD3.5 folders shipped without T5 (text_encoder_3 null in model_index.json) load; the T5 part of
+    the text states is zeros, as StableDiffusion3Pipeline feeds."""
+    folder = make_tiny_pipeline(tmp_path / "sd3", "sd3", with_t5=False)
+    assert json.loads((folder / "model_index.json").read_text())["text_encoder_3"] == [None, None]
+    teacher = load_teacher(folder)
+    cond = teacher.encode_prompts([PROMPT])
+    clip_tokens = teacher.components["tokenizer"].model_max_length
+    assert cond.embeddings.shape == (1, clip_tokens + 256, 64)
+    assert cond.embeddings[:, clip_tokens:].abs().max() == 0 and cond.embeddings[:, :clip_tokens].abs().max() > 0
+    assert torch.isfinite(teacher.denoise(torch.randn(1, *teacher.sample_shape), 1.0, cond)).all()
