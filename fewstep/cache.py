@@ -312,7 +312,7 @@ class CachedDataset:
         :class:`fewstep.data.LatentDataset` documents); a dropped caption gets the null text condition."""
         rows = idx.numpy()
         x = None
-        if self.has_images:
+        if self.has_images and (self.buckets is None or len(set(self.bucket_of_array[rows].tolist())) <= 1):
             order = self.row_of[rows]
             x = torch.from_numpy(np.asarray(self.latents[bucket][order], dtype=np.float32))
             if flip is not None:
@@ -341,11 +341,13 @@ class CachedDataset:
         return {k: torch.from_numpy(np.asarray(v[rows], dtype=np.float32)) for k, v in arrays.items()}
 
     def get(self, idx: Tensor, flip: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, tuple[str, ...] | None]:
-        """The :class:`Dataset` interface (latents, labels, captions) of rows ``idx`` of one bucket."""
+        """The :class:`Dataset` interface: (latents, labels, captions) of rows ``idx``. Latents of different
+        buckets cannot share a tensor: for rows of several buckets x is None (labels and captions are still
+        given; pixels for evaluation come from ``base``)."""
         buckets = self.bucket_of_array[idx.numpy()]
-        s = self.fetch(idx[buckets == buckets[0]] if len(idx) else idx, int(buckets[0]) if len(idx) else 0,
-                       flip=flip)
-        return s.x, s.labels, s.prompts
+        one = len(set(buckets.tolist())) <= 1
+        s = self.fetch(idx, int(buckets[0]) if len(idx) and one else 0, flip=flip)
+        return (s.x if one else None), s.labels, s.prompts
 
     def describe(self) -> str:
         return f"{self.base.describe()}; cached in {self.folder}"

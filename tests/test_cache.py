@@ -226,3 +226,38 @@ def test_two_processes_build_one_cache_and_match_one_process(tmp_path, monkeypat
     assert isinstance(single.dataset, CachedDataset)
     # rounding: the all-reduce sums the two halves' gradients in another order than one process (measured 1.3e-6)
     assert_ranks_match(ranks, network_state(single.nets, ("student",)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sdxl_buckets_feed_size_conditioning(tmp_path, monkeypatch):
+    """A tiny SDXL teacher on a metadata folder with aspect-ratio buckets: every batch is one bucket, its latents
+    have the bucket's size, and cond.added / uncond.added (SDXL's time ids) are the batch's per-sample original
+    size, crop and target size; the cached run trains."""
+    from PIL import Image
+
+    from fewstep.testing import run_tiny, tiny_family_teacher, tiny_run_config
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    teacher, _ = tiny_family_teacher("sdxl", tmp_path / "families")
+    folder = tmp_path / "aspect"
+    folder.mkdir()
+    rows = []
+    for i in range(16):
+        w, h = [(40, 44), (64, 36)][i % 2]  # nearly square and wide originals
+        Image.new("RGB", (w, h), (10 * i, 100, 200)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": f"picture {i}"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    config = tiny_run_config(teacher, {"name": "cd"}, steps=2, batch=4,
+                             data={"source": str(folder), "limit": None, "buckets": [[32, 32], [24, 40]]})
+    trainer, rec = run_tiny(config, tmp_path / "run")
+    assert isinstance(trainer.dataset, CachedDataset) and len(rec.logs) == 2
+    shapes = set()
+    for step in range(4):
+        trainer.state.nimg = 4 * step
+        batch = trainer.batch(0)
+        h, w = (2 * s for s in batch.x0.shape[-2:])  # the tiny SDXL VAE downsamples by 2
+        shapes.add((h, w))
+        # 44x40 -> 35x32, centre crop from row 1; 36x64 -> 24x43, from column 1
+        expected = [[44, 40, 1, 0, 32, 32]] * 4 if (h, w) == (32, 32) else [[36, 64, 0, 1, 24, 40]] * 4
+        assert batch.cond.added.tolist() == expected and batch.uncond.added.tolist() == expected
+    assert shapes == {(32, 32), (24, 40)}
