@@ -9,7 +9,8 @@ JVP with tangent (v, 0, 1) over (z, r, t) (``fewstep.jvp``: exact forward mode, 
 and the adaptive weight w = 1/(||Δ||² + c)^p (stop-gradient). v is the flow-matching velocity eps − x0 of the
 data (``velocity: data``, the paper's training from scratch) or the teacher's velocity, guided when the recipe
 guides the teacher (``velocity: teacher``, distillation). Sampling: z_0 = z_1 − u(z_1, 0, 1), or chained
-z_r = z_t − (t − r)·u(z_t, r, t) over a grid.
+z_r = z_t − (t − r)·u(z_t, r, t) over a grid; the 1-step sampler exports to the teacher family's stock pipeline
+(an x0 prediction at the first level, r folded into the student).
 
 Time and network: rectified-flow time read from any teacher (``fewstep.flowmaps``: t = sigma/(1 + sigma),
 z_t = (1 − t)·x0 + t·eps); u is the (t, s) student's average velocity with s = r, the teacher backbone with the
@@ -42,6 +43,7 @@ from fewstep.flowmaps import (
     chain,
     default_sample_times,
     fd_steps,
+    s_input,
     teacher_velocity,
     time_range,
 )
@@ -189,6 +191,22 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     terms = {"t": t.mean().detach(), "gap": (t - r).mean().detach(), "squared_error": squared.mean().detach(),
              "r_equals_t": (r == t).float().mean()}
     return LossOutput(loss=weight * squared, terms=terms)
+
+
+@hookimpl
+def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int):
+    """The 1-step sampler z_0 = z_t − t·u(z_t, 0, t) is the student's x0 prediction at the first level (u is read as
+    (z_t − x0)/t), with the r input fixed: the stock ``renoise_sampler`` at one level, r folded into the student.
+    None for more steps, where r changes from step to step."""
+    from fewstep.export import renoise_sampler
+
+    cfg, teacher = ctx.method, nets.teacher
+    times = cfg.sample_times.get(num_steps) or default_sample_times(teacher.process, num_steps)
+    if num_steps != 1 or times[-1] != 0.0:
+        return None
+    s = s_input(teacher.process, torch.zeros(1, dtype=torch.float64))
+    return renoise_sampler(teacher.process, [times[0] / (1 - times[0])], clip=cfg.clamp and teacher.vae is None,
+                           scalars={"s": float(s[0])})
 
 
 @hookimpl

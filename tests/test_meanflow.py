@@ -256,3 +256,19 @@ def test_two_processes_match_one_process(tmp_path):
     assert_ranks_match(ranks, network_state(single.nets, ("student",)))
     initial = single.nets.teacher.net.state_dict()
     assert any(not torch.equal(ranks[0][f"student.{k}"], v.float()) for k, v in initial.items())
+
+
+@pytest.mark.slow  # a tiny stock pipeline per family, ~10 s each
+@pytest.mark.parametrize(("family", "scheduler"), [("sd", "LCMScheduler"), ("sd3", "FlowMatchLCMScheduler")])
+def test_one_step_export_is_the_stock_pipeline(family, scheduler, tmp_path_factory, tmp_path):
+    """z_0 = z_1 − u(z_1, 0, 1) is an x0 prediction with r = 0 folded into the student: the family's stock pipeline
+    draws fewstep's 1-step images; the multistep sampler (r changes per step) is documented only by fewstep."""
+    from test_export_stock import FAMILY_PIPELINES, assert_stock_matches_fewstep
+
+    from fewstep.testing import tiny_family_teacher
+
+    folder, prompts = tiny_family_teacher(family, tmp_path_factory.getbasetemp() / "tiny-families")
+    config = tiny_run_config(folder, {"name": "meanflow"}, steps=1, batch=2, data={"prompts": str(prompts)},
+                             validation={"steps": [1, 2]})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    assert_stock_matches_fewstep(trainer, tmp_path / "run" / "export", FAMILY_PIPELINES[family], scheduler, [1])
