@@ -36,7 +36,7 @@ from fewstep.types import Cond
 __all__ = ["CachedDataset", "StaleCacheError", "build_cache", "cache_folder", "fingerprint", "open_cache",
            "prepare_cache", "weights_digest"]
 
-_FORMAT = 1  # bump when the folder layout changes
+_FORMAT = 2  # bump when the folder layout changes (2: captions as captions.bin + captions_ends.npy)
 
 
 class StaleCacheError(ValueError):
