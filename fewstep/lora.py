@@ -115,9 +115,9 @@ class SharedBase:
                 self.model.add_adapter(config, adapter_name=name)
             else:
                 inject_adapter_in_model(config, self.model, adapter_name=name)
-            if not hasattr(self.model, "peft_config"):
-                self.model.peft_config = {}
-            self.model.peft_config[name] = config
+                if not hasattr(self.model, "peft_config"):
+                    self.model.peft_config = {}
+                self.model.peft_config[name] = config
         for p in self.model.parameters():
             p.requires_grad_(flags.get(p, trainable))
         self.layers = _tuner_layers(self.model)

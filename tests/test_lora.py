@@ -54,7 +54,9 @@ NO_EMA = {"msd"}  # MSD refuses the evaluation EMA (it would average student 0 o
 def teachers(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lora-teachers")
     # UNet: the text-conditional SD-style UNet (guided and MSD need a conditional teacher); DiT: class-conditional.
-    return {"unet": make_tiny_teacher(root / "unet", "unet_condition"), "dit": make_tiny_teacher(root / "dit", "dit")}
+    # pixel: UNet2DModel, which has no diffusers PeftAdapterMixin (adapters through peft's inject_adapter_in_model).
+    return {"unet": make_tiny_teacher(root / "unet", "unet_condition"), "dit": make_tiny_teacher(root / "dit", "dit"),
+            "pixel": make_tiny_teacher(root / "pixel", "unet")}
 
 
 def pairs_for(teacher_path: Path) -> Path:
@@ -216,7 +218,7 @@ def test_every_method_trains_lora_adapters_on_one_base(method, backbone, teacher
 
 def test_lora_resume_is_bit_identical(teachers, tmp_path):
     every = {"checkpoint_every_nimg": 4, "keep_checkpoints": 10}
-    cfg = method_config("dmd2", teachers["unet"], steps=4, lora={"rank": 4}, train=every)
+    cfg = method_config("dmd2", teachers["pixel"], steps=4, lora={"rank": 4}, train=every)
     full, rec_full = run_tiny(cfg, tmp_path / "full")
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
     for later in sorted((tmp_path / "resumed" / "checkpoints").glob("step-*"))[1:]:
