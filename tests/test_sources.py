@@ -329,3 +329,16 @@ def test_training_on_a_per_batch_source_resumes_exactly(kind, tmp_path, monkeypa
     assert rec_res.logs == rec_full.logs[2:]
     for k, v in full.nets.student.state_dict().items():
         assert torch.equal(v, resumed.nets.student.state_dict()[k]), k
+
+
+def test_caption_only_datasets_source(tmp_path):
+    """A datasets set without an image column is a prompt-only source read per batch (data-free methods)."""
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"prompt": [f"prompt {i}" for i in range(10)]}).save_to_disk(str(tmp_path / "p"))
+    cfg = DataConfig(source=str(tmp_path / "p"))
+    ds = build_data(cfg)
+    assert not ds.has_images and ds.has_captions and ds.shape is None
+    s = DataStream(ds, cfg, seed=0, group=5).read(0, 5, 0, 5)
+    assert s.x is None and s.size_cond is None and len(set(s.prompts)) == 5
+    assert all(p.startswith("prompt ") for p in s.prompts)
+    check_data(_Config(cfg), TeacherInfo("text", None, (1, 8, 8)))
