@@ -73,29 +73,26 @@ def consistency(denoiser: VPDenoiser, net: UNet2DModel, x: torch.Tensor, sigma: 
     return (c_skip_cm - r * c_skip_edm)[:, None, None, None] * x + r[:, None, None, None] * x0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.manual_seed(args.seed)
-    data = digits()
-    teacher = UNet2DModel.from_pretrained(TEACHER / "unet").eval().requires_grad_(False)
-    denoiser = VPDenoiser(DDPMScheduler.from_pretrained(TEACHER / "scheduler"))
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    ema = copy.deepcopy(student).requires_grad_(False)
-    opt = torch.optim.Adam(student.parameters(), lr=LR)
-    ramp = torch.linspace(0, 1, NUM_SCALES, dtype=torch.float64)
-    hi, lo = SIGMA_MAX ** (1 / RHO), denoiser.sigma_min ** (1 / RHO)
-    grid = ((hi + ramp * (lo - hi)) ** RHO).float()
-    ema_params, student_params = list(ema.parameters()), list(student.parameters())
-    nimg = 0
-    t0 = 0.0
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            t0 = time.perf_counter()
-        x0 = data[torch.randint(0, len(data), (BATCH,))]
+class HandCD:
+    """The loop's state; :meth:`step` takes one optimizer step and returns the loss (a tensor: no host sync)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.data = digits()
+        self.teacher = UNet2DModel.from_pretrained(TEACHER / "unet").eval().requires_grad_(False)
+        self.denoiser = VPDenoiser(DDPMScheduler.from_pretrained(TEACHER / "scheduler"))
+        self.student = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        self.ema = copy.deepcopy(self.student).requires_grad_(False)
+        self.opt = torch.optim.Adam(self.student.parameters(), lr=LR)
+        ramp = torch.linspace(0, 1, NUM_SCALES, dtype=torch.float64)
+        hi, lo = SIGMA_MAX ** (1 / RHO), self.denoiser.sigma_min ** (1 / RHO)
+        self.grid = ((hi + ramp * (lo - hi)) ** RHO).float()
+        self.ema_params, self.student_params = list(self.ema.parameters()), list(self.student.parameters())
+        self.nimg = 0
+
+    def step(self) -> torch.Tensor:
+        teacher, student, denoiser, grid = self.teacher, self.student, self.denoiser, self.grid
+        x0 = self.data[torch.randint(0, len(self.data), (BATCH,))]
         z = torch.randn_like(x0)
         n = torch.randint(0, NUM_SCALES - 1, (BATCH,))
         s_hi, s_lo = grid[n], grid[n + 1]
@@ -109,12 +106,27 @@ def main() -> None:
         online = consistency(denoiser, student, x_hi, s_hi)
         loss = (online - target).square().flatten(1).mean(1).mean()
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        nimg += BATCH
-        beta = 0.5 ** (BATCH / max(min(HALFLIFE, nimg * RAMPUP), 1e-8))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.nimg += BATCH
+        beta = 0.5 ** (BATCH / max(min(HALFLIFE, self.nimg * RAMPUP), 1e-8))
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, [p.detach() for p in student_params], 1 - beta)
+            torch._foreach_lerp_(self.ema_params, self.student_params, 1 - beta)
+        return loss.detach()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    loop = HandCD(args.seed)
+    for _ in range(args.warmup):
+        loop.step()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = loop.step()
     seconds = (time.perf_counter() - t0) / args.steps
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"loop": "hand", "step_s": seconds, "peak_memory_mb": peak_mb, "loss": loss.item()}))

@@ -1,11 +1,13 @@
 """Paired benchmark: fewstep's CD step against the hand-written loop of the same maths (examples/hand_cd_loop.py).
 
-Each pair runs both loops as fresh processes, one after the other (the order alternates), each with one
-torch thread, ``--warmup`` unmeasured then ``--steps`` measured steps. On a machine shared with other jobs
-absolute times drift by tens of percent; the ratio of the two halves of a pair shares the drift, so the
-median ratio over pairs is the number to read (docs/SPEED.md).
+Time: one process with one torch thread builds both loops, then runs ``--pairs`` pairs; a pair is ``--steps``
+steps of one loop immediately followed by ``--steps`` steps of the other (the order alternates), after
+``--warmup`` unmeasured steps of each. On a machine shared with other jobs absolute times drift by tens of
+percent; the two halves of a pair share the drift, so the median of the per-pair ratios is the number to
+read (docs/SPEED.md). Memory: ``--memory-runs`` fresh processes per loop (peak resident memory of the whole
+process, imports included), compared by their medians.
 
-    python examples/paired_bench.py --pairs 20 --steps 8 --out docs/benchmarks/paired_cd.json
+    python examples/paired_bench.py --pairs 20 --steps 3 --out docs/benchmarks/paired_cd.json
 """
 
 from __future__ import annotations
@@ -16,58 +18,92 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FEWSTEP = """
-import json, sys
-from fewstep.bench import bench
+FEWSTEP_MEMORY = """
+import json, resource, sys, tempfile
+from fewstep.bench import bench_trainer, run_step
 from fewstep.config import load_config
 from fewstep.plugin import build_manager, discover
 plugins = discover()
-config = load_config(sys.argv[1], ["train.progress_bar=false"], plugins=plugins)
+config = load_config(sys.argv[1], plugins=plugins)
 pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
-r = bench(config, pm, warmup=int(sys.argv[2]), steps=int(sys.argv[3]), detail=False)
-print(json.dumps({"loop": "fewstep", "step_s": r["step_s"], "peak_memory_mb": r["peak_memory_mb"]}))
+trainer = bench_trainer(config, pm, tempfile.mkdtemp(), int(sys.argv[2]))
+for _ in range(int(sys.argv[2])):
+    run_step(trainer)
+print(json.dumps({"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def run(loop: str, recipe: Path, warmup: int, steps: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+def memory(loop: str, recipe: Path, steps: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     if loop == "fewstep":
-        cmd = [sys.executable, "-c", FEWSTEP, str(recipe), str(warmup), str(steps)]
+        cmd = [sys.executable, "-c", FEWSTEP_MEMORY, str(recipe), str(steps)]
     else:
-        cmd = [sys.executable, str(ROOT / "examples" / "hand_cd_loop.py"), "--warmup", str(warmup), "--steps", str(steps)]
+        cmd = [sys.executable, str(ROOT / "examples" / "hand_cd_loop.py"), "--warmup", "1", "--steps", str(steps - 1)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_memory_mb"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "digits" / "cd.yaml")
     parser.add_argument("--pairs", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="steps of each loop per pair")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--memory-runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    # First, while this process is small: Linux children inherit the parent's peak resident memory at fork
+    # (ru_maxrss survives exec), so measuring after the models are built would report the parent's peak.
+    mem = {loop: [memory(loop, args.recipe, 3) for _ in range(args.memory_runs)] for loop in ("fewstep", "hand")}
+
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT / "examples"))
+    from hand_cd_loop import HandCD
+
+    from fewstep.bench import bench_trainer, run_step
+    from fewstep.config import load_config
+    from fewstep.plugin import build_manager, discover
+
+    plugins = discover()
+    config = load_config(args.recipe, plugins=plugins)
+    pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
+    trainer = bench_trainer(config, pm, Path(tempfile.mkdtemp(prefix="paired-")), args.warmup + args.pairs * args.steps)
+    hand = HandCD()
+    loops = {"fewstep": lambda: run_step(trainer), "hand": hand.step}
+    for step in loops.values():
+        for _ in range(args.warmup):
+            step()
     pairs = []
     for i in range(args.pairs):
         order = ("fewstep", "hand") if i % 2 == 0 else ("hand", "fewstep")
-        res = {loop: run(loop, args.recipe, args.warmup, args.steps) for loop in order}
-        pair = {"time_ratio": res["fewstep"]["step_s"] / res["hand"]["step_s"],
-                "memory_ratio": res["fewstep"]["peak_memory_mb"] / res["hand"]["peak_memory_mb"], **{
-                    f"{k}_{m}": res[k][m] for k in res for m in ("step_s", "peak_memory_mb")}}
-        pairs.append(pair)
-        print(json.dumps({"pair": i, **pair}), flush=True)
-    summary = {"pairs": len(pairs), "steps": args.steps, "warmup": args.warmup,
+        seconds = {}
+        for name in order:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                loops[name]()
+            seconds[name] = (time.perf_counter() - t0) / args.steps
+        pairs.append({"time_ratio": seconds["fewstep"] / seconds["hand"], "fewstep_step_s": seconds["fewstep"],
+                      "hand_step_s": seconds["hand"]})
+        print(json.dumps({"pair": i, **pairs[-1]}), flush=True)
+    summary = {"pairs": len(pairs), "steps_per_half": args.steps, "warmup": args.warmup, "torch_threads": 1,
                "median_time_ratio": statistics.median(p["time_ratio"] for p in pairs),
-               "median_memory_ratio": statistics.median(p["memory_ratio"] for p in pairs),
+               "quartiles_time_ratio": statistics.quantiles([p["time_ratio"] for p in pairs], n=4),
                "median_fewstep_step_s": statistics.median(p["fewstep_step_s"] for p in pairs),
-               "median_hand_step_s": statistics.median(p["hand_step_s"] for p in pairs)}
+               "median_hand_step_s": statistics.median(p["hand_step_s"] for p in pairs),
+               "peak_memory_mb": {k: statistics.median(v) for k, v in mem.items()},
+               "memory_ratio": statistics.median(mem["fewstep"]) / statistics.median(mem["hand"])}
     print(json.dumps(summary))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"summary": summary, "pairs": pairs}, indent=2))
+        args.out.write_text(json.dumps({"command": "python examples/paired_bench.py " + " ".join(sys.argv[1:]),
+                                        "summary": summary, "pairs": pairs, "memory_runs": mem}, indent=2))
 
 
 if __name__ == "__main__":

@@ -36,18 +36,29 @@ PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
                     "RTX 4090": 165.0, "V100": 125.0}
 
 
-def bench_config(config: Any, warmup: int, steps: int) -> Any:
-    """The recipe with a training length covering warm-up, both passes and the FLOP count, no validation,
-    checkpoints or export during the benchmark."""
+def bench_config(config: Any, total_steps: int) -> Any:
+    """The recipe with a training length of ``total_steps`` optimizer steps, no validation, checkpoints or
+    export during the benchmark."""
     batch = config.train.batch_size
-    train = config.train.model_copy(update={"total_nimg": (warmup + 2 * steps + 2) * batch, "progress_bar": False,
+    train = config.train.model_copy(update={"total_nimg": total_steps * batch, "progress_bar": False,
                                             "checkpoint_every_nimg": None, "checkpoint_every_s": None,
-                                            "max_wall_s": None, "compile": config.train.compile})
+                                            "max_wall_s": None})
     return config.model_copy(update={
         "train": train,
         "validation": config.validation.model_copy(update={"every_nimg": None}),
         "export": config.export.model_copy(update={"enabled": False}),
     })
+
+
+def bench_trainer(config: Any, pm: Any, run_dir: Path, total_steps: int) -> Any:
+    """A set-up Trainer of ``config`` for ``total_steps`` steps, training started (hooks told), ready for
+    :func:`run_step`. SIGTERM and Ctrl-C keep their default effect (no checkpoint to write)."""
+    from fewstep.trainer import Trainer
+
+    trainer = Trainer(bench_config(config, total_steps), pm, run_dir)
+    trainer.setup()
+    pm.hook.fewstep_on_train_start(ctx=trainer.ctx, nets=trainer.nets, step=trainer.step_info())
+    return trainer
 
 
 class Timers:
@@ -167,45 +178,41 @@ def bench(config: Any, pm: Any, *, warmup: int = 3, steps: int = 10, run_dir: Pa
           peak: float | None = None, detail: bool = True) -> dict[str, Any]:
     """Benchmark ``config`` (a validated RunConfig) with the plugin manager ``pm``; returns the report.
     ``detail=False`` runs the plain pass only (no split, no FLOP count: those fields are None)."""
-    from fewstep.trainer import Trainer, peak_memory_mb
+    from fewstep.trainer import peak_memory_mb
 
     if warmup < 1 or steps < 1:
         raise ValueError(f"bench: --warmup ({warmup}) and --steps ({steps}) must be at least 1")
-    config = bench_config(config, warmup, steps)
     with contextlib.ExitStack() as stack:
         if run_dir is None:
             run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fewstep-bench-")))
-        trainer = Trainer(config, pm, run_dir)
-        with trainer.signals:
-            t0 = time.perf_counter()
-            trainer.setup()
-            setup_s = time.perf_counter() - t0
-            device = trainer.ctx.device
-            pm.hook.fewstep_on_train_start(ctx=trainer.ctx, nets=trainer.nets, step=trainer.step_info())
-            t0 = time.perf_counter()
-            for _ in range(warmup):
-                run_step(trainer)
-            _sync(device)
-            warmup_s = time.perf_counter() - t0
-            _reset_peak(device)
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        trainer = bench_trainer(config, pm, run_dir, warmup + 2 * steps + 1)  # + 1: the FLOP-counted step
+        setup_s = time.perf_counter() - t0
+        device = trainer.ctx.device
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            run_step(trainer)
+        _sync(device)
+        warmup_s = time.perf_counter() - t0
+        _reset_peak(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            run_step(trainer)
+        _sync(device)
+        plain_s = time.perf_counter() - t0
+        peak_mb = peak_memory_mb(device)
+        timers = Timers(device)
+        split_total, flops = None, None
+        if detail:
+            instrument(trainer, timers)
+            timers.active = True
+            t0 = timers.now()
             for _ in range(steps):
                 run_step(trainer)
-            _sync(device)
-            plain_s = time.perf_counter() - t0
-            peak_mb = peak_memory_mb(device)
-            timers = Timers(device)
-            split_total, flops = None, None
-            if detail:
-                instrument(trainer, timers)
-                timers.active = True
-                t0 = timers.now()
-                for _ in range(steps):
-                    run_step(trainer)
-                split_total = timers.now() - t0
-                timers.active = False
-                flops = step_flops(trainer)
-            pm.hook.fewstep_on_train_end(ctx=trainer.ctx, nets=trainer.nets)  # closes logs and trackers
+            split_total = timers.now() - t0
+            timers.active = False
+            flops = step_flops(trainer)
+        pm.hook.fewstep_on_train_end(ctx=trainer.ctx, nets=trainer.nets)  # closes logs and trackers
     step_s = plain_s / steps
     split = achieved = tflops = None
     if detail:
