@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FLUX_DEV_OPTIONS", "TINY_FAMILIES", "MethodConformance", "Recorder", "assert_ranks_match", "make_tiny_pipeline", "make_tiny_teacher",
            "run_on_ranks", "run_tiny", "tiny_clip", "tiny_clip_with_projection", "tiny_dit", "tiny_gemma2", "tiny_pipeline",
-           "tiny_run_config", "tiny_family_teacher", "tiny_t5", "tiny_unet", "tiny_unet_condition", "tiny_vae", "tiny_vae_rgb",
+           "tiny_run_config", "tiny_family_pairs", "tiny_family_teacher", "tiny_t5", "tiny_unet", "tiny_unet_condition", "tiny_vae", "tiny_vae_rgb",
            "write_digit_prompts"]
 
 TINY_NUM_CLASSES = 10
@@ -396,6 +396,11 @@ class MethodConformance:
             pytest.skip(f"{family} not in {type(self).__name__}.families")
         folder, prompts = tiny_family_teacher(family, tmp_path_factory.getbasetemp() / "tiny-families")
         config = self.config(folder, data={"prompts": str(prompts)})
+        if config.data.pairs is not None:  # a method on teacher couplings: a tiny pair store of this family's teacher
+            real = getattr(config.method, "real_guidance", None)
+            guidance = real if real is not None else config.teacher.guidance
+            pairs = tiny_family_pairs(folder, prompts, guidance)
+            config = self.config(folder, data={"prompts": str(prompts), "pairs": str(pairs)})
         trainer, rec = run_tiny(config, tmp_path / "run")
         assert rec.grads and all(torch.isfinite(torch.tensor(v)) for log in rec.logs for v in log.values())
         for group_name, has in rec.grads:
@@ -599,6 +604,18 @@ def tiny_family_teacher(family: str, root: str | Path) -> tuple[Path, Path]:
     if not prompts.is_file():
         write_digit_prompts(prompts)
     return folder, prompts
+
+
+def tiny_family_pairs(folder: Path, prompts: Path, guidance: float = 1.0, num: int = 16) -> Path:
+    """A tiny pair store (2 Heun steps) of the teacher in ``folder`` at ``guidance``, beside it, made once."""
+    from fewstep.pairs import MANIFEST, generate_pairs
+    from fewstep.teacher import load_teacher
+
+    out = folder.parent / f"{folder.name}-pairs-{num}-g{guidance:g}"
+    if not (out / MANIFEST).is_file():
+        captions = prompts.read_text().splitlines()[:num]
+        generate_pairs(load_teacher(folder), out, num, num_steps=2, guidance=guidance, prompts=captions)
+    return out
 
 
 #: Options of :func:`tiny_pipeline` that make the tiny Flux a guidance-distilled teacher with dynamic shift
