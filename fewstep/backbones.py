@@ -113,9 +113,13 @@ class ScalarEmbedding(nn.Module):
 
 
 class Backbone(nn.Module):
-    """One call for diffusers UNet2DModel, UNet2DConditionModel and DiTTransformer2DModel.
+    """One call for diffusers UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel and the SD3, Flux,
+    PixArt and Sana transformers.
 
-    model: the wrapped diffusers model. kind: "unet2d" | "unet2d_condition" | "dit".
+    model: the wrapped diffusers model. kind: "unet2d" | "unet2d_condition" | "dit" | "sd3" | "flux" |
+        "pixart" | "sana". family: its row of fewstep.families (SD and SDXL share a kind, not a family).
+    sample_size: the latent (or pixel) size; from the config, or given (Flux's config has none).
+    embedded_guidance: for Flux with ``guidance_embeds``, the scale fed when a Cond carries none.
     in_channels / out_channels: data channels. A model predicting twice its input channels (learned
         variance, e.g. DiT with learned sigma) reports ``out_channels == in_channels`` and
         :meth:`forward` keeps the first half of its output (the mean prediction).
