@@ -9,12 +9,16 @@ process and parameterisation.
 Folder layouts read by :func:`load_teacher` (never any network access):
 
 (a) a pipeline folder with ``model_index.json``: the backbone in ``unet/`` or ``transformer/``, the
-    scheduler in ``scheduler/scheduler_config.json``, optional ``vae/``, ``text_encoder/`` and ``tokenizer/``;
+    scheduler in ``scheduler/scheduler_config.json``, ``vae/`` and the text encoders / tokenizers its family
+    needs (``text_encoder/``, ``tokenizer/``, ``text_encoder_2/``...; see :mod:`fewstep.families`): a stock
+    SD, SDXL, SD3, Flux, PixArt, Sana or DiT pipeline folder as ``save_pretrained`` writes it;
 (b) a model folder with ``config.json`` and a scheduler config in the same folder
     (``scheduler_config.json``) or in a ``scheduler/`` folder inside it or beside it.
 
 An optional ``fewstep_teacher.json`` at the top holds ``{"num_classes": int}``: how many real classes a
-class-conditional UNet2DModel has (its label table has one more row, the null class).
+class-conditional UNet2DModel has (its label table has one more row, the null class); ``"sample_size"``:
+the latent size where the configs do not say it (Flux); ``"max_sequence_length"``: the T5/Gemma text
+length instead of the stock pipeline's default.
 
 :func:`save_teacher` writes layout (a). An unconditional pixel UNet with a VP process is saved as a
 stock ``DDPMPipeline`` (``diffusers.DiffusionPipeline.from_pretrained`` loads it); every other teacher
