@@ -298,7 +298,7 @@ class CachedDataset:
             self.captions = Strings.from_arrays(np.load(folder / "captions_ends.npy", mmap_mode="r"),
                                                 np.memmap(blob, dtype=np.uint8, mode="r") if blob.stat().st_size
                                                 else b"")
-        self.prompts = True if self.captions is not None else None
+        self.has_captions = self.captions is not None
 
     def __len__(self) -> int:
         return self.n

@@ -210,6 +210,7 @@ class Dataset:
         self.class_conditional = class_conditional
         self.flip = flip
         self.has_images = images is not None
+        self.has_captions = prompts is not None
         self.shape: tuple[int, int, int] | None = None  # (C, H, W); None for a prompt-only source
         if images is not None:
             c, h, w = images.shape[1:]
@@ -899,11 +900,6 @@ class RecordDataset:
     def __len__(self) -> int:
         return len(self.source)
 
-    @property
-    def prompts(self) -> bool | None:
-        """Truthy when the source has captions (the in-memory Dataset's attribute, read by checks)."""
-        return True if self.has_captions else None
-
     def bucket_of(self) -> np.ndarray:
         """(N,) bucket index of every sample (image headers are read once, on first use)."""
         assert self.buckets is not None
@@ -1166,7 +1162,7 @@ def check_data(config: Any, teacher: Any, dataset: Any = None) -> None:
     if shape is not None and tuple(shape)[0] != c:
         raise ValueError(f"{where} holds {shape[0]}-channel images but the teacher takes {c} channels; set "
                          f"data.channels: {c} to convert them")
-    if teacher.conditioning == "text" and not dataset.prompts:
+    if teacher.conditioning == "text" and not dataset.has_captions:
         raise ValueError(f"the teacher is text-conditional but {where} has no captions, so every sample would be "
                          "trained on the empty prompt; give a captioned source (metadata.jsonl/.csv, datasets or "
                          "webdataset with a caption column: data.caption_column), data.prompts, or a prompt list")
