@@ -287,9 +287,15 @@ def digits_array() -> tuple[np.ndarray, np.ndarray]:
     return digits.images, digits.target.astype(np.int64)
 
 
-def build_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset:
-    """Load ``cfg.source`` into memory; relative paths resolve against ``base_dir`` (else the CWD)."""
+def build_dataset(cfg: DataConfig, base_dir: Path | None = None) -> Dataset | RecordDataset:
+    """Load ``cfg.source`` into memory; relative paths resolve against ``base_dir`` (else the CWD). A source read
+    per batch (metadata folder, datasets, webdataset shards) gives its :class:`RecordDataset` instead (same
+    ``get`` interface), so any caller, e.g. an evaluation reference, can name one."""
     base = Path.cwd() if base_dir is None else Path(base_dir)
+    if cfg.source != "digits" and source_kind(cfg, base) in PER_BATCH_KINDS:
+        from fewstep.paths import cache_dir
+
+        return build_data(cfg, base, cache_root=cache_dir())
     num_classes: int | None = None
     labels: np.ndarray | None = None
     if cfg.source == "digits":

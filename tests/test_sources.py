@@ -342,3 +342,14 @@ def test_caption_only_datasets_source(tmp_path):
     assert s.x is None and s.size_cond is None and len(set(s.prompts)) == 5
     assert all(p.startswith("prompt ") for p in s.prompts)
     check_data(_Config(cfg), TeacherInfo("text", None, (1, 8, 8)))
+
+
+def test_build_dataset_gives_per_batch_sources_too(tmp_path, monkeypatch):
+    """Callers of build_dataset (e.g. an evaluation reference) can name a source read per batch."""
+    from fewstep.data import build_dataset
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    ds = build_dataset(DataConfig(source=make_source("shards", tmp_path), resolution=8, channels=1))
+    assert isinstance(ds, RecordDataset) and ds.has_images and len(ds) == N
+    x, _, prompts = ds.get(torch.arange(N))
+    assert _value(x) == list(range(N)) and prompts[3] == "sample 3"
