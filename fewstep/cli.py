@@ -302,10 +302,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from fewstep.bench import bench, format_report, write_report
     from fewstep.plugin import build_manager
+    from fewstep.reliability import is_main_process
 
     config, plugins = _load(args)
     pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
     report = bench(config, pm, warmup=args.warmup, steps=args.steps, peak=args.peak_tflops, detail=not args.plain)
+    if not is_main_process():  # every rank measured its own step; the main process reports
+        return 0
     print(format_report(report))
     if args.out is not None:
         print(f"wrote {write_report(report, args.out)}")

@@ -58,6 +58,33 @@ def engine(env: Mapping[str, str] | None = None) -> str:
     return "ddp"
 
 
+def zero_stage(env: Mapping[str, str]) -> int | None:
+    """DeepSpeed's ZeRO stage from the launcher (``--zero_stage`` or the DeepSpeed config file), None if unset."""
+    if (stage := env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")) not in (None, "", "None"):
+        return int(stage)
+    ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if ds_file and Path(ds_file).is_file():
+        stage = json.loads(Path(ds_file).read_text()).get("zero_optimization", {}).get("stage")
+        return int(stage) if isinstance(stage, int) else None
+    return None
+
+
+def check_engine(env: Mapping[str, str] | None = None) -> None:
+    """Refuse engines that keep the trainable networks' parameters sharded between steps (FSDP 1 and 2, ZeRO-3):
+    the evaluation EMA and target updates, the per-network checkpoints and the export read whole parameters.
+    DDP and DeepSpeed ZeRO-1/2 (optimizer states and gradients sharded, parameters whole) are accepted."""
+    env = os.environ if env is None else env
+    kind = engine(env)
+    if kind in ("fsdp", "fsdp2") or (kind == "deepspeed" and zero_stage(env) == 3):
+        name = "DeepSpeed ZeRO-3" if kind == "deepspeed" else kind.upper()
+        raise LaunchConflict(
+            f"{name} keeps the student's parameters sharded across processes, and fewstep's EMA and target "
+            "updates, checkpoints and export read them whole (docs/DISTRIBUTED.md); not supported in this "
+            "version. Fix: launch with DDP (accelerate launch --multi_gpu) or DeepSpeed ZeRO-2 (--use_deepspeed "
+            "--zero_stage 2), which shard optimizer states and gradients; LoRA (a lora: section) cuts the "
+            "trainable state further")
+
+
 def sharding_plan(trainable: Iterable[str], networks: Iterable[str]) -> dict[str, str]:
     """Per network: "prepared" (in an optimizer group: accelerate wraps it, so DDP replicates it with synced
     gradients, FSDP and DeepSpeed ZeRO-3 shard it) or "replicated" (frozen: the teacher, the EMA, targets; a

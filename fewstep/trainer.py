@@ -289,9 +289,10 @@ class Trainer:
         if self._accelerator is None:
             from accelerate import Accelerator
 
-            from fewstep.distributed import check_mixed_precision
+            from fewstep.distributed import check_engine, check_mixed_precision
 
             check_mixed_precision(self.config.train.mixed_precision)  # the launcher's config may not contradict it
+            check_engine()
             self._accelerator = Accelerator(mixed_precision=self.config.train.mixed_precision, cpu=self.config.train.cpu)
         return self._accelerator
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fewstep.cli import main
-from fewstep.distributed import LaunchConflict, check_mixed_precision, engine, sharding_plan
+from fewstep.distributed import LaunchConflict, check_engine, check_mixed_precision, engine, sharding_plan
 from fewstep.testing import make_tiny_teacher, tiny_run_config
 
 
@@ -46,6 +46,28 @@ def test_engine():
     assert engine({"ACCELERATE_USE_FSDP": "true"}) == "fsdp"
     assert engine({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}) == "fsdp2"
     assert engine({"ACCELERATE_USE_DEEPSPEED": "true"}) == "deepspeed"
+
+
+@pytest.mark.parametrize(("env", "refused"), [
+    ({}, None),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, None),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "FSDP2"),
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
+])
+def test_engines_that_shard_parameters_are_refused(env, refused):
+    if refused is None:
+        check_engine(env)
+    else:
+        with pytest.raises(LaunchConflict, match=rf"^{refused} keeps the student's parameters sharded.*ZeRO-2"):
+            check_engine(env)
+
+
+def test_zero_stage_from_the_deepspeed_config(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(LaunchConflict, match="ZeRO-3"):
+        check_engine({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds)})
 
 
 @pytest.fixture(scope="module")
