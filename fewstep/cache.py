@@ -170,7 +170,7 @@ def build_cache(folder: Path, dataset: RecordDataset, fp: dict[str, Any], *,
     if encode_text is not None and not (partial / "null.json").is_file():
         null = encode_text([""])
         for field, t in _fields(null).items():
-            np.save(partial / f"null_{field}.npy", t.float().numpy().astype(out.dtype))
+            np.save(partial / f"null_{field}.npy", _stored(t, out.dtype))
         (partial / "null.json").write_text(json.dumps(sorted(_fields(null))))
     captions = None
     if dataset.has_captions:  # appended per chunk, end offsets in a memory-mapped array like the rest
@@ -202,10 +202,10 @@ def build_cache(folder: Path, dataset: RecordDataset, fp: dict[str, Any], *,
                     captions.flush()
                     if encode_text is not None:
                         for field, t in _fields(encode_text([r.caption or "" for r in records])).items():
-                            out.get(f"text_{field}", t.shape[1:], out.dtype)[rows] = t.float().cpu().numpy()
+                            out.get(f"text_{field}", t.shape[1:], _kind(t, out.dtype))[rows] = _stored(t, out.dtype)
                 if records[0].negative is not None and encode_text is not None:
                     for field, t in _fields(encode_text([r.negative or "" for r in records])).items():
-                        out.get(f"negative_{field}", t.shape[1:], out.dtype)[rows] = t.float().cpu().numpy()
+                        out.get(f"negative_{field}", t.shape[1:], _kind(t, out.dtype))[rows] = _stored(t, out.dtype)
                 out.flush()
                 i += len(records)
                 _atomic_write(state, json.dumps({"fingerprint": fp, "done": i}))  # after the rows are on disk
@@ -258,6 +258,21 @@ def _size_conds(records: list[Any], sel: np.ndarray, dataset: RecordDataset, buc
         rh, rw = max(h, round(H * scale)), max(w, round(W * scale))
         out.append([H, W, (rh - h) // 2, (rw - w) // 2, h, w])
     return np.asarray(out, dtype=np.float32)
+
+
+def _kind(t: Tensor, dtype: np.dtype) -> np.dtype:
+    """Storage type of a Cond field: the cache dtype for floating fields, int64 for masks and ids."""
+    return dtype if t.is_floating_point() else np.dtype(np.int64)
+
+
+def _stored(t: Tensor, dtype: np.dtype) -> np.ndarray:
+    return t.detach().cpu().float().numpy().astype(dtype) if t.is_floating_point() else t.detach().cpu().long().numpy()
+
+
+def _loaded(a: np.ndarray) -> Tensor:
+    """Rows read back: floating fields as float32 (the trainer casts to the compute dtype), integers as int64."""
+    a = np.asarray(a)
+    return torch.from_numpy(a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a.astype(np.int64))
 
 
 def _fields(cond: Cond) -> dict[str, Tensor]:
@@ -327,7 +342,7 @@ class CachedDataset:
         if self.text:
             text = Cond(**self._rows(self.text, rows), prompts=prompts)
             if dropped is not None and bool(dropped.any()):
-                null = Cond(**{k: torch.from_numpy(v.astype(np.float32)).expand(len(rows), *v.shape[1:])
+                null = Cond(**{k: _loaded(v).expand(len(rows), *v.shape[1:])
                                for k, v in self.null.items()})
                 text = text.where(dropped, null)
         if self.negative:
@@ -338,7 +353,7 @@ class CachedDataset:
 
     @staticmethod
     def _rows(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, Tensor]:
-        return {k: torch.from_numpy(np.asarray(v[rows], dtype=np.float32)) for k, v in arrays.items()}
+        return {k: _loaded(v[rows]) for k, v in arrays.items()}
 
     def get(self, idx: Tensor, flip: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, tuple[str, ...] | None]:
         """The :class:`Dataset` interface: (latents, labels, captions) of rows ``idx``. Latents of different
