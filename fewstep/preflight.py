@@ -35,9 +35,12 @@ def check_inputs(config: RunConfig, pm: Any = None) -> None:
 
     if data.source != "digits" and not is_shard_pattern(data.source):  # shard patterns are checked when opened
         _exists(data.source, "data.source", "an image folder, .npz, idx(.gz) or prompt list", errors)
-    for field in ("labels", "prompts", "pairs"):
+    wanted = {"labels": "an idx(.gz) labels file", "prompts": "a prompt list (.txt or .json)",
+              "pairs": "a pair store: make it first with `fewstep pairs TEACHER FOLDER --num N` (the recipe's "
+                       "header gives the command)"}
+    for field, what in wanted.items():
         if (value := getattr(data, field)) is not None:
-            _exists(value, f"data.{field}", "the file or folder it names", errors)
+            _exists(value, f"data.{field}", what, errors)
     train = config.train
     if train.batch_size % train.accumulation:
         errors.append(f"train.batch_size={train.batch_size} is not divisible by train.accumulation="

@@ -101,7 +101,8 @@ def test_extractor_maps_range_repeats_gray_and_resizes(tiny_features):
         FeatureExtractor(tiny_features.parent / "missing.pt")
 
 
-def test_eval_command_writes_metrics_and_caches_reference(tmp_path, tiny_features, capsys):
+def test_eval_command_writes_metrics_and_caches_reference(tmp_path, tiny_features, capsys, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     teacher = make_tiny_teacher(tmp_path / "teacher", "unet")
     run = tmp_path / "run"
     config = tiny_run_config(teacher, {"name": "cd", "num_scales": 8}, steps=2, batch=4)
@@ -115,7 +116,7 @@ def test_eval_command_writes_metrics_and_caches_reference(tmp_path, tiny_feature
     for row in ("teacher 2 steps", "student 1 step", "student 2 steps"):
         m = results[row]
         assert np.isfinite(m["fid"]) and m["fid"] >= -1e-6 and 0 <= m["precision"] <= 1 and m["samples_per_s"] > 0
-    cache = list((run / ".fewstep-cache").glob("fid-ref-*.npz"))
+    cache = list((tmp_path / "cache" / "eval").glob("fid-ref-*.npz"))  # the user cache (fewstep.paths)
     assert len(cache) == 1
     stamp = cache[0].stat().st_mtime_ns
     assert cli.main(args) == 0
@@ -139,11 +140,12 @@ def test_standard_inception_if_installed():
     assert frechet_distance(stats, stats) == pytest.approx(0, abs=1e-5 * np.trace(stats.sigma))
 
 
-def test_eval_at_the_end_of_training_reaches_summary_and_model_card(tmp_path, tiny_features):
+def test_eval_at_the_end_of_training_reaches_summary_and_model_card(tmp_path, tiny_features, monkeypatch):
     """eval.reference in the recipe: the run evaluates itself before exporting; the teacher row is cached
     and reused by a second run with the same teacher and protocol."""
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     teacher = make_tiny_teacher(tmp_path / "teacher", "unet")
-    data = tmp_path / "data" / "train.npz"  # a file source: the cache lives next to it, shared by both runs
+    data = tmp_path / "data" / "train.npz"  # a file source; the cache is the user's, shared by both runs
     data.parent.mkdir()
     np.savez(data, x=np.random.default_rng(0).integers(0, 256, (16, 8, 8), dtype=np.uint8))
     evaluation = {"reference": "data", "num": 16, "steps": [1, 2], "teacher_steps": 2,
@@ -157,12 +159,14 @@ def test_eval_at_the_end_of_training_reaches_summary_and_model_card(tmp_path, ti
     assert summary["nimg"] == 8 and summary["wall_time_s"] > 0
     card = (tmp_path / "a" / "export" / "README.md").read_text()
     assert "| student 1 step |" in card and "## Metrics" in card
-    assert len(list((data.parent / ".fewstep-cache").glob("fid-teacher-*.npz"))) == 1
+    assert len(list((tmp_path / "cache" / "eval").glob("fid-teacher-*.npz"))) == 1
+    assert sorted(p.name for p in data.parent.iterdir()) == ["train.npz"]  # nothing written next to the data
     b = json.loads((tmp_path / "b" / "summary.json").read_text())["eval"]
     assert b["teacher 2 steps"] == summary["eval"]["teacher 2 steps"]  # reused, samples/s included
 
 
-def test_eval_against_a_held_out_reference(tmp_path, tiny_features):
+def test_eval_against_a_held_out_reference(tmp_path, tiny_features, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     """--reference: any image source shaped like the teacher's images, e.g. a test split (.npz here)."""
     teacher = make_tiny_teacher(tmp_path / "teacher", "unet")
     config = tiny_run_config(teacher, {"name": "cd", "num_scales": 4}, steps=1)
@@ -175,4 +179,5 @@ def test_eval_against_a_held_out_reference(tmp_path, tiny_features):
     results = json.loads((tmp_path / "run" / "summary.json").read_text())["eval"]
     assert "test.npz: 20 images 1x8x8" in results["reference"] and set(results) == {
         "num", "reference", "features", "student 1 step"}
-    assert list((tmp_path / ".fewstep-cache").glob("fid-ref-*.npz"))  # cached next to the data
+    assert list((tmp_path / "cache" / "eval").glob("fid-ref-*.npz"))  # in the user cache, not next to the data
+    assert not (tmp_path / ".fewstep-cache").exists()
