@@ -407,8 +407,10 @@ def plan_stock_export(hook: Any, ctx: RunContext, nets: Nets, sampling_networks:
         if found is not None:
             samplers[n] = found
     if default not in samplers:
+        inputs = (f"; its student also reads the scalar inputs {list(student.extra_scalars)}, which no stock "
+                  "diffusers model takes" if student.extra_scalars else "")
         return (f"method {ctx.method.name!r} declares no stock diffusers scheduler that reproduces its "
-                f"{default}-step sampler with this teacher and student (hook fewstep_stock_sampler)")
+                f"{default}-step sampler with this teacher and student (hook fewstep_stock_sampler){inputs}")
     first = samplers[default]
     scalars = dict(first.scalars)
     varying = set(student.extra_scalars) - set(scalars)
@@ -869,13 +871,16 @@ class FewStepPipeline(DiffusionPipeline):
     noise (drawn from ``generator`` when None; the same generator seeds any noise the sampler adds).
     """
 
-    _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer"]
+    _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
+                            "tokenizer_2", "text_encoder_3", "tokenizer_3"]
 
     def __init__(self, scheduler: Any, unet: Any = None, transformer: Any = None, vae: Any = None,
-                 text_encoder: Any = None, tokenizer: Any = None) -> None:
+                 text_encoder: Any = None, tokenizer: Any = None, text_encoder_2: Any = None,
+                 tokenizer_2: Any = None, text_encoder_3: Any = None, tokenizer_3: Any = None) -> None:
         super().__init__()
         self.register_modules(scheduler=scheduler, unet=unet, transformer=transformer, vae=vae,
-                              text_encoder=text_encoder, tokenizer=tokenizer)
+                              text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                              tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         self._loaded: LoadedExport | None = None
 
     @classmethod
@@ -892,7 +897,7 @@ class FewStepPipeline(DiffusionPipeline):
             folder = getattr(self.config, "_name_or_path", None)
             if folder is None:
                 raise ValueError("FewStepPipeline must be loaded from an export folder with from_pretrained")
-            modules = {k: getattr(self, k, None) for k in ("unet", "transformer", "vae", "text_encoder", "tokenizer")}
+            modules = {k: getattr(self, k, None) for k in self._optional_components}
             self._loaded = load_export(folder, device=device, dtype=self.dtype, modules=modules)
         return self._loaded
 

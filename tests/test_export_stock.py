@@ -283,6 +283,10 @@ def test_family_export_matrix(family, method, tmp_path_factory, tmp_path, monkey
         meta = json.loads((out / EXPORT_META).read_text())
         assert meta["pipeline"] == "FewStepPipeline" and meta["custom_reason"]
         assert meta["custom_reason"] in (out / "README.md").read_text()
+        pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)  # every family encoder is a component
+        images = pipe(prompt=PROMPTS[:2], num_inference_steps=1, generator=torch.Generator().manual_seed(0),
+                      output_type="pt").images
+        assert type(pipe).__name__ == "FewStepPipeline" and images.shape == (2, *teacher.data_shape)
         return
     if family == "flux":
         _unpacked_renoise(monkeypatch, trainer.nets.teacher.sample_shape)
