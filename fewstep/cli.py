@@ -273,7 +273,8 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     import torch
 
     from fewstep.data import read_prompts
-    from fewstep.pairs import generate_pairs, progress_printer
+    from fewstep.pairs import generate_pairs
+    from fewstep.progress import Progress
     from fewstep.teacher import load_teacher
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -282,18 +283,20 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts, "--prompts") if args.prompts is not None else None
     out = generate_pairs(teacher, args.out, args.num, num_steps=args.steps, solver=args.solver,
                          guidance=args.guidance, prompts=prompts, seed=args.seed, shard_size=args.shard_size,
-                         batch_size=args.batch, progress=progress_printer(str(args.out)))
+                         batch_size=args.batch, progress=Progress(f"pairs -> {args.out}", unit="pair"))
     print(f"wrote {args.num} pairs to {out}")
     return 0
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from fewstep.cache import cache_for_recipe
+    from fewstep.progress import Progress
 
     config, _ = _load(args)
-    dataset = cache_for_recipe(config, batch_size=args.batch,
-                               progress=lambda done, total: print(f"\r{done}/{total} samples", end="", flush=True))
-    print(f"\n{dataset.describe()}")
+    progress = Progress("cache", unit="sample")
+    dataset = cache_for_recipe(config, batch_size=args.batch, progress=progress)
+    progress.close()
+    print(dataset.describe())
     return 0
 
 

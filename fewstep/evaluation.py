@@ -221,12 +221,16 @@ def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int]
             return teacher.encode_prompts(list(prompts[rows]) if prompts else [""] * len(range(num)[rows]))
         return None
 
-    def features_of(fn) -> tuple[np.ndarray, dict]:
-        chunks, start = [], time.perf_counter()
+    def features_of(fn, label: str) -> tuple[np.ndarray, dict]:
+        from fewstep.progress import bar
+
+        chunks, start, shown = [], time.perf_counter(), bar(num, f"eval: {label}")
         with torch.no_grad():
             for lo in range(0, num, batch_size):
                 rows = slice(lo, lo + batch_size)
                 chunks.append(fn(noise[rows].to(device), cond_of(rows)).float().cpu())
+                shown.update(len(range(num)[rows]))
+        shown.close()
         rate = num / (time.perf_counter() - start)
         return extractor(torch.cat(chunks)), {"samples_per_s": round(rate, 2)}
 
@@ -237,13 +241,15 @@ def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int]
         guidance, solver = cfg.teacher.guidance, cfg.validation.teacher_solver
         key = _digest(ref_key, str(teacher.source), str(cfg.teacher.autoguidance), teacher_steps, solver, guidance,
                       seed, batch_size)
-        rows[f"teacher {teacher_steps} steps"] = cached_features(
+        label = f"teacher {teacher_steps} steps"
+        rows[label] = cached_features(
             cache / f"fid-teacher-{key}.npz", key,
             lambda: features_of(lambda z, c: teacher.sample(z, c, num_steps=teacher_steps, solver=solver,
-                                                            guidance=guidance)))
+                                                            guidance=guidance), label))
     for k in steps:
-        rows[f"student {k} step" + ("s" if k > 1 else "")] = features_of(
-            lambda z, c, k=k: generate(hook, trainer.ctx, trainer.nets, z, c, k, seed=seed + k))
+        label = f"student {k} step" + ("s" if k > 1 else "")
+        rows[label] = features_of(
+            lambda z, c, k=k: generate(hook, trainer.ctx, trainer.nets, z, c, k, seed=seed + k), label)
     for label, (features, info) in rows.items():
         results[label] = {**compare_features(real, features), **info}
     return results

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -210,17 +209,3 @@ class PairStore:
         m = self.manifest
         return (f"{len(self)} pairs from {m['teacher']} ({m['sampler']} {m['num_steps']} steps, guidance "
                 f"{m['guidance']:g}{', autoguided' if m['autoguidance'] else ''})")
-
-
-def progress_printer(label: str) -> Callable[[int, int], None]:
-    """A ``progress`` callback for :func:`generate_pairs` printing at most every 10 s."""
-    start, last = time.perf_counter(), [0.0]
-
-    def report(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - last[0] >= 10 or done == total:
-            last[0] = now
-            rate = done / max(now - start, 1e-9)
-            print(f"{label}: {done}/{total} pairs ({rate:.1f}/s)", flush=True)
-
-    return report
