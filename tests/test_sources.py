@@ -353,3 +353,16 @@ def test_build_dataset_gives_per_batch_sources_too(tmp_path, monkeypatch):
     assert isinstance(ds, RecordDataset) and ds.has_images and len(ds) == N
     x, _, prompts = ds.get(torch.arange(N))
     assert _value(x) == list(range(N)) and prompts[3] == "sample 3"
+
+
+def test_teacher_info_reads_the_json_configs(tmp_path):
+    from fewstep.data import teacher_info
+    from fewstep.teacher import load_teacher
+    from fewstep.testing import make_tiny_teacher
+
+    cases = (("unet_condition", {"latent": True}), ("unet", {"conditioning": "class"}), ("unet", {}), ("dit", {}))
+    for i, (kind, options) in enumerate(cases):
+        folder = make_tiny_teacher(tmp_path / f"teacher{i}", kind, **options)
+        info, loaded = teacher_info(folder), load_teacher(folder)
+        assert (info.conditioning, info.num_classes, info.data_shape) == (
+            loaded.conditioning, loaded.num_classes, loaded.data_shape), (kind, options)
