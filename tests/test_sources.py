@@ -355,6 +355,7 @@ def test_build_dataset_gives_per_batch_sources_too(tmp_path, monkeypatch):
     assert _value(x) == list(range(N)) and prompts[3] == "sample 3"
 
 
+@pytest.mark.slow  # ~17 s on a busy 2-core machine: four tiny teachers saved and loaded
 def test_teacher_info_reads_the_json_configs(tmp_path):
     from fewstep.data import teacher_info
     from fewstep.teacher import load_teacher
