@@ -132,7 +132,7 @@ class Trainer:
         if group.max_grad_norm is not None:
             totals["grad_norm"] = acc.clip_grad_norm_(params, group.max_grad_norm)
         elif self.config.train.mixed_precision != "fp16":  # fp16: the grad scaler skips non-finite steps itself
-            totals["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            totals["grad_norm"] = total_norm([p.grad for p in params if p.grad is not None])
         logs = self.synced_logs(totals)
         if not all(math.isfinite(logs[k]) for k in ("loss", "grad_norm") if k in logs):
             opt.zero_grad(set_to_none=True)
@@ -528,6 +528,16 @@ class Trainer:
         tmp.write_text(json.dumps(summary, indent=2))
         tmp.replace(path)
         return path
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all ``tensors`` together, on their device (no host sync); torch >= 2.6 has it as
+    torch.nn.utils.get_total_norm (foreach kernels)."""
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(tensors)
+    if not tensors:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
 
 
 def check_teacher_finite(teacher: Any) -> None:
