@@ -606,7 +606,7 @@ def _condition_value(teacher: Any) -> str | None:
     if teacher.conditioning == "class":
         return repr([i % teacher.num_classes for i in range(4)])
     if teacher.conditioning == "text":
-        return repr(["a photo of a cat"] * 4)
+        return '["a photo of a cat"] * 4'
     return None
 
 
@@ -649,7 +649,7 @@ def model_card(meta: dict[str, Any], teacher: Any, folder_name: str) -> str:
     }
     lines = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "",
              f"# {meta['teacher_name']} distilled to {steps} step{'s' if steps > 1 else ''} with `{method}`", "",
-             f"A few-step generator distilled by [fewstep](https://example.invalid/fewstep) with the `{method}` method "
+             f"A few-step generator distilled by fewstep with the `{method}` method "
              f"from the teacher `{meta['teacher_name']}` ({teacher.process.describe()}; conditioning: "
              f"{teacher.conditioning}).", "",
              f"![samples]({SAMPLES_FILE})", "",
@@ -659,7 +659,7 @@ def model_card(meta: dict[str, Any], teacher: Any, folder_name: str) -> str:
     if stock is not None:
         lines += [f"A stock `{meta['pipeline']}` with the stock `{stock['scheduler']}`: it needs only diffusers. "
                   "Each row gives the call arguments that reproduce fewstep's sampler at that number of steps "
-                  "(other step counts are the student's extrapolation):", "",
+                  "(at other step counts the scheduler's own schedule is not fewstep's sampler):", "",
                   "| steps | call arguments | what the scheduler does |", "|---|---|---|"]
         lines += [f"| {n} | `{', '.join(f'{k}={v!r}' for k, v in kwargs.items())}` | {stock['notes'][n]} |"
                   for n, kwargs in stock["calls"].items()]
@@ -672,7 +672,7 @@ def model_card(meta: dict[str, Any], teacher: Any, folder_name: str) -> str:
         if scale != 1.0:
             lines += [f"fewstep's sampler starts at the teacher's largest noise level, {scale:.6g} times unit noise for "
                       f"this teacher: the pipeline's image for `latents=L` is fewstep's image for the noise "
-                      f"L / {scale:.6g} (starting noise {abs(1 - scale):.2%} smaller than the pipeline's).", ""]
+                      f"L / {scale:.6g} (its starting noise is {(1 - scale) * 100:.3g}% smaller than the pipeline's).", ""]
         if stock["packed_noise"] and any(int(n) > 1 for n in stock["calls"]):
             lines += [f"`{meta['pipeline']}` draws the re-noising noise of multistep sampling in its packed token "
                       "layout: the same sampler as fewstep's, but for more than one step not the same image for "
