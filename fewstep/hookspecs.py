@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
     from torch import Tensor, nn
 
+    from fewstep.editing import ConsistencyDenoiser
     from fewstep.export import StockExport, StockSampler
     from fewstep.teacher import Teacher
     from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, Phase, RunContext, StepInfo
@@ -137,6 +138,22 @@ def fewstep_sampling_networks(ctx: RunContext) -> list[str] | None:
     the student or its EMA (e.g. the K students of MSD, CAF's velocity network, SCT's weak snapshot).
     The export writes them next to the student, and a loaded export restores them, so the exported
     pipeline runs the plugin's own sampler. Each must be a :class:`fewstep.backbones.Backbone`."""
+
+
+@hookspec(firstresult=True)
+def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None) -> ConsistencyDenoiser | None:
+    """First. The student's consistency function for zero-shot editing (CM Algorithm 4, ``fewstep.editing``):
+    a :class:`fewstep.editing.ConsistencyDenoiser` whose ``f(x, sigma)`` maps a sigma-space sample at any level
+    in [sigma_min, sigma_max] to its clean estimate (model space, the EMA student when there is one), with the
+    re-noising floor of the method's multistep sampler. None: the method does not support editing."""
+
+
+@hookspec(firstresult=True)
+def fewstep_score_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None) -> Any:
+    """First. The student's denoiser D(x, sigma) (sigma space, differentiable in x) as a score model,
+    score = (D - x) / sigma^2, for the probability-flow likelihood (``fewstep.likelihood``): a callable
+    (x (B,C,H,W), sigma (B,)) -> (B,C,H,W). None: the student is not a score model (``fewstep likelihood``
+    then uses only teachers)."""
 
 
 @hookspec(firstresult=True)

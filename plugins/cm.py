@@ -384,3 +384,23 @@ def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int) -> object
         return None
     a, b = boundary_coefficients(cfg, p, hi)
     return one_step_sampler(p, hi, a, b, clip=cfg.clamp and teacher.vae is None, scalars=scalars)
+
+
+@hookimpl
+def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
+    """The consistency function f of the sampler above for zero-shot editing (CM Algorithm 4, fewstep.editing);
+    not for self-conditioned students, whose f reads the previous step's estimate."""
+    from fewstep.editing import ConsistencyDenoiser
+
+    cfg, teacher = ctx.method, nets.teacher
+    net = sampling_net(nets)
+    if selfcond.enabled(unwrap(net)):
+        return None
+    lo, hi = _range(cfg, teacher.process)
+    w = None if getattr(cfg, "guidance", None) is None else torch.tensor([cfg.sample_guidance])
+
+    def f(x: Tensor, sigma: Tensor) -> Tensor:
+        scalars = guidance_inputs(None if w is None else w.expand(x.shape[0]).to(x.device))
+        return consistency_fn(net, teacher.process, cfg, x, sigma, cond, **scalars)
+
+    return ConsistencyDenoiser(f, lo, hi, renoise_floor=lo, clamp=cfg.clamp and teacher.vae is None, rho=cfg.rho)

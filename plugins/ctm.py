@@ -389,3 +389,31 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
         return jump(net, process, x, t, s, cond)
 
     return gamma_sample(G, noise.float(), sigmas, lo, cfg.gamma, generator, clamp=cfg.clamp and teacher.vae is None)
+
+
+@hookimpl
+def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
+    """For zero-shot editing (fewstep.editing): the jump to sigma_min, f(x, t) = G(x, t, sigma_min), CM's
+    consistency function (gamma = 1 in the sampler above)."""
+    from fewstep.editing import ConsistencyDenoiser
+
+    cfg, teacher = ctx.method, nets.teacher
+    lo, hi = _range(cfg, teacher.process)
+    net = sampling_net(nets)
+
+    def f(x: Tensor, t: Tensor) -> Tensor:
+        return jump(net, teacher.process, x, t, torch.full_like(t, lo), cond)
+
+    return ConsistencyDenoiser(f, lo, hi, renoise_floor=lo, clamp=cfg.clamp and teacher.vae is None, rho=cfg.rho)
+
+
+@hookimpl
+def fewstep_score_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
+    """The student as a score model (Kim et al. §4: its g at s = t is a denoiser, trained by the DSM term):
+    D(x, t) = g(x, t, t), score (D - x) / t^2. Differentiable in x (for the likelihood's divergence)."""
+    process, net = nets.teacher.process, sampling_net(nets)
+
+    def denoiser(x: Tensor, t: Tensor) -> Tensor:
+        return process.denoise(net, x, t, cond, s=s_input(process, t))
+
+    return denoiser

@@ -387,3 +387,26 @@ def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int):
         return StockSampler("CMStochasticIterativeScheduler", config, 1, note="CM's one-step sampler at sigma_max")
     a, b = cm_boundary_coefficients(hi, lo, p.sigma_data)
     return one_step_sampler(p, hi, a, b, clip=clip)
+
+
+@hookimpl
+def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
+    """For zero-shot editing (fewstep.editing): x0_hat of ECT's multistep sampler (guided as it is for SCT),
+    re-noised from 0 as ECT's sampler. Phased SCT (segment edges) maps to its segment's edge, not to data:
+    no editing."""
+    from fewstep.editing import ConsistencyDenoiser
+
+    cfg, process = ctx.method, nets.teacher.process
+    if getattr(cfg, "segment_edges", []):
+        return None
+    lo, hi = sigma_range(cfg, process)
+    good = sampling_net(nets)
+    w = getattr(cfg, "guidance", 1.0)
+    bad = nets.extra["snapshot"] if w != 1.0 else None
+
+    def x0_hat(x: Tensor, sigma: Tensor) -> Tensor:
+        f_good = denoised(good, process, x, sigma, cond, lo, process.sigma_data)
+        f_bad = None if bad is None else denoised(bad, process, x, sigma, cond, lo, process.sigma_data)
+        return guided(f_good, f_bad, w)
+
+    return ConsistencyDenoiser(x0_hat, lo, hi, renoise_floor=0.0, clamp=cfg.clamp and nets.teacher.vae is None)

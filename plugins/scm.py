@@ -348,3 +348,28 @@ def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int):
         scalars = {k: float(v[0]) for k, v in guidance_inputs(torch.full((1,), value)).items()}
     return renoise_sampler(teacher.process, [sd * math.tan(t) for t in times], clip=cfg.clamp and teacher.vae is None,
                            scalars=scalars)
+
+
+@hookimpl
+def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
+    """For zero-shot editing (fewstep.editing): f in sigma space. A sigma-space x = x0 + sigma eps is the
+    TrigFlow x_t / cos t at t = arctan(sigma / sd), so f(x, sigma) = f_trig(cos t x, t); the sampler above
+    re-noises from 0 (floor 0)."""
+    from fewstep.editing import ConsistencyDenoiser
+
+    cfg, teacher = ctx.method, nets.teacher
+    process = teacher.process
+    sd = _sigma_data(cfg, process)
+    t_min, t_max = time_range(cfg, process)
+    net = sampling_net(nets)
+    w = None
+    if cfg.guidance is not None:
+        w = cfg.sample_guidance if cfg.sample_guidance is not None else sum(cfg.guidance) / 2
+
+    def f(x: Tensor, sigma: Tensor) -> Tensor:
+        t = torch.atan(sigma / sd)
+        scalars = guidance_inputs(None if w is None else torch.full((x.shape[0],), w, device=x.device))
+        return consistency_fn(net, process, sd, append_dims(torch.cos(t), x.ndim) * x, t, cond, **scalars)
+
+    return ConsistencyDenoiser(f, sd * math.tan(t_min), sd * math.tan(t_max), renoise_floor=0.0,
+                               clamp=cfg.clamp and teacher.vae is None)

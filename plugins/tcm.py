@@ -233,3 +233,19 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
         return f_student(x, sigma) if float(sigma[0]) >= cfg.transition_sigma else f_stage1(x, sigma)
 
     return consistency_sample(f, noise.float(), levels, 0.0, generator, clamp=cfg.clamp and nets.teacher.vae is None)
+
+
+@hookimpl
+def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
+    """For zero-shot editing (fewstep.editing): the composite consistency function of the sampler above."""
+    from fewstep.editing import ConsistencyDenoiser
+
+    cfg, process = ctx.method, nets.teacher.process
+    lo, hi = sigma_range(cfg, process)
+    f_student = consistency_fn(sampling_net(nets), process, cond, lo)
+    f_stage1 = consistency_fn(nets.extra["stage1"], process, cond, lo)
+
+    def f(x: Tensor, sigma: Tensor) -> Tensor:
+        return f_student(x, sigma) if float(sigma[0]) >= cfg.transition_sigma else f_stage1(x, sigma)
+
+    return ConsistencyDenoiser(f, lo, hi, renoise_floor=0.0, clamp=cfg.clamp and nets.teacher.vae is None)

@@ -1,0 +1,184 @@
+"""Zero-shot editing (fewstep.editing, CM Algorithm 4): projections, the sampler's closed forms with an exact
+Gaussian consistency function, and the hook on a tiny CD student end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fewstep.editing import (
+    BlockAverage,
+    ConsistencyDenoiser,
+    Everything,
+    Luminance,
+    Mask,
+    Nothing,
+    edit_levels,
+    edit_sample,
+    known_psnr,
+    slerp,
+)
+
+MU, S, EPS, SMAX = 0.3, 0.5, 0.002, 80.0
+
+
+def gaussian_consistency(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Exact consistency function of data N(MU, S^2 I): the PF-ODE flow from sigma to EPS,
+    mu + sqrt((S^2 + EPS^2) / (S^2 + sigma^2)) (x - mu) (each coordinate independently)."""
+    scale = torch.sqrt((S**2 + EPS**2) / (S**2 + sigma**2)).view(-1, 1, 1, 1)
+    return MU + scale * (x - MU)
+
+
+DEN = ConsistencyDenoiser(gaussian_consistency, EPS, SMAX, renoise_floor=EPS)
+
+
+def _image(b: int = 2, c: int = 3, h: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.rand((b, c, h, h), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _mask(h: int = 8) -> torch.Tensor:
+    m = torch.ones(1, 1, h, h)
+    m[..., h // 4: 3 * h // 4, h // 4: 3 * h // 4] = 0
+    return m
+
+
+OPS = [Mask(_mask()), Luminance(), BlockAverage(2), Nothing(), Everything()]
+
+
+@pytest.mark.parametrize("op", OPS, ids=lambda o: type(o).__name__)
+def test_projections_are_orthogonal(op):
+    x, y = _image(seed=1), _image(seed=2)
+    px = op.project(x)
+    torch.testing.assert_close(op.project(px), px, atol=1e-6, rtol=0)  # idempotent
+    # self-adjoint: <P x, y> = <x, P y>, and the complement is orthogonal to the range
+    torch.testing.assert_close((px * y).sum(), (x * op.project(y)).sum(), atol=1e-4, rtol=0)
+    assert abs(float((op.complement(x) * op.project(y)).sum())) < 1e-4
+
+
+def test_luminance_basis_is_orthogonal_with_luma_first():
+    a = Luminance().basis()
+    torch.testing.assert_close(a @ a.T, torch.eye(3, dtype=a.dtype), atol=1e-12, rtol=0)
+    u = torch.tensor([0.299, 0.587, 0.114], dtype=a.dtype)
+    torch.testing.assert_close(a[0], u / u.norm())
+    # the projection is A^T diag(1, 0, 0) A
+    x = _image(b=1)
+    p = a.T @ torch.diag(torch.tensor([1.0, 0, 0], dtype=a.dtype)) @ a
+    expect = torch.einsum("ij,bjhw->bihw", p.float(), x)
+    torch.testing.assert_close(Luminance().project(x), expect, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("op", OPS[:3], ids=lambda o: type(o).__name__)
+@pytest.mark.parametrize("steps", [1, 3])
+def test_known_part_is_reproduced(op, steps):
+    y = _image()
+    out = edit_sample(DEN, y, op, edit_levels(DEN, steps), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(op.project(out), op.project(y), atol=1e-6, rtol=0)
+    if isinstance(op, Mask):  # a mask is applied exactly: bit-identical known pixels
+        assert torch.equal(out * op.mask, y * op.mask)
+        assert known_psnr(out, y, op) == math.inf
+    assert not torch.allclose(op.complement(out), op.complement(y))  # the rest is the student's
+
+
+def test_identity_operator_returns_the_input():
+    y = _image()
+    out = edit_sample(DEN, y, Everything(), edit_levels(DEN, 2), torch.Generator().manual_seed(0))
+    assert torch.equal(out, y)
+
+
+def test_superres_block_average_equals_low_res_input():
+    y = _image(h=8)
+    op = BlockAverage(4)
+    low = op.observe(y)
+    out = edit_sample(DEN, op.lift(low), op, edit_levels(DEN, 2), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(torch.nn.functional.avg_pool2d(out, 4), low, atol=1e-6, rtol=0)
+
+
+def test_slerp_endpoints_and_norm():
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    torch.testing.assert_close(slerp(z0, z1, 0.0), z0)
+    torch.testing.assert_close(slerp(z0, z1, 1.0), z1, atol=1e-5, rtol=1e-5)
+    # equal-norm endpoints keep their norm along the arc (the point of slerp for Gaussian noise)
+    z1 = z1 / z1.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * z0.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    mid = slerp(z0, z1, 0.5)
+    torch.testing.assert_close(mid.flatten(1).norm(dim=1), z0.flatten(1).norm(dim=1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(slerp(z0, z0, 0.3), z0)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_gaussian_inpainting_draws_the_exact_conditional_law(steps):
+    """Data N(MU, S^2 I) has independent pixels, so the law of the unknown pixels given the known ones is
+    N(MU, S^2) (plus the EPS^2 the consistency function stops at). With the exact consistency function the
+    completions must have that mean and variance; the first step maps T z to MU + sqrt((S^2+EPS^2)/(S^2+T^2)) T z."""
+    n = 4000
+    y = torch.full((n, 1, 4, 4), -0.9)
+    op = Mask(_mask(4))
+    out = edit_sample(DEN, y, op, edit_levels(DEN, steps), torch.Generator().manual_seed(0))
+    hole = out[:, :, 1:3, 1:3]
+    t = edit_levels(DEN, steps)[0]
+    var = (S**2 + EPS**2) * t**2 / (S**2 + t**2) if steps == 1 else S**2 + EPS**2
+    se = math.sqrt(var / hole.numel())
+    assert abs(float(hole.mean()) - MU) < 5 * se
+    assert abs(float(hole.var()) / var - 1) < 0.05
+    assert torch.equal(out[:, :, 0], y[:, :, 0])
+
+
+def test_sdedit_start_level_and_full_strength():
+    """SDEdit from a level close to sigma_min keeps the image (the flow barely moves it); the levels start
+    where asked."""
+    y = _image()
+    levels = edit_levels(DEN, 2, start_sigma=0.01)
+    assert levels[0] == pytest.approx(0.01)
+    out = edit_sample(DEN, y, Nothing(), levels, torch.Generator().manual_seed(0), start=y)
+    assert float((out - y).abs().max()) < 0.05
+    with pytest.raises(ValueError, match="outside the student's range"):
+        edit_levels(DEN, 2, start_sigma=100.0)
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="binary"):
+        Mask(torch.full((1, 1, 4, 4), 0.5))
+    with pytest.raises(ValueError, match="RGB"):
+        Luminance().project(torch.zeros(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="must divide"):
+        BlockAverage(3).project(torch.zeros(1, 1, 4, 4))
+
+
+HOOKED = [{"name": "cd", "num_scales": 4}, {"name": "ctm", "num_scales": 6, "num_heun_steps_max": 2}, {"name": "ect"}]
+SLOW_HOOKED = [{"name": "scm", "mode": "scd", "warmup_nimg": 8}, {"name": "tcm", "stage_nimg": 8}, {"name": "ct"}, {"name": "ict"}, {"name": "sct", "stage_nimg": 8}]
+
+
+@pytest.mark.parametrize("method", [*HOOKED, *(pytest.param(m, marks=pytest.mark.slow) for m in SLOW_HOOKED)],
+                         ids=lambda m: m["name"])
+def test_students_edit_through_the_hook(method, tmp_path):
+    """One training step of a tiny student, then every task through fewstep.editing.edit: the known part of
+    each output is the input's, the output is finite and inside [-1, 1] where the sampler clamps."""
+    from fewstep.editing import edit
+    from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config
+
+    teacher = make_tiny_teacher(tmp_path / "teacher", process="edm" if method["name"] in ("ect", "sct", "tcm")
+                                else "vp")
+    trainer, _ = run_tiny(tiny_run_config(teacher, method, steps=1), tmp_path / "run")
+    hook, ctx, nets = trainer.pm.hook, trainer.ctx, trainer.nets
+    image = torch.rand((2, 1, 8, 8), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mask = _mask()
+    for task, op in (("inpaint", Mask(mask)), ("superres", BlockAverage(2))):
+        out = edit(hook, ctx, nets, task, image, 2, mask=mask, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(op.project(out), op.project(image), atol=1e-5, rtol=0)
+        assert torch.isfinite(out).all()
+    out = edit(hook, ctx, nets, "sdedit", image, 2, strength=0.3, generator=torch.Generator().manual_seed(0))
+    assert out.shape == image.shape and torch.isfinite(out).all()
+    frames = edit(hook, ctx, nets, "interpolate", image, 1, num_frames=3, generator=torch.Generator().manual_seed(0))
+    assert frames.shape == (3, 1, 8, 8) and torch.isfinite(frames).all()
+
+
+def test_methods_without_a_consistency_function_are_refused(tmp_path):
+    from fewstep.editing import edit
+    from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    trainer, _ = run_tiny(tiny_run_config(teacher, {"name": "dmd2"}, steps=1), tmp_path / "run")
+    with pytest.raises(ValueError, match="offers no consistency function"):
+        edit(trainer.pm.hook, trainer.ctx, trainer.nets, "inpaint", torch.zeros(1, 1, 8, 8), 1, mask=_mask())
