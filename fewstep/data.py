@@ -1092,6 +1092,11 @@ def build_data(cfg: DataConfig, base: Path | None = None, cache_root: Path | Non
     if cfg.buckets or cfg.crop == "random":
         raise ValueError(f"data.buckets / data.crop: random apply to sources read per batch (metadata folders, "
                          f"datasets, webdataset shards); '{cfg.source}' is a {kind} source read into memory")
+    per_batch_only = ("caption_column", "label_column", "negative_column", "image_column", "num_classes", "split",
+                      "cache", "cache_dtype")
+    if given := [f for f in per_batch_only if getattr(cfg, f) != DataConfig.model_fields[f].default]:
+        raise ValueError(f"data.{given[0]} is set but '{cfg.source}' is a {kind} source read into memory, where it "
+                         "has no meaning (it applies to metadata folders, datasets and webdataset shards); remove it")
     return build_dataset(cfg, base)
 
 

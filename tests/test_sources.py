@@ -219,6 +219,8 @@ def test_random_crops_are_drawn_from_seed_and_position(tmp_path):
     assert a.size_cond[:, 3].min() >= 0 and a.size_cond[:, 3].max() <= 16
     with pytest.raises(ValueError, match="random apply to sources read per batch"):
         build_data(DataConfig(crop="random"))
+    with pytest.raises(ValueError, match="data.caption_column is set but 'digits' is a digits source read into memory"):
+        build_data(DataConfig(caption_column="text"))
 
 
 def test_buckets_group_batches_by_aspect_ratio(tmp_path):
