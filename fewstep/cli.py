@@ -130,7 +130,52 @@ def build_parser() -> argparse.ArgumentParser:
                    "image (default: RUN/samples/sample.png)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the run's recipe (run folders only), e.g. --set method.guidance=1.5")
+
+    p = sub.add_parser("edit", help="zero-shot editing with a consistency-type student (CM Algorithm 4): inpaint, "
+                       "colorize, superres, sdedit, interpolate")
+    p.add_argument("run", type=Path, help="run folder (`fewstep distill`) or export folder (`fewstep export`)")
+    p.add_argument("--task", required=True, choices=["inpaint", "colorize", "superres", "sdedit", "interpolate"])
+    p.add_argument("--image", type=Path, required=True, help="input image (resized to the student's size; "
+                   "interpolate: only its size is used)")
+    p.add_argument("--mask", type=Path, default=None, help="inpaint: mask image, white = known, black = to fill")
+    p.add_argument("--steps", type=int, default=2, help="consistency steps (network evaluations)")
+    p.add_argument("--factor", type=int, default=2, help="superres: block size k of the k x k average")
+    p.add_argument("--strength", type=float, default=0.5, help="sdedit: start level, 0 = the image, 1 = pure noise "
+                   "(fraction of the Karras scale from sigma_min to sigma_max)")
+    p.add_argument("--frames", type=int, default=8, help="interpolate: images from the first noise to the second")
+    p.add_argument("--label", type=int, default=0, help="class label of a class-conditional student")
+    p.add_argument("--prompt", default=None, help="prompt of a text-conditional student")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--out", type=Path, required=True, help="PNG grid: input row and output row")
+
+    p = sub.add_parser("likelihood", help="bits/dim by the probability-flow ODE (Hutchinson trace) of a teacher "
+                       "or a CTM student on the last N images of a data source")
+    p.add_argument("model", type=Path, help="run folder (its student's score model, or --teacher) or teacher folder")
+    p.add_argument("--data", default="digits", help="data source (as data.source in a recipe)")
+    p.add_argument("--num", type=int, default=64, help="images scored: the last NUM of the source")
+    p.add_argument("--teacher", action="store_true", help="run folder: score its teacher instead of the student")
+    p.add_argument("--probe", choices=["rademacher", "gaussian", "exact"], default="rademacher",
+                   help="divergence: Hutchinson probe, or exact (one backward pass per dimension)")
+    p.add_argument("--ode-steps", type=int, default=64, help="Heun steps, uniform in ln sigma")
+    p.add_argument("--sigma-min", type=float, default=None, help="start level (default: the teacher's smallest)")
+    p.add_argument("--sigma-max", type=float, default=None, help="prior level (default: the teacher's largest)")
+    p.add_argument("--no-dequantize", dest="dequantize", action="store_false",
+                   help="skip uniform dequantisation noise U[0, 2/256) (added by default)")
+    p.add_argument("--batch", type=int, default=64, help="images per ODE solve")
+    p.add_argument("--seed", type=int, default=0, help="seed of the probes and dequantisation noise")
     return parser
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from fewstep.editing import cmd_edit
+
+    return cmd_edit(args)
+
+
+def _likelihood(args: argparse.Namespace) -> int:
+    from fewstep.likelihood import cmd_likelihood
+
+    return cmd_likelihood(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"distill": cmd_distill, "train": cmd_distill, "validate": cmd_validate,
                 "plugins": cmd_plugins, "sample": cmd_sample, "eval": cmd_eval, "pairs": cmd_pairs,
                 "export": cmd_export, "compare": cmd_compare, "coupling": cmd_coupling,
-                "cache": cmd_cache, "bench": cmd_bench}[args.command](args)
+                "cache": cmd_cache, "bench": cmd_bench, "edit": _edit, "likelihood": _likelihood}[args.command](args)
     except RunStopped as exc:
         if is_main_process():
             print(f"fewstep: {exc}", file=sys.stderr)
