@@ -25,6 +25,7 @@ def check_inputs(config: RunConfig, pm: Any = None) -> None:
         shape = _teacher_shape(Path(config.teacher.pretrained), "teacher.pretrained", errors)
         if shape is not None:
             _check_data_shape(config, shape, errors)
+            _check_class_conditional(config, errors)
     elif pm is not None and not _builds_own_teacher(pm):
         errors.append(f"teacher.pretrained: method {config.method.name!r} distils a teacher, so the recipe must "
                       "name a local diffusers folder (model_index.json, or config.json plus a scheduler config)")
@@ -169,6 +170,19 @@ def safetensors_problem(path: Path) -> str | None:
     if 8 + n + end > size:
         return f"truncated ({size} of {8 + n + end} bytes)"
     return None
+
+
+def _check_class_conditional(config: RunConfig, errors: list[str]) -> None:
+    """An explicit ``data.class_conditional: false`` contradicts a class-conditional teacher (which the run
+    would otherwise feed with the data's labels regardless)."""
+    from fewstep.data import teacher_info
+
+    data = config.data
+    if "class_conditional" in data.model_fields_set and not data.class_conditional:
+        if teacher_info(config.teacher.pretrained).conditioning == "class":
+            errors.append(f"data.class_conditional=false but the teacher {config.teacher.pretrained} is "
+                          "class-conditional: every image needs its label; remove data.class_conditional (the "
+                          "labels are then read with the images)")
 
 
 def _check_data_shape(config: RunConfig, shape: tuple[int, int], errors: list[str]) -> None:
