@@ -88,8 +88,8 @@ class Trainer:
                     if self._crossed(self.config.validation.every_nimg):
                         self.validate()
                     self.step_boundary()
-            except KeyboardInterrupt:  # a second Ctrl-C, or one raised by a hook
-                if not self._in_step:  # mid-step the networks are half-updated: no consistent state to save
+            except KeyboardInterrupt:  # a Ctrl-C after a stop request (abort), or one raised by a hook
+                if self.signals.received is None and not self._in_step:  # mid-step: half-updated networks
                     self.save_checkpoint()
                 raise
         hook.fewstep_on_phase_end(ctx=ctx, phase=phase, nets=self.nets)

@@ -107,6 +107,21 @@ def test_second_ctrl_c_aborts_at_once():
             os.kill(os.getpid(), signal.SIGINT)
 
 
+class CtrlCTwice:
+    @hookimpl
+    def fewstep_on_step_end(self, step):
+        if step.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # a stop request...
+            os.kill(os.getpid(), signal.SIGINT)  # ...and an impatient second press before it is acted on
+
+
+def test_second_ctrl_c_in_a_run_aborts_without_a_checkpoint(teacher, tmp_path):
+    trainer, _ = build(cd_config(teacher), tmp_path / "run", CtrlCTwice())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert checkpoint_dirs(tmp_path / "run") == []
+
+
 def test_wall_time_budget_stops_cleanly(teacher, tmp_path):
     trainer, _ = build(cd_config(teacher, train={"max_wall_s": 1e-6}), tmp_path / "run")
     with pytest.raises(RunStopped, match="train.max_wall_s"):
