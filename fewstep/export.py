@@ -926,3 +926,18 @@ class FewStepPipeline(DiffusionPipeline):
             array = images.permute(0, 2, 3, 1).numpy()
             out = self.numpy_to_pil(array) if output_type == "pil" else array
         return ImagePipelineOutput(images=out) if return_dict else (out,)
+
+    def edit(self, image: Tensor, task: str, num_inference_steps: int = 2, mask: Tensor | None = None,
+             factor: int = 2, strength: float = 0.5, class_labels: Any = None, prompt: Any = None,
+             generator: torch.Generator | None = None, num_frames: int = 8) -> Tensor:
+        """Zero-shot editing with the export's consistency-type student (``fewstep.editing``, CM Algorithm 4).
+
+        image: (B, C, H, W) in [-1, 1]; task: inpaint (``mask`` 1 = known), colorize, superres (``factor``),
+        sdedit (``strength``) or interpolate (``num_frames``). Returns images (B, C, H, W) in [-1, 1]."""
+        from fewstep.editing import edit
+
+        run = self._export()
+        n = num_frames if task == "interpolate" else image.shape[0]
+        cond = condition(run.nets.teacher, n, class_labels, prompt)
+        return edit(run.hook, run.ctx, run.nets, task, image, num_inference_steps, mask=mask, factor=factor,
+                    strength=strength, cond=cond, generator=generator, num_frames=num_frames)

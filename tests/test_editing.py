@@ -182,3 +182,27 @@ def test_methods_without_a_consistency_function_are_refused(tmp_path):
     trainer, _ = run_tiny(tiny_run_config(teacher, {"name": "dmd2"}, steps=1), tmp_path / "run")
     with pytest.raises(ValueError, match="offers no consistency function"):
         edit(trainer.pm.hook, trainer.ctx, trainer.nets, "inpaint", torch.zeros(1, 1, 8, 8), 1, mask=_mask())
+
+
+def test_edit_command_and_pipeline_method_on_an_export(tmp_path):
+    """`fewstep edit EXPORT --task inpaint` writes the grid; FewStepPipeline.edit keeps the known pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from fewstep.cli import main
+    from fewstep.export import FewStepPipeline, export_run
+    from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    trainer, _ = run_tiny(tiny_run_config(teacher, {"name": "cd", "num_scales": 4}, steps=1), tmp_path / "run")
+    folder = export_run(trainer.pm.hook, trainer.ctx, trainer.nets, tmp_path / "export")
+    pipe = FewStepPipeline.from_pretrained(folder)
+    image = torch.rand((2, 1, 8, 8), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = pipe.edit(image, "inpaint", 2, mask=_mask(), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out * _mask(), image * _mask())
+    Image.fromarray(np.full((8, 8), 200, dtype=np.uint8)).save(tmp_path / "in.png")
+    Image.fromarray((_mask()[0, 0].numpy() * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    grid = tmp_path / "edit.png"
+    assert main(["edit", str(folder), "--task", "inpaint", "--image", str(tmp_path / "in.png"), "--mask",
+                 str(tmp_path / "mask.png"), "--steps", "2", "--out", str(grid)]) == 0
+    assert grid.is_file()
