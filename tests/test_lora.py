@@ -361,7 +361,17 @@ def test_export_writes_fused_pipeline_and_lora_file(latent_text_teacher, tmp_pat
     assert sorted(p.name for p in Path(alone).iterdir()) == [LORA_WEIGHTS]
 
 
-def test_bf16_base_with_float32_adapters(teachers, tmp_path):
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps one process-wide state, fixed by the first Accelerator (fp32 in the other tests)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_base_with_float32_adapters(teachers, tmp_path, fresh_accelerate):
     """Mixed precision: the shared base is the teacher in bf16, the adapters stay float32 and train."""
     cfg = method_config("dmd2", teachers["unet"], lora={"rank": 4}, train={"mixed_precision": "bf16"})
     trainer, rec = run_tiny(cfg, tmp_path / "run")
