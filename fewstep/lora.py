@@ -268,6 +268,11 @@ def adapt_student(config: Any, teacher: Any, student: nn.Module) -> nn.Module:
     cfg = config.lora
     if cfg is None:
         return student
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ImportError("lora: the recipe's lora section needs peft; install it with pip install 'fewstep[lora]'") \
+            from None
     if not isinstance(student, Backbone):
         raise ValueError(f"lora: the student is a {type(student).__name__}, not a fewstep Backbone; LoRA adapts "
                          "backbones built from the teacher (remove the lora section for this method)")
