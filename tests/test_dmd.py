@@ -127,7 +127,8 @@ def test_multistep_sampler_uses_the_trained_levels(class_teacher, tmp_path):
     assert set(generator_levels(sched.grid, 2).tolist()) <= set(sched.levels.tolist())
     noise, cond = trainer.validation_inputs()
     seen = []
-    handle = trainer.nets.ema.model.register_forward_pre_hook(lambda m, args: seen.append(args[1][0].item()))
+    handle = trainer.nets.ema.model.register_forward_pre_hook(  # the backbone passes timestep by keyword
+        lambda m, args, kwargs: seen.append(kwargs["timestep"][0].item()), with_kwargs=True)
     for k in (1, 2, 4):
         out = generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, cond, k)
         assert out.shape == noise.shape and torch.isfinite(out).all()
