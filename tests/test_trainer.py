@@ -250,3 +250,19 @@ def test_peak_memory_in_the_summary_is_the_training_peak(tmp_path, monkeypatch):
     teacher = make_tiny_teacher(tmp_path / "t", "unet")
     run_tiny(tiny_run_config(teacher, {"name": "cd", "num_scales": 4}, steps=2), tmp_path / "run")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["peak_memory_mb"] == 1.0
+
+
+def test_metrics_average_each_group_over_its_own_steps():
+    """A group that steps every 2nd step (TTUR) logs its own mean, not half of it (issue 17's review)."""
+    from types import SimpleNamespace
+
+    from fewstep.builtin.logging import Window
+
+    window = Window()
+    for step in range(4):
+        window.add({"fake/loss": 1.0, **({"gen/loss": 3.0, "gen/lr": 1e-4} if step % 2 else {})})
+    ctx = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(log_every_nimg=16)), global_batch=4)
+    assert not Window.closes(ctx, SimpleNamespace(nimg=12, total_nimg=100))
+    assert Window.closes(ctx, SimpleNamespace(nimg=16, total_nimg=100))
+    assert window.pop() == {"fake/loss": 1.0, "gen/loss": 3.0, "gen/lr": pytest.approx(1e-4)}
+    assert window.pop() == {}

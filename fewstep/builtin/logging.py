@@ -10,12 +10,36 @@ from fewstep.hookspecs import hookimpl
 from fewstep.types import Nets, RunContext, StepInfo
 
 
+class Window:
+    """Means of the logged values over one logging window (``train.log_every_nimg``), each key over the steps
+    that logged it: a group that steps every k-th step (TTUR generators) is averaged over its own steps."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, logs: dict[str, Any]) -> None:
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    @staticmethod
+    def closes(ctx: RunContext, step: StepInfo) -> bool:
+        """Whether this step ends a window: it crossed a multiple of log_every_nimg, or training ends."""
+        every = ctx.config.train.log_every_nimg
+        return step.nimg // every != (step.nimg - ctx.global_batch) // every or step.nimg >= step.total_nimg
+
+    def pop(self) -> dict[str, float]:
+        means = {k: v / self.counts[k] for k, v in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return means
+
+
 class MetricsLogger:
     """One instance per run (the plugin manager registers a fresh one), so runs never share state."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.count = 0
+        self.window = Window()
         self.bar: Any = None
         self.file: Any = None
         self.last_nimg = 0
@@ -35,17 +59,14 @@ class MetricsLogger:
 
     @hookimpl
     def fewstep_on_step_end(self, ctx: RunContext, step: StepInfo, logs: dict[str, float]) -> None:
-        for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-        every = ctx.config.train.log_every_nimg
-        if step.nimg // every == (step.nimg - ctx.global_batch) // every and step.nimg < step.total_nimg:
+        self.window.add(logs)
+        if not Window.closes(ctx, step):
             if self.bar is not None:
                 self.bar.update(ctx.global_batch)
             return
         now = time.perf_counter()
         rate = (step.nimg - self.last_nimg) / max(now - self.last_time, 1e-9)
-        means = {k: v / self.count for k, v in self.sums.items()}
+        means = self.window.pop()
         if self.file is not None:
             line = {"step": step.step, "nimg": step.nimg, "phase": step.phase, "images_per_s": round(rate, 2), **means}
             self.file.write(json.dumps(line) + "\n")
@@ -54,7 +75,6 @@ class MetricsLogger:
             loss = next((v for k, v in means.items() if k.endswith("/loss")), float("nan"))
             self.bar.set_postfix({"img/s": f"{rate:.0f}", "loss": f"{loss:.4g}"})
             self.bar.update(ctx.global_batch)
-        self.sums, self.count = {}, 0
         self.last_nimg, self.last_time = step.nimg, now
 
     @hookimpl

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from fewstep.builtin.logging import Window
 from fewstep.hookspecs import hookimpl
 from fewstep.types import Cond, Nets, RunContext, StepInfo
 
@@ -38,8 +39,7 @@ class Tracking:
 
     def __init__(self) -> None:
         self.trackers: list[Any] = []
-        self.sums: dict[str, float] = {}
-        self.count = 0
+        self.window = Window()
         self.last_nimg, self.last_time = 0, 0.0
 
     @hookimpl
@@ -70,18 +70,14 @@ class Tracking:
     def fewstep_on_step_end(self, ctx: RunContext, step: StepInfo, logs: dict[str, Any]) -> None:
         if not self.trackers:
             return
-        for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        self.count += 1
-        every = ctx.config.train.log_every_nimg
-        if step.nimg // every == (step.nimg - ctx.global_batch) // every and step.nimg < step.total_nimg:
+        self.window.add(logs)
+        if not Window.closes(ctx, step):
             return
         now = time.perf_counter()
-        values = {k: v / self.count for k, v in self.sums.items()}
+        values = self.window.pop()
         values["images_per_s"] = (step.nimg - self.last_nimg) / max(now - self.last_time, 1e-9)
         for tracker in self.trackers:
             tracker.log(values, step=step.nimg)
-        self.sums, self.count = {}, 0
         self.last_nimg, self.last_time = step.nimg, now
 
     @hookimpl
