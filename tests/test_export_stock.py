@@ -243,8 +243,10 @@ FAMILY_MATRIX = {
     # CTM's gamma sampler feeds the target time s, different at every step
     **{(f, "ctm"): ({"name": "ctm"}, None) for f in ("sd", "sd3")},
 }
-#: Cells in the default test run (the rest are slow): the flow-matching path through a packed-latent pipeline.
-DEFAULT_CELLS = {("flux", "dmd2")}
+#: Cells in the default test run (the rest are slow): one per family, each a different path (LCM-style w folded
+#: into SD; LCM timesteps through SDXL and PixArt; FlowMatchLCM sigmas through SD3, packed Flux and Sana).
+DEFAULT_CELLS = {("sd", "cd"), ("sdxl", "dmd2"), ("sd3", "scm"), ("flux", "dmd2"), ("pixart_sigma", "dmd2"),
+                 ("sana", "dmd2")}
 
 
 def _unpacked_renoise(monkeypatch, sample_shape):
