@@ -15,10 +15,16 @@ from fewstep.config import ConfigError, LoraConfig
 from fewstep.lora import LORA_WEIGHTS, LoraBackbone, SharedBase, materialize, save_lora
 from fewstep.pairs import MANIFEST, generate_pairs
 from fewstep.teacher import load_teacher
-from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config, tiny_unet_condition
+from fewstep.testing import (
+    MethodConformance,
+    make_tiny_teacher,
+    run_tiny,
+    tiny_run_config,
+    tiny_unet_condition,
+)
 from fewstep.types import Cond
 
-# One small configuration per method (the conformance classes' settings); None-free so every method runs.
+# One small configuration per method (as in each method's conformance tests), sized for 2-3 steps of batch 2.
 METHODS: dict[str, dict] = {
     "diffusion": {"name": "diffusion", "solver": "euler"},
     "cd": {"name": "cd", "num_scales": 8},
@@ -214,6 +220,25 @@ def test_every_method_trains_lora_adapters_on_one_base(method, backbone, teacher
     assert any(p.abs().sum() > 0 for v in views for n, p in trainer.nets.get(v).lora.named_parameters()
                if "lora_B" in n)  # some adapter trained (MSD's generators step on later steps only)
     assert not any(p.requires_grad for n, p in student.model.named_parameters() if ".lora_" not in n)
+
+
+class _LoraConformance(MethodConformance):
+    """The shared method contract (finite losses, gradients only where due, determinism, resume, sampler and
+    export) on all three tiny backbones, with the networks as LoRA adapters on one base."""
+
+    pytestmark = pytest.mark.slow
+    steps = 3
+
+    def config(self, teacher, **sections):
+        return super().config(teacher, lora={"rank": 4}, **sections)
+
+
+class TestDMD2LoraConformance(_LoraConformance):
+    method = {"name": "dmd2", "ratio": 2}
+
+
+class TestCTMLoraConformance(_LoraConformance):
+    method = {"name": "ctm", "gan_start_nimg": 4}
 
 
 def test_lora_resume_is_bit_identical(teachers, tmp_path):
