@@ -66,6 +66,19 @@ class ConsistencyDenoiser:
     rho: float = 7.0
 
 
+def flow_map_denoiser(F_fn: Callable[[Tensor, Tensor, Tensor], Tensor], sigma_min: float, sigma_max: float,
+                      clamp: bool = False) -> ConsistencyDenoiser:
+    """The consistency function of a flow-map student (flowmap, meanflow): its jump to flow time 0,
+    x0 = x_t - t F(x_t, t, 0), read in sigma space (x_t = x / (1 + sigma), t = sigma / (1 + sigma)).
+    F_fn: (x_t (B,C,H,W), t (B,), s (B,)) -> average velocity; re-noising from 0, as their samplers."""
+    def f(x: Tensor, sigma: Tensor) -> Tensor:
+        t = sigma / (1 + sigma)
+        x_t = x / (1 + sigma).view(-1, *([1] * (x.ndim - 1)))
+        return x_t - t.view(-1, *([1] * (x.ndim - 1))) * F_fn(x_t, t, torch.zeros_like(t))
+
+    return ConsistencyDenoiser(f, sigma_min, sigma_max, renoise_floor=0.0, clamp=clamp)
+
+
 # ------------------------------------------------------------------------------------------------
 # Known linear degradations, as orthogonal projections P onto the known subspace
 

@@ -238,3 +238,23 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
 
     out = chain(F_fn, noise.float(), times, cfg.gamma, generator)
     return out.clamp(-1.0, 1.0) if cfg.clamp and teacher.vae is None else out
+
+
+@hookimpl
+def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
+    """For zero-shot editing (fewstep.editing): the flow map's jump to data, f(x_t, t, 0), in sigma space,
+    between the teacher's smallest level and the sampler's first (guided students at their sampling w)."""
+    from fewstep.editing import flow_map_denoiser
+
+    cfg, teacher = ctx.method, nets.teacher
+    process, net = teacher.process, sampling_net(nets)
+    t_max = default_sample_times(process, 1)[0]
+    w = None
+    if cfg.guidance is not None:
+        w = cfg.sample_guidance if cfg.sample_guidance is not None else sum(cfg.guidance) / 2
+
+    def F_fn(x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        scalars = guidance_inputs(None if w is None else torch.full((x.shape[0],), w, device=x.device))
+        return average_velocity(net, process, x, t, s, cond, **scalars)
+
+    return flow_map_denoiser(F_fn, process.sigma_min, t_max / (1 - t_max), clamp=cfg.clamp and teacher.vae is None)

@@ -223,3 +223,19 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
 
     out = chain(u, noise.float(), times)
     return out.clamp(-1.0, 1.0) if cfg.clamp and teacher.vae is None else out
+
+
+@hookimpl
+def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
+    """For zero-shot editing (fewstep.editing): the jump to data z_0 = z_t - t u(z_t, t, 0) in sigma space,
+    between the teacher's smallest level and the sampler's first."""
+    from fewstep.editing import flow_map_denoiser
+
+    cfg, teacher = ctx.method, nets.teacher
+    process, net = teacher.process, sampling_net(nets)
+    t_max = default_sample_times(process, 1)[0]
+
+    def u(x: Tensor, t: Tensor, r: Tensor) -> Tensor:
+        return average_velocity(net, process, x, t, r, cond)
+
+    return flow_map_denoiser(u, process.sigma_min, t_max / (1 - t_max), clamp=cfg.clamp and teacher.vae is None)

@@ -137,6 +137,17 @@ def test_sdedit_start_level_and_full_strength():
         edit_levels(DEN, 2, start_sigma=100.0)
 
 
+def test_flow_map_denoiser_reads_the_jump_to_data_in_sigma_space():
+    """Point-mass data at MU: the exact average velocity from t to 0 is (x_t - MU) / t, so the consistency
+    function is MU at every sigma-space input and level."""
+    from fewstep.editing import flow_map_denoiser
+
+    den = flow_map_denoiser(lambda x, t, s: (x - MU) / t.view(-1, 1, 1, 1), 0.01, 80.0)
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 5
+    out = den.f(x, torch.tensor([0.05, 1.0, 60.0]))
+    torch.testing.assert_close(out, torch.full_like(x, MU), atol=1e-5, rtol=0)
+
+
 def test_refusals():
     with pytest.raises(ValueError, match="binary"):
         Mask(torch.full((1, 1, 4, 4), 0.5))
@@ -146,8 +157,10 @@ def test_refusals():
         BlockAverage(3).project(torch.zeros(1, 1, 4, 4))
 
 
-HOOKED = [{"name": "cd", "num_scales": 4}, {"name": "ctm", "num_scales": 6, "num_heun_steps_max": 2}, {"name": "ect"}]
-SLOW_HOOKED = [{"name": "scm", "mode": "scd", "warmup_nimg": 8}, {"name": "tcm", "stage_nimg": 8}, {"name": "ct"}, {"name": "ict"}, {"name": "sct", "stage_nimg": 8}]
+HOOKED = [{"name": "cd", "num_scales": 4}, {"name": "ctm", "num_scales": 6, "num_heun_steps_max": 2}, {"name": "ect"},
+          {"name": "tcm", "stage_nimg": 8}, {"name": "meanflow"}, {"name": "flowmap"}]
+SLOW_HOOKED = [{"name": "scm", "mode": "scd", "warmup_nimg": 8}, {"name": "ct"}, {"name": "ict"},
+               {"name": "sct", "stage_nimg": 8}]
 
 
 @pytest.mark.parametrize("method", [*HOOKED, *(pytest.param(m, marks=pytest.mark.slow) for m in SLOW_HOOKED)],

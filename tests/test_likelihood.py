@@ -110,3 +110,16 @@ def test_ctm_score_model_at_initialisation_has_its_teachers_likelihood(tmp_path)
     teacher = log_likelihood(teacher_denoiser(nets.teacher), x, lo, hi, 8, "rademacher", torch.Generator().manual_seed(1))
     assert torch.isfinite(student.log_p).all()
     torch.testing.assert_close(student.log_p, teacher.log_p, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_likelihood_command_on_a_teacher_folder(tmp_path, capsys):
+    import json
+
+    from fewstep.cli import main
+    from fewstep.testing import make_tiny_teacher
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    assert main(["likelihood", str(teacher), "--num", "2", "--ode-steps", "4", "--sigma-max", "80"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num"] == 2 and result["scored"] == "teacher" and math.isfinite(result["bits_per_dim"])
