@@ -51,11 +51,12 @@ def test_disabled_by_name(teacher, tmp_path):
 
 
 def test_wandb_offline(teacher, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     config = _config(teacher, tmp_path, log_with=["wandb"], init_kwargs={"wandb": {"dir": str(tmp_path)}})
     run_tiny(config, tmp_path / "run")
+    wandb.teardown()  # the wandb-core service writes the run file in the background; wait for it to finish
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     log = list(runs[0].glob("run-*.wandb"))[0].read_bytes()  # protobuf records; keys are stored as text
