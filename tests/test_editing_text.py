@@ -40,3 +40,26 @@ def test_stock_img2img_and_inpaint_pipelines_run_the_exported_student(tmp_path):
             result = p(prompt=["a cat"], image=image, strength=0.5, num_inference_steps=steps, output_type="pt",
                        generator=torch.Generator().manual_seed(0), **kwargs, **extra).images
             assert result.shape == (1, channels, size, size) and torch.isfinite(result).all()
+
+
+def test_fewstep_sdedit_of_a_text_student_and_latent_refusals(tmp_path):
+    """Where no stock pipeline applies, fewstep's own sampler edits with strength: SDEdit of a latent
+    text-conditional consistency student with a prompt (encode, Algorithm 4 without a known part, decode);
+    pixel operators are refused on latents."""
+    import pytest
+
+    from fewstep.editing import edit
+    from fewstep.export import condition
+
+    folder, prompts = tiny_family_teacher("sd", tmp_path / "tiny-families")
+    config = tiny_run_config(folder, {"name": "cd", "num_scales": 4}, steps=1, batch=2, data={"prompts": str(prompts)},
+                             validation={"steps": [1], "num_images": 2, "teacher_steps": 2, "upscale": 1})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    hook, ctx, nets = trainer.pm.hook, trainer.ctx, trainer.nets
+    teacher = nets.teacher
+    image = torch.rand((2, *teacher.data_shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    cond = condition(teacher, 2, prompt=["a cat", "a dog"])
+    out = edit(hook, ctx, nets, "sdedit", image, 2, strength=0.5, cond=cond, generator=torch.Generator().manual_seed(0))
+    assert out.shape == image.shape and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="only sdedit and interpolate"):
+        edit(hook, ctx, nets, "inpaint", image, 2, mask=torch.ones(1, 1, *image.shape[-2:]), cond=cond)
