@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip uniform dequantisation noise U[0, 2/256) (added by default)")
     p.add_argument("--batch", type=int, default=64, help="images per ODE solve")
     p.add_argument("--seed", type=int, default=0, help="seed of the probes and dequantisation noise")
+    p = sub.add_parser("recipe", help="write a starting recipe for a local teacher folder, read from its JSON configs")
+    p.add_argument("teacher", type=Path, help="local diffusers teacher folder")
+    p.add_argument("--method", required=True, help="method name, as listed by `fewstep plugins`")
+    p.add_argument("--out", type=Path, default=None, help="YAML file to write (default: print it)")
+    p.add_argument("--data", default=None, help="data source of the recipe (default 'digits'; a prompt list for a "
+                   "text teacher)")
     return parser
 
 
@@ -170,6 +176,12 @@ def _edit(args: argparse.Namespace) -> int:
     from fewstep.editing import cmd_edit
 
     return cmd_edit(args)
+
+
+def _recipe(args: argparse.Namespace) -> int:
+    from fewstep.recipe_gen import cmd_recipe
+
+    return cmd_recipe(args)
 
 
 def _likelihood(args: argparse.Namespace) -> int:
@@ -188,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"distill": cmd_distill, "train": cmd_distill, "validate": cmd_validate,
                 "plugins": cmd_plugins, "sample": cmd_sample, "eval": cmd_eval, "pairs": cmd_pairs,
                 "export": cmd_export, "compare": cmd_compare, "coupling": cmd_coupling,
-                "cache": cmd_cache, "bench": cmd_bench, "edit": _edit, "likelihood": _likelihood}[args.command](args)
+                "cache": cmd_cache, "bench": cmd_bench, "edit": _edit, "likelihood": _likelihood,
+                "recipe": _recipe}[args.command](args)
     except RunStopped as exc:
         if is_main_process():
             print(f"fewstep: {exc}", file=sys.stderr)

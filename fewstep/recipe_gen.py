@@ -1,0 +1,397 @@
+"""``fewstep recipe TEACHER --method NAME``: a starting recipe written for one local teacher folder.
+
+The teacher is read from its JSON configs alone (:func:`fewstep.families.detect_family`,
+:func:`fewstep.data.teacher_info` and the noise process of its scheduler config; no weights, no diffusers
+import): family, conditioning, resolution, channels, latent or pixel, prediction type and noise schedule.
+The method section starts from the defaults of the method's own pydantic config (collected through the
+``fewstep_method_config`` hook, so a new plugin needs no change here); :data:`RULES` then adjusts fields
+*by name*, only where the method's config has a field of that name, and every written field carries a
+comment saying where its value comes from. The recipe is validated before it is written, and the method
+plugin's ``fewstep_configure`` hook is run on it: a method that trains on teacher pairs gets ``data.pairs``
+and the ``fewstep pairs`` command that makes them.
+
+The result is a starting point for the teacher, not a measured recipe: the header says so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["RULES", "Rule", "TeacherSummary", "cmd_recipe", "make_recipe", "summarize_teacher"]
+
+#: A VP teacher whose top level has an x0 factor 1/sqrt(alpha_bar_T) above this is called ill-conditioned
+#: at its end (DDPM's linear betas: 158; SD's scaled-linear betas: 14.6). A fewstep threshold.
+ILL_CONDITIONED_FACTOR = 20.0
+#: Top of a consistency-type student's grid on an ill-conditioned VP teacher: CM's / EDM's T = 80 (CM §1).
+CONSISTENCY_SIGMA_MAX = 80.0
+#: Input level of a one-step generator on an ill-conditioned VP teacher: sigma 2 (VP timestep ~400 on linear
+#: betas), as DMD2 SDXL's one-step conditioning timestep 399 (§2.6) and recipes/fashion/dmd2.yaml (measured
+#: there: teacher agreement 0.78 against 0.70 at the top level on digits).
+GENERATOR_SIGMA_MAX = 2.0
+#: Methods whose ``sigma_max`` is the input level of a generator (never a consistency grid's top), i.e. the
+#: DMD2 generator grid; the only per-method table of this module.
+GENERATOR_METHODS = frozenset({"dmd", "dmd2", "fdistill", "msd", "add", "ladd"})
+#: Guidance range drawn per sample by guided distillation of a text teacher: LCM's w in [2, 8]
+#: (recipes/families/sd.yaml).
+TEXT_GUIDANCE_RANGE = [2.0, 8.0]
+#: teacher.guidance of a text teacher (its validation / evaluation rows and methods without their own scale):
+#: a fewstep middle value between DMD2's SD1.5 (1.75) and SDXL (8) real-score scales; tune it by eye.
+TEXT_TEACHER_GUIDANCE = 4.5
+#: teacher.guidance of a guidance-distilled Flux teacher: FluxPipeline's default guidance_scale.
+FLUX_GUIDANCE = 3.5
+
+
+@dataclass(frozen=True)
+class TeacherSummary:
+    """What a recipe needs to know of a teacher, read from its JSON configs."""
+
+    path: Path
+    family: str
+    description: str
+    conditioning: str  # "none" | "class" | "text"
+    num_classes: int | None
+    encoders: tuple[str, ...]  # text encoder classes (model_index.json), in component order
+    latent: bool
+    data_shape: tuple[int, int, int]  # (C, H, W) of the images it generates
+    scheduler: str
+    process: str  # "vp" | "edm" | "flow"
+    prediction_type: str
+    num_train_timesteps: int | None
+    beta_schedule: str | None
+    alpha_bar_T: float | None  # VP: alphas_cumprod at the last training timestep
+    x0_factor: float | None  # VP: 1/sqrt(alpha_bar_T), the amplification of eps errors into x0 at the top
+    sigma_min: float
+    sigma_max: float  # sigma-space levels of the process
+    sigma_data: float | None  # EDM
+    shift: float | None  # flow
+    clip_sample: bool
+    clip_sample_range: float | None
+    thresholding: bool
+    guidance_embeds: bool  # Flux-dev style guidance input
+
+    @property
+    def ill_conditioned(self) -> bool:
+        """An epsilon- (or v-) predicting VP teacher whose top level amplifies errors into x0 strongly."""
+        return self.process == "vp" and (self.x0_factor or 0.0) > ILL_CONDITIONED_FACTOR
+
+    def lines(self) -> list[str]:
+        """Human-readable summary, one fact per line."""
+        c, h, w = self.data_shape
+        cond = {"none": "unconditional", "class": f"class labels ({self.num_classes} classes)",
+                "text": f"text ({', '.join(self.encoders) or 'encoders from model_index.json'})"}[self.conditioning]
+        out = [f"family {self.family}: {self.description}",
+               f"{'latent' if self.latent else 'pixel'} space, images {c}x{h}x{w}, conditioning {cond}"]
+        if self.process == "vp":
+            out.append(f"VP ({self.scheduler}), {self.prediction_type} prediction, {self.beta_schedule} betas, "
+                       f"{self.num_train_timesteps} timesteps; alpha_bar_T = {self.alpha_bar_T:.3g}, x0 factor "
+                       f"1/sqrt(alpha_bar_T) = {self.x0_factor:.3g}; sigma-space levels "
+                       f"[{self.sigma_min:.3g}, {self.sigma_max:.3g}]")
+        elif self.process == "edm":
+            out.append(f"EDM ({self.scheduler}), {self.prediction_type} prediction, sigma in "
+                       f"[{self.sigma_min:.3g}, {self.sigma_max:.3g}], sigma_data {self.sigma_data:g}")
+        else:
+            out.append(f"flow matching ({self.scheduler}), velocity prediction, shift {self.shift:g}, "
+                       f"{self.num_train_timesteps} timesteps; sigma-space levels "
+                       f"[{self.sigma_min:.3g}, {self.sigma_max:.3g}]")
+        clip = (f"clip_sample true (x0 clipped to +-{self.clip_sample_range:g})" if self.clip_sample
+                else "clip_sample false")
+        out.append(f"{clip}, thresholding {'true' if self.thresholding else 'false'}"
+                   + (", guidance embedding (guidance-distilled)" if self.guidance_embeds else ""))
+        return out
+
+
+def summarize_teacher(path: str | Path) -> TeacherSummary:
+    """Read a teacher folder's JSON configs; raises FileNotFoundError / FamilyError (a ValueError) for a
+    missing or unsupported folder, naming the fix."""
+    import json
+
+    from fewstep.data import teacher_info
+    from fewstep.diffusion import process_from_scheduler_config
+    from fewstep.families import detect_family
+
+    info = detect_family(path)
+    shape = teacher_info(path)
+    sched = info.scheduler_config
+    process = process_from_scheduler_config(sched)
+    denoiser = json.loads((info.denoiser_dir / "config.json").read_text())
+    encoders = tuple(str(v[1]) for k, v in sorted(info.index.items())
+                     if k.startswith("text_encoder") and isinstance(v, list) and len(v) == 2 and v[1])
+    vp = process.kind == "vp"
+    alpha_bar = float(process.alphas_cumprod[-1]) if vp else None
+    return TeacherSummary(
+        path=info.root, family=info.family.name, description=info.family.description,
+        conditioning=shape.conditioning, num_classes=shape.num_classes, encoders=encoders,
+        latent=shape.vae_factor > 1 or (info.root / "vae" / "config.json").is_file(),
+        data_shape=tuple(shape.data_shape), scheduler=str(sched.get("_class_name")), process=process.kind,
+        prediction_type=process.prediction_type,
+        num_train_timesteps=getattr(process, "num_train_timesteps", None),
+        beta_schedule=(sched.get("beta_schedule") or process.beta_schedule) if vp else None,
+        alpha_bar_T=alpha_bar, x0_factor=1.0 / math.sqrt(alpha_bar) if vp else None,
+        sigma_min=float(process.sigma_min), sigma_max=float(process.sigma_max),
+        sigma_data=getattr(process, "sigma_data", None) if process.kind == "edm" else None,
+        shift=getattr(process, "shift", None) if process.kind == "flow" else None,
+        clip_sample=bool(sched.get("clip_sample", False)) and vp,
+        clip_sample_range=float(sched.get("clip_sample_range", 1.0)) if sched.get("clip_sample") else None,
+        thresholding=bool(sched.get("thresholding", False)),
+        guidance_embeds=bool(denoiser.get("guidance_embeds", False)),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Adjustments of method fields, by field name
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Sets the method field ``field`` (only where the method's config has it) to ``choose(teacher, method)``'s
+    value, with its reason; ``choose`` returns None to keep the method's default."""
+
+    field: str
+    choose: Callable[[TeacherSummary, str], tuple[Any, str] | None]
+
+
+def _sigma_max(t: TeacherSummary, method: str) -> tuple[Any, str] | None:
+    if not t.ill_conditioned:
+        return None
+    top = f"the teacher's top level {t.sigma_max:.3g} (x0 factor {t.x0_factor:.3g})"
+    if method in GENERATOR_METHODS:
+        return GENERATOR_SIGMA_MAX, (f"generator input level below the ill-conditioned end: {top} makes the teacher's "
+                                     "one-step output the data mean; DMD2 SDXL's one-step timestep 399 and "
+                                     "recipes/fashion/dmd2.yaml use sigma ~2")
+    if t.sigma_max > CONSISTENCY_SIGMA_MAX:
+        return CONSISTENCY_SIGMA_MAX, (f"top of the student's levels capped at CM's T = 80 inside {top}: the "
+                                       "eps-to-x0 conversion amplifies errors by the level")
+    return None
+
+
+def _lcm_grid(t: TeacherSummary, method: str) -> bool:
+    return t.process == "vp" and t.conditioning == "text"
+
+
+def _grid(t: TeacherSummary, method: str) -> tuple[Any, str] | None:
+    return ("teacher", "LCM-style: the teacher's own discrete timesteps for a VP text teacher (LCM, "
+            "recipes/families/sd.yaml)") if _lcm_grid(t, method) else None
+
+
+def _skip(t: TeacherSummary, method: str) -> tuple[Any, str] | None:
+    if not _lcm_grid(t, method):
+        return None
+    k = max(1, int(t.num_train_timesteps or 1000) // 50)
+    return k, f"LCM's skipping step: {t.num_train_timesteps} timesteps / 50 (LCM: 20 of 1000)"
+
+
+def _solver(t: TeacherSummary, method: str) -> tuple[Any, str] | None:
+    return ("ddim", "LCM's teacher step on the teacher grid (DDIM equals Euler in sigma space)") \
+        if _lcm_grid(t, method) else None
+
+
+def _boundary(t: TeacherSummary, method: str) -> tuple[Any, str] | None:
+    return ("lcm", "LCM's boundary scalings for a VP text teacher (recipes/families/sd.yaml)") \
+        if _lcm_grid(t, method) else None
+
+
+def _guidance(t: TeacherSummary, method: str) -> tuple[Any, str] | None:
+    if t.conditioning != "text":
+        return None
+    return list(TEXT_GUIDANCE_RANGE), ("guided distillation of a text teacher: w drawn per sample from LCM's "
+                                       "range [2, 8] and fed to the student's w input")
+
+
+def _clamp(t: TeacherSummary, method: str) -> tuple[Any, str] | None:
+    if t.latent or not (t.clip_sample or t.thresholding):
+        return None
+    what = "clip_sample" if t.clip_sample else "thresholding"
+    return True, f"the teacher's scheduler bounds x0 ({what}), so pixel samples are clamped to [-1, 1] too"
+
+
+#: The adjustments, applied in this order. Each is tried against the method's config and kept only if the
+#: method's model accepts the value.
+RULES: tuple[Rule, ...] = (
+    Rule("sigma_max", _sigma_max),
+    Rule("grid", _grid),
+    Rule("skip", _skip),
+    Rule("solver", _solver),
+    Rule("boundary", _boundary),
+    Rule("guidance", _guidance),
+    Rule("clamp", _clamp),
+    Rule("clip", _clamp),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Recipe assembly
+
+
+def _value(v: Any) -> str:
+    """One YAML scalar or flow collection."""
+    return yaml.safe_dump([v], default_flow_style=True, width=10**6).strip()[1:-1]
+
+
+def _comment(text: str, indent: str) -> list[str]:
+    return [f"{indent}# {line}" for line in textwrap.wrap(text, 108 - len(indent))]
+
+
+def _path_for(path: Path, out: Path | None) -> str:
+    """``path`` as the recipe writes it: relative to the recipe's folder when near it (at most one level up),
+    else absolute."""
+    return str(Path(path).resolve()) if out is None else _near(path, Path(out).resolve().parent)
+
+
+def _near(path: Path, base: Path) -> str:
+    rel = os.path.relpath(Path(path).resolve(), base)
+    return rel if rel.split(os.sep)[:2].count("..") < 2 else str(Path(path).resolve())
+
+
+def _from_cwd(path: Path) -> str:
+    """``path`` as a command line in the header gives it: relative to the working directory when near it."""
+    return _near(path, Path.cwd())
+
+
+def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, data: str | None = None,
+                plugins: dict[str, Any] | None = None) -> str:
+    """The recipe's YAML text for distilling ``teacher`` with ``method``; ``out``: where it will be written
+    (paths inside are made relative to its folder; None: absolute). Raises ValueError / FileNotFoundError /
+    PluginError naming the fix for a missing or unsupported teacher, an unknown method, a method that does
+    not distil a teacher, or a text teacher without ``data``."""
+    from fewstep.config import ConfigError, validate_config
+    from fewstep.plugin import PluginError, _unknown_method_message, build_manager, discover, method_registry
+
+    plugins = discover() if plugins is None else plugins
+    registry = method_registry(plugins)
+    if method not in registry:
+        raise PluginError(_unknown_method_message(method, registry, plugins).replace(
+            "method.name:", "--method:") + "; `fewstep plugins` lists them")
+    model = registry[method][1]
+    from fewstep.preflight import _builds_own_teacher
+
+    if _builds_own_teacher(build_manager(method, plugins=plugins)):
+        raise ValueError(f"method {method!r} builds its own network instead of distilling a teacher folder (e.g. "
+                         "`diffusion` trains a teacher from data); write its recipe from recipes/digits/teacher.yaml")
+    required = [k for k, f in model.model_fields.items() if k != "name" and f.is_required()]
+    if required:
+        raise ValueError(f"method {method!r} has no defaults for {', '.join(required)} (it does not distil a "
+                         "teacher from its configs alone, e.g. `diffusion` trains one from data); write its recipe "
+                         "by hand, e.g. from recipes/digits/teacher.yaml")
+    t = summarize_teacher(teacher)
+    if t.conditioning == "text" and data is None:
+        raise ValueError(f"{t.path} is a text-conditional teacher, so the recipe needs captions: pass --data "
+                         "PROMPTS.txt (a prompt list, one per line) or an image source with prompts")
+
+    defaults = model.model_validate({"name": method}).model_dump(mode="json")
+    values: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    for rule in RULES:
+        if rule.field not in defaults or rule.field in values:
+            continue
+        chosen = rule.choose(t, method)
+        if chosen is None or chosen[0] == defaults[rule.field]:
+            continue
+        try:  # keep a choice only where this method's model accepts it (field names are shared, types may not be)
+            model.model_validate({**defaults, **values, rule.field: chosen[0]})
+        except Exception:  # noqa: BLE001 - pydantic ValidationError: the method's field means something else
+            continue
+        values[rule.field], reasons[rule.field] = chosen
+    method_section = {**defaults, **values}
+
+    c, h, _ = t.data_shape
+    source = _path_for(Path(data), out) if data is not None and data != "digits" else "digits"
+    data_section: dict[str, Any] = {"source": source, "resolution": h, "channels": c}
+    teacher_section: dict[str, Any] = {"pretrained": _path_for(t.path, out)}
+    if t.guidance_embeds:
+        teacher_section["guidance"] = FLUX_GUIDANCE
+    elif t.conditioning == "text":
+        teacher_section["guidance"] = TEXT_TEACHER_GUIDANCE
+    train = {"total_nimg": 20000 if t.latent else 100000, "batch_size": 8 if t.latent else 32}
+    sections = {"method": method_section, "teacher": teacher_section, "data": data_section, "train": train,
+                "validation": {"steps": [1, 2, 4], "teacher_steps": 32}}
+
+    def check(pairs: str | None) -> Any:
+        doc = {**sections, "data": {**data_section, **({"pairs": pairs} if pairs else {})}}
+        base = out.resolve().parent if out is not None else Path.cwd()
+        try:
+            config = validate_config(doc, registry, base_dir=base, source="the generated recipe")
+        except ConfigError as exc:  # a default that this module wrote wrongly: a bug, not the user's error
+            raise RuntimeError(f"fewstep recipe wrote an invalid recipe: {exc}") from exc
+        build_manager(method, plugins=plugins).hook.fewstep_configure(config=config)
+
+    pairs_path = None
+    try:
+        check(None)
+    except ValueError as exc:
+        if "data.pairs" not in str(exc):
+            raise ValueError(f"method {method!r} does not apply to {t.path} as generated: {exc}") from exc
+        pairs_abs = (out.resolve().parent if out is not None else Path.cwd()) / f"{t.path.name}-pairs"
+        check(str(pairs_abs))
+        data_section["pairs"] = _path_for(pairs_abs, out)
+        pairs_path = pairs_abs
+    return _render(t, method, model, method_section, reasons, sections, out, data, pairs_path)
+
+
+_NOTES = {
+    ("teacher", "pretrained"): "the teacher folder this recipe was generated for (relative to this file)",
+    ("teacher", "guidance"): "guidance scale of the teacher's validation/evaluation rows and of methods without "
+                             "their own scale",
+    ("data", "source"): "training images / prompts; 'digits' is the embedded scikit-learn set, a placeholder: "
+                        "replace it with images like the teacher's",
+    ("data", "resolution"): "the teacher's image size (images are resized to it)",
+    ("data", "channels"): "the teacher's image channels",
+    ("data", "pairs"): "teacher noise-image pairs this method trains on: make them first (command in the header)",
+    ("train", "total_nimg"): "a first budget: watch the validation grids and extend with --resume",
+    ("train", "batch_size"): "global batch; lower it if memory runs out",
+    ("validation", "steps"): "student step counts of the sample grids",
+    ("validation", "teacher_steps"): "teacher row of the grids, for comparison",
+}
+
+
+def _render(t: TeacherSummary, method: str, model: Any, method_section: dict[str, Any], reasons: dict[str, str],
+            sections: dict[str, dict[str, Any]], out: Path | None, data: str | None, pairs: Path | None) -> str:
+    name = str(out) if out is not None else "RECIPE.yaml"
+    lines = [f"# Starting recipe: method {method} on the teacher {_from_cwd(t.path)}, written by `fewstep recipe`.",
+             "# A STARTING POINT, NOT A MEASURED RECIPE: every value is a default of the method or a choice from the",
+             "#   teacher's configs (the comment above each field says which); check the grids and tune.",
+             "# Teacher (read from its JSON configs):"]
+    for line in t.lines():
+        lines += [f"#   {part}" if i == 0 else f"#     {part}" for i, part in enumerate(textwrap.wrap(line, 102))]
+    launch = [f"fewstep distill {name}"]
+    if pairs is not None:
+        prompts = f" --prompts {_from_cwd(Path(data))}" if t.conditioning == "text" and data is not None else ""
+        launch.insert(0, f"fewstep pairs {_from_cwd(t.path)} {_from_cwd(pairs)} --num 10000{prompts}")
+    lines.append("# Launch:  " + launch[0])
+    lines += [f"#          {cmd}" for cmd in launch[1:]]
+    for section, body in sections.items():
+        lines.append(f"{section}:")
+        if section == "method":
+            lines.append(f"  name: {method}")
+        for key, value in body.items():
+            if section == "method":
+                if key == "name":
+                    continue
+                desc = (model.model_fields[key].description or "").strip()
+                if key in reasons:
+                    lines += _comment(f"set for this teacher: {reasons[key]}. {desc}", "  ")
+                else:
+                    lines += _comment(f"default: {desc}", "  ")
+            elif (section, key) in _NOTES:
+                lines += _comment(_NOTES[(section, key)], "  ")
+            lines.append(f"  {key}: {_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_recipe(args: Any) -> int:
+    """``fewstep recipe``: print or write the recipe."""
+    text = make_recipe(args.teacher, args.method, out=args.out, data=args.data)
+    if args.out is None:
+        print(text, end="")
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out} (a starting point for {args.teacher}; check it with `fewstep validate {args.out}`)")
+    return 0
