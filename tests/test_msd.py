@@ -34,6 +34,7 @@ class TestMSDClassUNetConformance(_MSD):
     method = {"name": "msd", "num_students": 3, "ratio": 2, "adm_nimg": 4}
     backbones = ("unet",)
     teacher_options = {"conditioning": "class"}
+    families = ()  # K = 3 partitions class labels; text prompts are routed by sign bits (K a power of two)
 
 
 class TestMSDSmallConformance(_MSD):
@@ -42,6 +43,7 @@ class TestMSDSmallConformance(_MSD):
     method = {"name": "msd", "num_students": 2, "width": 0.5, "tsm_nimg": 4, "adm_nimg": 4,
               "shared_fake_score": True, "ratio": 1}
     backbones = ("unet_condition", "dit")
+    families = ("sd", "sdxl")  # msd.smaller_backbone scales UNet and DiT widths only, not SD3/Flux/PixArt/Sana
 
 
 # ---------------------------------------------------------------------------------------------
