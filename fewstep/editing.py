@@ -183,10 +183,11 @@ def _draw(shape: torch.Size, like: Tensor, generator: torch.Generator | None) ->
 
 def edit_sample(den: ConsistencyDenoiser, y: Tensor, op: Projection, sigmas: list[float],
                 generator: torch.Generator | None = None, start: Tensor | None = None,
-                noise: Tensor | None = None) -> Tensor:
+                noise: Tensor | None = None, shared_renoise: bool = False) -> Tensor:
     """CM Algorithm 4 on levels ``sigmas`` (descending). y: (B, C, H, W) observation in model space (only
     P y is read). The first input is ``start`` (default P y, the paper's choice) plus sigmas[0] times
-    ``noise`` (default drawn from ``generator``); every later level re-noises with fresh draws."""
+    ``noise`` (default drawn from ``generator``); every later level re-noises with fresh draws, one draw for
+    the whole batch when ``shared_renoise`` (interpolation frames then differ only by their initial noise)."""
     known = op.project(y)
 
     def step(x: Tensor, sigma: float) -> Tensor:
@@ -199,7 +200,8 @@ def edit_sample(den: ConsistencyDenoiser, y: Tensor, op: Projection, sigmas: lis
     z = _draw(y.shape, y, generator) if noise is None else noise
     x = step(base + sigmas[0] * z, sigmas[0])
     for tau in sigmas[1:]:
-        x = step(x + math.sqrt(max(tau**2 - den.renoise_floor**2, 0.0)) * _draw(y.shape, y, generator), tau)
+        z = _draw((1, *y.shape[1:]) if shared_renoise else y.shape, y, generator)
+        x = step(x + math.sqrt(max(tau**2 - den.renoise_floor**2, 0.0)) * z, tau)
     return x
 
 
@@ -274,14 +276,13 @@ def edit(hook: Any, ctx: Any, nets: Any, task: str, image: Tensor, num_steps: in
         if task == "interpolate":
             z = torch.randn((2, *y.shape[1:]), generator=generator).to(y)
             frames = torch.cat([slerp(z[:1], z[1:], a) for a in torch.linspace(0, 1, num_frames).tolist()])
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-            out = edit_sample(den, torch.zeros_like(frames), Nothing(), edit_levels(den, num_steps),
-                              torch.Generator().manual_seed(seed), noise=frames)
+            out = edit_sample(den, torch.zeros_like(frames), Nothing(), edit_levels(den, num_steps), generator,
+                              noise=frames, shared_renoise=True)
         elif task == "sdedit":
-            lo, hi, rho = den.sigma_min, den.sigma_max, den.rho
-            start = (lo ** (1 / rho) + strength * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho
             if not 0 < strength <= 1:
                 raise ValueError(f"--strength must be in (0, 1], got {strength}")
+            lo, hi, rho = den.sigma_min, den.sigma_max, den.rho
+            start = (lo ** (1 / rho) + strength * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho
             out = edit_sample(den, y, Nothing(), edit_levels(den, num_steps, start), generator, start=y)
         else:
             op, obs = operator(task, y, mask, factor)

@@ -107,6 +107,20 @@ def test_slerp_endpoints_and_norm():
     torch.testing.assert_close(slerp(z0, z0, 0.3), z0)
 
 
+def test_interpolation_frames_share_the_renoising_draws():
+    """With shared re-noising each frame is the sample of its own initial noise alone: frame 0 of a batch
+    equals the one-image run from the same noise and generator seed."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 3, 4, 4, generator=g)
+    frames = torch.cat([slerp(z[:1], z[1:], a) for a in (0.0, 0.5, 1.0)])
+    levels = edit_levels(DEN, 3)
+    out = edit_sample(DEN, torch.zeros_like(frames), Nothing(), levels, torch.Generator().manual_seed(0),
+                      noise=frames, shared_renoise=True)
+    alone = edit_sample(DEN, torch.zeros_like(frames[:1]), Nothing(), levels, torch.Generator().manual_seed(0),
+                        noise=frames[:1], shared_renoise=True)
+    torch.testing.assert_close(out[:1], alone)
+
+
 @pytest.mark.parametrize("steps", [1, 2])
 def test_gaussian_inpainting_draws_the_exact_conditional_law(steps):
     """Data N(MU, S^2 I) has independent pixels, so the law of the unknown pixels given the known ones is
