@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -292,7 +293,7 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
         if rule.field not in defaults or rule.field in values:
             continue
         chosen = rule.choose(t, method)
-        if chosen is None or chosen[0] == defaults[rule.field]:
+        if chosen is None:  # a choice equal to the default is still written with its reason
             continue
         try:  # keep a choice only where this method's model accepts it (field names are shared, types may not be)
             model.model_validate({**defaults, **values, rule.field: chosen[0]})
@@ -320,19 +321,36 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
             config = validate_config(doc, registry, base_dir=base, source="the generated recipe")
         except ConfigError as exc:  # a default that this module wrote wrongly: a bug, not the user's error
             raise RuntimeError(f"fewstep recipe wrote an invalid recipe: {exc}") from exc
-        build_manager(method, plugins=plugins).hook.fewstep_configure(config=config)
+        pm = build_manager(method, disabled=config.plugins.disable, plugins=plugins)
+        pm.hook.fewstep_configure(config=config)
 
-    pairs_path = None
-    try:
-        check(None)
-    except ValueError as exc:
-        if "data.pairs" not in str(exc):
-            raise ValueError(f"method {method!r} does not apply to {t.path} as generated: {exc}") from exc
-        pairs_abs = (out.resolve().parent if out is not None else Path.cwd()) / f"{t.path.name}-pairs"
-        check(str(pairs_abs))
-        data_section["pairs"] = _path_for(pairs_abs, out)
-        pairs_path = pairs_abs
-    return _render(t, method, model, method_section, reasons, sections, out, data, pairs_path)
+    # The method's own cross-field checks (fewstep_configure) decide the two things a recipe may lack: teacher
+    # pairs (data.pairs, made by `fewstep pairs`), a budget long enough for the method's phases, and core plugins
+    # the method asks to disable (the fix its message names, `plugins: {disable: [NAME]}`).
+    pairs_path: Path | None = None
+    notes = dict(_NOTES)
+    disable: list[str] = []
+    for _ in range(8):
+        try:
+            check(None if pairs_path is None else str(pairs_path))
+            break
+        except ValueError as exc:
+            if "data.pairs" in str(exc) and pairs_path is None:
+                pairs_path = (out.resolve().parent if out is not None else Path.cwd()) / f"{t.path.name}-pairs"
+                data_section["pairs"] = _path_for(pairs_path, out)
+            elif (m := re.search(r"disable: \[(\w+)\]", str(exc))) and m.group(1) not in disable:
+                disable.append(m.group(1))
+                sections["plugins"] = {"disable": disable}
+                notes[("plugins", "disable")] = f"the method asks for it: {exc}"
+            elif "train.total_nimg" in str(exc):
+                train["total_nimg"] *= 2
+                notes[("train", "total_nimg")] = (f"{train['total_nimg']} images: doubled from a first budget until "
+                                                  "the method's phases fit in it; extend with --resume")
+            else:
+                raise ValueError(f"method {method!r} does not apply to {t.path} as generated: {exc}") from exc
+    else:
+        raise ValueError(f"method {method!r}: no recipe for {t.path} passed the method's checks")
+    return _render(t, method, model, method_section, reasons, sections, notes, out, data, pairs_path)
 
 
 _NOTES = {
@@ -352,7 +370,8 @@ _NOTES = {
 
 
 def _render(t: TeacherSummary, method: str, model: Any, method_section: dict[str, Any], reasons: dict[str, str],
-            sections: dict[str, dict[str, Any]], out: Path | None, data: str | None, pairs: Path | None) -> str:
+            sections: dict[str, dict[str, Any]], notes: dict[tuple[str, str], str], out: Path | None,
+            data: str | None, pairs: Path | None) -> str:
     name = str(out) if out is not None else "RECIPE.yaml"
     lines = [f"# Starting recipe: method {method} on the teacher {_from_cwd(t.path)}, written by `fewstep recipe`.",
              "# A STARTING POINT, NOT A MEASURED RECIPE: every value is a default of the method or a choice from the",
@@ -379,8 +398,8 @@ def _render(t: TeacherSummary, method: str, model: Any, method_section: dict[str
                     lines += _comment(f"set for this teacher: {reasons[key]}. {desc}", "  ")
                 else:
                     lines += _comment(f"default: {desc}", "  ")
-            elif (section, key) in _NOTES:
-                lines += _comment(_NOTES[(section, key)], "  ")
+            elif (section, key) in notes:
+                lines += _comment(notes[(section, key)], "  ")
             lines.append(f"  {key}: {_value(value)}")
     return "\n".join(lines) + "\n"
 
