@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["RULES", "Rule", "TeacherSummary", "cmd_recipe", "make_recipe", "summarize_teacher"]
+__all__ = ["KEEP", "RULES", "Rule", "TeacherSummary", "cmd_recipe", "make_recipe", "summarize_teacher"]
 
 #: A VP teacher whose top level has an x0 factor 1/sqrt(alpha_bar_T) above this is called ill-conditioned
 #: at its end (DDPM's linear betas: 158; SD's scaled-linear betas: 14.6). A fewstep threshold.
@@ -152,16 +152,31 @@ def summarize_teacher(path: str | Path) -> TeacherSummary:
 
 @dataclass(frozen=True)
 class Rule:
-    """Sets the method field ``field`` (only where the method's config has it) to ``choose(teacher, method)``'s
-    value, with its reason; ``choose`` returns None to keep the method's default."""
+    """Sets the method field ``field`` (only where the method's config has it) to the value that
+    ``choose(teacher, method, default)`` returns with its reason; None keeps the method's default silently,
+    :data:`KEEP` keeps it with the reason written beside it."""
 
     field: str
-    choose: Callable[[TeacherSummary, str], tuple[Any, str] | None]
+    choose: Callable[[TeacherSummary, str, Any], tuple[Any, str] | None]
 
 
-def _sigma_max(t: TeacherSummary, method: str) -> tuple[Any, str] | None:
+#: A rule's value meaning "keep the method's default" (the reason is still written).
+KEEP = object()
+
+
+def _sigma_max(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] | None:
+    if isinstance(default, (int, float)) and default > t.sigma_max:
+        return t.sigma_max, f"capped at the teacher's top level {t.sigma_max:.4g} (the method's default is above it)"
     if not t.ill_conditioned:
-        return None
+        if default is not None:
+            return None
+        if t.process == "flow":
+            return KEEP, (f"a flow teacher: the top of its time range, t_max = 1 - 1/N (sigma = t/(1-t) = "
+                          f"{t.sigma_max:.4g}); x0 = x_t - t v is well conditioned at every t")
+        if t.process == "edm":
+            return KEEP, f"the EDM teacher's own range [{t.sigma_min:.3g}, {t.sigma_max:.3g}]"
+        return KEEP, (f"the teacher's top level {t.sigma_max:.3g}: its x0 factor {t.x0_factor:.3g} is below "
+                      f"{ILL_CONDITIONED_FACTOR:g}, well conditioned")
     top = f"the teacher's top level {t.sigma_max:.3g} (x0 factor {t.x0_factor:.3g})"
     if method in GENERATOR_METHODS:
         return GENERATOR_SIGMA_MAX, (f"generator input level below the ill-conditioned end: {top} makes the teacher's "
@@ -177,36 +192,36 @@ def _lcm_grid(t: TeacherSummary, method: str) -> bool:
     return t.process == "vp" and t.conditioning == "text"
 
 
-def _grid(t: TeacherSummary, method: str) -> tuple[Any, str] | None:
+def _grid(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] | None:
     return ("teacher", "LCM-style: the teacher's own discrete timesteps for a VP text teacher (LCM, "
             "recipes/families/sd.yaml)") if _lcm_grid(t, method) else None
 
 
-def _skip(t: TeacherSummary, method: str) -> tuple[Any, str] | None:
+def _skip(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] | None:
     if not _lcm_grid(t, method):
         return None
     k = max(1, int(t.num_train_timesteps or 1000) // 50)
     return k, f"LCM's skipping step: {t.num_train_timesteps} timesteps / 50 (LCM: 20 of 1000)"
 
 
-def _solver(t: TeacherSummary, method: str) -> tuple[Any, str] | None:
+def _solver(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] | None:
     return ("ddim", "LCM's teacher step on the teacher grid (DDIM equals Euler in sigma space)") \
         if _lcm_grid(t, method) else None
 
 
-def _boundary(t: TeacherSummary, method: str) -> tuple[Any, str] | None:
+def _boundary(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] | None:
     return ("lcm", "LCM's boundary scalings for a VP text teacher (recipes/families/sd.yaml)") \
         if _lcm_grid(t, method) else None
 
 
-def _guidance(t: TeacherSummary, method: str) -> tuple[Any, str] | None:
+def _guidance(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] | None:
     if t.conditioning != "text":
         return None
     return list(TEXT_GUIDANCE_RANGE), ("guided distillation of a text teacher: w drawn per sample from LCM's "
                                        "range [2, 8] and fed to the student's w input")
 
 
-def _clamp(t: TeacherSummary, method: str) -> tuple[Any, str] | None:
+def _clamp(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] | None:
     if t.latent or not (t.clip_sample or t.thresholding):
         return None
     what = "clip_sample" if t.clip_sample else "thresholding"
@@ -292,14 +307,17 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
     for rule in RULES:
         if rule.field not in defaults or rule.field in values:
             continue
-        chosen = rule.choose(t, method)
-        if chosen is None:  # a choice equal to the default is still written with its reason
+        chosen = rule.choose(t, method, defaults[rule.field])
+        if chosen is None:
+            continue
+        if chosen[0] is KEEP:
+            reasons[rule.field] = chosen[1]
             continue
         try:  # keep a choice only where this method's model accepts it (field names are shared, types may not be)
             model.model_validate({**defaults, **values, rule.field: chosen[0]})
         except Exception:  # noqa: BLE001 - pydantic ValidationError: the method's field means something else
             continue
-        values[rule.field], reasons[rule.field] = chosen
+        values[rule.field], reasons[rule.field] = chosen  # a choice equal to the default keeps its reason
     method_section = {**defaults, **values}
 
     c, h, _ = t.data_shape
@@ -350,7 +368,7 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
                 raise ValueError(f"method {method!r} does not apply to {t.path} as generated: {exc}") from exc
     else:
         raise ValueError(f"method {method!r}: no recipe for {t.path} passed the method's checks")
-    return _render(t, method, model, method_section, reasons, sections, notes, out, data, pairs_path)
+    return _render(t, method, model, method_section, values, reasons, sections, notes, out, data, pairs_path)
 
 
 _NOTES = {
@@ -369,7 +387,8 @@ _NOTES = {
 }
 
 
-def _render(t: TeacherSummary, method: str, model: Any, method_section: dict[str, Any], reasons: dict[str, str],
+def _render(t: TeacherSummary, method: str, model: Any, method_section: dict[str, Any], values: dict[str, Any],
+            reasons: dict[str, str],
             sections: dict[str, dict[str, Any]], notes: dict[tuple[str, str], str], out: Path | None,
             data: str | None, pairs: Path | None) -> str:
     name = str(out) if out is not None else "RECIPE.yaml"
@@ -395,7 +414,8 @@ def _render(t: TeacherSummary, method: str, model: Any, method_section: dict[str
                     continue
                 desc = (model.model_fields[key].description or "").strip()
                 if key in reasons:
-                    lines += _comment(f"set for this teacher: {reasons[key]}. {desc}", "  ")
+                    kept = "kept for this teacher" if key not in values else "set for this teacher"
+                    lines += _comment(f"{kept}: {reasons[key]}. {desc}", "  ")
                 else:
                     lines += _comment(f"default: {desc}", "  ")
             elif (section, key) in notes:

@@ -27,7 +27,8 @@ def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
         "edm": (make_tiny_teacher(root / "edm", process="edm"), None),
         "dit": (make_tiny_teacher(root / "dit", "dit"), None),
         "text": (make_tiny_teacher(root / "text", "unet_condition"), str(prompts)),
-        "sd": (tiny_family_teacher("sd", root / "families")[0], str(prompts)),
+        **{family: (tiny_family_teacher(family, root / "families")[0], str(prompts))
+           for family in ("sd", "sdxl", "sd3", "flux", "pixart_sigma", "sana")},
     }
 
 
@@ -90,6 +91,14 @@ def test_choices_follow_the_teacher(teachers, tmp_path: Path) -> None:
         "grid": "teacher", "skip": 20, "solver": "ddim", "boundary": "lcm", "guidance": [2.0, 8.0]}
     assert sd["teacher"]["guidance"] > 1 and (sd["data"]["resolution"], sd["data"]["channels"]) == (32, 3)
     assert (tmp_path / sd["data"]["source"]).resolve() == Path(teachers["sd"][1]).resolve()  # relative to the recipe
+    # a method default above the teacher's range is capped (sCM's 80 on SD's top level 14.6)
+    assert method_of("sd", "scm")["method"]["sigma_max"] == pytest.approx(summarize_teacher(teachers["sd"][0]).sigma_max,
+                                                                         rel=1e-3)
+    # flow teachers keep their own time range, with the reason written beside it; Flux-dev's guidance input
+    sd3 = make_recipe(teachers["sd3"][0], "cd", out=tmp_path / "r.yaml", data=teachers["sd3"][1])
+    assert yaml.safe_load(sd3)["method"]["sigma_max"] is None and "kept for this teacher: a flow teacher" in sd3
+    assert yaml.safe_load(sd3)["method"]["grid"] == "karras"  # LCM's teacher grid is VP only
+    assert method_of("flux", "dmd2")["teacher"]["guidance"] == 3.5
     # a field keeps its default where the rule does not apply
     assert method_of("dit", "cd")["method"]["grid"] == "karras"
 
