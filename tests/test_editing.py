@@ -233,3 +233,16 @@ def test_edit_command_and_pipeline_method_on_an_export(tmp_path):
     assert main(["edit", str(folder), "--task", "inpaint", "--image", str(tmp_path / "in.png"), "--mask",
                  str(tmp_path / "mask.png"), "--steps", "2", "--out", str(grid)]) == 0
     assert grid.is_file()
+
+
+def test_colorization_of_an_rgb_student_keeps_the_luminance(tmp_path):
+    from fewstep.editing import edit
+    from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config
+
+    teacher = make_tiny_teacher(tmp_path / "teacher", channels=3)
+    trainer, _ = run_tiny(tiny_run_config(teacher, {"name": "cd", "num_scales": 4}, steps=1, data={"channels": 3}),
+                          tmp_path / "run")
+    image = torch.rand((2, 3, 8, 8), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = edit(trainer.pm.hook, trainer.ctx, trainer.nets, "colorize", image, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(Luminance().observe(out), Luminance().observe(image), atol=1e-5, rtol=0)
+    assert float(Luminance().complement(out - image).abs().max()) > 1e-3  # the chroma is the student's
