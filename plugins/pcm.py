@@ -285,3 +285,22 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     out = sample_ode(lambda x, sigma: process.denoise(net, x, sigma, cond), noise.float() * float(sigmas[0]),
                      sigmas, "ddim")
     return out.clamp(-1.0, 1.0) if cfg.clamp and teacher.vae is None else out
+
+
+@hookimpl
+def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
+    """For zero-shot editing (fewstep.editing): with one phase the student's x0_hat is its consistency function
+    (the phase's lower edge is data); with more phases each map ends at its phase's edge: no editing."""
+    from fewstep.editing import ConsistencyDenoiser
+
+    cfg, teacher = ctx.method, nets.teacher
+    if cfg.num_phases != 1:
+        return None
+    process, net = teacher.process, sampling_net(nets)
+    top = float(process.sampling_sigmas(cfg.solver_steps)[0])
+
+    def x0_hat(x: Tensor, sigma: Tensor) -> Tensor:
+        return process.denoise(net, x, sigma, cond)
+
+    return ConsistencyDenoiser(x0_hat, process.sigma_min, top, renoise_floor=0.0,
+                               clamp=cfg.clamp and teacher.vae is None)
