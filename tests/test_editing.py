@@ -172,13 +172,12 @@ def test_refusals():
 
 
 HOOKED = [{"name": "cd", "num_scales": 4}, {"name": "ctm", "num_scales": 6, "num_heun_steps_max": 2}, {"name": "ect"},
-          {"name": "tcm", "stage_nimg": 8}, {"name": "meanflow"}, {"name": "flowmap"}]
-SLOW_HOOKED = [{"name": "scm", "mode": "scd", "warmup_nimg": 8}, {"name": "ct"}, {"name": "ict"},
-               {"name": "sct", "stage_nimg": 8}, {"name": "pcm", "solver_steps": 8, "num_phases": 1}]
+          {"name": "tcm", "stage_nimg": 8}, {"name": "meanflow"}, {"name": "flowmap"},
+          {"name": "scm", "mode": "scd", "warmup_nimg": 8}, {"name": "ct"}, {"name": "ict"},
+          {"name": "sct", "stage_nimg": 8}, {"name": "pcm", "solver_steps": 8, "num_phases": 1}]
 
 
-@pytest.mark.parametrize("method", [*HOOKED, *(pytest.param(m, marks=pytest.mark.slow) for m in SLOW_HOOKED)],
-                         ids=lambda m: m["name"])
+@pytest.mark.parametrize("method", HOOKED, ids=lambda m: m["name"])
 def test_students_edit_through_the_hook(method, tmp_path):
     """One training step of a tiny student, then every task through fewstep.editing.edit: the known part of
     each output is the input's, the output is finite and inside [-1, 1] where the sampler clamps."""

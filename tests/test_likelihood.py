@@ -112,7 +112,6 @@ def test_ctm_score_model_at_initialisation_has_its_teachers_likelihood(tmp_path)
     torch.testing.assert_close(student.log_p, teacher.log_p, atol=1e-3, rtol=1e-5)
 
 
-@pytest.mark.slow
 def test_likelihood_command_on_a_teacher_folder(tmp_path, capsys):
     import json
 
