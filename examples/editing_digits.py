@@ -33,7 +33,7 @@ def main() -> None:
     size = images.shape[-1]
     mask = torch.ones(1, 1, size, size)
     mask[..., size // 4: 3 * size // 4, :] = 0  # the middle half of the rows is unknown
-    rows: dict[str, torch.Tensor] = {"original": images, "inpaint mask": (mask * 2 - 1).expand_as(images)}
+    rows: dict[str, torch.Tensor] = {"original": images, "inpaint mask": (mask - 1).expand_as(images)}  # grey = known
     for task, op, kw in (("inpaint", Mask(mask), {"mask": mask}), ("superres", BlockAverage(4), {"factor": 4})):
         g = torch.Generator().manual_seed(0)
         out = edit(hook, ctx, nets, task, images, args.steps, generator=g, **kw)
