@@ -167,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("teacher", type=Path, help="local diffusers teacher folder")
     p.add_argument("--method", required=True, help="method name, as listed by `fewstep plugins`")
     p.add_argument("--out", type=Path, default=None, help="YAML file to write (default: print it)")
-    p.add_argument("--data", default=None, help="data source of the recipe (default 'digits'; a prompt list for a "
-                   "text teacher)")
+    p.add_argument("--data", default=None, help="data.source of the recipe: images like the teacher's (default: "
+                   "the digits set, a placeholder)")
+    p.add_argument("--prompts", default=None, help="data.prompts: captions of the images, for a text teacher")
     return parser
 
 

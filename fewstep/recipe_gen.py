@@ -272,9 +272,11 @@ def _from_cwd(path: Path) -> str:
 
 
 def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, data: str | None = None,
+                prompts: str | None = None,
                 plugins: dict[str, Any] | None = None) -> str:
     """The recipe's YAML text for distilling ``teacher`` with ``method``; ``out``: where it will be written
-    (paths inside are made relative to its folder; None: absolute). Raises ValueError / FileNotFoundError /
+    (paths inside are made relative to its folder; None: absolute); ``data``: data.source (None: the digits
+    set as a placeholder); ``prompts``: data.prompts, the captions of a text teacher's images. Raises ValueError / FileNotFoundError /
     PluginError naming the fix for a missing or unsupported teacher, an unknown method, a method that does
     not distil a teacher, or a text teacher without ``data``."""
     from fewstep.config import ConfigError, validate_config
@@ -297,9 +299,10 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
                          "teacher from its configs alone, e.g. `diffusion` trains one from data); write its recipe "
                          "by hand, e.g. from recipes/digits/teacher.yaml")
     t = summarize_teacher(teacher)
-    if t.conditioning == "text" and data is None:
-        raise ValueError(f"{t.path} is a text-conditional teacher, so the recipe needs captions: pass --data "
-                         "PROMPTS.txt (a prompt list, one per line) or an image source with prompts")
+    if t.conditioning == "text" and prompts is None and data is None:
+        raise ValueError(f"{t.path} is a text-conditional teacher, so the recipe needs captions: pass --prompts "
+                         "PROMPTS.txt (one caption per image of --data, default the digits set) or --data with an "
+                         "image source that carries captions")
 
     defaults = model.model_validate({"name": method}).model_dump(mode="json")
     values: dict[str, Any] = {}
@@ -323,6 +326,8 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
     c, h, _ = t.data_shape
     source = _path_for(Path(data), out) if data is not None and data != "digits" else "digits"
     data_section: dict[str, Any] = {"source": source, "resolution": h, "channels": c}
+    if prompts is not None:
+        data_section["prompts"] = _path_for(Path(prompts), out)
     teacher_section: dict[str, Any] = {"pretrained": _path_for(t.path, out)}
     if t.guidance_embeds:
         teacher_section["guidance"] = FLUX_GUIDANCE
@@ -347,6 +352,9 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
     # the method asks to disable (the fix its message names, `plugins: {disable: [NAME]}`).
     pairs_path: Path | None = None
     notes = dict(_NOTES)
+    if source == "digits":
+        notes[("data", "source")] = ("a placeholder: 'digits' is the embedded scikit-learn set (resized to the "
+                                     "teacher's shape); replace it with images like the teacher's (--data)")
     disable: list[str] = []
     for _ in range(8):
         try:
@@ -368,17 +376,19 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
                 raise ValueError(f"method {method!r} does not apply to {t.path} as generated: {exc}") from exc
     else:
         raise ValueError(f"method {method!r}: no recipe for {t.path} passed the method's checks")
-    return _render(t, method, model, method_section, values, reasons, sections, notes, out, data, pairs_path)
+    return _render(t, method, model, method_section, values, reasons, sections, notes, out, prompts, pairs_path)
 
 
 _NOTES = {
-    ("teacher", "pretrained"): "the teacher folder this recipe was generated for (relative to this file)",
+    ("teacher", "pretrained"): "the teacher folder this recipe was generated for (a relative path resolves against "
+                               "this file's folder)",
     ("teacher", "guidance"): "guidance scale of the teacher's validation/evaluation rows and of methods without "
                              "their own scale",
-    ("data", "source"): "training images / prompts; 'digits' is the embedded scikit-learn set, a placeholder: "
-                        "replace it with images like the teacher's",
+    ("data", "source"): "the data given with --data (most methods need images; a prompt list alone serves only "
+                        "methods that train on the teacher's own samples)",
     ("data", "resolution"): "the teacher's image size (images are resized to it)",
     ("data", "channels"): "the teacher's image channels",
+    ("data", "prompts"): "captions of the images, in the source's order (--prompts)",
     ("data", "pairs"): "teacher noise-image pairs this method trains on: make them first (command in the header)",
     ("train", "total_nimg"): "a first budget: watch the validation grids and extend with --resume",
     ("train", "batch_size"): "global batch; lower it if memory runs out",
@@ -390,7 +400,7 @@ _NOTES = {
 def _render(t: TeacherSummary, method: str, model: Any, method_section: dict[str, Any], values: dict[str, Any],
             reasons: dict[str, str],
             sections: dict[str, dict[str, Any]], notes: dict[tuple[str, str], str], out: Path | None,
-            data: str | None, pairs: Path | None) -> str:
+            prompts: str | None, pairs: Path | None) -> str:
     name = str(out) if out is not None else "RECIPE.yaml"
     lines = [f"# Starting recipe: method {method} on the teacher {_from_cwd(t.path)}, written by `fewstep recipe`.",
              "# A STARTING POINT, NOT A MEASURED RECIPE: every value is a default of the method or a choice from the",
@@ -400,8 +410,8 @@ def _render(t: TeacherSummary, method: str, model: Any, method_section: dict[str
         lines += [f"#   {part}" if i == 0 else f"#     {part}" for i, part in enumerate(textwrap.wrap(line, 102))]
     launch = [f"fewstep distill {name}"]
     if pairs is not None:
-        prompts = f" --prompts {_from_cwd(Path(data))}" if t.conditioning == "text" and data is not None else ""
-        launch.insert(0, f"fewstep pairs {_from_cwd(t.path)} {_from_cwd(pairs)} --num 10000{prompts}")
+        given = f" --prompts {_from_cwd(Path(prompts))}" if t.conditioning == "text" and prompts is not None else ""
+        launch.insert(0, f"fewstep pairs {_from_cwd(t.path)} {_from_cwd(pairs)} --num 10000{given}")
     lines.append("# Launch:  " + launch[0])
     lines += [f"#          {cmd}" for cmd in launch[1:]]
     for section, body in sections.items():
@@ -426,7 +436,7 @@ def _render(t: TeacherSummary, method: str, model: Any, method_section: dict[str
 
 def cmd_recipe(args: Any) -> int:
     """``fewstep recipe``: print or write the recipe."""
-    text = make_recipe(args.teacher, args.method, out=args.out, data=args.data)
+    text = make_recipe(args.teacher, args.method, out=args.out, data=args.data, prompts=args.prompts)
     if args.out is None:
         print(text, end="")
         return 0

@@ -32,8 +32,8 @@ def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
     }
 
 
-def _generate_and_validate(folder: Path, method: str, data: str | None, out: Path) -> str:
-    args = ["recipe", str(folder), "--method", method, "--out", str(out)] + (["--data", data] if data else [])
+def _generate_and_validate(folder: Path, method: str, prompts: str | None, out: Path) -> str:
+    args = ["recipe", str(folder), "--method", method, "--out", str(out)] + (["--prompts", prompts] if prompts else [])
     assert main(args) == 0, f"fewstep recipe failed for {method} on {folder}"
     text = out.read_text()
     needs_pairs = "pairs" in (yaml.safe_load(text)["data"])
@@ -49,9 +49,9 @@ def _generate_and_validate(folder: Path, method: str, data: str | None, out: Pat
 def test_every_method_on_every_tiny_teacher_validates(teachers, tmp_path: Path) -> None:
     methods = sorted(set(method_registry(discover())) - OWN_NETWORK)
     assert {"cd", "dmd2", "scm", "ctm", "kd"} <= set(methods)
-    for name, (folder, data) in teachers.items():
+    for name, (folder, prompts) in teachers.items():
         for method in methods:
-            text = _generate_and_validate(folder, method, data, tmp_path / f"{name}-{method}.yaml")
+            text = _generate_and_validate(folder, method, prompts, tmp_path / f"{name}-{method}.yaml")
             assert "STARTING POINT, NOT A MEASURED RECIPE" in text and "# Launch:" in text
 
 
@@ -76,8 +76,8 @@ def test_summary_reads_the_schedule_from_the_configs(teachers) -> None:
 
 def test_choices_follow_the_teacher(teachers, tmp_path: Path) -> None:
     def method_of(key: str, method: str) -> dict:
-        folder, data = teachers[key]
-        return yaml.safe_load(make_recipe(folder, method, out=tmp_path / "r.yaml", data=data))
+        folder, prompts = teachers[key]
+        return yaml.safe_load(make_recipe(folder, method, out=tmp_path / "r.yaml", prompts=prompts))
 
     # an ill-conditioned eps VP teacher: the consistency grid's top inside the teacher's range, the
     # generator's input level below the ill-conditioned end
@@ -90,12 +90,13 @@ def test_choices_follow_the_teacher(teachers, tmp_path: Path) -> None:
     assert {k: sd["method"][k] for k in ("grid", "skip", "solver", "boundary", "guidance")} == {
         "grid": "teacher", "skip": 20, "solver": "ddim", "boundary": "lcm", "guidance": [2.0, 8.0]}
     assert sd["teacher"]["guidance"] > 1 and (sd["data"]["resolution"], sd["data"]["channels"]) == (32, 3)
-    assert (tmp_path / sd["data"]["source"]).resolve() == Path(teachers["sd"][1]).resolve()  # relative to the recipe
+    assert sd["data"]["source"] == "digits"  # the placeholder images, captioned by --prompts
+    assert (tmp_path / sd["data"]["prompts"]).resolve() == Path(teachers["sd"][1]).resolve()  # relative to the recipe
     # a method default above the teacher's range is capped (sCM's 80 on SD's top level 14.6)
     assert method_of("sd", "scm")["method"]["sigma_max"] == pytest.approx(summarize_teacher(teachers["sd"][0]).sigma_max,
                                                                          rel=1e-3)
     # flow teachers keep their own time range, with the reason written beside it; Flux-dev's guidance input
-    sd3 = make_recipe(teachers["sd3"][0], "cd", out=tmp_path / "r.yaml", data=teachers["sd3"][1])
+    sd3 = make_recipe(teachers["sd3"][0], "cd", out=tmp_path / "r.yaml", prompts=teachers["sd3"][1])
     assert yaml.safe_load(sd3)["method"]["sigma_max"] is None and "kept for this teacher: a flow teacher" in sd3
     assert yaml.safe_load(sd3)["method"]["grid"] == "karras"  # LCM's teacher grid is VP only
     assert method_of("flux", "dmd2")["teacher"]["guidance"] == 3.5
@@ -119,7 +120,7 @@ def test_refusals(teachers, tmp_path: Path, capsys: pytest.CaptureFixture) -> No
         (["recipe", str(tmp_path), "--method", "cd"], "is not a diffusers folder"),
         (["recipe", folder, "--method", "cdd"], "unknown method 'cdd'"),
         (["recipe", folder, "--method", "diffusion"], "builds its own network"),
-        (["recipe", str(teachers["text"][0]), "--method", "cd"], "pass --data"),
+        (["recipe", str(teachers["text"][0]), "--method", "cd"], "pass --prompts"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
