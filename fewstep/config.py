@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from fewstep.data import DataConfig
 
@@ -90,6 +90,12 @@ class TrainConfig(Strict):
     compile: bool = Field(False, description="Wrap the backbones in torch.compile (fewstep.trainer.compile_backbones); "
                           "a backbone that fails to compile runs eagerly with a message naming it. Off by default: "
                           "compilation costs minutes at start-up and pays on GPUs.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: object) -> object:
+        """YAML 1.1 reads an unquoted ``no`` (in a recipe or ``--set train.mixed_precision=no``) as false."""
+        return "no" if value is False else value
 
 
 class EMAConfig(Strict):

@@ -87,3 +87,12 @@ def test_cli_validate_accepts_the_shipped_recipes(capsys):
     assert recipes
     for recipe in recipes:
         assert cli.main(["validate", str(recipe), "--skip-inputs"]) == 0, recipe  # some inputs are made by other recipes
+
+
+def test_unquoted_yaml_no_is_mixed_precision_no():
+    """YAML 1.1 reads `mixed_precision: no` (and `--set train.mixed_precision=no`) as false; it means "no"."""
+    from fewstep.config import TrainConfig
+
+    assert TrainConfig(total_nimg=8, batch_size=4, mixed_precision=False).mixed_precision == "no"
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(total_nimg=8, batch_size=4, mixed_precision=True)
