@@ -272,15 +272,19 @@ def _from_cwd(path: Path) -> str:
 
 
 def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, data: str | None = None,
-                prompts: str | None = None,
-                plugins: dict[str, Any] | None = None) -> str:
-    """The recipe's YAML text for distilling ``teacher`` with ``method``; ``out``: where it will be written
-    (paths inside are made relative to its folder; None: absolute); ``data``: data.source (None: the digits
-    set as a placeholder); ``prompts``: data.prompts, the captions of a text teacher's images. Raises ValueError / FileNotFoundError /
-    PluginError naming the fix for a missing or unsupported teacher, an unknown method, a method that does
-    not distil a teacher, or a text teacher without ``data``."""
+                prompts: str | None = None, plugins: dict[str, Any] | None = None) -> str:
+    """The recipe's YAML text for distilling ``teacher`` with ``method``.
+
+    out: where it will be written (paths inside are made relative to its folder; None: absolute). data:
+    data.source (None: the digits set, a placeholder). prompts: data.prompts, the captions of a text teacher's
+    images. Raises ValueError / FileNotFoundError / PluginError naming the fix for a missing or unsupported
+    teacher, an unknown method, a method that does not distil a teacher, or a text teacher without captions.
+    """
+    from pydantic import ValidationError
+
     from fewstep.config import ConfigError, validate_config
     from fewstep.plugin import PluginError, _unknown_method_message, build_manager, discover, method_registry
+    from fewstep.preflight import _builds_own_teacher
 
     plugins = discover() if plugins is None else plugins
     registry = method_registry(plugins)
@@ -288,8 +292,6 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
         raise PluginError(_unknown_method_message(method, registry, plugins).replace(
             "method.name:", "--method:") + "; `fewstep plugins` lists them")
     model = registry[method][1]
-    from fewstep.preflight import _builds_own_teacher
-
     if _builds_own_teacher(build_manager(method, plugins=plugins)):
         raise ValueError(f"method {method!r} builds its own network instead of distilling a teacher folder (e.g. "
                          "`diffusion` trains a teacher from data); write its recipe from recipes/digits/teacher.yaml")
@@ -318,7 +320,7 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
             continue
         try:  # keep a choice only where this method's model accepts it (field names are shared, types may not be)
             model.model_validate({**defaults, **values, rule.field: chosen[0]})
-        except Exception:  # noqa: BLE001 - pydantic ValidationError: the method's field means something else
+        except ValidationError:  # the method's field of that name means something else
             continue
         values[rule.field], reasons[rule.field] = chosen  # a choice equal to the default keeps its reason
     method_section = {**defaults, **values}
@@ -337,7 +339,7 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
     sections = {"method": method_section, "teacher": teacher_section, "data": data_section, "train": train,
                 "validation": {"steps": [1, 2, 4], "teacher_steps": 32}}
 
-    def check(pairs: str | None) -> Any:
+    def check(pairs: str | None) -> None:
         doc = {**sections, "data": {**data_section, **({"pairs": pairs} if pairs else {})}}
         base = out.resolve().parent if out is not None else Path.cwd()
         try:
@@ -347,7 +349,7 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
         pm = build_manager(method, disabled=config.plugins.disable, plugins=plugins)
         pm.hook.fewstep_configure(config=config)
 
-    # The method's own cross-field checks (fewstep_configure) decide the two things a recipe may lack: teacher
+    # The method's own cross-field checks (fewstep_configure) decide three things a recipe may lack: teacher
     # pairs (data.pairs, made by `fewstep pairs`), a budget long enough for the method's phases, and core plugins
     # the method asks to disable (the fix its message names, `plugins: {disable: [NAME]}`).
     pairs_path: Path | None = None
