@@ -162,6 +162,10 @@ def names(prefix: str, k: int) -> list[str]:
 
 def smaller_backbone(net: Backbone, width: float) -> Backbone:
     """A randomly initialised backbone with the teacher's config and channel widths scaled by ``width``."""
+    if net.kind not in ("unet2d", "unet2d_condition", "dit"):
+        raise ValueError(f"method.width={width}: smaller students are built for UNet and DiT teachers; this teacher's "
+                         f"denoiser is {type(net.model).__name__}. Use method.width: 1 (students as copies of the "
+                         "teacher) for this family")
     cfg = net.config_dict()
     mc = dict(cfg["model_config"])
     if net.kind == "dit":
