@@ -272,6 +272,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     config, plugins = _load(args)
     pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
+    pm.hook.fewstep_configure(config=config)  # the method's cross-field checks, as at the start of distill
     if not args.skip_inputs:
         check_inputs(config, pm)
         from fewstep.data import check_data, teacher_info

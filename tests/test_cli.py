@@ -45,3 +45,12 @@ def test_quickstart_recipe_end_to_end(tmp_path, capsys):
     assert cli.main(["sample", str(run), "--steps", "1", "--num", "4", "--out", str(small),
                      "--set", "validation.upscale=1"]) == 0
     assert Image.open(small).size[1] < Image.open(out).size[1]
+
+
+def test_validate_runs_the_methods_cross_field_checks(tmp_path, capsys):
+    """`validate` refuses what the method's fewstep_configure refuses at the start of distill (here: guided's
+    stages longer than the run), instead of saying ok."""
+    recipe = Path(__file__).parents[1] / "recipes" / "digits" / "guided.yaml"
+    assert cli.main(["validate", str(recipe), "--skip-inputs", "--set", "train.total_nimg=8"]) == 2
+    err = capsys.readouterr().err
+    assert "train.total_nimg=8" in err and "raise train.total_nimg" in err and "Traceback" not in err
