@@ -182,9 +182,10 @@ def test_routed_sampler_and_export_list(class_teacher, tmp_path):
 
 def test_smaller_students_are_refused_on_transformer_families():
     """method.width < 1 rebuilds a UNet/DiT config at a smaller width; other denoisers get a clear refusal."""
+    from fewstep_plugins.msd import smaller_backbone
+
     from fewstep.backbones import Backbone
     from fewstep.testing import tiny_pipeline
-    from fewstep_plugins.msd import smaller_backbone
 
     net = Backbone(tiny_pipeline("sd3").transformer)
     with pytest.raises(ValueError, match="method.width: 1"):
