@@ -19,6 +19,12 @@ sinusoidal features (same width, frequencies and flip) as its timesteps: the cal
 to a sensible range first (by convention the target time ``s`` is given in the same model-time units
 as ``timestep``, e.g. ``NoiseProcess.model_time(s)``; a guidance scale ``w`` is given as is).
 
+Native guidance input. A ``UNet2DConditionModel`` (SD, SDXL) takes ``w`` the diffusers way instead
+(LCM's UNets): ``time_embedding.cond_proj`` (zero-initialised, so again the student starts as its
+teacher) reads :func:`guidance_scale_embedding` of ``w - 1`` through ``timestep_cond``, and the model
+config records ``time_cond_proj_dim``, so a stock StableDiffusion(XL)Pipeline feeds it its
+``guidance_scale`` (and then turns classifier-free guidance off).
+
 Extra input channels. Self-conditioning (Analog Bits: the model's previous x0 estimate) and CAF's
 initial-velocity conditioning feed a second image next to x. :meth:`Backbone.add_input_channels`
 widens the first convolution (``conv_in`` of the UNets, the patch embedding of DiT) with zero
@@ -55,7 +61,8 @@ from fewstep.families import Family, family_for_model
 from fewstep.types import Cond
 
 __all__ = ["FLUX_DEFAULT_GUIDANCE", "GUIDANCE_EMBED_SCALE", "SUPPORTED_MODELS", "Backbone", "ScalarEmbedding",
-           "enable_gradient_checkpointing", "flux_image_ids", "guidance_inputs", "pack_latents", "unpack_latents"]
+           "enable_gradient_checkpointing", "flux_image_ids", "guidance_inputs", "guidance_scale_embedding",
+           "pack_latents", "unpack_latents"]
 
 # diffusers class name -> (Backbone.kind, class)
 SUPPORTED_MODELS: dict[str, tuple[str, type[nn.Module]]] = {
@@ -76,6 +83,10 @@ FLUX_DEFAULT_GUIDANCE = 3.5
 #: A guidance scale w is fed to a student's zero-initialised scalar input ``w`` as w * 100, through the
 #: backbone's timestep sinusoid (whose usual inputs span 0..1000): one convention for every method.
 GUIDANCE_EMBED_SCALE = 100.0
+
+#: Width of the guidance-scale features of a native guidance input (``time_cond_proj_dim``): 256, the
+#: LatentConsistencyModelPipeline's UNets' value (LCM's w_embedding_dim default; unverified for other checkpoints).
+GUIDANCE_COND_DIM = 256
 
 BACKBONE_META = "fewstep_backbone.json"
 EXTRA_WEIGHTS = "fewstep_extra.safetensors"
@@ -222,8 +233,8 @@ class Backbone(nn.Module):
         self._current_extra: Tensor | None = None
         self._extra_by_timestep = WeakIdKeyDictionary()
         self._hooked = False
-        if extra_scalars:
-            self.add_scalar_inputs(extra_scalars)
+        if extra_scalars:  # a model loaded with time_cond_proj_dim holds a native guidance input (module docstring)
+            self.add_scalar_inputs(extra_scalars, native_guidance=cfg.get("time_cond_proj_dim") is not None)
 
     @property
     def has_null_class(self) -> bool:
@@ -282,6 +293,13 @@ class Backbone(nn.Module):
         kwargs = self._model_kwargs(cond, x.dtype, batch, height, width, x.device)
         if self._pack > 1:
             x = pack_latents(x, self._pack)
+        if self.native_guidance:
+            w = scalars.get("w")
+            scale = torch.zeros(batch, device=x.device) if w is None else torch.as_tensor(w, device=x.device)
+            scale = scale.float().reshape(-1).expand(batch) / GUIDANCE_EMBED_SCALE
+            # the pipelines' convention: timestep_cond embeds guidance_scale - 1
+            kwargs["timestep_cond"] = guidance_scale_embedding(
+                scale - 1.0, self.model.config.time_cond_proj_dim).to(self.model_dtype)
         extra = self._embed_scalars(scalars, batch, x.device)
         if extra is not None and self.kind == "dit":
             self._extra_by_timestep[timestep] = extra
@@ -437,8 +455,17 @@ class Backbone(nn.Module):
 
     # ------------------------------------------------------------------------ extra scalar inputs
 
-    def add_scalar_inputs(self, names: Sequence[str]) -> None:
+    @property
+    def native_guidance(self) -> bool:
+        """Whether ``w`` is read by the diffusers model's own ``time_embedding.cond_proj`` (module docstring)."""
+        return "w" in self.extra_scalars and "w" not in self.scalar_embeddings
+
+    def add_scalar_inputs(self, names: Sequence[str], *, native_guidance: bool = True) -> None:
         """Add a zero-initialised embedding for each new scalar name (already present: skipped).
+
+        A ``UNet2DConditionModel`` takes ``w`` natively when ``native_guidance``: a zero-initialised
+        ``time_embedding.cond_proj`` (kept when the model already has one) and ``time_cond_proj_dim`` in its
+        config (module docstring). Every other scalar, and ``w`` elsewhere, gets a :class:`ScalarEmbedding`.
 
         The embeddings' output is added to the time embedding: the output of ``model.time_embedding``
         for UNets, the timestep MLP inside the time/conditioning embedding of SD3, Flux, PixArt and Sana
@@ -455,18 +482,45 @@ class Backbone(nn.Module):
                 raise ValueError(
                     f"scalar input name {n!r} must be a Python identifier (it is a keyword argument)"
                 )
-        proj, width = self._time_features()
         ref = next(self.model.parameters())
-        for n in new:
+        native = "w" in new and native_guidance and self.kind == "unet2d_condition"
+        if native:
+            self._add_guidance_projection()
+        embedded = [n for n in new if not (native and n == "w")]
+        if embedded:
+            proj, width = self._time_features()
+        for n in embedded:
             self.scalar_embeddings[n] = ScalarEmbedding(proj, width).to(ref.device, ref.dtype)
         self.extra_scalars = (*self.extra_scalars, *new)
-        if not self._hooked:
+        if embedded and not self._hooked:
             if self.kind == "dit":
                 for block in self.model.transformer_blocks:
                     block.norm1.emb.register_forward_hook(self._add_extra_dit)
             else:
                 self._time_modules()[1].register_forward_hook(self._add_extra)
             self._hooked = True
+
+    def _add_guidance_projection(self) -> None:
+        te = self.model.time_embedding
+        if te.cond_proj is None:
+            ref = te.linear_1.weight
+            te.cond_proj = nn.Linear(GUIDANCE_COND_DIM, te.linear_1.in_features, bias=False).to(ref.device, ref.dtype)
+            nn.init.zeros_(te.cond_proj.weight)
+            self.model.register_to_config(time_cond_proj_dim=GUIDANCE_COND_DIM)
+
+    def embed_guidance_as_scalar(self) -> None:
+        """Move a native, still untrained guidance input ``w`` to a :class:`ScalarEmbedding` and drop
+        ``time_embedding.cond_proj`` again (a LoRA student: its frozen base is the teacher's model, which has none)."""
+        if not self.native_guidance:
+            return
+        te = self.model.time_embedding
+        if te.cond_proj.weight.detach().abs().max() != 0:
+            raise ValueError("embed_guidance_as_scalar: the native guidance projection is already trained; "
+                             "only a freshly built student can move its w input")
+        te.cond_proj = None
+        self.model.register_to_config(time_cond_proj_dim=None)
+        self.extra_scalars = tuple(n for n in self.extra_scalars if n != "w")
+        self.add_scalar_inputs(["w"], native_guidance=False)
 
     def _time_modules(self) -> tuple[nn.Module, nn.Module]:
         """(sinusoidal timestep features, time-embedding MLP) of a non-DiT backbone: the first pair of the
@@ -490,10 +544,10 @@ class Backbone(nn.Module):
         return proj, te.linear_2.out_features
 
     def _embed_scalars(self, scalars: dict[str, Tensor], batch: int, device: torch.device) -> Tensor | None:
-        if not self.extra_scalars:
+        if not len(self.scalar_embeddings):
             return None
         total = None
-        for name in self.extra_scalars:
+        for name in self.scalar_embeddings:
             value = scalars.get(name)
             value = (
                 torch.zeros(batch, device=device) if value is None else torch.as_tensor(value, device=device)
@@ -556,7 +610,7 @@ class Backbone(nn.Module):
                 "sample_size": self.sample_size, "family": self.family.name}
         (folder / BACKBONE_META).write_text(json.dumps(meta, indent=2) + "\n")
         extra_file = folder / EXTRA_WEIGHTS
-        if self.extra_scalars:
+        if len(self.scalar_embeddings):
             state = {k: v.detach().contiguous().cpu() for k, v in self.scalar_embeddings.state_dict().items()}
             save_file(state, extra_file)
         elif extra_file.exists():
@@ -599,7 +653,7 @@ class Backbone(nn.Module):
                        self_conditioning=meta.get("self_conditioning", False),
                        sample_size=sample_size if sample_size is not None else meta.get("sample_size"),
                        family=family if family is not None else meta.get("family"))
-        if backbone.extra_scalars:
+        if len(backbone.scalar_embeddings):
             extra_file = folder / EXTRA_WEIGHTS
             if not extra_file.is_file():
                 raise FileNotFoundError(
@@ -652,6 +706,17 @@ def guidance_inputs(w: Tensor | None) -> dict[str, Tensor]:
     """The scalar inputs of a guidance-conditioned student for scales w (B,): ``{"w": w * 100}``, or
     none when w is None (an unguided student)."""
     return {} if w is None else {"w": w * GUIDANCE_EMBED_SCALE}
+
+
+def guidance_scale_embedding(w: Tensor, dim: int) -> Tensor:
+    """(B,) -> (B, dim) float32 sinusoidal features of ``w * 1000`` (VDM's embedding, as diffusers'
+    ``StableDiffusionPipeline.get_guidance_scale_embedding`` computes ``timestep_cond``, checked against
+    diffusers 0.42.1): sin then cos at frequencies 10000^(-i / (dim/2 - 1)), zero-padded to an odd ``dim``."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    args = (w.float().reshape(-1) * 1000.0)[:, None] * freqs.to(w.device)[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return nn.functional.pad(emb, (0, dim % 2))
 
 
 def enable_gradient_checkpointing(network: nn.Module) -> None:

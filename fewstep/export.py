@@ -26,6 +26,8 @@ Constant scalar inputs. A student that takes a guidance scale w (guided, LCM-sty
 its zero-initialised w embedding (``fewstep.backbones.ScalarEmbedding``, added to the time embedding) then adds
 one constant vector, which the stock export folds into the bias of the time embedding's last layer (exact up to
 float rounding). :func:`load_export` unfolds it, so ``fewstep sample OUT`` still runs the w-conditioned student.
+An SD / SDXL UNet student reads w natively instead (``Backbone.native_guidance``: ``time_cond_proj_dim``), so
+nothing is folded and the stock pipeline's ``guidance_scale`` is w, which it may change.
 """
 
 from __future__ import annotations
@@ -311,7 +313,7 @@ def fold_scalars(backbone: Any, scalars: Mapping[str, float], sign: float = 1.0)
     biases = _time_biases(backbone)
     ref = biases[0]
     total = torch.zeros_like(ref)
-    for name in backbone.extra_scalars:
+    for name in backbone.scalar_embeddings:  # a native guidance input (Backbone.native_guidance) has none
         value = torch.tensor([float(scalars.get(name, 0.0))], device=ref.device)
         total += backbone.scalar_embeddings[name](value)[0].to(ref.dtype)
     for bias in biases:
@@ -417,7 +419,7 @@ def plan_stock_export(hook: Any, ctx: RunContext, nets: Nets, sampling_networks:
     if varying:
         return (f"the student takes the scalar inputs {sorted(varying)}, which change between steps; a stock "
                 "diffusers model cannot take them")
-    if student.extra_scalars:
+    if len(student.scalar_embeddings):
         try:
             _time_biases(student)
         except ValueError as err:
@@ -449,6 +451,11 @@ def plan_stock_export(hook: Any, ctx: RunContext, nets: Nets, sampling_networks:
     if default not in kept:
         return (f"{pipeline.name} cannot pass the custom schedule of the {default}-step sampler to "
                 f"{first.scheduler}, and the scheduler's own {default}-step schedule differs")
+    if student.native_guidance:  # the UNet's time_cond_proj_dim reads the pipeline's guidance_scale: nothing to fold
+        from fewstep.backbones import GUIDANCE_EMBED_SCALE
+
+        scale = scalars.pop("w") / GUIDANCE_EMBED_SCALE
+        kept = {n: replace(s, guidance_scale=scale) for n, s in kept.items()}
     return StockExport(pipeline, first.scheduler, config, kept, scalars, tuple(teacher.data_shape[1:]))
 
 
@@ -488,7 +495,7 @@ def _write_student(student: Any, folder: Path, scalars: Mapping[str, float] | No
     export (None: a FewStepPipeline, whose backbone embeds its scalars itself); an fp16 variant when asked."""
     import copy
 
-    if scalars is not None and student.extra_scalars:
+    if scalars is not None and len(student.scalar_embeddings):
         student = copy.deepcopy(student)
         fold_scalars(student, scalars)
     student.save_pretrained(folder)
@@ -796,7 +803,7 @@ def load_export(folder: str | Path, *, device: str | torch.device | None = None,
         student = Backbone.wrap(modules[component], folder / component)
     else:
         student = Backbone.from_pretrained(folder / component)
-    if meta.get("stock") is not None and student.extra_scalars:  # a stock model holds its constant scalars folded
+    if meta.get("stock") is not None and len(student.scalar_embeddings):  # a stock model holds them folded
         fold_scalars(student, meta["stock"]["folded_scalars"], sign=-1.0)
     extra = {name: Backbone.from_pretrained(folder / EXTRA_DIR / name) for name in meta["sampling_networks"]}
     family = student.family

@@ -276,6 +276,9 @@ def adapt_student(config: Any, teacher: Any, student: nn.Module) -> nn.Module:
     if not isinstance(student, Backbone):
         raise ValueError(f"lora: the student is a {type(student).__name__}, not a fewstep Backbone; LoRA adapts "
                          "backbones built from the teacher (remove the lora section for this method)")
+    # A native guidance input would be a new layer in the frozen (teacher's) base: a LoRA student keeps w in its own
+    # scalar embedding, which the stock export folds at the sampling w (docs/EXPORT.md).
+    student.embed_guidance_as_scalar()
     mine, theirs = _signature(student.model), _signature(teacher.net.model)
     if mine.keys() == theirs.keys() and all(v.shape == theirs[k].shape and torch.equal(v, theirs[k].to(v.dtype))
                                             for k, v in mine.items()):

@@ -124,6 +124,49 @@ def test_scalar_inputs_start_at_teacher_and_learn(kind):
     assert (a - b).abs().max() > 1e-4
 
 
+def test_unet_condition_takes_w_as_diffusers_timestep_cond(tmp_path):
+    """SD / SDXL UNets read w natively: a zero-initialised time_embedding.cond_proj and time_cond_proj_dim in the
+    config; timestep_cond is StableDiffusionPipeline's embedding of guidance_scale - 1 (fewstep feeds w * 100);
+    save_pretrained / from_pretrained keep it; moving it to a fewstep embedding (LoRA students) keeps the output."""
+    from diffusers import StableDiffusionPipeline
+
+    from fewstep.backbones import GUIDANCE_COND_DIM, guidance_inputs, guidance_scale_embedding
+
+    net = _build("unet_condition")
+    x, t, cond = _inputs("unet_condition")
+    before = net(x, t, cond)
+    net.add_scalar_inputs(["w"])
+    w = torch.tensor([1.5, 3.0, 7.0])
+    assert net.native_guidance and not len(net.scalar_embeddings)
+    assert net.model.config.time_cond_proj_dim == GUIDANCE_COND_DIM
+    torch.testing.assert_close(net(x, t, cond, **guidance_inputs(w)), before, rtol=0, atol=0)
+    torch.testing.assert_close(guidance_scale_embedding(w - 1, GUIDANCE_COND_DIM),
+                               StableDiffusionPipeline.get_guidance_scale_embedding(None, w - 1, GUIDANCE_COND_DIM),
+                               rtol=0, atol=0)
+    with torch.no_grad():
+        net.model.time_embedding.cond_proj.weight.normal_(0, 0.5)
+        direct = net.model(x, t, encoder_hidden_states=cond.embeddings,
+                           timestep_cond=guidance_scale_embedding(w - 1, GUIDANCE_COND_DIM)).sample
+        ours = net(x, t, cond, **guidance_inputs(w))
+    torch.testing.assert_close(ours, direct, rtol=0, atol=1e-6)
+    assert (ours - before).abs().max() > 1e-4
+    net.save_pretrained(tmp_path)
+    assert not (tmp_path / "fewstep_extra.safetensors").exists()
+    twin = Backbone.from_pretrained(tmp_path)
+    assert twin.native_guidance and twin.extra_scalars == ("w",)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x, t, cond, **guidance_inputs(w)), ours, rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match="already trained"):
+        net.embed_guidance_as_scalar()
+    fresh = _build("unet_condition")
+    fresh.add_scalar_inputs(["w"])
+    fresh.embed_guidance_as_scalar()
+    assert not fresh.native_guidance and list(fresh.scalar_embeddings) == ["w"]
+    assert fresh.model.config.time_cond_proj_dim is None and fresh.model.time_embedding.cond_proj is None
+    torch.testing.assert_close(fresh(x, t, cond, **guidance_inputs(w)), before, rtol=0, atol=0)
+
+
 def test_dit_scalars_condition_final_layer_and_every_block():
     net = _build("dit")
     net.add_scalar_inputs(["s"])

@@ -9,6 +9,7 @@ integer timestep against fewstep's float32 t = 999 ± 5e-5); measured: 2e-7 to 4
 pixel ones (x0 = (x_t - sigma eps) / alpha amplifies rounding by 1 / alpha = 15 at timestep 999).
 """
 
+import dataclasses
 import json
 import re
 
@@ -139,20 +140,38 @@ def test_one_step_ect_on_an_openai_edm_teacher_exports_the_consistency_pipeline(
     assert_stock_matches_fewstep(trainer, out, "ConsistencyModelPipeline", "CMStochasticIterativeScheduler", [1])
 
 
-def test_lcm_style_cd_folds_the_guidance_scale_into_the_unet(tmp_path):
-    """An LCM-style student takes w; sampled at sample_guidance, its w embedding is a constant vector, folded
-    into the time embedding's bias: StableDiffusionPipeline (guidance off) draws the w = 3 images, and fewstep
-    reads the export back with the w input intact."""
+def test_lcm_style_cd_student_takes_the_guidance_scale_as_the_pipeline_does(tmp_path):
+    """An LCM-style student on an SD UNet reads w through time_cond_proj_dim (LCM's UNets): the export folds
+    nothing, its card calls StableDiffusionPipeline with guidance_scale=w (which then turns CFG off), and the stock
+    pipeline at two other guidance scales draws fewstep's images at those w; fewstep reads the export back."""
     method = {"name": "cd", "grid": "teacher", "boundary": "lcm", "solver": "ddim", "guidance": [2.0, 6.0],
               "sample_guidance": 3.0}
-    trainer, out = _train(tmp_path, "unet_condition", method, latent=True)
+    teacher = make_tiny_teacher(tmp_path / "teacher", "unet_condition", latent=True)
+    config = tiny_run_config(teacher, method, steps=2, validation={"steps": [1, 2]}, plugins={"disable": ["ema"]},
+                             optimizer={"lr": 1e-2})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    out = tmp_path / "run" / "export"
     assert_stock_matches_fewstep(trainer, out, "StableDiffusionPipeline", "LCMScheduler", [1])
     meta = json.loads((out / EXPORT_META).read_text())
-    assert meta["stock"]["folded_scalars"] == {"w": 300.0}
+    assert meta["stock"]["folded_scalars"] == {} and meta["stock"]["calls"]["1"]["guidance_scale"] == 3.0
+    assert json.loads((out / "unet" / "config.json").read_text())["time_cond_proj_dim"] == 256
+    pipe = DiffusionPipeline.from_pretrained(out)
+    cond = condition(trainer.nets.teacher, 3, prompt=PROMPTS)
+    latents = torch.randn((3, *trainer.nets.teacher.sample_shape), generator=torch.Generator().manual_seed(0))
+    call = {**meta["stock"]["calls"]["1"], "prompt": PROMPTS, "latents": latents, "output_type": "pt"}
+    scale = meta["stock"]["latents_scale"]["1"]
+    drawn = []
+    for w in (1.5, 7.0):
+        stock = pipe(**{**call, "guidance_scale": w}).images
+        ctx = dataclasses.replace(trainer.ctx, method=trainer.ctx.method.model_copy(update={"sample_guidance": w}))
+        ours = (generate(trainer.pm.hook, ctx, trainer.nets, latents / scale, cond, 1).clamp(-1, 1) + 1) / 2
+        torch.testing.assert_close(stock.float(), ours, rtol=0, atol=ATOL, msg=lambda m, w=w: f"w = {w}: {m}")
+        drawn.append(stock)
+    assert (drawn[0] - drawn[1]).abs().max() > 10 * ATOL  # the trained w input changes the images
     loaded = load_export(out).nets.student
-    assert loaded.extra_scalars == ("w",)
-    for k, v in trainer.nets.ema.model.state_dict().items():  # unfolded: the trained student again
-        torch.testing.assert_close(loaded.model.state_dict()[k], v, rtol=0, atol=1e-6)
+    assert loaded.extra_scalars == ("w",) and loaded.native_guidance
+    for k, v in trainer.nets.student.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[k], v, rtol=0, atol=0)
 
 
 def test_model_card_is_in_hub_format_and_its_snippet_runs(tmp_path, monkeypatch):

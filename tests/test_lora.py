@@ -265,6 +265,22 @@ def latent_text_teacher(tmp_path_factory) -> Path:
     return make_tiny_teacher(tmp_path_factory.mktemp("sd") / "teacher", "unet_condition", latent=True)
 
 
+def test_lcm_style_lora_student_keeps_w_in_its_own_embedding(latent_text_teacher, tmp_path):
+    """A full LCM-style student on an SD UNet reads w through a new time_embedding.cond_proj; a LoRA student's frozen
+    base is the teacher's UNet, which has none: its w stays a fewstep embedding, folded by the stock export."""
+    import json
+
+    method = {"name": "cd", "grid": "teacher", "boundary": "lcm", "solver": "ddim", "guidance": [2.0, 6.0],
+              "sample_guidance": 3.0}
+    trainer, _ = run_tiny(tiny_run_config(latent_text_teacher, method, steps=2, lora={"rank": 4}), tmp_path / "run")
+    student = trainer.nets.student
+    assert isinstance(student, LoraBackbone) and not student.native_guidance
+    assert list(student.scalar_embeddings) == ["w"]
+    assert student.model is trainer.nets.teacher.net.model and student.model.config.time_cond_proj_dim is None
+    meta = json.loads((tmp_path / "run" / "export" / "fewstep_export.json").read_text())
+    assert meta["stock"]["folded_scalars"] == {"w": 300.0} and meta["stock"]["calls"]["1"]["guidance_scale"] == 1.0
+
+
 def stock_pipeline(teacher_path: Path, scheduler_cls):
     """The teacher as diffusers' stock StableDiffusionPipeline (the tiny teacher's folder is not one)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
