@@ -7,6 +7,7 @@ reads. Everything is built in-process: no file is ever downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FLUX_DEV_OPTIONS", "TINY_FAMILIES", "MethodConformance", "Recorder", "assert_ranks_match", "make_tiny_pipeline", "make_tiny_teacher",
            "run_on_ranks", "run_tiny", "tiny_clip", "tiny_clip_with_projection", "tiny_dit", "tiny_gemma2", "tiny_pipeline",
-           "tiny_run_config", "tiny_family_pairs", "tiny_family_teacher", "tiny_t5", "tiny_unet", "tiny_unet_condition", "tiny_vae", "tiny_vae_rgb",
+           "tiny_run_config", "tiny_pairs", "tiny_family_pairs", "tiny_family_teacher", "tiny_t5", "tiny_unet", "tiny_unet_condition", "tiny_vae", "tiny_vae_rgb",
            "write_digit_prompts"]
 
 TINY_NUM_CLASSES = 10
@@ -606,16 +607,25 @@ def tiny_family_teacher(family: str, root: str | Path) -> tuple[Path, Path]:
     return folder, prompts
 
 
-def tiny_family_pairs(folder: Path, prompts: Path, guidance: float = 1.0, num: int = 16) -> Path:
-    """A tiny pair store (2 Heun steps) of the teacher in ``folder`` at ``guidance``, beside it, made once."""
+def tiny_pairs(teacher: str | Path, num: int = 16, *, num_steps: int = 2, guidance: float = 1.0,
+               prompts: Sequence[str] = ("a digit", "a number")) -> Path:
+    """A tiny pair store (``num_steps`` Heun steps) of the teacher in folder ``teacher`` at ``guidance``, beside
+    it, made once per (num, num_steps, guidance). ``prompts`` are cycled for a text teacher, unused otherwise."""
     from fewstep.pairs import MANIFEST, generate_pairs
     from fewstep.teacher import load_teacher
 
-    out = folder.parent / f"{folder.name}-pairs-{num}-g{guidance:g}"
+    teacher = Path(teacher)
+    out = teacher.parent / f"{teacher.name}-pairs-{num}-{num_steps}-g{guidance:g}"
     if not (out / MANIFEST).is_file():
-        captions = prompts.read_text().splitlines()[:num]
-        generate_pairs(load_teacher(folder), out, num, num_steps=2, guidance=guidance, prompts=captions)
+        loaded = load_teacher(teacher)
+        generate_pairs(loaded, out, num, num_steps=num_steps, guidance=guidance,
+                       prompts=list(prompts) if loaded.conditioning == "text" else None)
     return out
+
+
+def tiny_family_pairs(folder: Path, prompts: Path, guidance: float = 1.0, num: int = 16) -> Path:
+    """:func:`tiny_pairs` of a family teacher, captioned with the first ``num`` lines of the ``prompts`` file."""
+    return tiny_pairs(folder, num, guidance=guidance, prompts=prompts.read_text().splitlines()[:num])
 
 
 #: Options of :func:`tiny_pipeline` that make the tiny Flux a guidance-distilled teacher with dynamic shift

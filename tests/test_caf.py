@@ -14,25 +14,15 @@ from torch import nn
 from fewstep.config import ConfigError
 from fewstep.evaluation import coupling_preservation, evaluate_coupling
 from fewstep.export import load_export
-from fewstep.pairs import MANIFEST, PairStore, generate_pairs
+from fewstep.pairs import PairStore
 from fewstep.plugin import build_manager
 from fewstep.sampling import generate
 from fewstep.teacher import load_teacher
-from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_run_config
+from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_pairs, tiny_run_config
 from fewstep.trainer import Trainer
 from fewstep.types import Batch, Cond, Nets, OptimizerGroup, Phase, StepInfo
 
 PROMPTS = ["zero", "one", "two", "three"]
-
-
-def tiny_pairs(teacher_path: Path, num: int = 16, num_steps: int = 2) -> Path:
-    """A pair store beside the teacher folder (made once per teacher)."""
-    out = teacher_path.parent / f"{teacher_path.name}-pairs-{num}-{num_steps}"
-    if not (out / MANIFEST).is_file():
-        teacher = load_teacher(teacher_path)
-        prompts = PROMPTS if teacher.conditioning == "text" else None
-        generate_pairs(teacher, out, num, num_steps=num_steps, prompts=prompts)
-    return out
 
 
 class _OnPairs(MethodConformance):
@@ -40,7 +30,7 @@ class _OnPairs(MethodConformance):
 
     @pytest.fixture(autouse=True)
     def _pair_store(self, teacher):
-        self.pairs = tiny_pairs(teacher)
+        self.pairs = tiny_pairs(teacher, prompts=PROMPTS)
 
     def config(self, teacher, **sections):
         data = {"pairs": str(self.pairs), **sections.pop("data", {})}
@@ -300,7 +290,7 @@ def test_coupling_of_the_teacher_is_preserved_by_reflow_at_step_zero(tmp_path):
     """evaluate_coupling (the benchmark's metric) on a class-conditional run before training: reflow's Euler
     sampler is the teacher's ODE, so it reproduces the stored pairs better with more steps."""
     teacher = make_tiny_teacher(tmp_path / "t", "unet", conditioning="class", prediction_type="v_prediction")
-    pairs = tiny_pairs(teacher, num=4, num_steps=32)
+    pairs = tiny_pairs(teacher, num=4, num_steps=32, prompts=PROMPTS)
     trainer = _setup(tiny_run_config(teacher, {"name": "reflow"}, data={"pairs": str(pairs)}), tmp_path / "run")
     got = evaluate_coupling(trainer.pm.hook, trainer.ctx, trainer.nets, PairStore(pairs), [2, 64], num=4)
     assert got[64]["psnr"] > got[2]["psnr"] + 10 and got[64]["psnr"] > 35
@@ -310,7 +300,7 @@ def test_the_export_carries_the_velocity_network(tmp_path):
     """A loaded CAF export restores ``velocity`` next to a_phi and samples what the run's sampler samples."""
     teacher = make_tiny_teacher(tmp_path / "t", "unet", prediction_type="v_prediction")
     config = tiny_run_config(teacher, {"name": "caf", "velocity_nimg": 8}, steps=4,
-                             data={"pairs": str(tiny_pairs(teacher))})
+                             data={"pairs": str(tiny_pairs(teacher, prompts=PROMPTS))})
     trainer, _ = run_tiny(config, tmp_path / "run")
     loaded = load_export(tmp_path / "run" / "export")
     assert set(loaded.nets.extra) == {"velocity"}
@@ -336,7 +326,7 @@ def test_coupling_command_writes_the_summary(tmp_path, capsys):
     from fewstep.config import write_resolved
 
     teacher = make_tiny_teacher(tmp_path / "t", "unet", prediction_type="v_prediction")
-    pairs = tiny_pairs(teacher, num=4, num_steps=8)
+    pairs = tiny_pairs(teacher, num=4, num_steps=8, prompts=PROMPTS)
     config = tiny_run_config(teacher, {"name": "reflow"}, steps=1, data={"pairs": str(pairs)})
     trainer, _ = run_tiny(config, tmp_path / "run")
     write_resolved(config, tmp_path / "run")

@@ -9,19 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fewstep.pairs import generate_pairs
 from fewstep.teacher import load_teacher
-from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_run_config
-
-
-def pair_store(teacher: Path) -> Path:
-    """A 16-pair store of ``teacher`` next to its folder (2 Heun steps), made once per teacher."""
-    out = teacher.parent / f"{teacher.name}-pairs"
-    if not (out / "manifest.json").is_file():
-        loaded = load_teacher(teacher)
-        prompts = ["a digit", "a number"] if loaded.conditioning == "text" else None
-        generate_pairs(loaded, out, 16, num_steps=2, prompts=prompts, shard_size=16)
-    return out
+from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_pairs, tiny_run_config
 
 
 class TestDMDConformance(MethodConformance):
@@ -29,7 +18,7 @@ class TestDMDConformance(MethodConformance):
     steps = 3
 
     def config(self, teacher, **sections):
-        sections["data"] = {**sections.get("data", {}), "pairs": str(pair_store(teacher))}
+        sections["data"] = {**sections.get("data", {}), "pairs": str(tiny_pairs(teacher))}
         return super().config(teacher, **sections)
 
 
@@ -140,7 +129,7 @@ def test_multistep_sampler_uses_the_trained_levels(class_teacher, tmp_path):
 
 def test_a_pair_store_made_at_another_guidance_is_refused(class_teacher, tmp_path):
     """DMD's regression pairs must be the real score's (guided) ODE solutions (§1.4)."""
-    pairs = {"pairs": str(pair_store(class_teacher))}
+    pairs = {"pairs": str(tiny_pairs(class_teacher))}
     with pytest.raises(ValueError, match="made at guidance 1 but the real score uses 2"):
         run_tiny(tiny_run_config(class_teacher, {"name": "dmd", "real_guidance": 2.0}, steps=1, data=pairs),
                  tmp_path / "a")

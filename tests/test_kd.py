@@ -4,26 +4,12 @@ inputs of the multistep variant, and the configuration error without a pair stor
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from fewstep_plugins.kd import kd_loss, student_levels
 
 from fewstep.diffusion import VPProcess
-from fewstep.pairs import generate_pairs
-from fewstep.teacher import load_teacher
-from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_run_config
-
-
-def pair_store(teacher: Path) -> Path:
-    """A 16-pair store of ``teacher`` next to its folder (2 Heun steps), made once per teacher."""
-    out = teacher.parent / f"{teacher.name}-pairs"
-    if not (out / "manifest.json").is_file():
-        loaded = load_teacher(teacher)
-        prompts = ["a digit", "a number"] if loaded.conditioning == "text" else None
-        generate_pairs(loaded, out, 16, num_steps=2, prompts=prompts, shard_size=16)
-    return out
+from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_pairs, tiny_run_config
 
 
 class TestKDConformance(MethodConformance):
@@ -32,7 +18,7 @@ class TestKDConformance(MethodConformance):
     steps = 3
 
     def config(self, teacher, **sections):
-        sections["data"] = {**sections.get("data", {}), "pairs": str(pair_store(teacher))}
+        sections["data"] = {**sections.get("data", {}), "pairs": str(tiny_pairs(teacher))}
         return super().config(teacher, **sections)
 
 
@@ -94,7 +80,7 @@ def test_kd_needs_a_pair_store_and_trains_multistep(tmp_path):
     teacher = make_tiny_teacher(tmp_path / "t", "unet")
     with pytest.raises(ValueError, match="fewstep pairs"):
         run_tiny(tiny_run_config(teacher, {"name": "kd"}, steps=1), tmp_path / "a")
-    config = tiny_run_config(teacher, {"name": "kd", "num_steps": 4}, steps=3, data={"pairs": str(pair_store(teacher))},
+    config = tiny_run_config(teacher, {"name": "kd", "num_steps": 4}, steps=3, data={"pairs": str(tiny_pairs(teacher))},
                              validation={"steps": [1, 4]})
     trainer, rec = run_tiny(config, tmp_path / "b")
     assert all(0.0 <= log["student/coupled"] <= 1.0 for log in rec.logs)

@@ -12,19 +12,7 @@ import pytest
 import torch
 
 from fewstep.diffusion import VPProcess
-from fewstep.pairs import generate_pairs
-from fewstep.teacher import load_teacher
-from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_run_config
-
-
-def pair_store(teacher: Path) -> Path:
-    """A 16-pair store of ``teacher`` next to its folder (2 Heun steps), made once per teacher."""
-    out = teacher.parent / f"{teacher.name}-pairs"
-    if not (out / "manifest.json").is_file():
-        loaded = load_teacher(teacher)
-        prompts = ["a digit", "a number"] if loaded.conditioning == "text" else None
-        generate_pairs(loaded, out, 16, num_steps=2, prompts=prompts, shard_size=16)
-    return out
+from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_pairs, tiny_run_config
 
 
 class TestLADDConformance(MethodConformance):
@@ -33,7 +21,7 @@ class TestLADDConformance(MethodConformance):
     steps = 3
 
     def config(self, teacher, **sections):
-        sections["data"] = {**sections.get("data", {}), "pairs": str(pair_store(teacher))}
+        sections["data"] = {**sections.get("data", {}), "pairs": str(tiny_pairs(teacher))}
         return super().config(teacher, **sections)
 
 
