@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
@@ -31,6 +31,9 @@ class MethodConfig(Strict):
     """Base for a method plugin's config: every method section has a ``name``."""
 
     name: str = Field(description="Registered method name, as listed by `fewstep plugins`.")
+    #: Whether a ``sigma_max`` field is the input level of a one-step generator (DMD2's generator levels) rather
+    #: than the top of a consistency grid; read by `fewstep recipe` to pick it for a teacher.
+    sigma_max_is_generator_input: ClassVar[bool] = False
 
 
 class TeacherConfig(Strict):

@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -94,6 +94,8 @@ def check_pair_guidance(config: Any) -> None:
 
 class DistributionMatchingConfig(MethodConfig):
     """Fields shared by ``dmd``, ``dmd2`` and ``msd``; each method sets its own defaults on top."""
+
+    sigma_max_is_generator_input: ClassVar[bool] = True
 
     real_guidance: float | None = Field(
         None, ge=0.0, description="Guidance scale g_real of the real score (CFG, or autoguidance with "

@@ -37,9 +37,6 @@ CONSISTENCY_SIGMA_MAX = 80.0
 #: betas), as DMD2 SDXL's one-step conditioning timestep 399 (§2.6) and recipes/fashion/dmd2.yaml (measured
 #: there: teacher agreement 0.78 against 0.70 at the top level on digits).
 GENERATOR_SIGMA_MAX = 2.0
-#: Methods whose ``sigma_max`` is the input level of a generator (never a consistency grid's top), i.e. the
-#: DMD2 generator grid; the only per-method table of this module.
-GENERATOR_METHODS = frozenset({"dmd", "dmd2", "fdistill", "msd", "add", "ladd"})
 #: Guidance range drawn per sample by guided distillation of a text teacher: LCM's w in [2, 8]
 #: (recipes/families/sd.yaml).
 TEXT_GUIDANCE_RANGE = [2.0, 8.0]
@@ -153,18 +150,18 @@ def summarize_teacher(path: str | Path) -> TeacherSummary:
 @dataclass(frozen=True)
 class Rule:
     """Sets the method field ``field`` (only where the method's config has it) to the value that
-    ``choose(teacher, method, default)`` returns with its reason; None keeps the method's default silently,
+    ``choose(teacher, model, default)`` (model: the method's config class) returns with its reason; None keeps the method's default silently,
     :data:`KEEP` keeps it with the reason written beside it."""
 
     field: str
-    choose: Callable[[TeacherSummary, str, Any], tuple[Any, str] | None]
+    choose: Callable[[TeacherSummary, type, Any], tuple[Any, str] | None]
 
 
 #: A rule's value meaning "keep the method's default" (the reason is still written).
 KEEP = object()
 
 
-def _sigma_max(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] | None:
+def _sigma_max(t: TeacherSummary, model: type, default: Any) -> tuple[Any, str] | None:
     if isinstance(default, (int, float)) and default > t.sigma_max:
         return t.sigma_max, f"capped at the teacher's top level {t.sigma_max:.4g} (the method's default is above it)"
     if not t.ill_conditioned:
@@ -178,7 +175,7 @@ def _sigma_max(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] 
         return KEEP, (f"the teacher's top level {t.sigma_max:.3g}: its x0 factor {t.x0_factor:.3g} is below "
                       f"{ILL_CONDITIONED_FACTOR:g}, well conditioned")
     top = f"the teacher's top level {t.sigma_max:.3g} (x0 factor {t.x0_factor:.3g})"
-    if method in GENERATOR_METHODS:
+    if model.sigma_max_is_generator_input:
         return GENERATOR_SIGMA_MAX, (f"generator input level below the ill-conditioned end: {top} makes the teacher's "
                                      "one-step output the data mean; DMD2 SDXL's one-step timestep 399 and "
                                      "recipes/fashion/dmd2.yaml use sigma ~2")
@@ -188,40 +185,40 @@ def _sigma_max(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] 
     return None
 
 
-def _lcm_grid(t: TeacherSummary, method: str) -> bool:
+def _lcm_grid(t: TeacherSummary) -> bool:
     return t.process == "vp" and t.conditioning == "text"
 
 
-def _grid(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] | None:
+def _grid(t: TeacherSummary, model: type, default: Any) -> tuple[Any, str] | None:
     return ("teacher", "LCM-style: the teacher's own discrete timesteps for a VP text teacher (LCM, "
-            "recipes/families/sd.yaml)") if _lcm_grid(t, method) else None
+            "recipes/families/sd.yaml)") if _lcm_grid(t) else None
 
 
-def _skip(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] | None:
-    if not _lcm_grid(t, method):
+def _skip(t: TeacherSummary, model: type, default: Any) -> tuple[Any, str] | None:
+    if not _lcm_grid(t):
         return None
     k = max(1, int(t.num_train_timesteps or 1000) // 50)
     return k, f"LCM's skipping step: {t.num_train_timesteps} timesteps / 50 (LCM: 20 of 1000)"
 
 
-def _solver(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] | None:
+def _solver(t: TeacherSummary, model: type, default: Any) -> tuple[Any, str] | None:
     return ("ddim", "LCM's teacher step on the teacher grid (DDIM equals Euler in sigma space)") \
-        if _lcm_grid(t, method) else None
+        if _lcm_grid(t) else None
 
 
-def _boundary(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] | None:
+def _boundary(t: TeacherSummary, model: type, default: Any) -> tuple[Any, str] | None:
     return ("lcm", "LCM's boundary scalings for a VP text teacher (recipes/families/sd.yaml)") \
-        if _lcm_grid(t, method) else None
+        if _lcm_grid(t) else None
 
 
-def _guidance(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] | None:
+def _guidance(t: TeacherSummary, model: type, default: Any) -> tuple[Any, str] | None:
     if t.conditioning != "text":
         return None
     return list(TEXT_GUIDANCE_RANGE), ("guided distillation of a text teacher: w drawn per sample from LCM's "
                                        "range [2, 8] and fed to the student's w input")
 
 
-def _clamp(t: TeacherSummary, method: str, default: Any) -> tuple[Any, str] | None:
+def _clamp(t: TeacherSummary, model: type, default: Any) -> tuple[Any, str] | None:
     if t.latent or not (t.clip_sample or t.thresholding):
         return None
     what = "clip_sample" if t.clip_sample else "thresholding"
@@ -312,7 +309,7 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
     for rule in RULES:
         if rule.field not in defaults or rule.field in values:
             continue
-        chosen = rule.choose(t, method, defaults[rule.field])
+        chosen = rule.choose(t, model, defaults[rule.field])
         if chosen is None:
             continue
         if chosen[0] is KEEP:

@@ -34,7 +34,7 @@ Costs per trainer step (B samples): disc turn 1 student forward (no grad) + 2 te
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -60,6 +60,8 @@ from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunCont
 
 
 class _Adversarial(MethodConfig):
+    sigma_max_is_generator_input: ClassVar[bool] = True
+
     num_steps: int = Field(1, ge=1, le=64, description="Student levels N (DMD2's generator grid); 1: one step. "
                            "ADD trains SD-Turbo at 4 levels (999, 749, 499, 249) [R].")
     sigma_max: float | None = Field(None, gt=0, description="Level of the first student call; none: the top of "
