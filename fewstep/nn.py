@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -18,19 +19,29 @@ def unwrap(module: nn.Module) -> nn.Module:
         module = inner
 
 
+# target -> (source, target parameters, source parameters, target buffers, source buffers): the tensor lists of
+# ema_update, built once per (target, source) pair instead of on every call (1.2 ms a step on the digits UNet,
+# issue 15). Updates are in place, so the same tensors stay valid while the modules keep their parameters.
+_EMA_LISTS: WeakKeyDictionary[nn.Module, tuple] = WeakKeyDictionary()
+
+
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
     """target <- decay * target + (1 - decay) * source, parameters and floating buffers alike."""
     src = unwrap(source)
-    t_params = list(target.parameters())
-    s_params = [p.detach() for p in src.parameters()]
+    lists = _EMA_LISTS.get(target)
+    if lists is None or lists[0] is not src:
+        buffers = dict(target.named_buffers())
+        named = [(buffers[n], b) for n, b in src.named_buffers()]  # by name: the target may carry its own (flags)
+        lists = _EMA_LISTS[target] = (src, list(target.parameters()), list(src.parameters()),
+                                      [t for t, _ in named], [b for _, b in named])
+    _, t_params, s_params, t_buffers, s_buffers = lists
     if decay == 0.0:
         torch._foreach_copy_(t_params, s_params)
     else:
         torch._foreach_lerp_(t_params, s_params, 1.0 - decay)
-    buffers = dict(target.named_buffers())
-    for name, sb in src.named_buffers():  # by name: the target may carry buffers of its own (flags)
-        buffers[name].copy_(sb)
+    for t, b in zip(t_buffers, s_buffers):
+        t.copy_(b)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from fewstep.builtin.ema import update_ema
 from fewstep.cli import main
 from fewstep.compiling import compile_backbones
+from fewstep.nn import ema_update
 from fewstep.testing import make_tiny_teacher, tiny_run_config
 from fewstep.types import StepInfo
 
@@ -65,7 +65,7 @@ def test_bench_cli_writes_json(teacher_dir, tmp_path, capsys):
     assert "images/s" in capsys.readouterr().out
 
 
-def test_update_ema_matches_the_closed_form(backbone):
+def test_ema_update_matches_the_closed_form(backbone):
     student, ema = copy.deepcopy(backbone), copy.deepcopy(backbone).requires_grad_(False)
     start = {k: v.clone() for k, v in ema.state_dict().items()}
     for beta in (0.9, 0.5):
@@ -74,13 +74,13 @@ def test_update_ema_matches_the_closed_form(backbone):
                 p.add_(torch.randn_like(p))
         expected = {k: beta * start[k] + (1 - beta) * v for k, v in student.state_dict().items()
                     if v.is_floating_point()}
-        update_ema(ema, student, beta)  # the second call reuses the cached lists
+        ema_update(ema, student, beta)  # the second call reuses the cached lists
         for k, v in expected.items():
             torch.testing.assert_close(ema.state_dict()[k], v)
         start = {k: v.clone() for k, v in ema.state_dict().items()}
 
 
-def test_model_dtype_is_cached_and_follows_to(backbone):
+def test_model_dtype_follows_to(backbone):
     assert backbone.model_dtype == torch.float32
     backbone.to(torch.bfloat16)
     assert backbone.model_dtype == torch.bfloat16 == backbone.model.dtype
