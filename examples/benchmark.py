@@ -43,7 +43,7 @@ HELD_OUT = ROOT / "runs" / "fashion-pairs-heldout"
 OUT = ROOT / "docs" / "benchmarks" / "fashion"
 # Benchmark rows in the order of docs/BENCHMARKS.md; a row whose recipe is missing is skipped with a note.
 ROWS = ["cd", "ct", "ict", "ect", "sct", "scm", "ctm", "flowmap", "dmd", "dmd2", "dmd2-4step", "msd", "guided", "caf",
-        "reflow"]
+        "reflow", "kd", "fdistill", "ladd", "add", "meanflow", "tcm", "pcm"]
 COUPLING = {"caf", "reflow"}  # deterministic samplers of the teacher's couplings
 EVAL = ["--num", "1000", "--teacher-steps", "32", "--reference", str(REFERENCE)]  # steps: the recipe's eval.steps
 
@@ -83,21 +83,32 @@ def evaluated(run_dir: Path) -> bool:
         f"student {k} step{'s' if k > 1 else ''}" in e for k in steps) and "t10k" in str(e.get("reference"))
 
 
-def train(recipe: Path, run_dir: Path) -> None:
+def train(recipe: Path, run_dir: Path, seed: int = 0) -> None:
     resume = ["--resume"] if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()) else []
-    run(fewstep("distill", str(recipe), "--run-dir", str(run_dir), "--set", "train.progress_bar=false", *resume))
+    run(fewstep("distill", str(recipe), "--run-dir", str(run_dir), "--set", "train.progress_bar=false",
+                "--set", f"train.seed={seed}", *resume))
+
+
+def run_dir_of(name: str, seed: int) -> Path:
+    """runs/fashion-NAME for training seed 0 (the rows of earlier rounds), runs/fashion-NAME-seedS otherwise."""
+    return ROOT / "runs" / (f"fashion-{name}" if seed == 0 else f"fashion-{name}-seed{seed}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=ROWS, help="benchmark rows to run (default: all)")
     parser.add_argument("--list", action="store_true", help="print the plan and exit")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (train.seed); rows of seed S > 0 go to "
+                        "runs/fashion-NAME-seedS, so two seeds can train side by side once the teacher and pairs exist")
+    parser.add_argument("--prepare-only", action="store_true", help="make the teacher, weak teacher, pair stores and "
+                        "real-data row, then stop (run this once before launching several seeds in parallel)")
+    parser.add_argument("--no-compare", action="store_true", help="skip the final `fewstep compare`")
     args = parser.parse_args()
     rows = args.only or ROWS
     if args.list:
         for name in rows:
             recipe = ROOT / "recipes" / "fashion" / f"{name}.yaml"
-            state = "done" if evaluated(ROOT / "runs" / f"fashion-{name}") else "to run"
+            state = "done" if evaluated(run_dir_of(name, args.seed)) else "to run"
             print(f"{name:<10} {recipe.relative_to(ROOT) if recipe.is_file() else '(no recipe)'}  {state}")
         return 0
     if not REFERENCE.is_file():
@@ -118,21 +129,23 @@ def main() -> int:
             subprocess.run([sys.executable, str(ROOT / "examples" / "real_data_fid.py"), str(DATA / "train-images-idx3-ubyte.gz"),
                             str(REFERENCE), "--num", "1000"], check=True, cwd=ROOT, stdout=fh,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if args.prepare_only:
+        return 0
     done = []
     for name in rows:
         recipe = ROOT / "recipes" / "fashion" / f"{name}.yaml"
         if not recipe.is_file():
             print(f"skip {name}: no recipe {recipe}")
             continue
-        run_dir = ROOT / "runs" / f"fashion-{name}"
+        run_dir = run_dir_of(name, args.seed)
         if not finished(run_dir):
-            train(recipe, run_dir)
+            train(recipe, run_dir, args.seed)
         if not evaluated(run_dir):
             run(fewstep("eval", str(run_dir), *EVAL))
         if name in COUPLING and "coupling" not in json.loads((run_dir / "summary.json").read_text()):
             run(fewstep("coupling", str(run_dir), str(HELD_OUT), "--steps", "1", "2", "4", "--num", "1000"))
         done.append(run_dir)
-    if done:
+    if done and not args.no_compare:
         run(fewstep("compare", *map(str, done), "--out", str(OUT)))
     return 0
 
