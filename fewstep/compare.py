@@ -4,6 +4,10 @@ Each run folder contributes its ``config.yaml`` (method, teacher) and ``summary.
 block written by ``fewstep eval`` or ``eval.reference``, and the training cost). Runs are refused
 unless they share the teacher and were evaluated under one protocol (same number of samples, the same
 reference images and feature network): FIDs from different protocols are not comparable.
+
+Runs whose resolved configs differ only in ``train.seed`` are replicates of one recipe: besides their own
+rows they get one row per step count in a second table, the mean over training seeds and the spread
+(smallest to largest), so a difference between methods can be read against the seed-to-seed variation.
 """
 
 from __future__ import annotations
@@ -29,7 +33,11 @@ def load_run_summary(run: Path) -> dict[str, Any]:
         raise ValueError(f"{run} has not been evaluated: run `fewstep eval {run}` first (or set eval.reference "
                          "in its recipe)")
     teacher = config.get("teacher", {})
+    train = dict(config.get("train") or {})
+    seed = train.pop("seed", 0)
+    recipe = json.dumps({**config, "train": train}, sort_keys=True, default=str)  # the config less its seed
     return {"run": run, "method": config["method"]["name"], "teacher": str(teacher.get("pretrained")),
+            "seed": seed, "recipe": recipe,
             "autoguidance": teacher.get("autoguidance"), "guidance": float(teacher.get("guidance", 1.0)),
             "eval": summary["eval"], "nimg": summary.get("nimg"),
             "wall_time_s": summary.get("wall_time_s"), "peak_memory_mb": summary.get("peak_memory_mb")}
@@ -105,12 +113,42 @@ def compare_runs(paths: list[Path], out: Path | None = None) -> str:
                 f"| {run['method']} | {run['run'].name} | {k} | {m['fid']:.2f} | {m['precision']:.3f} | "
                 f"{m['recall']:.3f} | {_fmt(run['nimg'], ',')} | {_fmt(wall, '.1f', ' min')} | "
                 f"{_fmt(run['peak_memory_mb'], '.0f', ' MB')} | {m['samples_per_s']:.1f} |")
+    lines += _seed_table(runs)
     table = "\n".join(lines) + "\n"
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.md").write_text(table)
         plot_fid_vs_steps(runs, teachers[0] if teachers else None, out / "compare.png")
     return table
+
+
+def _seed_table(runs: list[dict[str, Any]]) -> list[str]:
+    """Mean and spread over training seeds of every recipe that was run with more than one seed (none: [])."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(run["recipe"], []).append(run)
+    groups = {key: members for key, members in groups.items() if len({r["seed"] for r in members}) > 1}
+    if not groups:
+        return []
+    lines = ["", "Across training seeds (runs whose configs differ only in `train.seed`): mean, and the spread "
+             "from the smallest to the largest value.", "",
+             "| method | runs | seeds | steps | FID mean | FID spread | precision mean | recall mean |",
+             "|---|---|---|---|---|---|---|---|"]
+    for members in groups.values():
+        by_steps: dict[int, list[dict[str, Any]]] = {}
+        for run in members:
+            for k, m in _rows(run):
+                by_steps.setdefault(k, []).append(m)
+        names = ", ".join(r["run"].name for r in members)
+        seeds = ", ".join(str(r["seed"]) for r in members)
+        for k, rows in sorted(by_steps.items()):
+            if len(rows) < len(members):
+                continue  # a step count not evaluated in every replicate has no mean over the seeds
+            fids = [m["fid"] for m in rows]
+            lines.append(f"| {members[0]['method']} | {names} | {seeds} | {k} | {sum(fids) / len(fids):.2f} | "
+                         f"{min(fids):.2f} – {max(fids):.2f} | {sum(m['precision'] for m in rows) / len(rows):.3f} | "
+                         f"{sum(m['recall'] for m in rows) / len(rows):.3f} |")
+    return lines
 
 
 def plot_fid_vs_steps(runs: list[dict[str, Any]], teacher: tuple[str, int, dict[str, Any]] | None,

@@ -11,11 +11,13 @@ from fewstep.compare import compare_runs
 
 
 def _run(root, name, method="cd", teacher="/teachers/a", num=1000, fids=(50.0, 40.0, 45.0), guidance=1.0,
-         teacher_fid=10.0):
+         teacher_fid=10.0, seed=0, lr=1e-4):
     run = root / name
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"method": {"name": method},
-                                                     "teacher": {"pretrained": teacher, "guidance": guidance}}))
+                                                     "teacher": {"pretrained": teacher, "guidance": guidance},
+                                                     "train": {"seed": seed, "total_nimg": 100},
+                                                     "optimizer": {"lr": lr}}))
     row = lambda fid: {"fid": fid, "precision": 0.5, "recall": 0.25, "samples_per_s": 100.0}  # noqa: E731
     evaluation = {"num": num, "reference": "fashion: 60000 images", "features": "inception.pt",
                   "teacher 32 steps": row(teacher_fid), **{f"student {k} step" + ("s" if k > 1 else ""): row(f)
@@ -56,3 +58,20 @@ def test_refuses_runs_of_different_teachers_or_protocols(tmp_path, capsys):
     (tmp_path / "d" / "config.yaml").write_text(yaml.safe_dump({"method": {"name": "cd"}, "teacher": {}}))
     with pytest.raises(ValueError, match="fewstep eval"):
         compare_runs([a, tmp_path / "d"])
+
+
+def test_training_seeds_of_one_recipe_get_a_mean_and_spread(tmp_path):
+    runs = [_run(tmp_path, "cd", fids=(50.0, 40.0, 45.0)), _run(tmp_path, "cd-seed1", fids=(54.0, 38.0, 47.0), seed=1),
+            _run(tmp_path, "cd-lr", fids=(10.0, 10.0, 10.0), lr=1e-3),  # another recipe: not averaged in
+            _run(tmp_path, "ctm", "ctm", fids=(30.0, 20.0, 15.0))]
+    lines = compare_runs(runs).splitlines()
+    seed_rows = lines[lines.index("| method | runs | seeds | steps | FID mean | FID spread | precision mean | "
+                                  "recall mean |") + 2:]
+    assert seed_rows == ["| cd | cd, cd-seed1 | 0, 1 | 1 | 52.00 | 50.00 – 54.00 | 0.500 | 0.250 |",
+                         "| cd | cd, cd-seed1 | 0, 1 | 2 | 39.00 | 38.00 – 40.00 | 0.500 | 0.250 |",
+                         "| cd | cd, cd-seed1 | 0, 1 | 4 | 46.00 | 45.00 – 47.00 | 0.500 | 0.250 |"]
+
+
+def test_no_seed_table_without_replicates(tmp_path):
+    table = compare_runs([_run(tmp_path, "cd"), _run(tmp_path, "cd-lr", lr=1e-3)])
+    assert "Across training seeds" not in table
