@@ -275,7 +275,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     pm.hook.fewstep_configure(config=config)  # the method's cross-field checks, as at the start of distill
     if not args.skip_inputs:
         check_inputs(config, pm)
-        from fewstep.data import check_data, teacher_info
+        from fewstep.data_config import check_data, teacher_info
         if config.teacher.pretrained is not None:  # captions / labels / shape of the data against the teacher
             check_data(config, teacher_info(config.teacher.pretrained))
     family = ""

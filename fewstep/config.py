@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
-from fewstep.data import DataConfig
+from fewstep.data_config import DataConfig
 
 
 class ConfigError(ValueError):

@@ -32,10 +32,11 @@ def check_inputs(config: RunConfig, pm: Any = None) -> None:
     if config.teacher.autoguidance is not None:
         _teacher_shape(Path(config.teacher.autoguidance), "teacher.autoguidance", errors)
     data = config.data
-    from fewstep.sources import is_shard_pattern
+    if data.source != "digits":
+        from fewstep.sources import is_shard_pattern
 
-    if data.source != "digits" and not is_shard_pattern(data.source):  # shard patterns are checked when opened
-        _exists(data.source, "data.source", "an image folder, .npz, idx(.gz) or prompt list", errors)
+        if not is_shard_pattern(data.source):  # shard patterns are checked when opened
+            _exists(data.source, "data.source", "an image folder, .npz, idx(.gz) or prompt list", errors)
     wanted = {"labels": "an idx(.gz) labels file", "prompts": "a prompt list (.txt or .json)",
               "pairs": "a pair store: make it first with `fewstep pairs TEACHER FOLDER --num N` (the recipe's "
                        "header gives the command)"}
@@ -175,7 +176,7 @@ def safetensors_problem(path: Path) -> str | None:
 def _check_class_conditional(config: RunConfig, errors: list[str]) -> None:
     """An explicit ``data.class_conditional: false`` contradicts a class-conditional teacher (which the run
     would otherwise feed with the data's labels regardless)."""
-    from fewstep.data import teacher_info
+    from fewstep.data_config import teacher_info
 
     data = config.data
     if "class_conditional" in data.model_fields_set and not data.class_conditional:
