@@ -19,20 +19,17 @@ students routed by condition (MSD). Random draws go through :class:`fewstep.type
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from fewstep.config import MethodConfig
 from fewstep.diffusion import append_dims, karras_sigmas
 from fewstep.gan import discriminator_loss, generator_loss, probe_cond
+from fewstep.method_configs import DistributionMatchingConfig, check_pair_guidance  # import-light
 from fewstep.nn import unwrap
 from fewstep.types import Cond, OptimizerGroup, RunContext, StepInfo
 
@@ -72,73 +69,6 @@ Critic = Callable[[Tensor, Tensor], Tensor]  # (noisy x (B, C, H, W), sigma (B,)
 Weighting = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, C, H, W), sigma (B,)) -> per-sample factor on Delta (B,)
 
 EDM_GRID_POINTS = 1000  # the DMD2 EDM code's Karras grid (§1.2 [C])
-
-
-def check_pair_guidance(config: Any) -> None:
-    """Refuse a regression pair store made at another guidance scale than the real score's (§1.4: the pairs
-    are the *guided* teacher's ODE solutions, so L_reg and L_DM pull towards the same distribution).
-
-    config: a run config whose ``data.pairs`` is set; a folder without a manifest is left to the data loader
-    to explain."""
-    manifest = Path(config.data.pairs) / "manifest.json"
-    if not manifest.is_file():
-        return
-    made = float(json.loads(manifest.read_text())["guidance"])
-    g = config.method.real_guidance if config.method.real_guidance is not None else config.teacher.guidance
-    if abs(made - g) > 1e-6:
-        raise ValueError(f"data.pairs: {manifest.parent} was made at guidance {made:g} but the real score uses "
-                         f"{g:g} (method.real_guidance, else teacher.guidance), so the regression and the DM "
-                         "gradient would pull towards different distributions; make the pairs with "
-                         f"`fewstep pairs TEACHER OUT --guidance {g:g}` or set the real guidance to {made:g}")
-
-
-class DistributionMatchingConfig(MethodConfig):
-    """Fields shared by ``dmd``, ``dmd2`` and ``msd``; each method sets its own defaults on top."""
-
-    sigma_max_is_generator_input: ClassVar[bool] = True
-
-    real_guidance: float | None = Field(
-        None, ge=0.0, description="Guidance scale g_real of the real score (CFG, or autoguidance with "
-        "teacher.autoguidance); the fake score is never guided (§1.2 [C]). none: teacher.guidance, so the "
-        "validation teacher row shows the distribution the student is pulled to. DMD2: 1 on ImageNet, 1.75 "
-        "SD1.5, 8 SDXL (§2.5).")
-    dm_t_range: tuple[float, float] = Field(
-        (0.02, 0.98), description="Fractions of the training grid whose levels L_DM draws from, uniformly "
-        "by index (DreamFusion clip; DMD2 min/max_step_percent 0.02/0.98, indices [20, 980], §1.2 [C]).")
-    num_steps: int = Field(1, ge=1, le=64, description="Generator steps N; the levels are grid indices "
-                           "T-1, T-1-T/N, ... (DMD2 §2.7: 999, 749, 499, 249 for N = 4). 1: one-step.")
-    sigma_max: float | None = Field(None, gt=0, description="Level of the first generator call (input "
-                                    "sigma_max * z); none: the top of the training grid (VP t = 999, EDM 80, "
-                                    "§1.1).")
-    backward_simulation: bool = Field(True, description="Multistep training inputs from the generator's own "
-                                      "earlier steps (DMD2 §2.7 default); false: noised real images "
-                                      "(ADD-like, needs images).")
-    ratio: int = Field(1, ge=1, description="TTUR: critic updates per generator update (the generator group "
-                       "steps every `ratio` trainer steps, the critic every step). DMD: 1 (§1.5); DMD2: 5 "
-                       "ImageNet/SDXL, 10 SD1.5 (§2.4 [C]).")
-    critic_lr: float | None = Field(None, gt=0, description="Learning rate of the fake score (and GAN head); "
-                                    "none: optimizer.lr (DMD2 uses one rate for both, §2.8 [C]).")
-    gan_generator_weight: float = Field(0.0, ge=0.0, description="lambda_G of the generator's non-saturating "
-                                        "GAN term; 0: no GAN (DMD2 ImageNet 3e-3, SD1.5 1e-3, SDXL 5e-3, §2.3(d)).")
-    gan_critic_weight: float = Field(0.0, ge=0.0, description="lambda_D of the discriminator loss added to "
-                                     "the critic's (DMD2: 1e-2 everywhere, §2.3(d)).")
-    gan_t_max: float = Field(1.0, gt=0.0, le=1.0, description="Diffusion-GAN noise: levels drawn uniformly "
-                             "from this lowest fraction of the training grid (DMD2: the full range, §2.3(c)).")
-
-    @model_validator(mode="after")
-    def _check_shared(self) -> DistributionMatchingConfig:
-        lo, hi = self.dm_t_range
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"dm_t_range={self.dm_t_range}: need 0 <= lo <= hi <= 1 (fractions of the grid)")
-        if (self.gan_generator_weight > 0) != (self.gan_critic_weight > 0):
-            raise ValueError(f"gan_generator_weight={self.gan_generator_weight} and gan_critic_weight="
-                             f"{self.gan_critic_weight}: set both > 0 for the GAN term (DMD2: 3e-3 and 1e-2) "
-                             "or both to 0 (a head nobody trains, or trains for nobody, is wasted)")
-        return self
-
-    @property
-    def adversarial(self) -> bool:
-        return self.gan_critic_weight > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,10 +46,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
-from fewstep.config import MethodConfig
+from fewstep.method_configs import TangentOptions  # import-light
 
 __all__ = ["JVPMode", "TangentOptions", "forward_ad_ready", "jvp", "module_in_dtype", "normalize_tangent", "resolve_mode",
            "window_steps"]
@@ -181,25 +180,6 @@ def window_steps(time_map: Callable[[Tensor], Tensor], t: Tensor, window: float,
 
 # ---------------------------------------------------------------------------------------------
 # Options and helpers shared by the continuous-time methods (sCM, flow maps)
-
-
-class TangentOptions(MethodConfig):
-    """Config fields of a method trained with a normalised JVP tangent (sCM §6.2, AYF §9.2)."""
-
-    tangent_norm: Literal["normalize", "clip", "none"] = Field(
-        "normalize", description="normalize: g/(||g|| + c) per sample (sCM, AYF); clip: g clamped to [-1, 1] (sCM's "
-        "alternative); none: raw g (for tests and ablations).")
-    tangent_c: float = Field(0.1, gt=0, description="c of the tangent normalisation (sCM and AYF: 0.1).")
-    jvp: Literal["auto", "exact", "finite_difference"] = Field(
-        "auto", description="exact: forward-mode AD (torch.func.jvp, the papers'); finite_difference: central "
-        "difference (along the trajectory over ±fd_window teacher timesteps for a VP teacher); auto: "
-        "finite_difference for DDPM (VP) teachers, exact for EDM and flow teachers. A DDPM teacher is fitted at "
-        "integer timesteps only and oscillates between them; on the digits teacher exact tangents were 1.5-9x off "
-        "a 48-timestep average and gave noise samples, fd_window 12 gave clean ones (module docstring).")
-    fd_window: float = Field(12.0, gt=0, description="Half-width of the finite difference of a VP teacher, in its "
-                             "timestep input (DDPM timesteps; 12 = two periods of the ~6-timestep oscillation, "
-                             "measured: 2 left 2-step sCM samples noisy on digits). EDM and flow teachers take the "
-                             "small float step of `jvp` instead.")
 
 
 def resolve_mode(requested: str, process) -> JVPMode:
