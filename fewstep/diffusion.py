@@ -23,8 +23,10 @@ created on the CPU in torch's default dtype; everything else follows its inputs'
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +54,7 @@ __all__ = [
     "sample_ode",
     "score_from_x0",
     "velocity_from_x0",
+    "X0Clip",
     "x0_from_eps",
 ]
 
@@ -316,6 +319,56 @@ def lcm_scalings(
 
 
 # ---------------------------------------------------------------------------------------------
+# x0 clipping of diffusers' DDPM-family schedulers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class X0Clip:
+    """A teacher scheduler's bound on its x0 prediction, as diffusers' DDPM / DDIM / LCM / TCD schedulers apply it
+    in every ``step`` (step 4 of ``DDIMScheduler.step``): dynamic thresholding (Imagen, Saharia et al. 2022 §2.3)
+    when ``thresholding``, else clamping to ±``clip_sample_range`` when ``clip_sample``, else nothing.
+
+    Field names, meanings and defaults are those of the diffusers scheduler configs (checked against 0.42.1); the
+    defaults here describe a scheduler that bounds nothing. Dynamic thresholding: per sample, s = the
+    ``dynamic_thresholding_ratio`` quantile of |x0| over all its pixels, clamped to [1, ``sample_max_value``];
+    x0 -> clamp(x0, −s, s)/s.
+    """
+
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+
+    @property
+    def active(self) -> bool:
+        """Whether this changes any x0 at all."""
+        return self.clip_sample or self.thresholding
+
+    def __call__(self, x0: Tensor) -> Tensor:
+        """The bounded x0: (B, C, H, W) -> (B, C, H, W), same dtype."""
+        if self.thresholding:
+            flat = x0.float().flatten(1)
+            s = torch.quantile(flat.abs(), self.dynamic_thresholding_ratio, dim=1).clamp(1.0, self.sample_max_value)
+            s = s[:, None]
+            return (torch.maximum(torch.minimum(flat, s), -s) / s).reshape(x0.shape).to(x0.dtype)
+        if self.clip_sample:
+            return x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        return x0
+
+    def config(self) -> dict[str, Any]:
+        """The five diffusers scheduler keys."""
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        if self.thresholding:
+            return (f"x0 dynamically thresholded (ratio {self.dynamic_thresholding_ratio:g}, "
+                    f"max {self.sample_max_value:g})")
+        return f"x0 clipped to ±{self.clip_sample_range:g}" if self.clip_sample else "x0 not clipped"
+
+
+# ---------------------------------------------------------------------------------------------
 # Noise processes
 # ---------------------------------------------------------------------------------------------
 
@@ -332,6 +385,8 @@ class NoiseProcess(ABC):
     sigma_min: float
     sigma_max: float
     sigma_data: float = 0.5
+    #: The scheduler's bound on x0 predictions (VP schedulers with clip_sample / thresholding); none by default.
+    x0_clip: X0Clip = X0Clip()
 
     @abstractmethod
     def alpha(self, t: Tensor) -> Tensor:
@@ -460,6 +515,9 @@ class VPProcess(NoiseProcess):
             "squaredcos_cap_v2" (cosine, betas capped at 0.999).
         prediction_type: "epsilon", "v_prediction" (v = alpha·eps − sigma·x0) or "sample" (x0).
         trained_betas: explicit betas (length N); overrides the schedule.
+        x0_clip: the scheduler's clip_sample / thresholding settings (:class:`X0Clip`); none by default.
+            They do not change the process or `denoise`; the teacher's samplers and targets apply them
+            (fewstep.teacher) and `scheduler_config` writes them.
     """
 
     kind = "vp"
@@ -474,8 +532,10 @@ class VPProcess(NoiseProcess):
         beta_schedule: str = "linear",
         prediction_type: str = "epsilon",
         trained_betas: list[float] | Tensor | None = None,
+        x0_clip: X0Clip | None = None,
     ) -> None:
         self.num_train_timesteps = int(num_train_timesteps)
+        self.x0_clip = x0_clip if x0_clip is not None else X0Clip()
         self.beta_start, self.beta_end, self.beta_schedule = float(beta_start), float(beta_end), beta_schedule
         self.prediction_type = prediction_type
         self._check_prediction_type(self.PREDICTION_TYPES)
@@ -594,7 +654,7 @@ class VPProcess(NoiseProcess):
             "beta_schedule": self.beta_schedule,
             "trained_betas": self.trained_betas,
             "prediction_type": self.prediction_type,
-            "clip_sample": False,
+            **self.x0_clip.config(),
         }
 
     def describe(self) -> str:
@@ -607,6 +667,7 @@ class VPProcess(NoiseProcess):
         return (
             f"VP/DDPM process: {self.num_train_timesteps} timesteps, {betas}, prediction={self.prediction_type}, "
             f"sigma in [{self.sigma_min:.4g}, {self.sigma_max:.4g}]"
+            + (f", {self.x0_clip.describe()}" if self.x0_clip.active else "")
         )
 
 
@@ -890,6 +951,24 @@ def _reject_options(name: str, kind: str, cfg_dict: dict[str, Any]) -> None:
             )
 
 
+# Schedulers whose clip_sample defaults to True in diffusers (0.42.1): a config without the key clips. The other
+# VP classes default to False or have no such key.
+_CLIP_BY_DEFAULT = ("DDPMScheduler", "DDIMScheduler")
+
+
+def _x0_clip(name: str, cfg_dict: dict[str, Any]) -> X0Clip:
+    """The scheduler's x0 bound; missing keys take the diffusers class's defaults."""
+    default = X0Clip()
+    return X0Clip(
+        clip_sample=bool(cfg_dict.get("clip_sample", name in _CLIP_BY_DEFAULT)),
+        clip_sample_range=float(cfg_dict.get("clip_sample_range", default.clip_sample_range)),
+        thresholding=bool(cfg_dict.get("thresholding", False)),
+        dynamic_thresholding_ratio=float(cfg_dict.get("dynamic_thresholding_ratio",
+                                                      default.dynamic_thresholding_ratio)),
+        sample_max_value=float(cfg_dict.get("sample_max_value", default.sample_max_value)),
+    )
+
+
 def _build_process(name: str, kind: str, cfg_dict: dict[str, Any]) -> NoiseProcess:
     if kind == "vp":
         start, end, schedule = _VP_DEFAULTS.get(name, (0.0001, 0.02, "linear"))
@@ -900,6 +979,7 @@ def _build_process(name: str, kind: str, cfg_dict: dict[str, Any]) -> NoiseProce
             beta_schedule=cfg_dict.get("beta_schedule", schedule),
             prediction_type=cfg_dict.get("prediction_type", "epsilon"),
             trained_betas=cfg_dict.get("trained_betas"),
+            x0_clip=_x0_clip(name, cfg_dict),
         )
     if kind == "edm":
         return EDMProcess(

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from fewstep import selfcond
 from fewstep.backbones import Backbone
-from fewstep.diffusion import NoiseProcess, cfg, process_from_scheduler_config, sample_ode
+from fewstep.diffusion import NoiseProcess, X0Clip, cfg, process_from_scheduler_config, sample_ode
 from fewstep.families import Family, PromptEncoder, detect_family
 from fewstep.types import Cond
 
@@ -160,8 +160,15 @@ class Teacher:
         uncond: Cond | None = None,
         guidance: float | Tensor = 1.0,
         estimate: Tensor | None = None,
+        clip: bool = True,
     ) -> Tensor:
         """Sigma-space x0 prediction D(x, sigma) for x = x0 + sigma*eps: (B, C, H, W), sigma (B,).
+
+        A teacher whose scheduler bounds x0 (``clip_sample`` / ``thresholding``, ``process.x0_clip``) returns the
+        bounded x0, as its own scheduler reads the network, so every method's target built from this x0 (an ODE
+        step, a score, a regression target) honours it; an ODE step with the bounded x0 is diffusers' DDIM step
+        with ``use_clipped_model_output=True``. ``clip=False``: the unbounded prediction (:meth:`sample` needs
+        both for the stock DDIM step).
 
         A self-conditioned teacher (Analog Bits) is queried as a deterministic function with two passes,
         D(x | sg D(x | 0)) (distribution.md §6.4), or with one pass on a given ``estimate`` of x0 (its
@@ -197,14 +204,15 @@ class Teacher:
                 return selfcond.two_pass(self.process, net, x_, sigma_, self._cast(cond_), clip=self.vae is None)
             return selfcond.denoise(self.process, net, x_, sigma_, self._cast(cond_), estimate=est_)
 
+        bound = self.process.x0_clip if clip else X0Clip()
         if not guided:
-            return predict(self.net, xd, sigma, cond, est).to(x.dtype)
+            return bound(predict(self.net, xd, sigma, cond, est)).to(x.dtype)
         if isinstance(guidance, Tensor):
             guidance = guidance.to(self.device)
         if self.weak is not None:
             main = predict(self.net, xd, sigma, cond, est)
             ref = predict(self.weak, xd, sigma, cond, est)
-            return cfg(main, ref, guidance).to(x.dtype)
+            return bound(cfg(main, ref, guidance)).to(x.dtype)
         if cond is None or self.conditioning == "none":
             raise ValueError(
                 f"guidance={guidance} on the unconditional teacher {self.source}: classifier-free guidance needs a "
@@ -218,7 +226,7 @@ class Teacher:
         both = predict(self.net, torch.cat([xd, xd]), torch.cat([sigma, sigma]), Cond.cat([cond, uncond]),
                        None if est is None else torch.cat([est, est]))
         cond_x0, uncond_x0 = both.chunk(2)
-        return cfg(cond_x0, uncond_x0, guidance).to(x.dtype)
+        return bound(cfg(cond_x0, uncond_x0, guidance)).to(x.dtype)
 
     def _cast(self, cond: Cond | None) -> Cond | None:
         return None if cond is None else cond.to(self.device, self.dtype)
@@ -288,13 +296,33 @@ class Teacher:
         decode: bool = True,
     ) -> Tensor:
         """The teacher's multistep ODE sampler: unit noise (B, *sample_shape) -> images (B, *data_shape),
-        or model-space samples (B, *sample_shape) with ``decode=False``."""
+        or model-space samples (B, *sample_shape) with ``decode=False``.
+
+        A teacher whose scheduler bounds x0 (``process.x0_clip``) is sampled as its stock scheduler does it: with
+        solver "ddim" or "euler" (the same step in sigma space), each step is diffusers' ``DDIMScheduler.step``
+        (eta 0, ``use_clipped_model_output`` off): x_next = clip(x0) + sigma_next * eps with eps the network's own
+        (unclipped) noise prediction, from x_T = noise as diffusers starts, so on VP teachers the trailing grid of
+        ``process.sampling_sigmas`` gives stock ``DDIMPipeline`` / ``DDIMScheduler(timestep_spacing="trailing")``
+        output. Heun (no stock
+        counterpart) and self-conditioned teachers step with the bounded x0 of :meth:`denoise`."""
         sigmas = self.process.sampling_sigmas(num_steps).to(noise.device)
         x = noise.float() * sigmas[0]
 
         def denoise_fn(x_: Tensor, sigma: Tensor, estimate: Tensor | None = None) -> Tensor:
             return self.denoise(x_, sigma, cond, uncond=uncond, guidance=guidance, estimate=estimate)
 
+        bound = self.process.x0_clip
+        if bound.active and solver in ("ddim", "euler") and not self.net.self_conditioning:
+            sigmas = sigmas.to(x.device, x.dtype)
+            # diffusers starts at x_T = z (init_noise_sigma 1), i.e. x = z / alpha_T = z * sqrt(1 + sigma_T^2) in
+            # sigma space, not sigma_T * z: at alphabar ~ 4e-5 the 2e-5 difference shows ~150x in the first x0.
+            if self.process.kind == "vp":
+                x = noise.float() * (1 + sigmas[0] ** 2).sqrt()
+            for i in range(sigmas.numel() - 1):
+                s, s_next = sigmas[i], sigmas[i + 1]
+                x0 = self.denoise(x, s, cond, uncond=uncond, guidance=guidance, clip=False)
+                x = bound(x0) + s_next * (x - x0) / s  # DDIM Eq. 12 with x0 clipped, eps = (x - x0)/sigma not
+            return self.decode(x) if decode else x
         if self.net.self_conditioning:  # Analog Bits sampler: one pass per call on the running estimate
             denoise_fn = selfcond.RunningEstimate(denoise_fn, clip=self.vae is None)
         out = sample_ode(denoise_fn, x, sigmas, solver)
