@@ -107,3 +107,33 @@ def test_pairs_and_export_keep_clipping(ddpm, tmp_path) -> None:
     run_tiny(config, tmp_path / "run")
     scheduler = json.loads((tmp_path / "run" / "export" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["clip_sample"] is True
+
+
+def test_train_stock_ddpm_example_smoke(tmp_path) -> None:
+    """examples/train_stock_ddpm.py (stock diffusers only) trains two steps on a tiny idx file and writes a
+    DDPMPipeline folder that fewstep loads as an epsilon, linear-beta, clip_sample teacher."""
+    import ast
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "train_stock_ddpm.py"
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(script.read_text()))
+                if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
+    assert "fewstep" not in imported and {"torch", "diffusers"} <= imported
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8)
+    idx = tmp_path / "images-idx3-ubyte.gz"
+    header = b"".join(v.to_bytes(4, "big") for v in (2051, 8, 28, 28))
+    idx.write_bytes(gzip.compress(header + pixels.tobytes()))
+    spec = importlib.util.spec_from_file_location("train_stock_ddpm", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.testing.assert_close(module.read_idx_images(idx)[3, 0],
+                               torch.from_numpy(pixels[3].astype(np.float32) / 127.5 - 1.0))
+    out = module.main(["--data", str(idx), "--out", str(tmp_path / "ddpm"), "--nimg", "8", "--batch", "4"])
+    teacher = load_teacher(out)
+    process = teacher.process
+    assert (process.kind, process.prediction_type, process.beta_schedule) == ("vp", "epsilon", "linear")
+    assert process.x0_clip.clip_sample and teacher.sample_shape == (1, 16, 16)
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
