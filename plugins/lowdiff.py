@@ -1,0 +1,220 @@
+"""LowDiff (``lowdiff``): one unified denoiser for a resolution cascade, and its cascaded sampler.
+
+Xu et al. 2025, "LowDiff: Efficient Diffusion Sampling with Low-Resolution Condition" (arXiv 2509.15342;
+distribution.md §7). Only the abstract could be read; it says [P]: a cascade generates increasingly higher
+resolutions with one unified model that refines low-resolution outputs up to the target size, needs far fewer
+high-resolution steps for comparable quality, works in pixel and latent space, and gains over 50 % throughput.
+Everything else here is this implementation's choice, unverified against the paper (see fewstep.cascade):
+
+- The model is the teacher's backbone with extra input channels for the previous stage's output, up-sampled to
+  the current size (zeros at the lowest stage), and a zero-initialised scalar input ``stage``
+  (``Backbone.add_input_channels`` / ``add_scalar_inputs``), so it starts as the teacher and is fine-tuned on
+  every stage. Training it from scratch would need the ``diffusion`` plugin's architecture spec in the core.
+- Training (like the ``diffusion`` plugin: the process's regression target at a random time, label dropout
+  for guidance): each step draws one stage k for the whole global batch (one network call, so multi-process
+  training reduces gradients once), block-averages the data to r_k, and conditions on the data at r_{k-1}
+  up-sampled, plus Gaussian conditioning augmentation (Cascaded Diffusion Models, Ho et al. 2022 [P]).
+- Sampling: stage 0 from noise, then each stage conditioned on the previous output, with fewer steps at higher
+  resolution (``step_ratio``, ``stage_steps``), optionally starting from the noised up-sample (``start_sigma``).
+
+Distillation by existing methods: the export also writes ``base_teacher/``, the lowest stage as a plain teacher
+folder (its condition channels read zeros and its ``stage`` input 0 when left out, which is stage 0), that any
+method distils at ``data.resolution`` = the lowest size; ``base_student`` puts such a student's export back in
+the cascade. Higher stages need the low-resolution image as a condition, which no method passes (docs/LOWDIFF.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from fewstep import cascade
+from fewstep.config import MethodConfig
+from fewstep.diffusion import cfg as cfg_combine
+from fewstep.hookspecs import hookimpl
+from fewstep.nn import unwrap
+from fewstep.sampling import sampling_net
+from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
+
+BASE_TEACHER = "base_teacher"
+
+
+class LowDiffConfig(MethodConfig):
+    name: Literal["lowdiff"] = "lowdiff"
+    resolutions: list[int] | None = Field(
+        None, min_length=1, description="Model-space sizes of the cascade, lowest first, each a multiple of the "
+        "one before, the last the data's (latent) size; none: [R/4, R/2, R] (this implementation's default, "
+        "unverified: the paper's cascades could not be read).")
+    stage_probs: list[float] | None = Field(
+        None, description="Probability of training each stage (one per resolution); none: uniform (unverified).")
+    upsampling: Literal["nearest", "bilinear"] = Field(
+        "nearest", description="Up-sampling of the condition to the stage's size (nearest: unverified choice).")
+    cond_noise: float = Field(0.1, ge=0.0, description="Std of the Gaussian noise added to the condition in "
+                              "training and sampling, data units (conditioning augmentation of Cascaded Diffusion "
+                              "Models; 0.1 is this implementation's value, unverified for LowDiff).")
+    p_uncond: float = Field(0.1, ge=0.0, lt=1.0, description="Condition dropout for classifier-free guidance (as "
+                            "the diffusion plugin; CFG paper: 0.1-0.2); only used by conditional teachers.")
+    solver: Literal["euler", "ddim", "heun"] = Field("heun", description="ODE solver of every stage (EDM: Heun).")
+    step_ratio: float = Field(0.5, gt=0.0, le=1.0, description="Stage k samples with round(N * step_ratio^k) "
+                              "steps (at least 1) for N steps at the lowest stage (unverified split).")
+    stage_steps: dict[int, list[int]] = Field(
+        default_factory=dict, description="Explicit steps per stage (lowest first) for a step count N, e.g. "
+        "{16: [16, 4, 2]}; overrides step_ratio for that N.")
+    start_sigma: float | None = Field(
+        None, gt=0.0, description="Stages above the lowest start from the up-sampled previous output noised to "
+        "this sigma-space level instead of from pure noise (SDEdit-style; unverified); none: pure noise.")
+    base_student: Path | None = Field(
+        None, description="Export folder of a student distilled from this model's base_teacher/ (any method): "
+        "sampled at its own N-step sampler for the lowest stage instead of the ODE.")
+
+
+@hookimpl
+def fewstep_method_config():
+    return ("lowdiff", LowDiffConfig)
+
+
+def _resolutions(method: LowDiffConfig, size: int) -> list[int]:
+    if method.resolutions is None:
+        if size % 4:
+            raise ValueError(f"method.resolutions: the default [R/4, R/2, R] needs the size {size} divisible by 4; "
+                             "set method.resolutions")
+        return [size // 4, size // 2, size]
+    return cascade.check_resolutions(method.resolutions, size)
+
+
+@hookimpl
+def fewstep_configure(config) -> None:
+    method = config.method
+    if method.name != "lowdiff":
+        return
+    if config.teacher.pretrained is None:
+        raise ValueError("method 'lowdiff' fine-tunes a teacher into the unified model: set teacher.pretrained "
+                         "(e.g. an export of the `diffusion` method)")
+    if method.resolutions is not None:
+        cascade.check_resolutions(method.resolutions)
+        if method.stage_probs is not None and len(method.stage_probs) != len(method.resolutions):
+            raise ValueError(f"method.stage_probs has {len(method.stage_probs)} entries for "
+                             f"{len(method.resolutions)} resolutions; give one probability per stage")
+    if method.stage_probs is not None and (min(method.stage_probs) < 0 or sum(method.stage_probs) <= 0):
+        raise ValueError(f"method.stage_probs {method.stage_probs}: give non-negative weights with a positive sum")
+
+
+@hookimpl
+def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module:
+    """The teacher's backbone plus condition channels and a ``stage`` input, both zero-initialised (so it starts
+    as the teacher); a teacher that already is a LowDiff model is copied as it is."""
+    net = teacher.net
+    _resolutions(ctx.method, net.sample_size)
+    student = copy.deepcopy(net).float()
+    if "stage" not in student.extra_scalars:
+        if student.extra_channels:
+            raise ValueError(f"method 'lowdiff': the teacher {teacher.source} already reads {student.extra_channels} "
+                             "extra input channels (self-conditioning?); give a plain teacher")
+        student.add_input_channels(student.in_channels)
+        student.add_scalar_inputs(["stage"])
+    return student.requires_grad_(True).train()
+
+
+@hookimpl
+def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Nets, step: StepInfo) -> LossOutput:
+    """Regress the raw output on the process's target (DDPM Eq. 14 / EDM Eq. 8 / FM) at stage k's size, given
+    the data at r_{k-1} up-sampled (plus augmentation noise) as the condition."""
+    process, x0 = nets.teacher.process, batch.x0
+    if x0 is None:
+        raise ValueError("method 'lowdiff' needs images: the data source has none")
+    res = _resolutions(ctx.method, x0.shape[-1])
+    probs = torch.tensor(ctx.method.stage_probs or [1.0] * len(res), dtype=torch.float64)
+    # One stage for the whole global batch: the first of the step's global draws (same on every rank).
+    k = int(step.draw(lambda n, g: torch.multinomial(probs, 1, generator=g).expand(n))[0])
+    t = step.draw(lambda n, g: process.sample_train_t(n, g)).to(x0.device)
+    eps, aug = step.randn_like(x0), step.randn_like(x0)
+    cond = batch.cond
+    if batch.uncond is not None and ctx.method.p_uncond > 0:
+        cond = cond.where(step.rand() < ctx.method.p_uncond, batch.uncond)
+    r = res[k]
+    target_x0, eps = cascade.downsample(x0, r), cascade.pooled_noise(eps, r)
+    low = cascade.lowres_condition(x0, res, k, ctx.method.upsampling)
+    if k > 0:
+        low = low + ctx.method.cond_noise * cascade.pooled_noise(aug, r)
+    x_t = process.add_noise(target_x0, eps, t)
+    out = nets.student(process.c_in(t)[:, None, None, None] * x_t, process.model_time(t), cond, extra_input=low,
+                       stage=cascade.stage_input(k))
+    err = (out.float() - process.output_target(target_x0, eps, t).float()).square().flatten(1).mean(1)
+    return LossOutput(loss=process.loss_weight(t).float() * err)
+
+
+@functools.cache
+def _load_base(folder: Path, device: str):
+    from fewstep.export import load_export
+
+    return load_export(folder, device=device)
+
+
+def _base_sampler(ctx: RunContext, size: int, cond: Cond | None, num_steps: int, generator: torch.Generator):
+    """Stage 0 from the export of a student distilled from base_teacher/ (``method.base_student``), at its own
+    ``num_steps``-step sampler, in model space (loaded once per folder and device)."""
+    from fewstep.sampling import eval_mode
+
+    loaded = _load_base(Path(ctx.method.base_student).resolve(), str(ctx.device))
+    if loaded.nets.teacher.sample_shape[-1] != size:
+        raise ValueError(f"method.base_student {ctx.method.base_student} samples at "
+                         f"{loaded.nets.teacher.sample_shape[-1]}, the cascade's lowest stage at {size}")
+
+    def sample(noise: Tensor) -> Tensor:
+        with eval_mode(*[loaded.nets.get(n) for n in loaded.nets.names()]):
+            return loaded.hook.fewstep_sample(ctx=loaded.ctx, nets=loaded.nets, noise=noise, cond=cond,
+                                              num_steps=num_steps, generator=generator)
+
+    return sample
+
+
+@hookimpl
+def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
+                   generator: torch.Generator) -> Tensor:
+    """The cascade (``fewstep.cascade.cascade_sample``) with CFG at teacher.guidance; ``num_steps`` is the
+    lowest stage's step count, later stages take ``method.stage_steps`` / ``step_ratio`` of it."""
+    method, process, net = ctx.method, nets.teacher.process, sampling_net(nets)
+    res = _resolutions(method, noise.shape[-1])
+    steps = cascade.stage_steps(num_steps, len(res), method.step_ratio, method.stage_steps)
+    guidance = ctx.config.teacher.guidance
+    uncond = nets.teacher.null_cond(noise.shape[0], device=noise.device) if guidance != 1.0 else None
+
+    def denoise(x: Tensor, sigma: Tensor, low: Tensor, k: int) -> Tensor:
+        x0 = process.denoise(net, x, sigma, cond, extra_input=low, stage=cascade.stage_input(k))
+        if uncond is None:
+            return x0
+        return cfg_combine(x0, process.denoise(net, x, sigma, uncond, extra_input=low,
+                                               stage=cascade.stage_input(k)), guidance)
+
+    base = None if method.base_student is None else _base_sampler(ctx, res[0], cond, steps[0], generator)
+    return cascade.cascade_sample(denoise, noise.float(), res, steps, process.sampling_sigmas, solver=method.solver,
+                                  upsampling=method.upsampling, cond_noise=method.cond_noise,
+                                  start_sigma=method.start_sigma, sigma_min=process.sigma_min, generator=generator,
+                                  base=base)
+
+
+@hookimpl
+def fewstep_export(ctx: RunContext, nets: Nets, out_dir: Path, sampling_networks: list[str], stock, reason: str) -> Path:
+    """The cascade as a FewStepPipeline (its student reads condition channels, so no stock pipeline applies), plus
+    ``base_teacher/``: the lowest stage as a teacher folder for distillation with any method."""
+    from fewstep.export import run_metrics, write_export
+    from fewstep.teacher import save_teacher
+
+    if not ctx.is_main:
+        return out_dir
+    student = unwrap(sampling_net(nets))
+    write_export(ctx, nets, out_dir, student=student, stock=stock, reason=reason,
+                 extra={n: nets.get(n) for n in sampling_networks}, metrics=run_metrics(ctx.run_dir))
+    base = copy.deepcopy(student)
+    base.sample_size = _resolutions(ctx.method, student.sample_size)[0]
+    base.model.register_to_config(sample_size=base.sample_size)
+    teacher = nets.teacher
+    save_teacher(Path(out_dir) / BASE_TEACHER, base, teacher.process, vae=teacher.vae,
+                 text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer)
+    return out_dir

@@ -1,0 +1,186 @@
+"""lowdiff plugin and fewstep.cascade: conformance, closed forms of the cascade maths, training, sampling, export,
+and distillation of the lowest stage by an existing method (cd)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fewstep_plugins import lowdiff
+
+from fewstep import cascade
+from fewstep.diffusion import sample_ode
+from fewstep.export import load_export
+from fewstep.sampling import generate
+from fewstep.teacher import load_teacher
+from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_run_config
+from fewstep.types import Batch, Cond, Nets, StepInfo
+
+
+class TestLowDiffConformance(MethodConformance):
+    method = {"name": "lowdiff", "resolutions": [4, 8], "solver": "euler"}
+
+
+@pytest.fixture(scope="module")
+def teacher16(tmp_path_factory):
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher16"), "unet", conditioning="class", sample_size=16)
+
+
+def _step(batch: int, seed: int = 0) -> StepInfo:
+    return StepInfo(step=0, nimg=0, total_nimg=batch, phase="train", phase_progress=0.0, progress=0.0,
+                    generator=torch.Generator().manual_seed(seed), local_batch=batch, global_batch=batch)
+
+
+def _ctx(**method):
+    config = lowdiff.LowDiffConfig(**{"name": "lowdiff", **method})
+    return SimpleNamespace(method=config, config=SimpleNamespace(teacher=SimpleNamespace(guidance=1.0)),
+                           device=torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------ closed forms
+
+
+def test_resolution_operators():
+    x = torch.randn(3, 2, 8, 8)
+    low = cascade.downsample(x, 2)
+    assert torch.allclose(low[:, :, 1, 0], x[:, :, 4:8, 0:4].mean((-2, -1)))
+    up = cascade.upsample(low, 8)  # nearest: each 4x4 block holds its mean, and down-sampling undoes it
+    assert torch.equal(up[:, :, 4:8, 0:4], low[:, :, 1:2, 0:1].expand(-1, -1, 4, 4))
+    assert torch.allclose(cascade.downsample(up, 2), low)
+    assert cascade.upsample(low, 8, "bilinear").shape == (3, 2, 8, 8)
+    noise = cascade.pooled_noise(torch.randn(4000, 1, 8, 8, generator=torch.Generator().manual_seed(0)), 2)
+    assert abs(noise.std().item() - 1.0) < 0.02 and abs(noise.mean().item()) < 0.02
+
+
+def test_condition_is_the_upsampled_lowres_image_and_zero_at_stage_0():
+    x0 = torch.randn(2, 1, 16, 16)
+    res = [4, 8, 16]
+    assert torch.equal(cascade.lowres_condition(x0, res, 0), torch.zeros(2, 1, 4, 4))
+    cond = cascade.lowres_condition(x0, res, 2)
+    expected = x0.reshape(2, 1, 8, 2, 8, 2).mean((3, 5)).repeat_interleave(2, -2).repeat_interleave(2, -1)
+    assert torch.allclose(cond, expected, atol=1e-6)
+    assert torch.allclose(cascade.lowres_condition(x0, res, 1), cascade.upsample(cascade.downsample(x0, 4), 8))
+
+
+def test_resolutions_and_stage_steps_are_checked():
+    assert cascade.check_resolutions([4, 8, 16], 16) == [4, 8, 16]
+    for bad in ([8, 4], [4, 6], []):
+        with pytest.raises(ValueError, match="resolutions"):
+            cascade.check_resolutions(bad)
+    with pytest.raises(ValueError, match="make the last resolution 32"):
+        cascade.check_resolutions([8, 16], 32)
+    assert cascade.stage_steps(16, 3, 0.5, {}) == [16, 8, 4]
+    assert cascade.stage_steps(1, 3, 0.5, {}) == [1, 1, 1]
+    assert cascade.stage_steps(16, 3, 0.5, {16: [12, 3, 1]}) == [12, 3, 1]
+    with pytest.raises(ValueError, match="give 3 counts"):
+        cascade.stage_steps(16, 3, 0.5, {16: [12, 3]})
+    assert lowdiff._resolutions(lowdiff.LowDiffConfig(), 16) == [4, 8, 16]
+
+
+def test_cascade_runs_each_stage_at_its_size_on_the_previous_output():
+    calls = []
+
+    def denoise(x, sigma, low, k):
+        calls.append((k, x.shape[-1], low.shape[-1], float(sigma[0])))
+        return low + k + 1.0  # a "denoiser" whose clean estimate is the condition plus a stage mark
+
+    sigmas = lambda n: torch.linspace(10.0, 0.0, n + 1, dtype=torch.float64)  # noqa: E731
+    out = cascade.cascade_sample(denoise, torch.randn(2, 1, 16, 16), [4, 8, 16], [3, 2, 1], sigmas, solver="euler")
+    assert out.shape == (2, 1, 16, 16)
+    assert [(k, r, lr) for k, r, lr, _ in calls] == [(0, 4, 4)] * 3 + [(1, 8, 8)] * 2 + [(2, 16, 16)]
+    # Euler to sigma 0 returns the last estimate: stage 0 gives 1, stage 1 gives 1 + 2, stage 2 gives 3 + 3
+    assert torch.allclose(out, torch.full_like(out, 6.0))
+
+
+def test_stage_input_and_student_starts_as_its_teacher(teacher16):
+    teacher = load_teacher(teacher16)
+    student = lowdiff.fewstep_build_student(_ctx(), teacher)
+    assert student.extra_channels == 1 and student.extra_scalars == ("stage",)
+    assert torch.equal(cascade.stage_input(2), torch.tensor(500.0))
+    x, t, cond = torch.randn(2, 1, 8, 8), torch.tensor([10.0, 500.0]), Cond(labels=torch.tensor([1, 2]))
+    with torch.no_grad():
+        ref = teacher.net(x, t, cond)
+        assert torch.allclose(student(x, t, cond, extra_input=torch.randn(2, 1, 8, 8), stage=cascade.stage_input(1)),
+                              ref, atol=1e-5)
+        for p in student.scalar_embeddings["stage"].mlp.linear_2.parameters():
+            p.normal_()
+        outs = [student(x, t, cond, stage=cascade.stage_input(k)) for k in range(3)]
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+
+
+def test_loss_feeds_the_exact_condition_and_stage(teacher16):
+    teacher = load_teacher(teacher16)
+    ctx = _ctx(stage_probs=[0.0, 0.0, 1.0], cond_noise=0.0)
+    student = lowdiff.fewstep_build_student(ctx, teacher)
+    seen = {}
+    student.model.conv_in.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    student.scalar_embeddings["stage"].register_forward_pre_hook(lambda m, args: seen.update(stage=args[0]))
+    x0 = torch.randn(3, 1, 16, 16)
+    batch = Batch(x0=x0, cond=Cond(labels=torch.tensor([0, 1, 2])), uncond=Cond(labels=torch.full((3,), 10)))
+    out = lowdiff.fewstep_loss(ctx, None, batch, Nets(teacher, student), _step(3))
+    assert out.loss.shape == (3,) and torch.isfinite(out.loss).all()
+    assert seen["x"].shape == (3, 2, 16, 16)
+    assert torch.allclose(seen["x"][:, 1:], cascade.upsample(cascade.downsample(x0, 8), 16))
+    assert torch.equal(seen["stage"], torch.full((3,), 500.0))
+
+
+def test_single_stage_sampler_is_the_plain_sampler(teacher16):
+    """With one stage the condition is empty: the cascade is the model's own ODE sampler, and at initialisation
+    (zero-initialised channels and stage embedding) the teacher's."""
+    teacher = load_teacher(teacher16)
+    ctx = _ctx(resolutions=[16], solver="heun")
+    student = lowdiff.fewstep_build_student(ctx, teacher).eval()
+    noise, cond = torch.randn(2, 1, 16, 16), Cond(labels=torch.tensor([3, 4]))
+    with torch.no_grad():
+        out = lowdiff.fewstep_sample(ctx, Nets(teacher, student), noise, cond, 4, torch.Generator())
+        sigmas = teacher.process.sampling_sigmas(4)
+        plain = sample_ode(lambda x, s: teacher.process.denoise(student, x, s, cond), noise * sigmas[0], sigmas, "heun")
+        ref = teacher.sample(noise, cond, num_steps=4, solver="heun")
+    assert torch.equal(out, plain)
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- training and sampling
+
+
+def test_training_on_digits_lowers_every_stage_loss(teacher16, tmp_path):
+    method = {"name": "lowdiff", "resolutions": [4, 8, 16], "solver": "euler", "p_uncond": 0.0}
+    config = tiny_run_config(teacher16, method, steps=30, batch=16, data={"resolution": 16}, optimizer={"lr": 2e-3})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    teacher = trainer.nets.teacher
+    x0, _, _ = trainer.dataset.get(torch.arange(48))
+    batch = Batch(x0=x0.float(), cond=Cond(labels=torch.zeros(48, dtype=torch.long)))
+    before = lowdiff.fewstep_build_student(_ctx(), teacher)
+    for k in range(3):
+        ctx = _ctx(stage_probs=[float(i == k) for i in range(3)], p_uncond=0.0)
+        with torch.no_grad():
+            new = lowdiff.fewstep_loss(ctx, None, batch, Nets(teacher, trainer.nets.student), _step(48, 1)).loss.mean()
+            old = lowdiff.fewstep_loss(ctx, None, batch, Nets(teacher, before), _step(48, 1)).loss.mean()
+        assert new < old, (k, float(new), float(old))
+
+
+def test_export_samples_the_cascade_and_holds_a_base_teacher_cd_distils(teacher16, tmp_path):
+    method = {"name": "lowdiff", "resolutions": [8, 16], "solver": "euler"}
+    run = tmp_path / "lowdiff"
+    run_tiny(tiny_run_config(teacher16, method, steps=2, batch=4, data={"resolution": 16}), run)
+    loaded = load_export(run / "export")
+    noise = torch.randn(2, 1, 16, 16)
+    images = generate(loaded.hook, loaded.ctx, loaded.nets, noise, Cond(labels=torch.tensor([0, 1])), 2)
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    base = load_teacher(run / "export" / lowdiff.BASE_TEACHER)
+    assert base.sample_shape == (1, 8, 8) and base.net.extra_scalars == ("stage",)
+    # the lowest stage as a plain teacher: cd distils it at 8x8, and the cascade then samples stage 0 with it
+    run_tiny(tiny_run_config(run / "export" / lowdiff.BASE_TEACHER, {"name": "cd"}, steps=2, batch=4,
+                             data={"resolution": 8}), tmp_path / "cd")
+    hybrid = {**method, "base_student": str(tmp_path / "cd" / "export")}
+    trainer, _ = run_tiny(tiny_run_config(teacher16, hybrid, steps=1, batch=4, data={"resolution": 16}),
+                          tmp_path / "hybrid")
+    rows = trainer.validate()
+    assert rows["student 1 step"].shape == (4, 1, 16, 16) and torch.isfinite(rows["student 1 step"]).all()
+
+
+def test_configure_refuses_a_missing_teacher_and_mismatched_stage_probs(teacher16):
+    with pytest.raises(ValueError, match="teacher.pretrained"):
+        lowdiff.fewstep_configure(tiny_run_config(None, {"name": "lowdiff"}))
+    with pytest.raises(ValueError, match="one probability per stage"):
+        lowdiff.fewstep_configure(tiny_run_config(teacher16, {"name": "lowdiff", "resolutions": [8, 16],
+                                                              "stage_probs": [1.0]}))
