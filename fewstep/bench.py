@@ -1,6 +1,6 @@
 """``fewstep bench RECIPE``: training throughput of a recipe, without changing what a step computes.
 
-Two passes over the trainer's own step (``Trainer.train_group`` for every due group, then
+Two passes over the trainer's own step (``Trainer.train_step``: ``Trainer.train_group`` for every due group, then
 ``fewstep_on_step_end``), after ``warmup`` steps that are not measured:
 
 1. *plain*: ``steps`` steps with nothing added -> images/s, seconds per step, peak memory;
@@ -112,13 +112,7 @@ class Timers:
 
 def run_step(trainer: Any) -> None:
     """One optimizer step exactly as ``Trainer.fit`` takes it (every due group, then the step-end hook)."""
-    s = trainer.state
-    phase = trainer.phase_at(s.nimg)
-    logs: dict[str, Any] = {}
-    for group in trainer.due_groups(phase, s.step):
-        logs.update(trainer.train_group(group))
-    s.step, s.nimg = s.step + 1, s.nimg + trainer.global_batch
-    trainer.pm.hook.fewstep_on_step_end(ctx=trainer.ctx, step=trainer.step_info(), logs=logs)
+    trainer.train_step(trainer.phase_at(trainer.state.nimg))
 
 
 def _sync(device: torch.device) -> None:

@@ -602,12 +602,31 @@ class VPProcess(NoiseProcess):
 
     def x0_from_output(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         t = _as_time(t).to(x_t.device)
-        a, s = _bc(self.alpha(t), x_t), _bc(self.sigma(t), x_t)
+        return self._x0(out, x_t, _bc(self.alpha(t), x_t), _bc(self.sigma(t), x_t))
+
+    def _x0(self, out: Tensor, x_t: Tensor, a: Tensor, s: Tensor) -> Tensor:
         if self.prediction_type == "epsilon":
             return (x_t - s * out) / a
         if self.prediction_type == "v_prediction":
             return a * x_t - s * out  # v = a·eps − s·x0 and a² + s² = 1 (Salimans & Ho 2022, §4)
         return out
+
+    def denoise(
+        self,
+        net: Callable[..., Tensor],
+        x: Tensor,
+        sigma: Tensor | float,
+        cond: Any = None,
+        **scalars: Tensor,
+    ) -> Tensor:
+        """`NoiseProcess.denoise` with one sigma->t conversion (for the timestep) instead of three round trips:
+        alpha = 1/sqrt(1 + sigma²) and the VP sigma = sigma·alpha come from the given sigma-space level."""
+        level = _per_sample(sigma, x)
+        t = self.sigma_to_t(level)
+        a = torch.rsqrt(1 + level**2)
+        x_t = _bc(a, x) * x
+        out = net(x_t, self.model_time(t), cond, **scalars)  # c_in = 1 for VP
+        return self._x0(out, x_t, _bc(a, x_t), _bc(level * a, x_t))
 
     def output_from_x0(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         t = _as_time(t).to(x_t.device)

@@ -108,7 +108,10 @@ def fewstep_after_optimizer_step(ctx: RunContext, group: OptimizerGroup, nets: N
 
 @hookspec
 def fewstep_on_step_end(ctx: RunContext, step: StepInfo, logs: dict[str, float]) -> None:
-    """Observe. Called once per trainer step with the averaged log terms (main and other ranks)."""
+    """Observe. Called once per trainer step (main and other ranks). ``logs``: at the step that closes a logging
+    window (``train.log_every_nimg``, and the last step), each logged term's mean over the window's applied steps
+    and over processes (``GROUP/skipped``: steps skipped as non-finite); empty at the other steps, whose values
+    are still on the device (docs/SPEED.md, "GPU-clean step")."""
 
 
 @hookspec

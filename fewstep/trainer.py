@@ -28,6 +28,7 @@ from fewstep.config import RunConfig
 from fewstep.data import DataStream, IndexStream, RecordDataset, Samples, build_data, encode_latents
 from fewstep.nn import requires_grad, unwrap
 from fewstep.reliability import NonFiniteError, RunStopped, StopSignals, nonfinite_tensors
+from fewstep.steplog import StepLog, gated_step, grad_norm
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, Phase, RunContext, StepInfo
 
 _DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,7 +65,6 @@ class Trainer:
         self.state = TrainState()
         self._teacher_rows: dict[str, torch.Tensor] | None = None  # the frozen teacher's grid row, sampled once
         self.signals = StopSignals()
-        self._flags: list[float] | None = None  # (stop signal, checkpoint due by time, over max_wall_s), all ranks
         self._in_step = False
 
     # ------------------------------------------------------------------ the loop (one screen)
@@ -76,12 +76,7 @@ class Trainer:
             phase = self.phase_at(s.nimg)
             try:
                 while s.nimg < self.total_nimg:
-                    logs: dict[str, float] = {}
-                    self._in_step, self._flags = True, None
-                    for group in self.due_groups(phase, s.step):
-                        logs.update(self.train_group(group))
-                    s.step, s.nimg, self._in_step = s.step + 1, s.nimg + self.global_batch, False
-                    hook.fewstep_on_step_end(ctx=ctx, step=self.step_info(), logs=logs)
+                    self.train_step(phase)
                     if s.nimg < self.total_nimg and (nxt := self.phase_at(s.nimg)) is not phase:
                         hook.fewstep_on_phase_end(ctx=ctx, phase=phase, nets=self.nets)
                         phase = nxt
@@ -96,8 +91,23 @@ class Trainer:
         self.finish()
         return self.nets
 
-    # ------------------------------------------------------------------ one optimizer group
-    def train_group(self, group: OptimizerGroup) -> dict[str, float]:
+    # ------------------------------------------------------------------ one step, one optimizer group
+    def train_step(self, phase: Phase) -> None:
+        """Every due group of ``phase`` trains, then ``fewstep_on_step_end`` gets the logging window's means at
+        the step that closes it (``train.log_every_nimg``, or the last step) and nothing at the others: the log
+        is read from the device there, the only host sync of the hot path (fewstep.steplog)."""
+        s = self.state
+        self._in_step = True
+        for group in self.due_groups(phase, s.step):
+            self.train_group(group)
+        s.step, s.nimg, self._in_step = s.step + 1, s.nimg + self.global_batch, False
+        logs: dict[str, float] = {}
+        if self._crossed(self.config.train.log_every_nimg) or s.nimg >= self.total_nimg:
+            self.read_log()
+            logs = self.log.window()
+        self.pm.hook.fewstep_on_step_end(ctx=self.ctx, step=self.step_info(), logs=logs)
+
+    def train_group(self, group: OptimizerGroup) -> None:
         acc, s = self.accelerator, self.state
         others = [self.nets.get(n) for g in self.groups.values() if g is not group for n in g.modules
                   if n not in group.modules]
@@ -129,21 +139,23 @@ class Trainer:
         for pg in opt.param_groups:
             pg["lr"] = lr
         params = self._group_params[group.name]
-        if group.max_grad_norm is not None:
-            totals["grad_norm"] = acc.clip_grad_norm_(params, group.max_grad_norm)
+        norm = None
+        if group.max_grad_norm is not None:  # the clipping norm is the guard's norm: computed once
+            norm = acc.clip_grad_norm_(params, group.max_grad_norm)
         elif self.config.train.mixed_precision != "fp16":  # fp16: the grad scaler skips non-finite steps itself
-            totals["grad_norm"] = total_norm([p.grad for p in params if p.grad is not None])
-        logs = self.synced_logs(totals)
-        if not all(math.isfinite(logs[k]) for k in ("loss", "grad_norm") if k in logs):
-            opt.zero_grad(set_to_none=True)
-            self.nonfinite_step(group, logs)  # raises under train.nonfinite: stop
-            return {f"{group.name}/skipped": 1.0}
-        opt.step()
-        # Observers run before the gradients are dropped, so they can inspect them (tests do).
+            norm = grad_norm([p.grad for p in params if p.grad is not None])
+        values = {k: v for k, v in totals.items() if isinstance(v, torch.Tensor)}
+        if norm is not None:
+            values["grad_norm"] = norm
+        bad, skip = self.log.guard(values["loss"], norm)
+        # Skipped on the device: parameters and optimizer state stay untouched (docs/RELIABILITY.md)
+        gated_step(opt, skip)
+        # Observers run before the gradients are dropped, so they can inspect them (tests do). After a skipped
+        # step they see unchanged weights (the EMA moves towards them, finite either way).
         self.pm.hook.fewstep_after_optimizer_step(ctx=self.ctx, group=group, nets=self.nets, step=self.step_info(0, group))
         opt.zero_grad(set_to_none=True)
-        logs["lr"] = opt.param_groups[0]["lr"]
-        return {f"{group.name}/{k}": v for k, v in logs.items()}
+        host = {k: v for k, v in totals.items() if not isinstance(v, torch.Tensor)}
+        self.log.add(group.name, s.step, values, {**host, "lr": lr}, bad, skip)
 
     def _autocast(self) -> contextlib.AbstractContextManager[None]:
         """accelerate's autocast under mixed precision; without it, nothing (accelerate builds a context each
@@ -151,22 +163,31 @@ class Trainer:
         acc = self.accelerator
         return acc.autocast() if acc.mixed_precision != "no" else contextlib.nullcontext()
 
-    def synced_logs(self, totals: dict[str, torch.Tensor | float]) -> dict[str, float]:
-        """The group's log values averaged over processes, in one all-reduce and one host sync per optimizer
-        step (the only host sync of a step; the gradient norm is equal on every rank after DDP's all-reduce).
-        The stop flags ride along (summed), so every rank takes the same stop and checkpoint decisions."""
-        device = self.ctx.device
-        on_device = sorted(k for k, v in totals.items() if isinstance(v, torch.Tensor))
-        on_host = sorted(k for k in totals if k not in on_device)
-        keys = on_device + on_host
-        host = torch.tensor([*(totals[k] for k in on_host), *self.local_flags()], device=device)
-        vec = torch.cat([torch.stack([totals[k].float().to(device) for k in on_device]), host])
-        world = self.ctx.world_size
-        if world > 1:
-            vec = self.accelerator.reduce(vec, reduction="sum")
-        values = vec.tolist()  # host sync
-        self._flags = values[len(keys):]
-        return {k: v / world for k, v in zip(keys, values)}
+    def read_log(self) -> None:
+        """Read the step log from the device (one all-reduce and one host sync): at the end of a logging window
+        and before a checkpoint. Non-finite steps found there were skipped on the device; they are counted under
+        ``train.nonfinite: skip`` while skips remain, else the run stops here without writing a checkpoint."""
+        found = self.log.read()
+        if not found.nonfinite:
+            return
+        train, s = self.config.train, self.state
+        group, step, values = found.first
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        where = f"group {group!r} at step {step} ({step * self.global_batch} images): {shown}"
+        if train.nonfinite == "skip" and s.skipped + found.nonfinite <= train.max_nonfinite_skips:
+            s.skipped += found.nonfinite
+            if self.ctx.is_main:
+                print(f"fewstep: skipped {found.nonfinite} non-finite step(s) up to step {s.step} "
+                      f"({s.skipped}/{train.max_nonfinite_skips} in the run), the first in {where}",
+                      file=sys.stderr, flush=True)
+            return
+        reason = (f"more than train.max_nonfinite_skips={train.max_nonfinite_skips} skipped steps"
+                  if train.nonfinite == "skip" else "train.nonfinite: stop")
+        raise NonFiniteError(f"non-finite values in {where} ({reason}); that step and the {s.step - step - 1} after "
+                             "it were not applied; no checkpoint written, the earlier ones in "
+                             f"{self.run_dir / 'checkpoints'} are kept. Fix: lower optimizer.lr or set "
+                             "optimizer.max_grad_norm, then --resume --allow-config-change (or start again); "
+                             "train.nonfinite: skip tolerates rare spikes")
 
     def local_flags(self) -> list[float]:
         """This process's (stop signal received, checkpoint due by time, over the wall-time budget), as 0/1."""
@@ -175,24 +196,18 @@ class Trainer:
                 float(train.checkpoint_every_s is not None and now - self._t_ckpt >= train.checkpoint_every_s),
                 float(train.max_wall_s is not None and now - self._t0 >= train.max_wall_s)]
 
-    def nonfinite_step(self, group: OptimizerGroup, logs: dict[str, float]) -> None:
-        """A non-finite loss or gradient norm (averaged over ranks, so every rank decides alike): skip the
-        step under ``train.nonfinite: skip`` while skips remain, else stop without writing a checkpoint."""
-        train, s = self.config.train, self.state
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
-        where = f"group {group.name!r} at step {s.step} ({s.nimg} images): {shown}"
-        if train.nonfinite == "skip" and s.skipped < train.max_nonfinite_skips:
-            s.skipped += 1
-            if self.ctx.is_main:
-                print(f"fewstep: skipped a non-finite step ({s.skipped}/{train.max_nonfinite_skips}): {where}",
-                      file=sys.stderr, flush=True)
-            return
-        reason = (f"more than train.max_nonfinite_skips={train.max_nonfinite_skips} skipped steps"
-                  if train.nonfinite == "skip" else "train.nonfinite: stop")
-        raise NonFiniteError(f"non-finite values in {where} ({reason}); no checkpoint written, the earlier ones "
-                             f"in {self.run_dir / 'checkpoints'} are kept. Fix: lower optimizer.lr or set "
-                             "optimizer.max_grad_norm, then --resume --allow-config-change (or start again); "
-                             "train.nonfinite: skip tolerates rare spikes")
+    def agreed_flags(self) -> list[float]:
+        """:meth:`local_flags` summed over processes, so that every rank takes the same stop and checkpoint
+        decisions after the same step: a host-side all-reduce of three numbers (gloo, CPU tensors), which never
+        waits for the accelerator's queue. One process: its own flags, no communication."""
+        flags = self.local_flags()
+        if self.ctx.world_size == 1:
+            return flags
+        import torch.distributed as dist
+
+        vec = torch.tensor(flags)
+        dist.all_reduce(vec, group=self._flag_group)
+        return vec.tolist()
 
     @staticmethod
     def _check_loss(out: LossOutput | None, group: OptimizerGroup, batch: Batch) -> torch.Tensor:
@@ -371,6 +386,14 @@ class Trainer:
                                     skipped=int(restored.get("skipped", 0)))
         self._t0, self._nimg0, self._t_end, self._peak_mb = time.perf_counter(), self.state.nimg, None, None
         self._t_ckpt = self._t0  # time-based checkpoints count from the start of this process's training
+        budget = cfg.train.max_nonfinite_skips - self.state.skipped if cfg.train.nonfinite == "skip" else 0
+        self.log = StepLog(self.ctx.device, budget, lambda t: acc.reduce(t, reduction="sum"), world)
+        self._flag_group = None  # the default group when it is gloo; else a gloo group for the stop flags
+        if world > 1:
+            import torch.distributed as dist
+
+            # every rank calls new_group in the same order (setup runs on all); unverified on a GPU cluster
+            self._flag_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
     def _check_schedule(self) -> None:
         known = set(self.groups)
@@ -455,11 +478,8 @@ class Trainer:
 
     def step_boundary(self) -> None:
         """Checkpoints due now (by images or by time) and a stop requested by a signal or the wall-time budget,
-        decided from flags that every rank received in the same all-reduce."""
-        if self.ctx.world_size == 1:
-            stop, timed, over = self.local_flags()  # no other rank to agree with: the freshest values
-        else:  # the values all ranks summed in this step's last all-reduce; no group stepped: decide next step
-            stop, timed, over = self._flags if self._flags is not None else [0.0, 0.0, 0.0]
+        decided from flags that every rank agreed on after this step (:meth:`agreed_flags`)."""
+        stop, timed, over = self.agreed_flags()
         saved = None
         if self._crossed(self.config.train.checkpoint_every_nimg) or (timed and self.state.nimg < self.total_nimg):
             saved = self.save_checkpoint()
@@ -469,7 +489,9 @@ class Trainer:
             raise RunStopped(reason, self.state.nimg, saved or self.save_checkpoint())
 
     def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint, refusing one with non-finite weights (it would rotate a good one out)."""
+        """Write a checkpoint, refusing one with non-finite weights (it would rotate a good one out), after reading
+        the step log (a non-finite step under ``train.nonfinite: stop`` stops the run here instead)."""
+        self.read_log()
         named = {f"{n}.{k}": v for n in self.nets.names() for k, v in unwrap(self.nets.get(n)).state_dict().items()}
         if bad := nonfinite_tensors(named):
             raise NonFiniteError(f"not writing a checkpoint at {self.state.nimg} images: {len(bad)} tensor(s) hold "
@@ -530,16 +552,6 @@ class Trainer:
         return path
 
 
-def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all ``tensors`` together, on their device (no host sync); torch >= 2.6 has it as
-    torch.nn.utils.get_total_norm (foreach kernels)."""
-    if hasattr(torch.nn.utils, "get_total_norm"):
-        return torch.nn.utils.get_total_norm(tensors)
-    if not tensors:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
-
-
 def check_teacher_finite(teacher: Any) -> None:
     """Refuse a teacher whose weights hold NaN or inf: every target it gives would be non-finite."""
     named = {f"{label}.{k}": v for label in ("net", "weak", "vae", "text_encoder")
@@ -551,10 +563,34 @@ def check_teacher_finite(teacher: Any) -> None:
 
 
 def make_optimizer(group: OptimizerGroup, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The group's optimizer, with torch's fused kernels where torch has them for it (Adam, AdamW, SGD on CPU,
+    CUDA and others): the non-finite guard hands them its skip flag on the device (fewstep.steplog.gated_step)."""
     if group.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=group.lr, momentum=group.betas[0], weight_decay=group.weight_decay)
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[group.optimizer]
-    return cls(params, lr=group.lr, betas=group.betas, eps=group.eps, weight_decay=group.weight_decay)
+        cls, kwargs = torch.optim.SGD, {"momentum": group.betas[0]}
+    else:
+        cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[group.optimizer]
+        kwargs = {"betas": group.betas, "eps": group.eps}
+    kwargs.update(lr=group.lr, weight_decay=group.weight_decay)
+    if cls is not torch.optim.RAdam and fused_supported(params):  # RAdam has no fused kernel
+        kwargs["fused"] = True
+    return cls(params, **kwargs)
+
+
+def fused_supported(params: list[nn.Parameter]) -> bool:
+    """Whether torch has fused optimizer kernels for every one of ``params`` (device and dtype), by torch's own
+    check, which would otherwise fail at the first step (private API: absent, or too old for CPU, in torch
+    < 2.4, where the optimizer runs unfused and the skip flag is read on the host)."""
+    from torch.optim import optimizer
+
+    check = getattr(optimizer, "_device_dtype_check_for_fused", None)
+    if check is None or not params or tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
+        return False
+    try:
+        for p in params:
+            check(p)
+    except RuntimeError:
+        return False
+    return True
 
 
 def peak_memory_mb(device: torch.device) -> float:
