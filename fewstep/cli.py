@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--batch", type=int, default=64, help="encoder batch size (default 64)")
 
-    sub.add_parser("plugins", help="list installed plugins, their source package and method names")
+    p = sub.add_parser("plugins", help="list installed plugins, their source package and method names")
+    p.add_argument("--import", dest="import_all", action="store_true", help="import every plugin module and check "
+                   "its hook names (by default a plugin with a config module is read from that module alone)")
 
     p = sub.add_parser("bench", help="training throughput of a recipe: images/s, step-time split, peak memory, "
                        "FLOPs and MFU -> JSON")
@@ -267,14 +269,17 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from fewstep.plugin import build_manager
+    """Imports only the plugins' config modules (fewstep.plugin): no torch, diffusers or scikit-learn for
+    recipes whose plugins have one (docs/SPEED.md "Start-up")."""
+    from fewstep.plugin import config_manager, run_plugins
     from fewstep.preflight import check_inputs
 
     config, plugins = _load(args)
-    pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
-    pm.hook.fewstep_configure(config=config)  # the method's cross-field checks, as at the start of distill
+    chosen = run_plugins(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable,
+                         plugins=plugins)
+    config_manager(chosen).hook.fewstep_configure(config=config)  # the method's cross-field checks, as in distill
     if not args.skip_inputs:
-        check_inputs(config, pm)
+        check_inputs(config, own_teacher=any(info.implements("fewstep_build_teacher") for info in chosen))
         from fewstep.data_config import check_data, teacher_info
         if config.teacher.pretrained is not None:  # captions / labels / shape of the data against the teacher
             check_data(config, teacher_info(config.teacher.pretrained))
@@ -384,12 +389,16 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from fewstep.plugin import BUILTIN_PLUGINS, discover
 
     print("method plugins (entry-point group fewstep.plugins):")
-    for info in sorted(discover().values(), key=lambda i: i.name):
+    plugins = sorted(discover(full=args.import_all).values(), key=lambda i: i.name)
+    for info in plugins:
         if info.error:
             print(f"  {info.name:<12} {info.source:<24} FAILED: {info.error}")
         else:
             print(f"  {info.name:<12} {info.source:<24} methods: {', '.join(info.methods) or '-'}")
     print("core plugins (disable with plugins.disable in a recipe): " + ", ".join(BUILTIN_PLUGINS))
+    if unimported := [info.name for info in plugins if info.module is None and not info.error]:
+        print(f"read from their config modules, not imported (`fewstep plugins --import` imports and checks them): "
+              f"{', '.join(unimported)}")
     return 0
 
 

@@ -17,16 +17,17 @@ from fewstep.config import ConfigError, RunConfig
 _WEIGHTS = ("*.safetensors", "*.bin")
 
 
-def check_inputs(config: RunConfig, pm: Any = None) -> None:
-    """Raise ConfigError listing every input problem of ``config``; ``pm`` (the run's plugin manager) lets
-    the check know whether a plugin builds its own teacher (then teacher.pretrained may be empty)."""
+def check_inputs(config: RunConfig, pm: Any = None, *, own_teacher: bool | None = None) -> None:
+    """Raise ConfigError listing every input problem of ``config``; ``pm`` (the run's plugin manager), or
+    ``own_teacher`` where the caller knows without one, tells whether a plugin builds its own teacher (then
+    teacher.pretrained may be empty)."""
     errors: list[str] = []
     if config.teacher.pretrained is not None:
         shape = _teacher_shape(Path(config.teacher.pretrained), "teacher.pretrained", errors)
         if shape is not None:
             _check_data_shape(config, shape, errors)
             _check_class_conditional(config, errors)
-    elif pm is not None and not _builds_own_teacher(pm):
+    elif own_teacher is False or (own_teacher is None and pm is not None and not _builds_own_teacher(pm)):
         errors.append(f"teacher.pretrained: method {config.method.name!r} distils a teacher, so the recipe must "
                       "name a local diffusers folder (model_index.json, or config.json plus a scheduler config)")
     if config.teacher.autoguidance is not None:
