@@ -22,14 +22,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fewstep.diffusion import append_dims, karras_sigmas
 from fewstep.gan import discriminator_loss, generator_loss, probe_cond
-from fewstep.method_configs import DistributionMatchingConfig, check_pair_guidance  # import-light
+from fewstep.method_configs import (  # import-light
+    DistributionMatchingConfig,
+    FDivergence,
+    check_pair_guidance,
+)
 from fewstep.nn import unwrap
 from fewstep.types import Cond, OptimizerGroup, RunContext, StepInfo
 
@@ -315,8 +319,6 @@ def critic_objective(cfg: DistributionMatchingConfig, sched: Schedule, p: Player
 # not read [UNVERIFIED against the paper]. The softened reverse KL's f is this module's derivation from
 # FastGen's h = 1/(1 + r) [UNVERIFIED].
 
-FDivergence = Literal["reverse_kl", "forward_kl", "js", "squared_hellinger", "jeffreys", "softened_rkl",
-                      "neyman_chi2"]
 
 F_DIVERGENCES: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
     # name: (f(r), h(r) = f''(r) r²)

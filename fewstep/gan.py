@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewstep.backbones import Backbone
+from fewstep.method_configs import GanLoss
 from fewstep.types import Cond
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
     "output_layer",
 ]
 
-GanLoss = Literal["nonsaturating", "hinge"]
 
 
 def _norm(channels: int, pixels: int) -> nn.GroupNorm:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-Distance = Literal["l2", "l1", "pseudo_huber"]
+from fewstep.method_configs import Distance
 
 
 def pseudo_huber_c(x: Tensor) -> float:

@@ -14,7 +14,13 @@ from pydantic import Field, model_validator
 
 from fewstep.config import MethodConfig
 
-__all__ = ["DistributionMatchingConfig", "TangentOptions", "check_pair_guidance"]
+__all__ = ["Distance", "DistributionMatchingConfig", "FDivergence", "GanLoss", "TangentOptions", "check_pair_guidance"]
+
+# Option types of method configs, re-exported by the modules that implement them.
+Distance = Literal["l2", "l1", "pseudo_huber"]  # fewstep.losses.distance
+GanLoss = Literal["nonsaturating", "hinge"]  # fewstep.gan
+FDivergence = Literal["reverse_kl", "forward_kl", "js", "squared_hellinger", "jeffreys", "softened_rkl",
+                      "neyman_chi2"]  # fewstep.distribution.F_DIVERGENCES
 
 
 def check_pair_guidance(config: Any) -> None:
