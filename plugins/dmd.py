@@ -25,17 +25,14 @@ Each turn draws its own generator samples: where DMD2 reuses the generator turn'
 from __future__ import annotations
 
 import copy
-from typing import Literal
 
-from pydantic import Field, model_validator
+from fewstep_plugins.dmd_config import DMD2Config, DMDConfig, fewstep_configure, fewstep_method_config  # noqa: F401 - re-exported from the config module
 from torch import Tensor, nn
 
 from fewstep.distribution import (
-    DistributionMatchingConfig,
     Players,
     Schedule,
     bottleneck_critic,
-    check_pair_guidance,
     critic_objective,
     denoiser,
     few_step_sample,
@@ -49,51 +46,6 @@ from fewstep.hookspecs import hookimpl
 from fewstep.losses import distance
 from fewstep.sampling import sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
-
-
-class DMDConfig(DistributionMatchingConfig):
-    """DMD (§1): one-step generator, TTUR ratio 1, regression on teacher pairs, no GAN."""
-
-    name: Literal["dmd"] = "dmd"
-    regression_weight: float = Field(0.25, ge=0.0, description="lambda_reg of the regression loss (§1.5: "
-                                     "0.25 [S][R]); 0: none (then data.pairs is not needed).")
-    regression_distance: Literal["l2", "l1", "pseudo_huber"] = Field(
-        "l2", description="Distance of the regression on model-space samples. DMD uses LPIPS (§1.4), whose VGG "
-        "weights are a download: l2 (per-element mean) is the offline stand-in.")
-
-    @model_validator(mode="after")
-    def _one_step(self) -> DMDConfig:
-        if self.num_steps != 1:
-            raise ValueError(f"num_steps={self.num_steps}: DMD trains a one-step generator (§1.1); use method "
-                             "dmd2 for a multistep generator with backward simulation")
-        return self
-
-
-class DMD2Config(DistributionMatchingConfig):
-    """DMD2 (§2): no regression, TTUR, GAN head on the fake score, optional multistep generator."""
-
-    name: Literal["dmd2"] = "dmd2"
-    ratio: int = Field(5, ge=1, description="Critic updates per generator update (DMD2 ImageNet/SDXL: 5; "
-                       "SD1.5: 10, §2.4 [C]).")
-    gan_generator_weight: float = Field(3e-3, ge=0.0, description="lambda_G (DMD2 ImageNet: 3e-3; SD1.5 1e-3, "
-                                        "SDXL 5e-3, §2.3(d) [C]); 0 together with gan_critic_weight: no GAN.")
-    gan_critic_weight: float = Field(1e-2, ge=0.0, description="lambda_D (DMD2: 1e-2, §2.3(d) [C]).")
-
-
-@hookimpl
-def fewstep_method_config():
-    return [("dmd", DMDConfig), ("dmd2", DMD2Config)]
-
-
-@hookimpl
-def fewstep_configure(config) -> None:
-    cfg = config.method
-    if cfg.name == "dmd" and cfg.regression_weight > 0 and config.data.pairs is None:
-        raise ValueError("method.regression_weight: DMD's regression loss trains on teacher noise-image pairs "
-                         "(§1.4); make a store with `fewstep pairs TEACHER OUT --num N` and set data.pairs: OUT, "
-                         "or set method.regression_weight: 0")
-    if cfg.name == "dmd" and cfg.regression_weight > 0:
-        check_pair_guidance(config)
 
 
 @hookimpl
