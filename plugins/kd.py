@@ -20,43 +20,16 @@ Costs per trainer step (B pairs): one student forward and backward; no teacher c
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
+from fewstep_plugins.kd_config import KDConfig, fewstep_configure, fewstep_method_config  # noqa: F401 - re-exported from the config module
 from torch import Tensor
 
-from fewstep.config import MethodConfig
 from fewstep.diffusion import append_dims
 from fewstep.distribution import Denoiser, denoiser, few_step_sample, generator_levels, training_sigmas
 from fewstep.hookspecs import hookimpl
 from fewstep.losses import Distance, distance
 from fewstep.sampling import sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
-
-
-class KDConfig(MethodConfig):
-    """One-step (or N-level) regression of the student onto the teacher's ODE couplings."""
-
-    name: Literal["kd"] = "kd"
-    distance: Distance = Field("l2", description="Distance d(G(z), y) on model-space samples (fewstep.losses): "
-                               "l2 (per-element mean, the paper's squared error [R]), l1, or pseudo_huber.")
-    huber_c: float | None = Field(None, gt=0, description="Pseudo-Huber c; none: iCT's 0.00054·sqrt(D).")
-    num_steps: int = Field(1, ge=1, le=64, description="Student levels N: 1 is the paper's one-step student; "
-                           "N > 1 also trains on noised teacher images at DMD2's grid levels (a fewstep "
-                           "extension, see the module docstring).")
-
-
-@hookimpl
-def fewstep_method_config():
-    return ("kd", KDConfig)
-
-
-@hookimpl
-def fewstep_configure(config) -> None:
-    if config.method.name == "kd" and config.data.pairs is None:
-        raise ValueError("method kd regresses onto the teacher's ODE solutions, but data.pairs is not set; make a "
-                         "store with `fewstep pairs TEACHER OUT --num N --steps K` and set data.pairs: OUT")
 
 
 def student_levels(process, num_steps: int) -> Tensor:
