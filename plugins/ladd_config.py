@@ -1,0 +1,79 @@
+"""Configs of the ``ladd`` and ``add`` methods and their pure-config hooks, import-light (pydantic and
+fewstep's config modules only) so that plugin discovery and ``fewstep validate`` read them without torch;
+:mod:`fewstep_plugins.ladd` (the training hooks) re-exports them. docs/PLUGINS.md "Config modules".
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from fewstep.config import MethodConfig
+from fewstep.hookspecs import hookimpl
+from fewstep.method_configs import GanLoss
+
+
+class _Adversarial(MethodConfig):
+    sigma_max_is_generator_input: ClassVar[bool] = True
+
+    num_steps: int = Field(1, ge=1, le=64, description="Student levels N (DMD2's generator grid); 1: one step. "
+                           "ADD trains SD-Turbo at 4 levels (999, 749, 499, 249) [R].")
+    sigma_max: float | None = Field(None, gt=0, description="Level of the first student call; none: the top of "
+                                    "the training grid.")
+    backward_simulation: bool = Field(False, description="Inputs at level k > 0 from the student's own k steps "
+                                      "(DMD2 §2.7); false: real samples noised at level k (ADD).")
+    gan_loss: GanLoss = Field("hinge", description="Adversarial loss (ADD and LADD: hinge [R]).")
+    renoise_mean: float = Field(1.0, description="Mean of log sigma of the discriminator's re-noising (LADD's "
+                                "logit-normal location m over flow time; m = 1 favours high noise [R]).")
+    renoise_std: float = Field(1.0, gt=0, description="Std of log sigma of the re-noising (LADD's s = 1 [R]).")
+    ratio: int = Field(1, ge=1, description="Discriminator updates per generator update (1: alternate, ADD [R]).")
+    disc_lr: float | None = Field(None, gt=0, description="Learning rate of the discriminator head; none: "
+                                  "optimizer.lr. On digits equal rates (1e-4) collapsed the student; head 1e-3 "
+                                  "with student 2e-5 trained (recipes/digits/ladd.yaml).")
+
+
+class LADDConfig(_Adversarial):
+    """LADD: adversarial loss on the teacher's features only, real samples from the teacher's pairs."""
+
+    name: Literal["ladd"] = "ladd"
+    real: Literal["pairs", "data"] = Field("pairs", description="Real samples of the discriminator (and of "
+                                           "multistep inputs): pairs: the teacher's images from data.pairs (LADD's "
+                                           "synthetic data); data: the data set.")
+
+
+class ADDConfig(_Adversarial):
+    """ADD: adversarial loss plus the weighted score-distillation term of the teacher."""
+
+    name: Literal["add"] = "add"
+    real: Literal["pairs", "data"] = Field("data", description="Real samples: data (ADD's real images) or pairs.")
+    distill_weight: float = Field(2.5, ge=0.0, description="lambda of the distillation term (ADD: 2.5 [R]).")
+    distill_weighting: Literal["alpha_bar", "uniform"] = Field("alpha_bar", description="c(t) of the distillation "
+                                                               "term: alpha_bar = 1/(1 + sigma²) (ADD's exponential "
+                                                               "weighting [R]) or 1.")
+    real_guidance: float | None = Field(None, ge=0.0, description="Guidance of the teacher's distillation target; "
+                                        "none: teacher.guidance.")
+    distill_t_range: tuple[float, float] = Field((0.02, 0.98), description="Fractions of the training grid whose "
+                                                 "levels the distillation term draws from, uniformly by index "
+                                                 "(as DMD's L_DM; ADD's range is not verified).")
+
+    @model_validator(mode="after")
+    def _range(self) -> ADDConfig:
+        lo, hi = self.distill_t_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"distill_t_range={self.distill_t_range}: need 0 <= lo <= hi <= 1")
+        return self
+
+
+@hookimpl
+def fewstep_method_config():
+    return [("ladd", LADDConfig), ("add", ADDConfig)]
+
+
+@hookimpl
+def fewstep_configure(config) -> None:
+    cfg = config.method
+    if isinstance(cfg, _Adversarial) and cfg.real == "pairs" and config.data.pairs is None:
+        raise ValueError(f"method {cfg.name}: real 'pairs' reads the teacher's images from a pair store, but "
+                         "data.pairs is not set; make one with `fewstep pairs TEACHER OUT --num N` and set "
+                         "data.pairs: OUT, or set method.real: data")
