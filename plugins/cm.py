@@ -10,6 +10,7 @@ parameterisation for an EDM network and gives f(x, sigma_min) = x for any teache
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -161,17 +162,24 @@ def consistency_fn(net: nn.Module, process, cfg: _Consistency, x: Tensor, sigma:
     return consistency_from_denoiser(x, sigma, x0, sigma_min, cfg.sigma_data or process.sigma_data)
 
 
-def cd_grid(cfg: CDConfig, process) -> Tensor:
-    """Descending training levels: Karras (CM §2.2) or the teacher's timesteps every ``skip`` (LCM)."""
-    if cfg.grid == "teacher":
-        if process.kind != "vp":
-            raise ValueError(f"method.grid: 'teacher' needs a VP (DDPM) teacher, this teacher is {process.kind!r}; "
-                             "use grid: karras")
-        n = process.num_train_timesteps
-        steps = torch.arange(n - 1, -1, -cfg.skip, dtype=torch.float64)  # 999, 979, ..., 19 for k = 20
-        return process.t_to_sigma(steps).float()
+def cd_grid(cfg: CDConfig, process, device: torch.device | str = "cpu") -> Tensor:
+    """Descending training levels on ``device``: Karras (CM §2.2) or the teacher's timesteps every ``skip``
+    (LCM). Built once per (settings, teacher process, device) and shared: never modify it in place."""
+    if cfg.grid == "teacher" and process.kind != "vp":
+        raise ValueError(f"method.grid: 'teacher' needs a VP (DDPM) teacher, this teacher is {process.kind!r}; "
+                         "use grid: karras")
     lo, hi = _range(cfg, process)
-    return karras_sigmas(cfg.num_scales, lo, hi, cfg.rho)
+    return _cd_grid(cfg.grid, cfg.num_scales, cfg.skip, cfg.rho, lo, hi, process, torch.device(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _cd_grid(kind: str, num_scales: int, skip: int, rho: float, lo: float, hi: float, process,
+             device: torch.device) -> Tensor:
+    if kind == "teacher":
+        n = process.num_train_timesteps
+        steps = torch.arange(n - 1, -1, -skip, dtype=torch.float64)  # 999, 979, ..., 19 for k = 20
+        return process.t_to_sigma(steps).float().to(device)
+    return karras_sigmas(num_scales, lo, hi, rho).to(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,10 +248,11 @@ def training_levels(cfg: _Consistency, process, step: StepInfo) -> tuple[Tensor,
         i = step.draw(lambda n, g: torch.multinomial(probs, n, replacement=True, generator=g)).cpu()
         s_lo, s_hi = asc[i], asc[i + 1]
         return s_hi.to(step.device), s_lo.to(step.device), (1.0 / (s_hi - s_lo)).to(step.device)
-    if cfg.name == "ct":
-        grid = karras_sigmas(ct_num_scales(step.progress, cfg.s0, cfg.s1), lo, hi, cfg.rho)
-    else:
-        grid = cd_grid(cfg, process)
+    if cfg.name == "cd":  # the grid lives on the device: no copy either way
+        grid = cd_grid(cfg, process, step.device)
+        n = step.randint(0, grid.numel() - 1).to(step.device)
+        return grid[n], grid[n + 1], torch.ones(n.shape, device=step.device)
+    grid = karras_sigmas(ct_num_scales(step.progress, cfg.s0, cfg.s1), lo, hi, cfg.rho)
     n = step.randint(0, grid.numel() - 1).cpu()
     return grid[n].to(step.device), grid[n + 1].to(step.device), torch.ones(n.shape, device=step.device)
 
@@ -294,8 +303,8 @@ def teacher_step(teacher, cfg: CDConfig, batch: Batch, x_hi: Tensor, s_hi: Tenso
             return teacher.denoise(x, sigma, batch.cond, uncond=batch.uncond, guidance=w).float()
         return teacher.denoise(x, sigma, batch.cond).float()
 
-    if cfg.solver == "heun":
-        return heun_step(denoise, x_hi, s_hi, s_lo)
+    if cfg.solver == "heun":  # every level of a CD grid is > 0: no final-step check (a host sync)
+        return heun_step(denoise, x_hi, s_hi, s_lo, positive=True)
     return euler_step(x_hi, s_hi, s_lo, denoise(x_hi, s_hi))
 
 
