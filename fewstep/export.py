@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from torch import Tensor, nn
 
@@ -869,13 +870,16 @@ def condition(teacher: Any, n: int, class_labels: Any = None, prompt: Any = None
     return None
 
 
-class FewStepPipeline(DiffusionPipeline):
+class FewStepPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Few-step sampling of a fewstep export with the method's own sampler.
 
     ``pipe(num_inference_steps=None, batch_size=1, class_labels=None, prompt=None, generator=None,
     latents=None, output_type="pil")``: ``num_inference_steps`` defaults to the export's steps; the batch
     size follows ``class_labels`` / ``prompt`` when given; ``latents`` (B, C, H, W) is the model-space
     noise (drawn from ``generator`` when None; the same generator seeds any noise the sampler adds).
+
+    LoRA exports (docs/LORA.md): ``FewStepPipeline.from_pretrained(OUT, unet=<the teacher's UNet, or a
+    fine-tune's>)`` then ``pipe.load_lora_weights(OUT)`` samples the adapter on that base with the method's sampler.
     """
 
     _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
@@ -889,6 +893,7 @@ class FewStepPipeline(DiffusionPipeline):
                               text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                               tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         self._loaded: LoadedExport | None = None
+        self._lora_scalars: dict[str, Tensor] | None = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> FewStepPipeline:
@@ -906,7 +911,30 @@ class FewStepPipeline(DiffusionPipeline):
                 raise ValueError("FewStepPipeline must be loaded from an export folder with from_pretrained")
             modules = {k: getattr(self, k, None) for k in self._optional_components}
             self._loaded = load_export(folder, device=device, dtype=self.dtype, modules=modules)
+            if self._lora_scalars is not None:
+                self._loaded.nets.student.scalar_embeddings.load_state_dict(self._lora_scalars)
         return self._loaded
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | Path | dict[str, Tensor],
+                          adapter_name: str | None = None, **kwargs: Any) -> None:
+        """diffusers' LoRA loader for a fewstep LoRA export (``pytorch_lora_weights.safetensors``) into the denoiser:
+        a UNet through ``StableDiffusionLoraLoaderMixin.load_lora_weights``, a transformer through its own
+        ``load_lora_adapter`` (prefix ``transformer``). A folder's ``fewstep_lora_scalars.safetensors`` (the
+        adapter's extra scalar embeddings, e.g. CTM's s) replaces the student's."""
+        from fewstep.lora import LORA_WEIGHTS, SCALARS_FILE
+
+        if self.unet is not None:
+            super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+        else:
+            self.transformer.load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix="transformer",
+                                               adapter_name=adapter_name, **{"weight_name": LORA_WEIGHTS, **kwargs})
+        if not isinstance(pretrained_model_name_or_path_or_dict, dict):
+            scalars = Path(pretrained_model_name_or_path_or_dict) / SCALARS_FILE
+            if scalars.is_file():
+                from safetensors.torch import load_file
+
+                self._lora_scalars = load_file(str(scalars))
+        self._loaded = None  # rebuilt on the next call, around the adapted denoiser
 
     @torch.no_grad()
     def __call__(self, num_inference_steps: int | None = None, batch_size: int = 1, class_labels: Any = None,

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from fewstep.config import LoraConfig
     from fewstep.types import Nets, RunContext
 
-__all__ = ["DEFAULT_TARGETS", "LORA_WEIGHTS", "LoraBackbone", "SharedBase", "adapt_student", "export_lora",
+__all__ = ["DEFAULT_TARGETS", "LORA_WEIGHTS", "SCALARS_FILE", "LoraBackbone", "SharedBase", "adapt_student", "export_lora",
            "materialize", "place_adapters", "save_lora", "share_networks"]
 
 #: diffusers' file name for LoRA weights (``pipe.load_lora_weights(folder)`` looks for it).
@@ -333,15 +333,21 @@ def place_adapters(teacher: Any, networks: list[nn.Module], device: torch.device
 # Export: diffusers' LoRA format
 
 
+#: The diffusers LoRA loader of each transformer kind's stock pipeline (DiTPipeline and the PixArt pipelines have none).
+_TRANSFORMER_LOADERS = {"sd3": "SD3LoraLoaderMixin", "flux": "FluxLoraLoaderMixin", "sana": "SanaLoraLoaderMixin"}
+
+
 def save_lora(view: LoraBackbone, folder: str | Path) -> Path:
     """Write ``view``'s adapter to ``folder/pytorch_lora_weights.safetensors`` in diffusers' LoRA format.
 
     UNets: through ``StableDiffusionPipeline.save_lora_weights`` (keys ``unet.<module>.lora_A.weight``,
     peft's config as metadata), which ``pipe.load_lora_weights(folder)`` of the teacher's stock pipeline
-    reads, also into a fine-tune of the same base. Transformers: the same layout under the prefix
-    ``transformer.``, loadable with ``pipe.transformer.load_lora_adapter(folder, prefix="transformer")``
-    (DiTPipeline has no LoRA loader). Extra scalar embeddings (CTM's s, guidance w) have no place in the
-    format: they go to ``fewstep_lora_scalars.safetensors`` and a stock pipeline ignores them.
+    reads, also into a fine-tune of the same base. Transformers: through the family's loader
+    (SD3LoraLoaderMixin, FluxLoraLoaderMixin, SanaLoraLoaderMixin; keys and metadata under ``transformer.``), which
+    the family's ``pipe.load_lora_weights(folder)`` reads; DiT and PixArt pipelines have no loader:
+    ``pipe.transformer.load_lora_adapter(folder, prefix="transformer", weight_name=LORA_WEIGHTS)``. Extra scalar
+    embeddings (CTM's s, guidance w) have no place in the format: they go to ``fewstep_lora_scalars.safetensors``,
+    which :meth:`fewstep.export.FewStepPipeline.load_lora_weights` reads and a stock pipeline ignores.
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -357,10 +363,12 @@ def save_lora(view: LoraBackbone, folder: str | Path) -> Path:
 
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=metadata)
     else:
-        from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+        import diffusers.loaders.lora_pipeline as loaders
 
-        save_file({f"transformer.{k}": v for k, v in state.items()}, str(folder / LORA_WEIGHTS),
-                  metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        # The family's loader writes the keys and the metadata under "transformer." (the metadata's prefix is what
+        # load_lora_weights filters on); families without a loader (DiT, PixArt) get the same layout.
+        mixin = getattr(loaders, _TRANSFORMER_LOADERS.get(view.kind, "SD3LoraLoaderMixin"))
+        mixin.save_lora_weights(folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=metadata)
     if view.extra_scalars:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in view.scalar_embeddings.state_dict().items()},
                   str(folder / SCALARS_FILE))
@@ -369,6 +377,7 @@ def save_lora(view: LoraBackbone, folder: str | Path) -> Path:
 
 def export_lora(ctx: RunContext, nets: Nets, out_dir: Path) -> Path:
     """The sampling network's adapter (the EMA's when the run keeps one) into ``out_dir`` (:func:`save_lora`)."""
+    from fewstep.export import EXPORT_META
     from fewstep.nn import unwrap
     from fewstep.sampling import sampling_net
 
@@ -377,12 +386,18 @@ def export_lora(ctx: RunContext, nets: Nets, out_dir: Path) -> Path:
         raise ValueError(f"lora export: the sampling network is a {type(net).__name__}, not a LoRA adapter")
     if ctx.is_main:
         save_lora(net, out_dir)
-        card = Path(out_dir) / "README.md"
-        if card.is_file():  # the model card of a full export: say what the extra file is
-            loader = ("pipe.load_lora_weights(\"<this folder>\")" if net.kind.startswith("unet") else
+        card, meta = Path(out_dir) / "README.md", Path(out_dir) / EXPORT_META
+        if card.is_file() and meta.is_file():  # the model card of a full export: say what the extra file is
+            custom = json.loads(meta.read_text())["pipeline"] == "FewStepPipeline"
+            loader = ("pipe.load_lora_weights(\"<this folder>\")"
+                      if custom or net.kind.startswith("unet") or net.kind in _TRANSFORMER_LOADERS else
                       f"pipe.transformer.load_lora_adapter(\"<this folder>\", prefix=\"transformer\", "
                       f"weight_name=\"{LORA_WEIGHTS}\")")
+            component = net.family.denoiser_component
+            where = (f"in this folder's FewStepPipeline built on the teacher's {type(net.model).__name__} (or a "
+                     f"fine-tune's), `FewStepPipeline.from_pretrained(\"<this folder>\", {component}=<it>)`"
+                     if custom else "in the teacher's pipeline (or a fine-tune of it), with this folder's scheduler")
             card.write_text(card.read_text().rstrip() + f"\n\n## LoRA\n\nThe weights above have the adapter fused in. "
                             f"`{LORA_WEIGHTS}` is the adapter alone (rank {net.base.config.rank}, diffusers' LoRA "
-                            f"format): in the teacher's pipeline (or a fine-tune of it), `{loader}`.\n")
+                            f"format): {where}, `{loader}`.\n")
     return Path(out_dir)

@@ -4,6 +4,7 @@ the diffusers LoRA export."""
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -268,8 +269,6 @@ def latent_text_teacher(tmp_path_factory) -> Path:
 def test_lcm_style_lora_student_keeps_w_in_its_own_embedding(latent_text_teacher, tmp_path):
     """A full LCM-style student on an SD UNet reads w through a new time_embedding.cond_proj; a LoRA student's frozen
     base is the teacher's UNet, which has none: its w stays a fewstep embedding, folded by the stock export."""
-    import json
-
     method = {"name": "cd", "grid": "teacher", "boundary": "lcm", "solver": "ddim", "guidance": [2.0, 6.0],
               "sample_guidance": 3.0}
     trainer, _ = run_tiny(tiny_run_config(latent_text_teacher, method, steps=2, lora={"rank": 4}), tmp_path / "run")
@@ -353,32 +352,131 @@ def test_stock_pipeline_with_load_lora_weights_matches_fewstep(method, latent_te
     assert ((fine_lora - fine) - (orig_lora - orig)).abs().max() < 0.05 * delta
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["sct", "ctm"])
-def test_lora_export_reproduces_the_denoiser(method, latent_text_teacher, tmp_path):
-    """sCT / CTM samplers have no stock scheduler: the stock UNet with the loaded LoRA computes the student's
-    diffusers model (CTM's s embedding goes to fewstep_lora_scalars.safetensors)."""
-    from diffusers import UNet2DConditionModel
-
-    cfg = tiny_run_config(latent_text_teacher, METHODS[method], steps=2, batch=2, lora={"rank": 4},
-                          export={"enabled": False})
-    trainer, _ = run_tiny(cfg, tmp_path / "run")
-    net = trainer.nets.student
+def visible_adapter(net: LoraBackbone) -> None:
+    """Move the adapter (and extra scalar embeddings) away from the two-step trained state, where B is barely off
+    zero, so that a stock pipeline without the adapter would visibly differ."""
     with torch.no_grad():
         for n, p in net.lora.named_parameters():
             if "lora_B" in n:
                 p.add_(0.02 * torch.randn_like(p))
-    save_lora(net, tmp_path / "lora")
-    assert (tmp_path / "lora" / "fewstep_lora_scalars.safetensors").is_file() == bool(net.extra_scalars)
-    unet = UNet2DConditionModel.from_pretrained(latent_text_teacher / "unet")
-    unet.load_lora_adapter(tmp_path / "lora", prefix="unet", weight_name=LORA_WEIGHTS)
-    x = torch.randn(2, *trainer.nets.teacher.sample_shape)
-    t = torch.tensor([999.0, 400.0])
-    ehs = trainer.nets.teacher.encode_prompts(["one", "two"]).embeddings.float()
-    with torch.no_grad(), net.base.use(net.adapter):
-        ours = net.model(x, t, encoder_hidden_states=ehs).sample
-        stock = unet(x, t, encoder_hidden_states=ehs).sample
-    torch.testing.assert_close(stock, ours, rtol=1e-4, atol=1e-5)
+        for p in net.scalar_embeddings.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize(("family", "method"), [("sd", "sct"), ("sd", "ctm"),
+                                               pytest.param("sd3", "ctm", marks=pytest.mark.slow)])
+def test_fewstep_pipeline_with_load_lora_weights_matches_fewstep(family, method, latent_text_teacher,
+                                                                 tmp_path_factory, tmp_path):
+    """sCT (CM boundary at the VP teacher's top level: f = 0.998 D + 1e-4 x, which LCMScheduler's one-parameter
+    boundary cannot match) and CTM ((t, s) sampler) export a FewStepPipeline. Built on the teacher's own denoiser,
+    ``load_lora_weights(export)`` gives it the adapter (and CTM's s embedding, fewstep_lora_scalars.safetensors):
+    its images are fewstep's for the same noise and prompts, at 1 and 2 steps; a perturbed teacher takes it too.
+    SD3: a transformer denoiser takes the adapter through its load_lora_adapter."""
+    import diffusers
+
+    from fewstep.export import EXPORT_META, FewStepPipeline, export_run
+    from fewstep.lora import SCALARS_FILE
+    from fewstep.sampling import generate, sampling_net
+    from fewstep.testing import tiny_family_teacher
+
+    sections = {"export": {"enabled": False}, "validation": {"steps": [1], "teacher_steps": None}}
+    if family == "sd":
+        teacher = latent_text_teacher
+    else:
+        teacher, prompt_file = tiny_family_teacher(family, tmp_path_factory.getbasetemp() / "tiny-families")
+        sections["data"] = {"prompts": str(prompt_file)}
+    trainer, _ = run_tiny(tiny_run_config(teacher, METHODS[method], steps=2, batch=2, lora={"rank": 4}, **sections),
+                          tmp_path / "run")
+    net = sampling_net(trainer.nets)
+    visible_adapter(net)
+    out = export_run(trainer.pm.hook, trainer.ctx, trainer.nets, tmp_path / "export")
+    meta = json.loads((out / EXPORT_META).read_text())
+    assert meta["pipeline"] == "FewStepPipeline"
+    assert (out / SCALARS_FILE).is_file() == bool(net.extra_scalars)
+    component = meta["component"]
+    model_class = getattr(diffusers, json.loads((out / "model_index.json").read_text())[component][1])
+    prompts = ["one", "two"]
+    noise = torch.randn(2, *trainer.nets.teacher.sample_shape, generator=torch.Generator().manual_seed(3))
+    cond = trainer.nets.teacher.encode_prompts(prompts)
+
+    def images(pipe, steps):
+        return pipe(prompt=prompts, num_inference_steps=steps, latents=noise, generator=torch.Generator().manual_seed(5),
+                    output_type="pt").images
+
+    def pipeline(scale=0.0, lora=False):
+        """The export's FewStepPipeline on the teacher's denoiser (perturbed by scale * N(0, 1) from seed 7)."""
+        model = model_class.from_pretrained(teacher / component)
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=gen))
+        pipe = FewStepPipeline.from_pretrained(out, **{component: model})
+        if lora:
+            pipe.load_lora_weights(out)
+        return pipe
+
+    pipe, plain = pipeline(lora=True), pipeline()
+    for steps in (1, 2):
+        ours = (generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, cond, steps,
+                         generator=torch.Generator().manual_seed(5)).clamp(-1, 1) + 1) / 2
+        torch.testing.assert_close(images(pipe, steps), ours, rtol=0, atol=1e-5)
+        assert (images(plain, steps) - ours).abs().max() > 1e-2  # the adapter is what makes them agree
+    # A different fine-tune of the same base (perturbed teacher weights) takes the adapter: its images move by the
+    # adapter's change of the original's (to first order in the perturbation).
+    fine, fine_lora = pipeline(1e-4), pipeline(1e-4, lora=True)
+    delta = images(pipe, 1) - images(plain, 1)
+    assert (images(fine, 1) - images(plain, 1)).abs().max() > 1e-5
+    assert ((images(fine_lora, 1) - images(fine, 1)) - delta).abs().max() < 0.05 * delta.abs().max()
+
+
+#: Transformer families' stock pipelines; PixArt's has no diffusers LoRA loader (nor has DiTPipeline).
+LORA_FAMILIES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline",
+                 "pixart_sigma": "PixArtSigmaPipeline"}
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=() if f in ("sd3", "flux") else pytest.mark.slow)
+                                    for f in LORA_FAMILIES])
+def test_transformer_family_pipeline_loads_the_lora_and_matches_fewstep(family, tmp_path_factory, tmp_path):
+    """DMD2-LoRA (1 step) on a tiny SD3 / Flux / Sana / PixArt-Sigma teacher: the family's stock pipeline (the teacher
+    folder itself) with the export's scheduler and ``load_lora_weights(export)`` (SD3LoraLoaderMixin /
+    FluxLoraLoaderMixin / SanaLoraLoaderMixin key names; PixArt: its transformer's load_lora_adapter) draws fewstep's
+    images for the same noise and prompts."""
+    import diffusers
+
+    from fewstep.export import EXPORT_META, condition, export_run
+    from fewstep.sampling import generate, sampling_net
+    from fewstep.testing import tiny_family_teacher
+
+    folder, prompts = tiny_family_teacher(family, tmp_path_factory.getbasetemp() / "tiny-families")
+    cfg = tiny_run_config(folder, {"name": "dmd2", "num_steps": 1, "ratio": 1}, steps=1, batch=2, lora={"rank": 4},
+                          data={"prompts": str(prompts)}, export={"enabled": False}, plugins={"disable": ["ema"]},
+                          validation={"steps": [1], "teacher_steps": None})
+    trainer, _ = run_tiny(cfg, tmp_path / "run")
+    visible_adapter(sampling_net(trainer.nets))
+    out = export_run(trainer.pm.hook, trainer.ctx, trainer.nets, tmp_path / "export")
+    stock = json.loads((out / EXPORT_META).read_text())["stock"]
+    teacher = trainer.nets.teacher
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
+    assert type(pipe).__name__ == LORA_FAMILIES[family]
+    pipe.scheduler = getattr(diffusers, stock["scheduler"]).from_pretrained(out / "scheduler")
+    latents = torch.randn((2, *teacher.sample_shape), generator=torch.Generator().manual_seed(0))
+    call = {**stock["calls"]["1"], "prompt": ["a cat", "two dogs"], "output_type": "pt",
+            "generator": torch.Generator().manual_seed(0)}  # a pipeline that takes no latents draws these from it
+    if stock["takes_latents"]:
+        call["latents"] = latents
+    plain = pipe(**call).images
+    if family == "pixart_sigma":  # no loader on the pipeline: the transformer's own (diffusers' PeftAdapterMixin)
+        assert not hasattr(pipe, "load_lora_weights")
+        pipe.transformer.load_lora_adapter(out, prefix="transformer", weight_name=LORA_WEIGHTS)
+    else:
+        pipe.load_lora_weights(out)
+    call["generator"] = torch.Generator().manual_seed(0)
+    theirs = pipe(**call).images
+    ours = generate(trainer.pm.hook, trainer.ctx, trainer.nets, latents / stock["latents_scale"]["1"],
+                    condition(teacher, 2, None, call["prompt"]), 1)
+    ours = (ours.clamp(-1, 1) + 1) / 2
+    torch.testing.assert_close(theirs.float(), ours, rtol=0, atol=1e-4)
+    assert (plain.float() - ours).abs().max() > 1e-3  # the adapter is what makes them agree
 
 
 def test_export_writes_fused_pipeline_and_lora_file(latent_text_teacher, tmp_path):
