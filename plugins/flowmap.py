@@ -31,10 +31,9 @@ the default here) and the gamma-sampler settings (§9.7).
 from __future__ import annotations
 
 import copy
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from fewstep_plugins.flowmap_config import FlowMapConfig, fewstep_method_config  # noqa: F401 - re-exported from the config module
 from torch import Tensor, nn
 
 from fewstep.backbones import guidance_inputs
@@ -51,51 +50,10 @@ from fewstep.flowmaps import (
     time_range,
 )
 from fewstep.hookspecs import hookimpl
-from fewstep.jvp import TangentOptions, jvp, normalize_tangent, resolve_mode
+from fewstep.jvp import jvp, normalize_tangent, resolve_mode
 from fewstep.nn import same_dropout, unwrap
 from fewstep.sampling import sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
-
-
-class FlowMapConfig(TangentOptions):
-    """AYF-EMD / AYF-LMD (§9.2-9.5)."""
-
-    name: Literal["flowmap"] = "flowmap"
-    objective: Literal["emd", "lmd"] = Field("emd", description="emd: Eulerian map distillation (§9.2, the paper's "
-                                             "choice); lmd: Lagrangian (§9.3; over-smoothed images in the paper).")
-    time_sampling: Literal["sorted", "gap"] = Field(
-        "sorted", description="(t, s), s < t [UNVERIFIED, §9.4, both from unofficial reimplementations]: sorted: two "
-        "logit-normal times, sorted; gap: d = sigmoid(N(P_mean, P_std²)), s ~ U(0, 1 − d), t = s + d. Both clamped "
-        "to the teacher's range. On Gaussian toy data (tests/test_flowmap.py) sorted trained maps that beat the "
-        "init at 1, 4 and 8 steps; gap (0, 1) trained too few short gaps and its 8-step chain got worse.")
-    p_mean: float = Field(0.0, description="Logit-normal mean of the proposal [UNVERIFIED: our choice].")
-    p_std: float = Field(1.0, gt=0, description="Logit-normal std of the proposal [UNVERIFIED: our choice].")
-    warmup_nimg: int = Field(5_120_000, ge=0, description="Tangent warm-up in images: r = r_max·min(1, nimg/H) "
-                             "[UNVERIFIED length: sCM's 10k iterations at batch 512]; 0: r = r_max at once.")
-    r_max: float = Field(0.99, ge=0.0, le=1.0, description="Final warm-up factor (§9.2: 0.99, never 1; the r < 1 part "
-                         "acts as a flow-matching regulariser).")
-    guidance: tuple[float, float] | None = Field(
-        None, description="lambda ~ U[lo, hi] per sample: the teacher velocity is guided with lambda (autoguidance "
-        "when teacher.autoguidance is set, §9.5, else CFG) and the student takes lambda as an input "
-        "([UNVERIFIED] range; one reimplementation uses U[1, 3]). None: teacher.guidance, fixed, no student input.")
-    sample_guidance: float | None = Field(None, ge=0, description="lambda of a guided student when sampling; none: "
-                                          "the middle of the guidance range.")
-    sample_times: dict[int, list[float]] = Field(
-        {}, description="Flow times t_0 > ... > t_N of the N-step sampler, per N (N + 1 values, usually ending in 0); "
-        "default: the teacher's own N-step grid (VP: DDIM trailing) in flow time.")
-    gamma: float = Field(0.0, ge=0.0, le=1.0, description="gamma-sampling (CTM-style, §9.7): jump to the level "
-                         "sqrt(1 − gamma²)·sigma_next, then add noise back up to sigma_next; 0: deterministic chaining.")
-    clamp: bool = Field(True, description="Clamp the final pixel sample to [-1, 1]; never latents.")
-
-    @model_validator(mode="after")
-    def _check(self) -> FlowMapConfig:
-        if self.guidance is not None and not 0 <= self.guidance[0] <= self.guidance[1]:
-            raise ValueError(f"method.guidance must be (lo, hi) with 0 <= lo <= hi, got {self.guidance}")
-        for n, times in self.sample_times.items():
-            if len(times) != n + 1 or any(not 0 <= b < a < 1 for a, b in zip(times, times[1:])):
-                raise ValueError(f"method.sample_times[{n}]: need {n + 1} decreasing flow times in [0, 1), got {times}")
-        return self
-
 
 # ---------------------------------------------------------------------------------------------
 # Pure functions: curriculum, times, the flow map and its tangents
@@ -159,15 +117,8 @@ def lmd_tangent(net, process, x: Tensor, t: Tensor, s: Tensor, teacher_velocity,
     return F_minus, F_minus + r * append_dims(s - t, x.ndim) * dF_ds - v_end
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Hooks
-
-
-@hookimpl
-def fewstep_method_config():
-    return ("flowmap", FlowMapConfig)
 
 
 @hookimpl
