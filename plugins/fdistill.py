@@ -26,15 +26,12 @@ in each generator turn.
 from __future__ import annotations
 
 import copy
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from fewstep_plugins.fdistill_config import FDistillConfig, fewstep_method_config  # noqa: F401 - re-exported from the config module
 from torch import Tensor, nn
 
 from fewstep.distribution import (
-    DistributionMatchingConfig,
-    FDivergence,
     Players,
     Schedule,
     bottleneck_critic,
@@ -51,38 +48,6 @@ from fewstep.gan import head_for
 from fewstep.hookspecs import hookimpl
 from fewstep.sampling import sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
-
-
-class FDistillConfig(DistributionMatchingConfig):
-    """DMD2 with an f-divergence weighting of the DM step; the GAN head doubles as the ratio estimator."""
-
-    name: Literal["fdistill"] = "fdistill"
-    divergence: FDivergence = Field("js", description="The f-divergence D_f(p||q) minimised (fewstep.distribution"
-                                    ".F_DIVERGENCES): reverse_kl is DMD2; js is the paper's best on ImageNet-64 and "
-                                    "COCO per its abstract, and FastGen's default.")
-    ratio: int = Field(5, ge=1, description="Critic updates per generator update (DMD2's TTUR, §2.4: 5).")
-    gan_generator_weight: float = Field(3e-3, ge=0.0, description="lambda_G of the generator's GAN term (DMD2 "
-                                        "ImageNet 3e-3, FastGen's f-distill ImageNet-64 3e-3).")
-    gan_critic_weight: float = Field(1e-2, gt=0.0, description="lambda_D of the discriminator loss (DMD2 1e-2); "
-                                     "> 0: the head must train to estimate the density ratio.")
-    ratio_clip: tuple[float, float] = Field((0.1, 20.0), description="r = exp(logit) is clipped to this range "
-                                            "(FastGen's f-distill default [C, FastGen]).")
-    ratio_bins: int = Field(10, ge=0, description="Normalise r by its batch mean within this many equal bins of "
-                            "the L_DM level index (FastGen: 10 bins of t); 0: no ratio normalisation. With few "
-                            "samples per bin the weights flatten towards DMD2's.")
-
-    @model_validator(mode="after")
-    def _ratio_range(self) -> FDistillConfig:
-        lo, hi = self.ratio_clip
-        if not 0.0 < lo <= 1.0 <= hi:
-            raise ValueError(f"ratio_clip={self.ratio_clip}: need 0 < lo <= 1 <= hi (r = 1 where the "
-                             "distributions agree must stay in range)")
-        return self
-
-
-@hookimpl
-def fewstep_method_config():
-    return ("fdistill", FDistillConfig)
 
 
 @hookimpl
