@@ -31,6 +31,13 @@ widens the first convolution (``conv_in`` of the UNets, the patch embedding of D
 weights, so the network ignores the new channels until it is trained: again, the student starts
 as its teacher. ``forward(..., extra_input=(B, k, H, W))`` concatenates them (zeros when omitted).
 
+Student conditioning (docs/CONDITIONING.md). An epsilon-prediction VP teacher reads x0 = (x_t - s eps)/a, which
+multiplies the network's error by sigma = s/a: ~156 at t = 999 of DDPM's linear betas. A student copied from such
+a teacher gets a capped input level (:meth:`Backbone.cap_input_level`, chosen by :func:`student_sigma_cap`): above
+sigma_cap the network is evaluated at the cap's timestep on the same input, and its output is converted back to
+the caller's timestep, so the student's x0 error is at most sigma_cap times its network's error at every level
+and the student equals its teacher at every level up to the cap.
+
 Bottleneck features. :meth:`Backbone.bottleneck` returns the encoder's output (the UNets' mid block,
 DiT's last transformer block as a (B, D, H/p, W/p) map) without running the decoder: the feature
 map DMD2's GAN head and the diffusion discriminators of fewstep.gan classify.
@@ -60,9 +67,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from fewstep.families import Family, family_for_model
 from fewstep.types import Cond
 
-__all__ = ["FLUX_DEFAULT_GUIDANCE", "GUIDANCE_EMBED_SCALE", "SUPPORTED_MODELS", "Backbone", "ScalarEmbedding",
-           "enable_gradient_checkpointing", "flux_image_ids", "guidance_inputs", "guidance_scale_embedding",
-           "pack_latents", "unpack_latents"]
+__all__ = ["FLUX_DEFAULT_GUIDANCE", "GUIDANCE_EMBED_SCALE", "MAX_X0_GAIN", "SUPPORTED_MODELS", "Backbone", "InputCap",
+           "ScalarEmbedding", "condition_student", "enable_gradient_checkpointing", "flux_image_ids", "guidance_inputs",
+           "guidance_scale_embedding", "pack_latents", "student_sigma_cap", "unpack_latents", "x0_gain"]
 
 # diffusers class name -> (Backbone.kind, class)
 SUPPORTED_MODELS: dict[str, tuple[str, type[nn.Module]]] = {
@@ -88,6 +95,11 @@ GUIDANCE_EMBED_SCALE = 100.0
 #: LatentConsistencyModelPipeline's UNets' value (LCM's w_embedding_dim default; unverified for other checkpoints).
 GUIDANCE_COND_DIM = 256
 
+#: The largest x0 error gain (docs/CONDITIONING.md) a student's input level may have when the cap is chosen
+#: automatically: 15, just above Stable Diffusion 1.x/2.x's scaled-linear schedule at t = 999 (14.6), the most
+#: distilled epsilon teacher (LCM, DMD2 run their generators there); DDPM's linear betas (156) are capped to it.
+MAX_X0_GAIN = 15.0
+
 BACKBONE_META = "fewstep_backbone.json"
 EXTRA_WEIGHTS = "fewstep_extra.safetensors"
 
@@ -97,6 +109,103 @@ def _unsupported(name: str) -> ValueError:
         f"unsupported backbone class {name!r}; fewstep supports {', '.join(SUPPORTED_MODELS)} "
         "(a diffusers model folder's config.json names its class in '_class_name')"
     )
+
+
+def x0_gain(process: Any, sigma: float) -> float:
+    """How much the x0 prediction at sigma-space level ``sigma`` moves per unit change of the network's output,
+    |d x0 / d out| (docs/CONDITIONING.md). VP: epsilon s/a = sigma, v-prediction s = sigma/sqrt(1 + sigma^2),
+    sample 1; EDM: |c_out| = sigma sd/sqrt(sigma^2 + sd^2) (< sd); flow (x0 = x_t - t v): t = sigma/(1 + sigma)."""
+    if process.kind == "vp":
+        return {"epsilon": sigma, "v_prediction": sigma / (1 + sigma**2) ** 0.5}.get(process.prediction_type, 1.0)
+    if process.kind == "edm":
+        sd = process.sigma_data
+        return sigma * sd / (sigma**2 + sd**2) ** 0.5
+    return sigma / (1 + sigma)
+
+
+def student_sigma_cap(process: Any, setting: float | str = "auto") -> float | None:
+    """The sigma-space level at which a student copied from a teacher with ``process`` is capped, or None.
+
+    setting: "auto" caps an epsilon-prediction VP teacher whose top level has an x0 gain above
+    :data:`MAX_X0_GAIN` (DDPM's linear betas: 156) at sigma = MAX_X0_GAIN, and nothing else (v / x0 prediction,
+    EDM and flow teachers are well conditioned: gains below 1, sigma_data and 1); "none": no cap; a number: cap there (only VP teachers, below their sigma_max)."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        if process.kind != "vp" or process.prediction_type != "epsilon":
+            return None
+        return MAX_X0_GAIN if x0_gain(process, process.sigma_max) > MAX_X0_GAIN else None
+    sigma = float(setting)
+    if process.kind != "vp":
+        raise ValueError(f"student_sigma_cap={sigma:g}: a capped input level is implemented for VP teachers only, "
+                         f"this one is {process.describe()}; use 'auto' or 'none'")
+    if not process.sigma_min < sigma < process.sigma_max:
+        raise ValueError(f"student_sigma_cap={sigma:g} must lie inside the teacher's levels "
+                         f"({process.sigma_min:.4g}, {process.sigma_max:.4g}); use 'none' for no cap")
+    return sigma
+
+
+def condition_student(config: Any, teacher: Any, student: nn.Module) -> float | None:
+    """Apply the run's student conditioning to a freshly built student (the trainer calls this between
+    ``fewstep_build_student`` and the extra networks, so targets, EMAs and fake scores copied from the student
+    share it); returns the capped level or None.
+
+    The cap is ``teacher.student_sigma_cap`` resolved by :func:`student_sigma_cap`. Not applied: to methods whose
+    config sets ``conditions_student = False`` (teacher training regresses the raw output), to students that are
+    no :class:`Backbone`, and to LoRA students (their adapter views are rebuilt from the shared base; an explicit
+    level is refused there, "auto" leaves them uncapped)."""
+    setting = config.teacher.student_sigma_cap
+    if not getattr(type(config.method), "conditions_student", True) or not isinstance(student, Backbone):
+        return None
+    sigma = student_sigma_cap(teacher.process, setting)
+    if sigma is not None and config.lora is not None:
+        if setting == "auto":
+            return None
+        raise ValueError(f"teacher.student_sigma_cap={setting}: a LoRA student cannot take a capped input level; "
+                         "remove the lora section or set teacher.student_sigma_cap to 'auto' or 'none'")
+    student.cap_input_level(teacher.process, sigma)
+    return None if student.input_cap is None else student.input_cap.sigma
+
+
+class InputCap:
+    """A student's capped input level (docs/CONDITIONING.md) on a VP process: the timestep of the cap and the
+    conversion of a network output read at the cap's timestep to the caller's.
+
+    process: the teacher's VP process. sigma: the requested sigma-space cap; the cap is the integer timestep
+    floor(t(sigma)), so stock discrete schedulers can evaluate it, and ``sigma`` becomes its level (<= the
+    requested one)."""
+
+    def __init__(self, process: Any, sigma: float) -> None:
+        if process.kind != "vp":
+            raise ValueError(f"InputCap: only VP processes have a timestep cap, got {process.describe()}")
+        self.process = process
+        t = float(process.sigma_to_t(torch.tensor([float(sigma)], dtype=torch.float64)).floor())
+        self.timestep = t
+        self.sigma = float(process.t_to_sigma(torch.tensor([t], dtype=torch.float64)))
+
+    def config(self) -> dict[str, Any]:
+        return {"sigma": self.sigma, "scheduler": self.process.scheduler_config()}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> InputCap:
+        from fewstep.diffusion import process_from_scheduler_config
+
+        return cls(process_from_scheduler_config(cfg["scheduler"]), float(cfg["sigma"]))
+
+    def timesteps(self, t: Tensor) -> Tensor:
+        """(B,) process timesteps -> the ones the network is fed: min(t, cap)."""
+        return t.clamp(max=self.timestep)
+
+    def convert(self, out: Tensor, x_t: Tensor, t: Tensor, t_net: Tensor) -> Tensor:
+        """The output at timestep ``t`` (B,) that means the x0 the network's ``out`` means at ``t_net`` (B,), for
+        the network input x_t (B, C, H, W); float32 at least (a half-precision round trip through epsilon at
+        t = 999 would lose the x0 the cap protects). Samples below the cap are returned unchanged."""
+        work = torch.promote_types(out.dtype, torch.float32)
+        out_w, x_w = out.to(work), x_t.to(work)
+        x0 = self.process.x0_from_output(out_w, x_w, t_net)
+        moved = self.process.output_from_x0(x0, x_w, t)
+        over = (t > t_net).reshape(-1, *([1] * (out.ndim - 1)))
+        return torch.where(over, moved, out_w)
 
 
 class _Bottleneck(Exception):
@@ -233,6 +342,8 @@ class Backbone(nn.Module):
         self._current_extra: Tensor | None = None
         self._extra_by_timestep = WeakIdKeyDictionary()
         self._hooked = False
+        #: the student's capped input level (docs/CONDITIONING.md), or None (every teacher: none)
+        self.input_cap: InputCap | None = None
         if extra_scalars:  # a model loaded with time_cond_proj_dim holds a native guidance input (module docstring)
             self.add_scalar_inputs(extra_scalars, native_guidance=cfg.get("time_cond_proj_dim") is not None)
 
@@ -271,7 +382,7 @@ class Backbone(nn.Module):
         models, embeddings (B, L, D) for text models; extra_input: (B, extra_channels, H, W) for a
         backbone with extra input channels (zeros when omitted); scalars: (B,) floats named in
         ``extra_scalars`` (a declared scalar left out counts as 0). Returns (B, out_channels, H, W) in
-        the model's dtype.
+        the model's dtype (at least float32 for a student with a capped input level, :meth:`cap_input_level`).
 
         ``x`` and text embeddings are cast to the model's parameter dtype (a bf16 teacher fed by
         float32 sigma-space maths); timesteps and scalars stay float, as diffusers embeds them in float32.
@@ -286,6 +397,9 @@ class Backbone(nn.Module):
         timestep = torch.as_tensor(timestep, device=x.device)
         # A fresh view per call: its identity keys this call's extra embedding (see __init__).
         timestep = timestep.reshape(-1).expand(batch)
+        cap, asked, x_in = self.input_cap, timestep, x
+        if cap is not None:
+            timestep = cap.timesteps(asked.float())
         if self.family.timestep_scale != 1.0:
             timestep = timestep * self.family.timestep_scale
         x = self._with_extra_input(x.to(self.model_dtype), extra_input)
@@ -312,6 +426,8 @@ class Backbone(nn.Module):
             out = unpack_latents(out, self._pack, height, width)
         if self._model_out_channels != self.out_channels:
             out = out[:, : self.out_channels]
+        if cap is not None:
+            out = cap.convert(out, x_in, asked.float(), timestep)
         return out
 
     def _needs(self, cond: Cond | None, *fields: str) -> Cond:
@@ -567,6 +683,14 @@ class Backbone(nn.Module):
             extra = self._current_extra
         return output if extra is None else output + extra.to(output.dtype)
 
+    def cap_input_level(self, process: Any, sigma: float | None) -> None:
+        """Evaluate the network at no higher level than ``sigma`` (None: remove the cap); see the module docstring
+        and docs/CONDITIONING.md. For a VP ``process``, the teacher's: for timestep t above the cap's t_c the
+        network gets the same input x_t and timestep t_c, and its output o is returned as the output at t that
+        means the same x0, out_t(x0_tc(o)); callers (``NoiseProcess.denoise``) then read x0 = x0_tc(o). Below
+        the cap nothing changes, so a copy of the teacher still equals it there."""
+        self.input_cap = None if sigma is None else InputCap(process, sigma)
+
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the diffusers model's blocks in backward (diffusers' own checkpointing)."""
         self.model.enable_gradient_checkpointing()
@@ -586,6 +710,7 @@ class Backbone(nn.Module):
             "self_conditioning": self.self_conditioning,
             "sample_size": self.sample_size,
             "family": self.family.name,
+            "input_cap": None if self.input_cap is None else self.input_cap.config(),
         }
 
     @classmethod
@@ -595,9 +720,13 @@ class Backbone(nn.Module):
         if name not in SUPPORTED_MODELS:
             raise _unsupported(name)
         model = SUPPORTED_MODELS[name][1].from_config(cfg["model_config"])
-        return cls(model, cfg.get("extra_scalars", ()), num_classes=cfg.get("num_classes"),
-                   extra_channels=cfg.get("extra_channels", 0), self_conditioning=cfg.get("self_conditioning", False),
-                   sample_size=cfg.get("sample_size"), family=cfg.get("family"))
+        backbone = cls(model, cfg.get("extra_scalars", ()), num_classes=cfg.get("num_classes"),
+                       extra_channels=cfg.get("extra_channels", 0),
+                       self_conditioning=cfg.get("self_conditioning", False), sample_size=cfg.get("sample_size"),
+                       family=cfg.get("family"))
+        if cfg.get("input_cap") is not None:
+            backbone.input_cap = InputCap.from_config(cfg["input_cap"])
+        return backbone
 
     def save_pretrained(self, folder: str | Path) -> None:
         """diffusers model folder (config.json + safetensors) plus fewstep's metadata and extra weights."""
@@ -608,6 +737,8 @@ class Backbone(nn.Module):
         meta = {"kind": self.kind, "extra_scalars": list(self.extra_scalars), "num_classes": self.num_classes,
                 "extra_channels": self.extra_channels, "self_conditioning": self.self_conditioning,
                 "sample_size": self.sample_size, "family": self.family.name}
+        if self.input_cap is not None:
+            meta["input_cap"] = self.input_cap.config()
         (folder / BACKBONE_META).write_text(json.dumps(meta, indent=2) + "\n")
         extra_file = folder / EXTRA_WEIGHTS
         if len(self.scalar_embeddings):
@@ -653,6 +784,8 @@ class Backbone(nn.Module):
                        self_conditioning=meta.get("self_conditioning", False),
                        sample_size=sample_size if sample_size is not None else meta.get("sample_size"),
                        family=family if family is not None else meta.get("family"))
+        if meta.get("input_cap") is not None:
+            backbone.input_cap = InputCap.from_config(meta["input_cap"])
         if len(backbone.scalar_embeddings):
             extra_file = folder / EXTRA_WEIGHTS
             if not extra_file.is_file():

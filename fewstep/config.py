@@ -34,6 +34,9 @@ class MethodConfig(Strict):
     #: Whether a ``sigma_max`` field is the input level of a one-step generator (DMD2's generator levels) rather
     #: than the top of a consistency grid; read by `fewstep recipe` to pick it for a teacher.
     sigma_max_is_generator_input: ClassVar[bool] = False
+    #: Whether the core's student conditioning (teacher.student_sigma_cap, docs/CONDITIONING.md) applies to the
+    #: student this method builds; False for a method that regresses the raw network output (teacher training).
+    conditions_student: ClassVar[bool] = True
 
 
 class TeacherConfig(Strict):
@@ -48,6 +51,23 @@ class TeacherConfig(Strict):
         "conditioning; e.g. an early checkpoint exported with `fewstep export RUN OUT --checkpoint N`). When "
         "given, every guided teacher prediction is autoguided, D_weak + g (D - D_weak) (Karras et al. 2024), "
         "instead of classifier-free guided; it also works for unconditional teachers.")
+    student_sigma_cap: float | Literal["auto", "none"] = Field(
+        "none", description="Highest sigma-space level at which the student's network is evaluated "
+        "(docs/CONDITIONING.md): above it the network reads the same input at this level's timestep, so the "
+        "student's x0 error is at most this many times its network's error. auto: 15 for an epsilon-prediction "
+        "VP teacher whose top level amplifies more (DDPM's linear betas: 157; Stable Diffusion's 14.6 is left "
+        "alone), no cap for every other teacher; none: never (the default for now: a capped multistep student "
+        "of such a teacher exports as a FewStepPipeline where a stock scheduler cannot read two levels at the "
+        "cap); a number: that level (VP teachers only).")
+
+    @field_validator("student_sigma_cap", mode="before")
+    @classmethod
+    def _unquoted_none(cls, value: Any) -> Any:
+        if value is False or value is None:  # YAML's unquoted `off` / `no` / `null`
+            return "none"
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            raise ValueError(f"a sigma-space level must be > 0, got {value}; or 'auto' / 'none'")
+        return value
 
 
 class OptimizerConfig(Strict):

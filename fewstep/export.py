@@ -381,6 +381,19 @@ def _teacher_scheduler_options(teacher: Any, scheduler: str) -> dict[str, Any]:
     return {k: own[k] for k in keys if clipping and k in own and k in accepted}
 
 
+def _capped(sampler: StockSampler, cap: Any) -> StockSampler | None:
+    """The stock sampler of a student with a capped input level (``Backbone.input_cap``, docs/CONDITIONING.md):
+    LCMScheduler's timesteps above the cap become the cap's (the network reads the pipeline's x_t there, as the
+    capped student does); None when two timesteps would merge or the scheduler is another one."""
+    if sampler.scheduler != "LCMScheduler" or sampler.timesteps is None:
+        return None
+    timesteps = tuple(min(t, int(cap.timestep)) for t in sampler.timesteps)
+    if len(set(timesteps)) != len(timesteps):
+        return None
+    note = f"{sampler.note}; timesteps above {int(cap.timestep)} read at {int(cap.timestep)} (capped input level)"
+    return replace(sampler, timesteps=timesteps, note=note)
+
+
 def plan_stock_export(hook: Any, ctx: RunContext, nets: Nets, sampling_networks: Sequence[str]) -> StockExport | str:
     """Ask the method how its sampler maps to a stock scheduler at each documented step count; return the stock
     export, or the reason (one sentence) why the export is a FewStepPipeline."""
@@ -409,6 +422,9 @@ def plan_stock_export(hook: Any, ctx: RunContext, nets: Nets, sampling_networks:
             found = None
         if found is not None:
             samplers[n] = found
+    cap = getattr(student, "input_cap", None)
+    if cap is not None:
+        samplers = {n: c for n, s in samplers.items() if (c := _capped(s, cap)) is not None}
     if default not in samplers:
         inputs = (f"; its student also reads the scalar inputs {list(student.extra_scalars)}, which no stock "
                   "diffusers model takes" if student.extra_scalars else "")

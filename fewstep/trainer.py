@@ -329,6 +329,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # network initialisation is identical on every rank
         teacher = hook.fewstep_build_teacher(ctx=self.ctx)
         student = hook.fewstep_build_student(ctx=self.ctx, teacher=teacher)
+        from fewstep.backbones import condition_student
+
+        condition_student(cfg, teacher, student)  # a capped input level where the teacher needs one (CONDITIONING.md)
         student = lora.adapt_student(cfg, teacher, student)  # a LoRA recipe: an adapter on frozen weights
         extra: dict[str, nn.Module] = {}
         for found in hook.fewstep_extra_networks(ctx=self.ctx, teacher=teacher, student=student):

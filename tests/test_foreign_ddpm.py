@@ -137,3 +137,139 @@ def test_train_stock_ddpm_example_smoke(tmp_path) -> None:
     assert (process.kind, process.prediction_type, process.beta_schedule) == ("vp", "epsilon", "linear")
     assert process.x0_clip.clip_sample and teacher.sample_shape == (1, 16, 16)
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+
+
+# ------------------------------------------------------------------------------------------------
+# Student conditioning (docs/CONDITIONING.md)
+
+
+def _perturbed(backbone, delta):
+    """A forward hook adding ``delta`` to the diffusers model's raw output (a network error of size delta)."""
+    def hook(module, args, kwargs, output):
+        return (output[0] + delta,) if isinstance(output, tuple) else type(output)(sample=output.sample + delta)
+    return backbone.model.register_forward_hook(hook, with_kwargs=True)
+
+
+def test_x0_gain_closed_forms() -> None:
+    """|d x0 / d out| per parameterisation; DDPM's linear betas: 157 at t = 999, SD's scaled-linear: 14.6."""
+    from fewstep.backbones import MAX_X0_GAIN, student_sigma_cap, x0_gain
+    from fewstep.diffusion import EDMProcess, FlowProcess
+
+    linear, sd = VPProcess(), VPProcess(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    assert x0_gain(linear, linear.sigma_max) == pytest.approx(157.4, abs=0.1)
+    assert x0_gain(sd, sd.sigma_max) == pytest.approx(14.6, abs=0.1)
+    assert x0_gain(VPProcess(prediction_type="v_prediction"), linear.sigma_max) < 1
+    assert x0_gain(EDMProcess(), 80.0) < 0.5 and x0_gain(FlowProcess(), 999.0) < 1
+    assert student_sigma_cap(linear) == MAX_X0_GAIN
+    for process in (sd, VPProcess(prediction_type="v_prediction"), VPProcess(prediction_type="sample"),
+                    EDMProcess(), FlowProcess()):
+        assert student_sigma_cap(process) is None
+    assert student_sigma_cap(linear, "none") is None and student_sigma_cap(linear, 5.0) == 5.0
+    with pytest.raises(ValueError, match="VP teachers only"):
+        student_sigma_cap(EDMProcess(), 5.0)
+    with pytest.raises(ValueError, match="inside the teacher's levels"):
+        student_sigma_cap(linear, 500.0)
+
+
+def _teacher_and_student(cap="auto"):
+    import copy
+
+    from fewstep.backbones import Backbone, student_sigma_cap
+
+    torch.manual_seed(0)
+    process = VPProcess()
+    teacher = Backbone(tiny_unet(8, 1)).eval()
+    student = copy.deepcopy(teacher)
+    student.cap_input_level(process, student_sigma_cap(process, cap))
+    return process, teacher, student
+
+
+def test_capped_student_bounds_the_x0_error() -> None:
+    """A network error delta moves the teacher's x0 at sigma_max by 157 delta, the capped student's by at most
+    sigma_cap delta (< 15), at every level."""
+    process, teacher, student = _teacher_and_student()
+    cap = student.input_cap
+    assert cap.timestep == int(cap.timestep) and 14.9 < cap.sigma <= 15.0
+    sigma = torch.tensor([0.5, 5.0, 14.0, 40.0, process.sigma_max], dtype=torch.float64).float()
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * sigma.view(-1, 1, 1, 1)
+    delta = 1e-3
+    with torch.no_grad():
+        gains = {}
+        for name, net in (("teacher", teacher), ("student", student)):
+            base = process.denoise(net, x, sigma)
+            handle = _perturbed(net, delta)
+            moved = process.denoise(net, x, sigma)
+            handle.remove()
+            gains[name] = (moved - base).abs().flatten(1).mean(1) / delta
+    torch.testing.assert_close(gains["teacher"], sigma, rtol=2e-2, atol=0)  # gain = sigma for epsilon
+    expected = sigma.clamp(max=cap.sigma)
+    torch.testing.assert_close(gains["student"], expected, rtol=2e-2, atol=0)
+    assert float(gains["student"].max()) <= 15.0 * 1.02 and float(gains["teacher"].max()) > 150
+
+
+def test_capped_student_equals_its_teacher_up_to_the_cap() -> None:
+    """At init: bit-identical below the cap; above it, the teacher's denoiser at the cap on the same network input
+    x_t, D(x alpha(sigma)/alpha(sigma_c), sigma_c)."""
+    process, teacher, student = _teacher_and_student()
+    cap = student.input_cap
+    sigma = torch.tensor([0.1, 2.0, cap.sigma, 60.0, process.sigma_max])
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * sigma.view(-1, 1, 1, 1)
+    with torch.no_grad():
+        d_teacher, d_student = process.denoise(teacher, x, sigma), process.denoise(student, x, sigma)
+        assert torch.equal(d_student[:3], d_teacher[:3])
+        alpha = (1 + sigma[3:] ** 2).rsqrt() / (1 + torch.tensor(cap.sigma) ** 2).rsqrt()
+        at_cap = process.denoise(teacher, x[3:] * alpha.view(-1, 1, 1, 1), torch.full((2,), cap.sigma))
+    torch.testing.assert_close(d_student[3:], at_cap, rtol=0, atol=2e-4)
+
+
+def test_capped_student_round_trips_and_trains(tmp_path) -> None:
+    """The cap survives deepcopy, config_dict and save_pretrained / from_pretrained; gradients reach the network
+    through the conversion."""
+    import copy
+
+    from fewstep.backbones import Backbone
+
+    process, _, student = _teacher_and_student(5.0)
+    x, sigma = torch.randn(2, 1, 8, 8) * 100, torch.tensor([100.0, 1.0])
+    with torch.no_grad():
+        ref = process.denoise(student, x, sigma)
+    student.save_pretrained(tmp_path / "student")
+    rebuilt = Backbone.from_config_dict(student.config_dict())
+    rebuilt.load_state_dict(student.state_dict())
+    for other in (copy.deepcopy(student), Backbone.from_pretrained(tmp_path / "student"), rebuilt):
+        assert other.input_cap.sigma == student.input_cap.sigma
+        with torch.no_grad():
+            torch.testing.assert_close(process.denoise(other, x, sigma), ref)
+    student.train().requires_grad_(True)
+    process.denoise(student, x, sigma).square().mean().backward()
+    assert student.model.conv_out.weight.grad.abs().sum() > 0
+
+
+def test_the_run_caps_students_of_a_linear_epsilon_teacher(ddpm, tmp_path) -> None:
+    """`teacher.student_sigma_cap: auto` caps a DDPM-epsilon linear-beta teacher's student (and the target copied
+    from it); the export keeps the cap: its one-step stock LCMScheduler reads at the cap's timestep and draws
+    the images fewstep's sampler draws."""
+    from diffusers import DiffusionPipeline
+
+    from fewstep.export import EXPORT_META
+    from fewstep.sampling import generate
+    from fewstep.testing import run_tiny, tiny_run_config
+
+    config = tiny_run_config(ddpm, {"name": "dmd2", "ratio": 1}, steps=1, validation={"steps": [1]},
+                             teacher={"student_sigma_cap": "auto"})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    cap = trainer.nets.student.input_cap
+    assert cap is not None and cap.sigma <= 15.0
+    assert trainer.nets.get("fake_score").input_cap.timestep == trainer.nets.get("ema").input_cap.timestep
+    out = tmp_path / "run" / "export"
+    meta = json.loads((out / EXPORT_META).read_text())
+    assert meta["stock"]["calls"]["1"]["timesteps"] == [int(cap.timestep)]
+    pipe = DiffusionPipeline.from_pretrained(out)  # it draws its unit noise L from the generator
+    images = pipe(**meta["stock"]["calls"]["1"], batch_size=2, generator=torch.Generator().manual_seed(0),
+                  output_type="pt").images
+    latents = torch.randn(2, *trainer.nets.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    scale = meta["stock"]["latents_scale"]["1"]
+    ours = generate(trainer.pm.hook, trainer.ctx, trainer.nets, latents / scale, None, 1)
+    torch.testing.assert_close(torch.as_tensor(images).float(), (ours.clamp(-1, 1) + 1) / 2, rtol=0, atol=1e-4)
+    default = tiny_run_config(ddpm, {"name": "cd"}, steps=1)  # teacher.student_sigma_cap: none by default
+    assert run_tiny(default, tmp_path / "run-none")[0].nets.student.input_cap is None
