@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from fewstep.diffusion import karras_sigmas, sample_ode
+from fewstep.method_configs import check_resolutions  # import-light: lowdiff's config checks use it
 
 __all__ = ["STAGE_EMBED_SCALE", "StageDenoiser", "cascade_sample", "check_resolutions", "downsample", "lowres_condition",
            "pooled_noise", "stage_input", "stage_sigmas", "stage_steps", "upsample"]
@@ -36,21 +37,6 @@ STAGE_EMBED_SCALE = 250.0
 Upsampling = Literal["nearest", "bilinear"]
 #: (x (B, C, r, r), sigma (B,), lowres (B, C, r, r), stage) -> x0 estimate (B, C, r, r), sigma space.
 StageDenoiser = Callable[[Tensor, Tensor, Tensor, int], Tensor]
-
-
-def check_resolutions(resolutions: Sequence[int], size: int | None = None) -> list[int]:
-    """Validate a cascade: strictly increasing sizes, each dividing the next, the last equal to ``size``."""
-    res = [int(r) for r in resolutions]
-    if not res or any(r < 1 for r in res):
-        raise ValueError(f"cascade resolutions {res}: give at least one positive size, lowest first")
-    for lo, hi in zip(res, res[1:]):
-        if hi <= lo or hi % lo:
-            raise ValueError(f"cascade resolutions {res}: each size must be a multiple (> 1x) of the one before "
-                             f"({lo} -> {hi} is not)")
-    if size is not None and res[-1] != size:
-        raise ValueError(f"cascade resolutions {res} end at {res[-1]}, but the model-space size is {size}; "
-                         f"make the last resolution {size}")
-    return res
 
 
 def downsample(x: Tensor, size: int) -> Tensor:

@@ -1,12 +1,14 @@
 """Config bases shared by several method plugins, import-light (pydantic and the standard library) so that
 discovery and ``fewstep validate`` read every method's config without torch: the distribution-matching fields
-(``dmd``, ``dmd2``, ``msd``, ``fdistill``; re-exported by :mod:`fewstep.distribution`) and the JVP-tangent options
-(``scm``, ``flowmap``, ``meanflow``; re-exported by :mod:`fewstep.jvp`).
+(``dmd``, ``dmd2``, ``msd``, ``fdistill``; re-exported by :mod:`fewstep.distribution`), the JVP-tangent options
+(``scm``, ``flowmap``, ``meanflow``; re-exported by :mod:`fewstep.jvp`) and the check of a cascade's resolutions
+(``lowdiff``; re-exported by :mod:`fewstep.cascade`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -14,7 +16,8 @@ from pydantic import Field, model_validator
 
 from fewstep.config import MethodConfig
 
-__all__ = ["Distance", "DistributionMatchingConfig", "FDivergence", "GanLoss", "TangentOptions", "check_pair_guidance"]
+__all__ = ["Distance", "DistributionMatchingConfig", "FDivergence", "GanLoss", "TangentOptions", "check_pair_guidance",
+           "check_resolutions"]
 
 # Option types of method configs, re-exported by the modules that implement them.
 Distance = Literal["l2", "l1", "pseudo_huber"]  # fewstep.losses.distance
@@ -107,3 +110,18 @@ class TangentOptions(MethodConfig):
                              "timestep input (DDPM timesteps; 12 = two periods of the ~6-timestep oscillation, "
                              "measured: 2 left 2-step sCM samples noisy on digits). EDM and flow teachers take the "
                              "small float step of `jvp` instead.")
+
+
+def check_resolutions(resolutions: Sequence[int], size: int | None = None) -> list[int]:
+    """Validate a cascade: strictly increasing sizes, each dividing the next, the last equal to ``size``."""
+    res = [int(r) for r in resolutions]
+    if not res or any(r < 1 for r in res):
+        raise ValueError(f"cascade resolutions {res}: give at least one positive size, lowest first")
+    for lo, hi in zip(res, res[1:]):
+        if hi <= lo or hi % lo:
+            raise ValueError(f"cascade resolutions {res}: each size must be a multiple (> 1x) of the one before "
+                             f"({lo} -> {hi} is not)")
+    if size is not None and res[-1] != size:
+        raise ValueError(f"cascade resolutions {res} end at {res[-1]}, but the model-space size is {size}; "
+                         f"make the last resolution {size}")
+    return res
