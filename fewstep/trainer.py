@@ -118,7 +118,8 @@ class Trainer:
             for micro in range(rounds):
                 batch = self.batch(micro)
                 info = self.step_info(micro, group)
-                torch.manual_seed(mix_seed(self.config.train.seed, self.ctx.rank, s.nimg, micro, self.group_index[group.name]))
+                seed_global(mix_seed(self.config.train.seed, self.ctx.rank, s.nimg, micro, self.group_index[group.name]),
+                            self.ctx.device)
                 sync = contextlib.ExitStack()
                 if micro < rounds - 1:  # skip the gradient all-reduce until the last micro-batch
                     for n in group.modules:
@@ -553,6 +554,16 @@ class Trainer:
         tmp.write_text(json.dumps(summary, indent=2))
         tmp.replace(path)
         return path
+
+
+def seed_global(seed: int, device: torch.device) -> None:
+    """``torch.manual_seed(seed)`` (the global generators: dropout and other draws inside the networks). A CPU
+    run seeds the CPU generator alone: ``torch.manual_seed`` also queues seeds for every accelerator backend that
+    is not initialised, recording a formatted stack trace for each (CUDA, XPU, MTIA), 0.5 ms a call here."""
+    if device.type == "cpu":
+        torch.default_generator.manual_seed(seed)
+    else:
+        torch.manual_seed(seed)
 
 
 def check_teacher_finite(teacher: Any) -> None:
