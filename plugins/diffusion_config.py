@@ -5,7 +5,7 @@ fewstep's config modules only) so that plugin discovery and ``fewstep validate``
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,6 +62,9 @@ class ProcessSpec(BaseModel):
 
 
 class DiffusionConfig(MethodConfig):
+    #: the network trained here is a teacher, regressed on its raw output: no student conditioning (CONDITIONING.md)
+    conditions_student: ClassVar[bool] = False
+
     name: Literal["diffusion"] = "diffusion"
     backbone: BackboneSpec = Field(default_factory=BackboneSpec)
     process: ProcessSpec = Field(default_factory=ProcessSpec)

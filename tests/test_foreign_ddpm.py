@@ -273,3 +273,18 @@ def test_the_run_caps_students_of_a_linear_epsilon_teacher(ddpm, tmp_path) -> No
     torch.testing.assert_close(torch.as_tensor(images).float(), (ours.clamp(-1, 1) + 1) / 2, rtol=0, atol=1e-4)
     default = tiny_run_config(ddpm, {"name": "cd"}, steps=1)  # teacher.student_sigma_cap: none by default
     assert run_tiny(default, tmp_path / "run-none")[0].nets.student.input_cap is None
+
+
+def test_teacher_training_is_never_capped(ddpm) -> None:
+    """The diffusion method regresses its network's raw output, so its config opts out of the conditioning."""
+    import copy
+
+    from fewstep.backbones import condition_student
+    from fewstep.testing import tiny_run_config
+
+    teacher = load_teacher(ddpm)
+    for method, expected in (({"name": "diffusion"}, None), ({"name": "cd"}, 14.954928)):
+        config = tiny_run_config(ddpm, method, steps=1, teacher={"student_sigma_cap": "auto"})
+        student = copy.deepcopy(teacher.net)
+        sigma = condition_student(config, teacher, student)
+        assert (sigma is None and student.input_cap is None) if expected is None else sigma == pytest.approx(expected)
