@@ -51,9 +51,13 @@ METHODS: dict[str, dict] = {
     "fdistill": {"name": "fdistill", "ratio": 2},
 }
 PAIRED = {"caf", "reflow", "kd", "ladd"}
-# LoRA on the UNet for these in the default run (one per kind of network set: targets, critics + GAN head, K
-# students, an adaptive-weight net, a discriminator and a widened input); the rest under -m slow.
-LORA_DEFAULT = {"dmd2", "ctm", "msd", "scm", "caf"}
+# Each method trains LoRA adapters once in the default run, on the UNet (every kind of network set: targets, critics
+# + GAN head, K students, an adaptive-weight net, a discriminator, a widened input) or on the DiT; the other
+# (method, backbone) pairs under -m slow.
+LORA_DEFAULT = {"dmd2": "unet", "ctm": "unet", "msd": "unet", "scm": "unet", "caf": "unet", "cd": "unet",
+                "ect": "unet", "sct": "unet", "kd": "unet", "pcm": "unet", "guided": "dit", "add": "dit",
+                "diffusion": "dit", "ct": "dit", "ict": "dit", "flowmap": "dit", "dmd": "dit", "reflow": "dit",
+                "meanflow": "dit", "tcm": "dit", "ladd": "dit", "fdistill": "dit"}
 NO_EMA = {"msd"}  # MSD refuses the evaluation EMA (it would average student 0 only)
 
 
@@ -202,7 +206,7 @@ def test_every_method_trains_with_gradient_checkpointing(method, teachers, tmp_p
 
 
 @pytest.mark.parametrize("method, backbone", [
-    pytest.param(m, b, marks=() if b == "unet" and m in LORA_DEFAULT else pytest.mark.slow)
+    pytest.param(m, b, marks=() if LORA_DEFAULT[m] == b else pytest.mark.slow)
     for b in ("unet", "dit") for m in sorted(METHODS)])
 def test_every_method_trains_lora_adapters_on_one_base(method, backbone, teachers, tmp_path):
     """LoRA + gradient checkpointing: finite losses, gradients only where due and never on the teacher's
