@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks of issue 15 (docs/SPEED.md, docs/DISTRIBUTED.md): `fewstep bench` of CD on a DiT-B/2-size student at
 # the token count of 256x256 latents, bf16, without and with torch.compile (images/s, step-time split, peak
-# memory, MFU), then a 2-GPU DDP run when two GPUs are present. Writes JSON reports into $OUT.
+# memory, MFU), then a 2-GPU DDP run when two GPUs are present, then the peak memory of DMD2-LoRA on an
+# SDXL-architecture UNet (issue 12). Writes JSON reports and a Markdown table into $OUT.
 #
 #   bash examples/gpu_checks.sh            # on a GPU machine, from the repository root
 #   SMOKE=1 bash examples/gpu_checks.sh    # a tiny model on the CPU: checks that the script itself runs
@@ -49,3 +50,9 @@ else
   echo "fewer than 2 GPUs: no 2-process run"
 fi
 ls -l "$OUT"/bench_*.json
+# Issue 12 (docs/MEMORY.md): DMD2-LoRA, generator and critic adapters on one frozen base, on an SDXL-architecture
+# UNet (random weights, 2.57 B parameters), bf16, 128x128 latents (the latent size of 1024x1024 images), batch 1:
+# peak GPU memory allocated, without and with gradient checkpointing (goal: fits in 80 GB).
+if [[ "${SMOKE:-0}" == 1 ]]; then SDXL=(--width 0.1 --latent 16 --precision no); else SDXL=(--width 1 --latent 128 --precision bf16); fi
+python examples/memory_bench.py --family sdxl "${SDXL[@]}" --batch 1 --methods dmd2 --modes lora lora+gc \
+  --out "$OUT/memory_sdxl_dmd2_lora.md"
