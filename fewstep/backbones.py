@@ -32,7 +32,7 @@ weights, so the network ignores the new channels until it is trained: again, the
 as its teacher. ``forward(..., extra_input=(B, k, H, W))`` concatenates them (zeros when omitted).
 
 Student conditioning (docs/CONDITIONING.md). An epsilon-prediction VP teacher reads x0 = (x_t - s eps)/a, which
-multiplies the network's error by sigma = s/a: ~156 at t = 999 of DDPM's linear betas. A student copied from such
+multiplies the network's error by sigma = s/a: ~157 at t = 999 of DDPM's linear betas. A student copied from such
 a teacher gets a capped input level (:meth:`Backbone.cap_input_level`, chosen by :func:`student_sigma_cap`): above
 sigma_cap the network is evaluated at the cap's timestep on the same input, and its output is converted back to
 the caller's timestep, so the student's x0 error is at most sigma_cap times its network's error at every level
@@ -97,7 +97,7 @@ GUIDANCE_COND_DIM = 256
 
 #: The largest x0 error gain (docs/CONDITIONING.md) a student's input level may have when the cap is chosen
 #: automatically: 15, just above Stable Diffusion 1.x/2.x's scaled-linear schedule at t = 999 (14.6), the most
-#: distilled epsilon teacher (LCM, DMD2 run their generators there); DDPM's linear betas (156) are capped to it.
+#: distilled epsilon teacher (LCM, DMD2 run their generators there); DDPM's linear betas (157) are capped to it.
 MAX_X0_GAIN = 15.0
 
 BACKBONE_META = "fewstep_backbone.json"
@@ -127,8 +127,9 @@ def student_sigma_cap(process: Any, setting: float | str = "auto") -> float | No
     """The sigma-space level at which a student copied from a teacher with ``process`` is capped, or None.
 
     setting: "auto" caps an epsilon-prediction VP teacher whose top level has an x0 gain above
-    :data:`MAX_X0_GAIN` (DDPM's linear betas: 156) at sigma = MAX_X0_GAIN, and nothing else (v / x0 prediction,
-    EDM and flow teachers are well conditioned: gains below 1, sigma_data and 1); "none": no cap; a number: cap there (only VP teachers, below their sigma_max)."""
+    :data:`MAX_X0_GAIN` (DDPM's linear betas: 157) at sigma = MAX_X0_GAIN, and nothing else (v / x0 prediction,
+    EDM and flow teachers are well conditioned: gains below 1, sigma_data and 1); "none": no cap; a number: cap
+    there (VP teachers only, inside their levels)."""
     if setting == "none":
         return None
     if setting == "auto":
@@ -179,7 +180,8 @@ class InputCap:
         if process.kind != "vp":
             raise ValueError(f"InputCap: only VP processes have a timestep cap, got {process.describe()}")
         self.process = process
-        t = float(process.sigma_to_t(torch.tensor([float(sigma)], dtype=torch.float64)).floor())
+        # floor with a tolerance: a level read back from a saved cap is its own timestep up to rounding
+        t = float(torch.floor(process.sigma_to_t(torch.tensor([float(sigma)], dtype=torch.float64)) + 1e-6))
         self.timestep = t
         self.sigma = float(process.t_to_sigma(torch.tensor([t], dtype=torch.float64)))
 
