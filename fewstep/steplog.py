@@ -18,7 +18,9 @@ def grad_norm(tensors: list[Tensor]) -> Tensor:
     kernels, the CPU among them: 183 calls a step on the digits UNet.)"""
     if not tensors:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+    # FSDP2: the gradients are sharded DTensors and so is their norm; the whole norm takes one all-reduce
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def step_gated(optimizer: torch.optim.Optimizer) -> bool:

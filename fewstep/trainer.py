@@ -305,10 +305,11 @@ class Trainer:
         if self._accelerator is None:
             from accelerate import Accelerator
 
-            from fewstep.distributed import check_engine, check_mixed_precision
+            from fewstep.distributed import check_features, check_mixed_precision
 
-            check_mixed_precision(self.config.train.mixed_precision)  # the launcher's config may not contradict it
-            check_engine()
+            train = self.config.train
+            check_mixed_precision(train.mixed_precision)  # the launcher's config may not contradict the recipe
+            check_features(train.gradient_checkpointing, train.compile)
             self._accelerator = Accelerator(mixed_precision=self.config.train.mixed_precision, cpu=self.config.train.cpu)
         return self._accelerator
 
@@ -358,17 +359,7 @@ class Trainer:
 
             compile_backbones({"teacher": teacher.net, **{n: self.nets.get(n) for n in self.nets.names()}},
                               announce=self.ctx.is_main)
-        self.wrapped = {}
-        self.optimizers = {}
-        self._group_params: dict[str, list[nn.Parameter]] = {}
-        for group in self.groups.values():
-            for name in group.modules:
-                if name not in self.wrapped:
-                    self.wrapped[name] = acc.prepare_model(self.nets.get(name))
-            params = [p for n in group.modules for p in self.nets.get(n).parameters() if p.requires_grad]
-            self.optimizers[group.name] = acc.prepare_optimizer(make_optimizer(group, params))
-            # every parameter of the group's networks, listed once (clipping and the gradient norm read them)
-            self._group_params[group.name] = [p for n in group.modules for p in self.nets.get(n).parameters()]
+        self._prepare_networks(teacher)
         with acc.main_process_first():  # a data cache is built once, by the main process
             self.dataset = self._build_data(teacher)
         self.stream = DataStream(self.dataset, cfg.data, cfg.train.seed, self.local_batch * world)
@@ -398,6 +389,65 @@ class Trainer:
 
             # every rank calls new_group in the same order (setup runs on all); unverified on a GPU cluster
             self._flag_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+    def _prepare_networks(self, teacher: Any) -> None:
+        """Give the trainable networks and their optimizers to accelerate as ``self.plan`` says
+        (fewstep.distributed.sharding_plan, docs/DISTRIBUTED.md): DDP wraps each network, FSDP2 shards it in place
+        (and its followers, EMA and targets, the same way), DeepSpeed prepares its one network with its optimizer."""
+        from fewstep.distributed import accelerator_engine, fingerprint, meta_skeleton, sharding_plan
+
+        cfg, acc = self.config, self.accelerator
+        jvp = getattr(cfg.method, "jvp", None)
+        if jvp is not None:
+            from fewstep.jvp import resolve_mode
+
+            jvp = resolve_mode(jvp, teacher.process)
+        self.plan = sharding_plan(accelerator_engine(acc), {g.name: g.modules for g in self.groups.values()},
+                                  {n: fingerprint(self.nets.get(n)) for n in self.nets.names()},
+                                  lora=cfg.lora is not None, jvp=jvp, accumulation=cfg.train.accumulation,
+                                  nonfinite_skip=cfg.train.nonfinite == "skip")
+        # gathered into these after training (export, evaluation, final samples read whole weights)
+        self._skeletons = {n: meta_skeleton(self.nets.get(n)) for n, p in self.plan.placement.items()
+                           if p == "sharded" and self.plan.engine == "fsdp2"}
+        self.wrapped, self.optimizers = {}, {}
+        self._group_params: dict[str, list[nn.Parameter]] = {}
+        for group in self.groups.values():
+            if self.plan.engine.startswith("zero"):  # one network in one group: one DeepSpeed engine
+                (name,) = group.modules
+                self._set_deepspeed_batch()
+                params = [p for p in self.nets.get(name).parameters() if p.requires_grad]
+                self.wrapped[name], self.optimizers[group.name] = acc.prepare(self.nets.get(name),
+                                                                              make_optimizer(group, params))
+            else:
+                for name in group.modules:
+                    if name not in self.wrapped:  # FSDP2 shards in place and only through Accelerator.prepare
+                        prepare = acc.prepare if self.plan.engine == "fsdp2" else acc.prepare_model
+                        self.wrapped[name] = prepare(self.nets.get(name))
+                # listed after preparing: FSDP2 replaced the parameters by sharded DTensors
+                params = [p for n in group.modules for p in self.nets.get(n).parameters() if p.requires_grad]
+                self.optimizers[group.name] = acc.prepare_optimizer(make_optimizer(group, params))
+            # every parameter of the group's networks, listed once (clipping and the gradient norm read them)
+            self._group_params[group.name] = [p for n in group.modules for p in self.nets.get(n).parameters()]
+        if self.plan.engine == "fsdp2":
+            from accelerate.utils import fsdp2_prepare_model
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            for name in self.plan.followers:  # same plugin settings, hence the same shards as their leader
+                fsdp2_prepare_model(acc, self.nets.get(name))
+                # a root module keeps its weights gathered after forward, awaiting a backward that a frozen
+                # network never runs; resharded, they stay shards like the leader's for the EMA/target update
+                self.nets.get(name).set_reshard_after_forward(True)
+            for name in self._skeletons:  # critics call Backbone.bottleneck, not forward (fewstep.distribution)
+                if callable(getattr(self.nets.get(name), "bottleneck", None)):
+                    register_fsdp_forward_method(self.nets.get(name), "bottleneck")
+        if self.ctx.is_main and self.plan.engine != "ddp":
+            print(f"fewstep: {self.plan.describe()}", file=sys.stderr, flush=True)
+
+    def _set_deepspeed_batch(self) -> None:
+        """DeepSpeed wants its micro-batch size before ``prepare``; fewstep has no DataLoader to infer it from."""
+        ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds["train_micro_batch_size_per_gpu"] = self.local_batch
 
     def _check_schedule(self) -> None:
         known = set(self.groups)
@@ -511,6 +561,7 @@ class Trainer:
         self._t_end = time.perf_counter()  # training wall time excludes the final sampling and evaluation
         self._peak_mb = peak_memory_mb(self.ctx.device)  # so does the peak memory (Inception, 1000-sample rows)
         self.save_checkpoint()
+        self.gather_sharded()
         self.validate()
         if self.config.eval.reference is not None and self.ctx.is_main:
             self.write_summary(evaluation=self.evaluate())
@@ -522,6 +573,21 @@ class Trainer:
         if self.ctx.is_main:
             self.write_summary()
         self.accelerator.wait_for_everyone()
+
+    def gather_sharded(self) -> None:
+        """After training under FSDP2: every sharded network becomes a whole copy on every process (its full state
+        dict, gathered, in the skeleton kept at setup), so the final samples, the evaluation on the main process
+        and the export read plain modules as under DDP. The optimizers are dropped first to make room."""
+        if not getattr(self, "_skeletons", None):
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from fewstep.distributed import materialize
+
+        self.optimizers.clear()
+        whole = {name: materialize(skeleton, get_model_state_dict(self.nets.get(name), options=StateDictOptions(
+            full_state_dict=True)), self.ctx.device) for name, skeleton in self._skeletons.items()}
+        self.nets, self.wrapped, self._skeletons = self.nets.replace(**whole), {}, {}
 
     def evaluate(self, **overrides: Any) -> dict[str, Any]:
         """FID / precision / recall / samples/s of the student at ``eval.steps`` and of the teacher
@@ -598,6 +664,8 @@ def fused_supported(params: list[nn.Parameter]) -> bool:
 
     check = getattr(optimizer, "_device_dtype_check_for_fused", None)
     if check is None or not params or tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
+        return False
+    if any(hasattr(p, "placements") for p in params):  # FSDP2's DTensors: torch 2.13 has no fused SGD rule for them
         return False
     try:
         for p in params:

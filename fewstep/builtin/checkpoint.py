@@ -5,6 +5,15 @@ A checkpoint is written into a hidden temporary folder and renamed into place on
 an interrupted write never leaves a checkpoint that ``--resume`` would pick up. The teacher is never
 saved (it is a frozen input). accelerate's own model saving is switched off: fewstep writes every
 network itself, trainable or not (targets, EMA), in one format.
+
+Under FSDP2 (docs/DISTRIBUTED.md) the networks are sharded: every process takes part in gathering each network's
+full state dict (``Accelerator.get_state_dict``) and the main process writes the same files as under DDP, so a
+checkpoint does not depend on the number of processes and export reads it unchanged. accelerate's ``save_state``
+pairs its i-th optimizer with its i-th model under FSDP, which fewstep's optimizer groups do not follow (a network
+in two groups, a group over two networks), so the optimizer states go through accelerate's FSDP optimizer helpers
+with all networks as one module (``optimizers/``; full or sharded as the accelerate config's
+``fsdp_state_dict_type`` says), and the grad scaler's state beside them. Random states are not saved: every draw
+of a step is seeded from (seed, images seen).
 """
 
 from __future__ import annotations
@@ -52,10 +61,14 @@ def fewstep_save_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets, state
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "nets").mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "accelerate"))
+    if getattr(accelerator, "is_fsdp2", False):
+        _save_sharded(accelerator, nets, tmp)
+    else:
+        accelerator.save_state(str(tmp / "accelerate"))
     if ctx.is_main:
-        for name in nets.names():
-            save_model(unwrap(nets.get(name)), str(tmp / "nets" / f"{name}.safetensors"))
+        if not getattr(accelerator, "is_fsdp2", False):
+            for name in nets.names():
+                save_model(unwrap(nets.get(name)), str(tmp / "nets" / f"{name}.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -90,12 +103,59 @@ def fewstep_load_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets, check
         if not path.is_file():
             raise damaged_checkpoint(latest, found, FileNotFoundError(f"no weights for network {name!r} at {path}"))
     try:
-        for name in nets.names():
-            load_model(unwrap(nets.get(name)), str(latest / "nets" / f"{name}.safetensors"), device=str(ctx.device))
-        accelerator.load_state(str(latest / "accelerate"))
+        if getattr(accelerator, "is_fsdp2", False):
+            _load_sharded(accelerator, nets, latest)
+        else:
+            for name in nets.names():
+                load_model(unwrap(nets.get(name)), str(latest / "nets" / f"{name}.safetensors"), device=str(ctx.device))
+            accelerator.load_state(str(latest / "accelerate"))
         return json.loads((latest / "trainer_state.json").read_text())
     except (SafetensorError, OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise damaged_checkpoint(latest, found, exc) from exc
+
+
+def _all_networks(nets: Nets) -> Any:
+    """Every network as one module (``student.*``, ``ema.*``...): the optimizers' parameters are all inside it."""
+    from torch import nn
+
+    return nn.ModuleDict({name: unwrap(nets.get(name)) for name in nets.names()})
+
+
+def _save_sharded(accelerator: Any, nets: Nets, tmp: Path) -> None:
+    """FSDP2: whole networks gathered to the main process, optimizer states through accelerate's FSDP helpers.
+    Collective: every process calls it."""
+    from accelerate.utils import save_fsdp_optimizer
+    from safetensors.torch import save_file
+
+    for name in nets.names():
+        state = accelerator.get_state_dict(nets.get(name))  # full, on the main process's CPU
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "nets" / f"{name}.safetensors"))
+    everything = _all_networks(nets)
+    # accelerate's own list of prepared optimizers, in the order the trainer prepared its groups
+    for i, opt in enumerate(accelerator._optimizers):
+        save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, opt, everything, str(tmp / "optimizers"), i)
+    if accelerator.is_main_process and accelerator.scaler is not None:
+        import torch
+
+        torch.save(accelerator.scaler.state_dict(), tmp / "optimizers" / "scaler.pt")
+
+
+def _load_sharded(accelerator: Any, nets: Nets, latest: Path) -> None:
+    """FSDP2: every process reads the whole networks and keeps its shards; then the optimizer states."""
+    import torch
+    from accelerate.utils import load_fsdp_optimizer
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    for name in nets.names():
+        state = load_file(str(latest / "nets" / f"{name}.safetensors"))
+        set_model_state_dict(nets.get(name), state, options=StateDictOptions(full_state_dict=True))
+    everything = _all_networks(nets)
+    for i, opt in enumerate(accelerator._optimizers):
+        load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, opt, everything, str(latest / "optimizers"), i)
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(torch.load(latest / "optimizers" / "scaler.pt", weights_only=True))
 
 
 class CheckpointError(ValueError):
