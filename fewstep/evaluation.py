@@ -239,8 +239,10 @@ def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int]
     if teacher_steps:
         cfg = trainer.config
         guidance, solver = cfg.teacher.guidance, cfg.validation.teacher_solver
+        # a teacher whose scheduler bounds x0 is sampled with it (fewstep.teacher): rows cached before are stale
+        clip = [teacher.process.x0_clip.describe()] if teacher.process.x0_clip.active else []
         key = _digest(ref_key, str(teacher.source), str(cfg.teacher.autoguidance), teacher_steps, solver, guidance,
-                      seed, batch_size)
+                      seed, batch_size, *clip)
         label = f"teacher {teacher_steps} steps"
         rows[label] = cached_features(
             cache / f"fid-teacher-{key}.npz", key,
