@@ -120,7 +120,8 @@ def cascade_sample(denoise: StageDenoiser, noise: Tensor, resolutions: Sequence[
             x = base(pooled_noise(noise, r))
             continue
         if k == 0:
-            eps, low = pooled_noise(noise, r), torch.zeros_like(pooled_noise(noise, r))
+            eps = pooled_noise(noise, r)
+            low = torch.zeros_like(eps)
         else:
             eps = torch.randn((noise.shape[0], noise.shape[1], r, r), generator=generator).to(noise)
             low = upsample(x, r, upsampling)
