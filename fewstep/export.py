@@ -935,15 +935,18 @@ class FewStepPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                           adapter_name: str | None = None, **kwargs: Any) -> None:
         """diffusers' LoRA loader for a fewstep LoRA export (``pytorch_lora_weights.safetensors``) into the denoiser:
         a UNet through ``StableDiffusionLoraLoaderMixin.load_lora_weights``, a transformer through its own
-        ``load_lora_adapter`` (prefix ``transformer``). A folder's ``fewstep_lora_scalars.safetensors`` (the
-        adapter's extra scalar embeddings, e.g. CTM's s) replaces the student's."""
-        from fewstep.lora import LORA_WEIGHTS, SCALARS_FILE
+        ``load_lora_adapter`` (prefix ``transformer``), or :func:`fewstep.lora.load_lora` where it has none (DiT,
+        PixArt). A folder's ``fewstep_lora_scalars.safetensors`` (the adapter's extra scalar embeddings, e.g. CTM's
+        s) replaces the student's."""
+        from fewstep.lora import LORA_WEIGHTS, SCALARS_FILE, load_lora
 
         if self.unet is not None:
             super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
-        else:
+        elif hasattr(self.transformer, "load_lora_adapter"):
             self.transformer.load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix="transformer",
                                                adapter_name=adapter_name, **{"weight_name": LORA_WEIGHTS, **kwargs})
+        else:
+            load_lora(self.transformer, pretrained_model_name_or_path_or_dict, adapter_name or "default")
         if not isinstance(pretrained_model_name_or_path_or_dict, dict):
             scalars = Path(pretrained_model_name_or_path_or_dict) / SCALARS_FILE
             if scalars.is_file():

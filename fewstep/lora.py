@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from fewstep.types import Nets, RunContext
 
 __all__ = ["DEFAULT_TARGETS", "LORA_WEIGHTS", "SCALARS_FILE", "LoraBackbone", "SharedBase", "adapt_student", "export_lora",
-           "materialize", "place_adapters", "save_lora", "share_networks"]
+           "load_lora", "materialize", "place_adapters", "save_lora", "share_networks"]
 
 #: diffusers' file name for LoRA weights (``pipe.load_lora_weights(folder)`` looks for it).
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -344,8 +344,8 @@ def save_lora(view: LoraBackbone, folder: str | Path) -> Path:
     peft's config as metadata), which ``pipe.load_lora_weights(folder)`` of the teacher's stock pipeline
     reads, also into a fine-tune of the same base. Transformers: through the family's loader
     (SD3LoraLoaderMixin, FluxLoraLoaderMixin, SanaLoraLoaderMixin; keys and metadata under ``transformer.``), which
-    the family's ``pipe.load_lora_weights(folder)`` reads; DiT and PixArt pipelines have no loader:
-    ``pipe.transformer.load_lora_adapter(folder, prefix="transformer", weight_name=LORA_WEIGHTS)``. Extra scalar
+    the family's ``pipe.load_lora_weights(folder)`` reads; DiT and PixArt have no diffusers loader at all:
+    :func:`load_lora` (``load_lora(pipe.transformer, folder)``). Extra scalar
     embeddings (CTM's s, guidance w) have no place in the format: they go to ``fewstep_lora_scalars.safetensors``,
     which :meth:`fewstep.export.FewStepPipeline.load_lora_weights` reads and a stock pipeline ignores.
     """
@@ -375,6 +375,28 @@ def save_lora(view: LoraBackbone, folder: str | Path) -> Path:
     return folder / LORA_WEIGHTS
 
 
+def load_lora(model: nn.Module, folder: str | Path, adapter_name: str = "default") -> nn.Module:
+    """Load a LoRA export (``folder/pytorch_lora_weights.safetensors``, :func:`save_lora`) into a diffusers ``model``
+    with peft: the adapter's config from the file's metadata, its weights without their ``unet.`` /
+    ``transformer.`` prefix. For denoisers that diffusers cannot load a LoRA into (DiT's and PixArt's transformers
+    have no ``load_lora_adapter`` and their pipelines no ``load_lora_weights``); returns ``model``."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors import safe_open
+
+    path = Path(folder) / LORA_WEIGHTS
+    with safe_open(str(path), "pt") as file:
+        metadata = (file.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
+        state = {key: file.get_tensor(key) for key in file.keys()}
+    if metadata is None or not state:
+        raise ValueError(f"{path}: no LoRA weights with peft's config in the metadata; write it with fewstep export")
+    prefix = next(iter(state)).split(".")[0] + "."
+    config = LoraConfig(**{k[len(prefix):]: v for k, v in json.loads(metadata).items() if k.startswith(prefix)})
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    set_peft_model_state_dict(model, {k[len(prefix):]: v for k, v in state.items()}, adapter_name=adapter_name)
+    return model
+
+
 def export_lora(ctx: RunContext, nets: Nets, out_dir: Path) -> Path:
     """The sampling network's adapter (the EMA's when the run keeps one) into ``out_dir`` (:func:`save_lora`)."""
     from fewstep.export import EXPORT_META
@@ -391,8 +413,7 @@ def export_lora(ctx: RunContext, nets: Nets, out_dir: Path) -> Path:
             custom = json.loads(meta.read_text())["pipeline"] == "FewStepPipeline"
             loader = ("pipe.load_lora_weights(\"<this folder>\")"
                       if custom or net.kind.startswith("unet") or net.kind in _TRANSFORMER_LOADERS else
-                      f"pipe.transformer.load_lora_adapter(\"<this folder>\", prefix=\"transformer\", "
-                      f"weight_name=\"{LORA_WEIGHTS}\")")
+                      "fewstep.lora.load_lora(pipe.transformer, \"<this folder>\")")
             component = net.family.denoiser_component
             where = (f"in this folder's FewStepPipeline built on the teacher's {type(net.model).__name__} (or a "
                      f"fine-tune's), `FewStepPipeline.from_pretrained(\"<this folder>\", {component}=<it>)`"

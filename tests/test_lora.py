@@ -13,7 +13,7 @@ import torch
 
 from fewstep.backbones import Backbone, enable_gradient_checkpointing
 from fewstep.config import ConfigError, LoraConfig
-from fewstep.lora import LORA_WEIGHTS, LoraBackbone, SharedBase, materialize, save_lora
+from fewstep.lora import LORA_WEIGHTS, LoraBackbone, SharedBase, load_lora, materialize, save_lora
 from fewstep.pairs import MANIFEST, generate_pairs
 from fewstep.teacher import load_teacher
 from fewstep.testing import (
@@ -433,18 +433,18 @@ def test_fewstep_pipeline_with_load_lora_weights_matches_fewstep(family, method,
     assert ((images(fine_lora, 1) - images(fine, 1)) - delta).abs().max() < 0.05 * delta.abs().max()
 
 
-#: Transformer families' stock pipelines; PixArt's has no diffusers LoRA loader (nor has DiTPipeline).
+#: Families' stock pipelines (SD's: the tests above); PixArt's has no diffusers LoRA loader (nor has DiTPipeline).
 LORA_FAMILIES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sana": "SanaPipeline",
-                 "pixart_sigma": "PixArtSigmaPipeline"}
+                 "pixart_sigma": "PixArtSigmaPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, marks=() if f in ("sd3", "flux") else pytest.mark.slow)
                                     for f in LORA_FAMILIES])
-def test_transformer_family_pipeline_loads_the_lora_and_matches_fewstep(family, tmp_path_factory, tmp_path):
-    """DMD2-LoRA (1 step) on a tiny SD3 / Flux / Sana / PixArt-Sigma teacher: the family's stock pipeline (the teacher
-    folder itself) with the export's scheduler and ``load_lora_weights(export)`` (SD3LoraLoaderMixin /
-    FluxLoraLoaderMixin / SanaLoraLoaderMixin key names; PixArt: its transformer's load_lora_adapter) draws fewstep's
-    images for the same noise and prompts."""
+def test_family_pipeline_loads_the_lora_and_matches_fewstep(family, tmp_path_factory, tmp_path):
+    """DMD2-LoRA (1 step) on a tiny SD3 / Flux / Sana / PixArt-Sigma / SDXL teacher: the family's stock pipeline (the
+    teacher folder itself) with the export's scheduler and ``load_lora_weights(export)`` (SD3LoraLoaderMixin /
+    FluxLoraLoaderMixin / SanaLoraLoaderMixin / StableDiffusionXLLoraLoaderMixin key names; PixArt, which has no
+    diffusers loader: fewstep.lora.load_lora) draws fewstep's images for the same noise and prompts."""
     import diffusers
 
     from fewstep.export import EXPORT_META, condition, export_run
@@ -469,9 +469,9 @@ def test_transformer_family_pipeline_loads_the_lora_and_matches_fewstep(family, 
     if stock["takes_latents"]:
         call["latents"] = latents
     plain = pipe(**call).images
-    if family == "pixart_sigma":  # no loader on the pipeline: the transformer's own (diffusers' PeftAdapterMixin)
-        assert not hasattr(pipe, "load_lora_weights")
-        pipe.transformer.load_lora_adapter(out, prefix="transformer", weight_name=LORA_WEIGHTS)
+    if family == "pixart_sigma":  # no diffusers loader, neither on the pipeline nor on its transformer: peft's
+        assert not hasattr(pipe, "load_lora_weights") and not hasattr(pipe.transformer, "load_lora_adapter")
+        load_lora(pipe.transformer, out)
     else:
         pipe.load_lora_weights(out)
     call["generator"] = torch.Generator().manual_seed(0)
