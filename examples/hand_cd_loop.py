@@ -9,6 +9,10 @@ function at (x_hi, s_hi) with gradients and at (x_lo, s_lo) without (stop-gradie
 mean squared error, backward, Adam, and the evaluation EMA (half-life 4000 images, ramp-up 0.05).
 4 UNet passes, 1 backward, 1 Adam step: what a fewstep CD step does, minus the framework.
 
+The same non-finite guard as fewstep's (docs/RELIABILITY.md), unless ``--no-guard``: the gradient norm (one
+``_foreach_norm``) and a device flag that makes torch's fused Adam skip a step whose loss or gradient norm is
+not finite. Adam is the fused kernel either way, as in fewstep (the kernel that takes the flag).
+
     OMP_NUM_THREADS=1 python examples/hand_cd_loop.py --steps 10 --warmup 2
 
 prints one JSON line: seconds per measured step and the process's peak resident memory.
@@ -76,14 +80,15 @@ def consistency(denoiser: VPDenoiser, net: UNet2DModel, x: torch.Tensor, sigma: 
 class HandCD:
     """The loop's state; :meth:`step` takes one optimizer step and returns the loss (a tensor: no host sync)."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, guard: bool = True) -> None:
         torch.manual_seed(seed)
+        self.guard = guard
         self.data = digits()
         self.teacher = UNet2DModel.from_pretrained(TEACHER / "unet").eval().requires_grad_(False)
         self.denoiser = VPDenoiser(DDPMScheduler.from_pretrained(TEACHER / "scheduler"))
         self.student = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.ema = copy.deepcopy(self.student).requires_grad_(False)
-        self.opt = torch.optim.Adam(self.student.parameters(), lr=LR)
+        self.opt = torch.optim.Adam(self.student.parameters(), lr=LR, fused=True)
         ramp = torch.linspace(0, 1, NUM_SCALES, dtype=torch.float64)
         hi, lo = SIGMA_MAX ** (1 / RHO), self.denoiser.sigma_min ** (1 / RHO)
         self.grid = ((hi + ramp * (lo - hi)) ** RHO).float()
@@ -106,6 +111,10 @@ class HandCD:
         online = consistency(denoiser, student, x_hi, s_hi)
         loss = (online - target).square().flatten(1).mean(1).mean()
         loss.backward()
+        if self.guard:  # fused Adam leaves weights and moments untouched where found_inf is 1
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in self.student_params])))
+            self.opt.found_inf = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
+            self.opt.grad_scale = None
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.nimg += BATCH
@@ -120,8 +129,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-guard", action="store_true", help="no gradient norm, no non-finite skip")
     args = parser.parse_args()
-    loop = HandCD(args.seed)
+    loop = HandCD(args.seed, guard=not args.no_guard)
     for _ in range(args.warmup):
         loop.step()
     t0 = time.perf_counter()

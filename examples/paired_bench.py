@@ -4,8 +4,13 @@ Time: one process with one torch thread builds both loops, then runs ``--pairs``
 steps of one loop immediately followed by ``--steps`` steps of the other (the order alternates), after
 ``--warmup`` unmeasured steps of each. On a machine shared with other jobs absolute times drift by tens of
 percent; the two halves of a pair share the drift, so the median of the per-pair ratios is the number to
-read (docs/SPEED.md). Memory: ``--memory-runs`` fresh processes per loop (peak resident memory of the whole
-process, imports included), compared by their medians.
+read (docs/SPEED.md). Each half is timed twice: wall time, and the process's CPU time (``time.process_time``,
+one torch thread), which leaves out the time the process waited for a core while other jobs ran, so it is the
+steadier of the two on a loaded machine. Memory: ``--memory-runs`` fresh processes per loop (peak resident
+memory of the whole process, imports included), compared by their medians.
+
+The hand loop runs the same non-finite guard as fewstep's step (gradient norm, fused Adam skipping a
+non-finite step on the device); ``--hand-no-guard`` drops it from the hand loop (fewstep keeps its guard).
 
     python examples/paired_bench.py --pairs 20 --steps 3 --out docs/benchmarks/paired_cd.json
 """
@@ -38,12 +43,13 @@ print(json.dumps({"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_
 """
 
 
-def memory(loop: str, recipe: Path, steps: int) -> float:
+def memory(loop: str, recipe: Path, steps: int, guard: bool) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     if loop == "fewstep":
         cmd = [sys.executable, "-c", FEWSTEP_MEMORY, str(recipe), str(steps)]
     else:
-        cmd = [sys.executable, str(ROOT / "examples" / "hand_cd_loop.py"), "--warmup", "1", "--steps", str(steps - 1)]
+        cmd = [sys.executable, str(ROOT / "examples" / "hand_cd_loop.py"), "--warmup", "1", "--steps", str(steps - 1),
+               *([] if guard else ["--no-guard"])]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_memory_mb"]
 
@@ -55,11 +61,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps of each loop per pair")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-runs", type=int, default=3)
+    parser.add_argument("--hand-no-guard", action="store_true", help="the hand loop without the non-finite guard")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    guard = not args.hand_no_guard
     # First, while this process is small: Linux children inherit the parent's peak resident memory at fork
     # (ru_maxrss survives exec), so measuring after the models are built would report the parent's peak.
-    mem = {loop: [memory(loop, args.recipe, 3) for _ in range(args.memory_runs)] for loop in ("fewstep", "hand")}
+    mem = {loop: [memory(loop, args.recipe, 3, guard) for _ in range(args.memory_runs)] for loop in ("fewstep", "hand")}
 
     import torch
 
@@ -75,7 +83,7 @@ def main() -> None:
     config = load_config(args.recipe, plugins=plugins)
     pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
     trainer = bench_trainer(config, pm, Path(tempfile.mkdtemp(prefix="paired-")), args.warmup + args.pairs * args.steps)
-    hand = HandCD()
+    hand = HandCD(guard=guard)
     loops = {"fewstep": lambda: run_step(trainer), "hand": hand.step}
     for step in loops.values():
         for _ in range(args.warmup):
@@ -83,18 +91,23 @@ def main() -> None:
     pairs = []
     for i in range(args.pairs):
         order = ("fewstep", "hand") if i % 2 == 0 else ("hand", "fewstep")
-        seconds = {}
+        seconds, cpu = {}, {}
         for name in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 loops[name]()
             seconds[name] = (time.perf_counter() - t0) / args.steps
+            cpu[name] = (time.process_time() - c0) / args.steps
         pairs.append({"time_ratio": seconds["fewstep"] / seconds["hand"], "fewstep_step_s": seconds["fewstep"],
-                      "hand_step_s": seconds["hand"]})
+                      "hand_step_s": seconds["hand"], "cpu_ratio": cpu["fewstep"] / cpu["hand"],
+                      "fewstep_cpu_s": cpu["fewstep"], "hand_cpu_s": cpu["hand"]})
         print(json.dumps({"pair": i, **pairs[-1]}), flush=True)
     summary = {"pairs": len(pairs), "steps_per_half": args.steps, "warmup": args.warmup, "torch_threads": 1,
+               "hand_guard": guard, "load_average": os.getloadavg(),
                "median_time_ratio": statistics.median(p["time_ratio"] for p in pairs),
                "quartiles_time_ratio": statistics.quantiles([p["time_ratio"] for p in pairs], n=4),
+               "median_cpu_ratio": statistics.median(p["cpu_ratio"] for p in pairs),
+               "quartiles_cpu_ratio": statistics.quantiles([p["cpu_ratio"] for p in pairs], n=4),
                "median_fewstep_step_s": statistics.median(p["fewstep_step_s"] for p in pairs),
                "median_hand_step_s": statistics.median(p["hand_step_s"] for p in pairs),
                "peak_memory_mb": {k: statistics.median(v) for k, v in mem.items()},
