@@ -6,9 +6,13 @@ to 8x8 and classified. Reported per row:
   confident   fraction of samples the classifier labels with probability > 0.9 (real test digits: 0.663)
   agree       fraction whose label equals the teacher's label for the same noise
   classes     number of the 10 classes that appear among the labels (mode coverage)
-FID / precision / recall arrive with the evaluation issue; these numbers are a sanity check.
+  hf          high-frequency energy (the image minus its 3x3 local mean, squared, averaged) relative to the
+              teacher row's: speckled samples (pixel noise) score well above 1, blurry ones below 1 (the real
+              digits are 8x8 upscaled, so their blocky edges are no reference)
+`fewstep eval RUN` gives FID / precision / recall; these numbers are a sanity check.
 
 Usage: python examples/digits_quality.py RUN [--num 512] [--steps 1 2] [--teacher-steps 32]
+       [--set method.sample_sigmas={2:[80,1.5]}] (recipe overrides, e.g. another sampler on the same weights)
 """
 
 from __future__ import annotations
@@ -42,6 +46,13 @@ def classify(clf, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return proba.argmax(1), proba.max(1)
 
 
+def high_frequency(images: torch.Tensor) -> float:
+    """Mean squared difference between images (N, 1, H, W) in [-1, 1] and their 3x3 local mean (edges replicated)."""
+    x = images.float().clamp(-1, 1)
+    local = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return float((x - local).square().mean())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path)
@@ -49,6 +60,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2])
     p.add_argument("--teacher-steps", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the run's recipe before sampling (repeatable)")
     args = p.parse_args()
 
     from fewstep.config import load_config
@@ -56,7 +69,7 @@ def main() -> None:
     from fewstep.sampling import generate
     from fewstep.trainer import Trainer
 
-    config = load_config(args.run / "config.yaml", ["train.progress_bar=false"])
+    config = load_config(args.run / "config.yaml", ["train.progress_bar=false", *args.set])
     pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable)
     trainer = Trainer(config, pm, args.run, resume=True)
     trainer.setup()
@@ -69,14 +82,15 @@ def main() -> None:
     with torch.no_grad():
         t_images = teacher.sample(noise, None, num_steps=args.teacher_steps, solver="heun").float()
     t_labels, t_prob = classify(clf, t_images)
-    rows = {f"teacher {args.teacher_steps} steps": (t_labels, t_prob)}
+    t_hf = high_frequency(t_images)
+    rows = {f"teacher {args.teacher_steps} steps": (t_labels, t_prob, 1.0)}
     for k in args.steps:
         images = generate(pm.hook, trainer.ctx, trainer.nets, noise, None, k, seed=args.seed + k)
-        rows[f"student {k} step{'s' if k > 1 else ''}"] = classify(clf, images)
-    print(f"{'row':<20} {'confident':>9} {'agree':>6} {'classes':>7}")
-    for name, (labels, prob) in rows.items():
+        rows[f"student {k} step{'s' if k > 1 else ''}"] = (*classify(clf, images), high_frequency(images) / t_hf)
+    print(f"{'row':<20} {'confident':>9} {'agree':>6} {'classes':>7} {'hf':>5}")
+    for name, (labels, prob, hf) in rows.items():
         print(f"{name:<20} {(prob > 0.9).mean():>9.3f} {(labels == t_labels).mean():>6.3f} "
-              f"{len(set(labels.tolist())):>7}")
+              f"{len(set(labels.tolist())):>7} {hf:>5.2f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ All samplers work in sigma space (``fewstep.diffusion``): x = x0 + sigma * eps, 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -38,17 +38,32 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
 
 
 def consistency_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
-    """Default noise levels tau_1 > ... > tau_N of the multistep consistency sampler: the first N points
-    of an (N+1)-point Karras grid from sigma_max to sigma_min (for N = 1 just sigma_max). CM picks them
-    by a search on FID (consistency.md §2.7); a recipe may give its own list."""
+    """Noise levels tau_1 > ... > tau_N of an N-step sampler with no training grid to pick from: the first N points
+    of an (N+1)-point Karras grid from sigma_max to sigma_min (for N = 1 just sigma_max)."""
     return karras_sigmas(num_steps + 1, sigma_min, sigma_max, rho)[:-1].tolist()
 
 
-def sampler_sigmas(overrides: dict[int, list[float]], num_steps: int, sigma_min: float, sigma_max: float,
-                   rho: float = 7.0) -> list[float]:
-    """The N levels of a multistep sampler: a recipe's ``method.sample_sigmas[N]`` when given (checked to
-    hold N levels), else :func:`consistency_sigmas`."""
-    sigmas = overrides.get(num_steps) or consistency_sigmas(num_steps, sigma_min, sigma_max, rho)
+def grid_levels(grid: Tensor | Sequence[float], num_steps: int) -> list[float]:
+    """The N levels of a multistep sampler taken from a method's descending training grid g_0 > ... > g_{M-1}:
+    g_{i * (M // N)} for i = 0..N-1, so the sampler only queries levels the student was trained on.
+
+    CM picks its levels from the training grid by an FID search (consistency.md §2.7: ImageNet-64 CD, 2 steps:
+    index 22 of 40); this is the rule of diffusers' ``CMStochasticIterativeScheduler.set_timesteps(N)`` on M
+    training timesteps (N = 2 on 40 points: index 20), so a stock export whose scheduler holds the same grid
+    reproduces it with ``num_inference_steps=N``. Raises when the grid has fewer than N levels."""
+    levels = [float(v) for v in (grid.tolist() if isinstance(grid, Tensor) else grid)]
+    if len(levels) < num_steps:
+        raise ValueError(f"a {num_steps}-step sampler needs {num_steps} trained levels, but the training grid has "
+                         f"only {len(levels)}; sample with fewer steps, train on a finer grid (method.num_scales), "
+                         f"or give the levels as method.sample_sigmas[{num_steps}]")
+    stride = len(levels) // num_steps
+    return [levels[i * stride] for i in range(num_steps)]
+
+
+def sampler_sigmas(overrides: dict[int, list[float]], num_steps: int, grid: Tensor | Sequence[float]) -> list[float]:
+    """The N levels of a multistep sampler: a recipe's ``method.sample_sigmas[N]`` when given (checked to hold N
+    levels), else :func:`grid_levels` of the method's training grid (descending)."""
+    sigmas = overrides.get(num_steps) or grid_levels(grid, num_steps)
     if len(sigmas) != num_steps:
         raise ValueError(f"method.sample_sigmas[{num_steps}] has {len(sigmas)} levels; expected {num_steps}")
     return sigmas

@@ -35,11 +35,6 @@ from fewstep.nn import ema_update, frozen_copy, same_dropout, unwrap
 from fewstep.sampling import consistency_sample, sampler_sigmas, sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
 
-# num_train_timesteps of the stock CMStochasticIterativeScheduler in an export: with T - 1 = 840 = lcm(1..8),
-# its N-step grid (indices 0, T//N, ...) is exactly fewstep's default grid (the first N of N + 1 Karras
-# points) for every N <= 8 (and every divisor of 840).
-STOCK_CM_TIMESTEPS = 841
-
 
 class _Consistency(MethodConfig):
     sigma_min: float | None = Field(None, gt=0, description="Boundary level epsilon in sigma space; none: the "
@@ -52,8 +47,9 @@ class _Consistency(MethodConfig):
                                                           "offered (its VGG weights are a download).")
     huber_c: float | None = Field(None, gt=0, description="Pseudo-Huber c; none: 0.00054 * sqrt(D) (iCT).")
     sample_sigmas: dict[int, list[float]] = Field(
-        {}, description="Levels tau_1 > ... > tau_N of the N-step sampler, per N; default: the first N points of "
-        "an (N+1)-point Karras grid (CM picks them by FID search, §2.7).")
+        {}, description="Levels tau_1 > ... > tau_N of the N-step sampler, per N; default: N points of the grid "
+        "trained on (fewstep.sampling.grid_levels: every (M // N)-th of its M points from sigma_max; CD: its grid, "
+        "CT/iCT: the final curriculum grid), as CM picks them from its grid (by FID search, §2.7).")
     clamp: bool = Field(True, description="Clamp pixel outputs to [-1, 1] after each sampler step (CM sampler); "
                         "never applied to latents.")
     self_condition: bool = Field(False, description="Self-conditioned student (Analog Bits, distribution.md §6): "
@@ -70,6 +66,10 @@ class CDConfig(_Consistency):
     num_scales: int = Field(18, ge=2, description="N of the Karras training grid (CM CIFAR-10 CD: 18).")
     solver: Literal["euler", "heun", "ddim"] = Field("heun", description="Teacher ODE step (CM: Heun for every CD "
                                                      "run; DDIM equals Euler in sigma space, as LCM uses).")
+    substeps: int = Field(1, ge=1, description="Teacher solver steps per grid interval, at Karras-interpolated "
+                          "levels (with a Karras grid, k substeps on N points solve on the k(N-1)+1-point grid). "
+                          "CM: 1. A fewstep addition: CD's student converges to the teacher's solve along its grid, "
+                          "and on a coarse grid one Heun step overshoots (speckles) and one Euler step blurs.")
     target_ema: float = Field(0.0, ge=0.0, lt=1.0, description="Target-network EMA mu; 0: stop-gradient of the "
                               "student (CM CIFAR-10 JAX config); ImageNet-64 used 0.95.")
     grid: Literal["karras", "teacher"] = Field("karras", description="karras: N-point Karras grid; teacher: the "
@@ -180,6 +180,16 @@ def _cd_grid(kind: str, num_scales: int, skip: int, rho: float, lo: float, hi: f
         steps = torch.arange(n - 1, -1, -skip, dtype=torch.float64)  # 999, 979, ..., 19 for k = 20
         return process.t_to_sigma(steps).float().to(device)
     return karras_sigmas(num_scales, lo, hi, rho).to(device)
+
+
+def trained_grid(cfg: _Consistency, process) -> Tensor:
+    """Descending levels the student trained on at the end of training, from which the sampler takes its levels:
+    CD's grid; CT's and iCT's final curriculum grid (N(K) Karras points)."""
+    if cfg.name == "cd":
+        return cd_grid(cfg, process)
+    lo, hi = _range(cfg, process)
+    n = ct_num_scales(1.0, cfg.s0, cfg.s1) if cfg.name == "ct" else ict_num_scales(1.0, cfg.s0, cfg.s1)
+    return karras_sigmas(n, lo, hi, cfg.rho)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +305,8 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
 @torch.no_grad()
 def teacher_step(teacher, cfg: CDConfig, batch: Batch, x_hi: Tensor, s_hi: Tensor, s_lo: Tensor,
                  w: Tensor | None) -> Tensor:
-    """One teacher ODE step from s_hi to s_lo (CM §2.3 step 2), with CFG scale w when guided (LCM)."""
+    """The teacher's ODE solve from s_hi to s_lo (CM §2.3 step 2: one step; ``substeps`` steps at the levels
+    (s_hi^(1/rho) + u (s_lo^(1/rho) - s_hi^(1/rho)))^rho, u = j / substeps), with CFG scale w when guided (LCM)."""
     guided = w is not None
 
     def denoise(x: Tensor, sigma: Tensor) -> Tensor:
@@ -303,9 +314,16 @@ def teacher_step(teacher, cfg: CDConfig, batch: Batch, x_hi: Tensor, s_hi: Tenso
             return teacher.denoise(x, sigma, batch.cond, uncond=batch.uncond, guidance=w).float()
         return teacher.denoise(x, sigma, batch.cond).float()
 
-    if cfg.solver == "heun":  # every level of a CD grid is > 0: no final-step check (a host sync)
-        return heun_step(denoise, x_hi, s_hi, s_lo, positive=True)
-    return euler_step(x_hi, s_hi, s_lo, denoise(x_hi, s_hi))
+    k = cfg.substeps
+    a, b = s_hi ** (1 / cfg.rho), s_lo ** (1 / cfg.rho)
+    levels = [s_hi, *[(a + j / k * (b - a)) ** cfg.rho for j in range(1, k)], s_lo]
+    x = x_hi
+    for hi, lo in zip(levels, levels[1:]):
+        if cfg.solver == "heun":  # every level of a CD grid is > 0: no final-step check (a host sync)
+            x = heun_step(denoise, x, hi, lo, positive=True)
+        else:
+            x = euler_step(x, hi, lo, denoise(x, hi))
+    return x
 
 
 @hookimpl
@@ -327,8 +345,8 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     """Multistep consistency sampling (CM Algorithm 1) with the EMA student when there is one."""
     cfg, teacher = ctx.method, nets.teacher
     process = teacher.process
-    lo, hi = _range(cfg, process)
-    sigmas = sampler_sigmas(cfg.sample_sigmas, num_steps, lo, hi, cfg.rho)
+    lo, _ = _range(cfg, process)
+    sigmas = sampler_sigmas(cfg.sample_sigmas, num_steps, trained_grid(cfg, process))
     net = sampling_net(nets)
     w = None
     if getattr(cfg, "guidance", None) is not None:
@@ -364,13 +382,15 @@ def boundary_coefficients(cfg: _Consistency, process, sigma: float) -> tuple[flo
 def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int) -> object:
     """The stock scheduler of the consistency sampler, where one reproduces it:
     - EDM teacher in the OpenAI timestep convention (1000·¼·ln sigma) with epsilon preconditioning, CM boundary
-      scalings with the process's sigma_data and the default levels: CMStochasticIterativeScheduler with
-      STOCK_CM_TIMESTEPS training timesteps (its N-step grid is fewstep's for N dividing 840);
+      scalings with the process's sigma_data and the default levels: CMStochasticIterativeScheduler whose
+      num_train_timesteps is the M points of the trained Karras grid, so its own ``set_timesteps(N)`` (indices
+      i * (M // N)) picks the levels ``grid_levels`` picks;
     - any other teacher, one step, where f at sigma_max is the denoiser itself (``fewstep.export.one_step_sampler``:
       the LCM boundary on VP teachers, flow teachers): LCMScheduler at timestep T - 1, FlowMatchLCMScheduler at
       t_max.
     Otherwise None: the multistep sampler re-noises to sqrt(tau^2 - sigma_min^2) with boundary scalings that no
-    discrete stock scheduler applies."""
+    discrete stock scheduler applies (VP teachers: LCMScheduler re-noises to tau itself, so its multistep images
+    differ from CM's, even on the same trained timesteps)."""
     from fewstep.export import StockSampler, one_step_sampler
 
     cfg, teacher = ctx.method, nets.teacher
@@ -378,21 +398,22 @@ def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int) -> object
     if selfcond.enabled(unwrap(sampling_net(nets))):
         return None
     lo, hi = _range(cfg, p)
+    grid = trained_grid(cfg, p)
     scalars = sample_scalars(cfg)
     if p.kind == "edm":
         if not (p.timestep_scale == 1000.0 and p.prediction_type == "epsilon" and cfg.sigma_data in (None, p.sigma_data)
-                and getattr(cfg, "boundary", "cm") == "cm" and not cfg.sample_sigmas
-                and (STOCK_CM_TIMESTEPS - 1) % num_steps == 0):
+                and getattr(cfg, "boundary", "cm") == "cm" and not cfg.sample_sigmas and grid.numel() >= num_steps):
             return None
-        config = {"num_train_timesteps": STOCK_CM_TIMESTEPS, "sigma_min": lo, "sigma_max": hi,
+        config = {"num_train_timesteps": grid.numel(), "sigma_min": lo, "sigma_max": hi,
                   "sigma_data": p.sigma_data, "s_noise": 1.0, "rho": cfg.rho,
                   "clip_denoised": cfg.clamp and teacher.vae is None}
         return StockSampler("CMStochasticIterativeScheduler", config, num_steps, scalars=scalars,
                             note="CM's multistep sampler (Algorithm 1) on its Karras grid")
-    if num_steps != 1 or cfg.sample_sigmas.get(1, [hi]) != [hi]:
+    top = float(grid[0])
+    if num_steps != 1 or cfg.sample_sigmas.get(1, [top]) != [top]:
         return None
-    a, b = boundary_coefficients(cfg, p, hi)
-    return one_step_sampler(p, hi, a, b, clip=cfg.clamp and teacher.vae is None, scalars=scalars)
+    a, b = boundary_coefficients(cfg, p, top)
+    return one_step_sampler(p, top, a, b, clip=cfg.clamp and teacher.vae is None, scalars=scalars)
 
 
 @hookimpl

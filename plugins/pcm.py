@@ -26,7 +26,8 @@ the solver points of the phase (PCM: a uniform DDPM timestep of the phase); the 
 steps where PCM alternates them.
 
 Sampler: deterministic DDIM with the student's denoiser through the K + 1 edges (one step per phase), or through
-every (K/N)-th edge for N steps when N divides K; other step counts use the teacher's N-step grid. Exports of flow
+every (K // N)-th edge for N <= K steps (the trained levels; every K/N-th when N divides K); more steps than
+phases use the teacher's N-step grid. Exports of flow
 teachers (SD3, Flux, Sana) use the family's stock pipeline with FlowMatchEulerDiscreteScheduler at those levels.
 Departures and [UNVERIFIED] facts: the official loss is an elementwise pseudo-Huber with c = 0.001 (c's default
 [UNVERIFIED]); fewstep's shared distances (``distance``) are offered instead, default pseudo-Huber over the
@@ -47,7 +48,7 @@ from fewstep.gan import DiffusionDiscriminator, discriminator_loss, generator_lo
 from fewstep.hookspecs import hookimpl
 from fewstep.losses import distance
 from fewstep.nn import ema_update, frozen_copy, same_dropout
-from fewstep.sampling import sampling_net
+from fewstep.sampling import grid_levels, sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, Phase, RunContext, StepInfo
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x (B, C, H, W), sigma (B,)) -> x0 prediction
@@ -91,14 +92,15 @@ def pair_maps(online: Denoiser, target: Denoiser, x_hi: Tensor, x_lo: Tensor, hi
 
 
 def sample_levels(cfg: PCMConfig, process, num_steps: int) -> list[float]:
-    """The N-step sampler's levels: a recipe's list, the phase edges (every K/N-th) when N divides K, else the
-    teacher's own N-step grid."""
+    """The N-step sampler's levels: a recipe's list; for N <= K phases, N of the phase edges the student was
+    trained to map between (``grid_levels``: every (K // N)-th edge from the top, every K/N-th when N divides K)
+    and 0; for N > K, the teacher's own N-step grid."""
     if num_steps in cfg.sample_sigmas:
         return cfg.sample_sigmas[num_steps]
-    if cfg.num_phases % num_steps == 0:
+    if num_steps <= cfg.num_phases:
         grid = process.sampling_sigmas(cfg.solver_steps).double()
-        edges = edge_indices(cfg.solver_steps, cfg.num_phases)[:: cfg.num_phases // num_steps]
-        return grid[edges].tolist()
+        edges = grid[edge_indices(cfg.solver_steps, cfg.num_phases)]
+        return [*grid_levels(edges[:-1], num_steps), float(edges[-1])]
     return process.sampling_sigmas(num_steps).double().tolist()
 
 

@@ -131,11 +131,13 @@ def test_the_k_step_sampler_with_the_exact_student_reproduces_the_ode_endpoint()
     assert float((sample_ode(exact_denoiser, x_top, levels, "ddim") - exact).abs().max()) > 1e-2
 
 
-def test_fewer_steps_use_every_other_edge_and_other_counts_the_teacher_grid():
+def test_fewer_steps_use_trained_edges_and_more_steps_the_teacher_grid():
+    """N <= K steps go through edges (every (K // N)-th from the top, then 0); N > K through the teacher's grid."""
     cfg = pcm.PCMConfig(solver_steps=N, num_phases=K)
     assert pcm.sample_levels(cfg, PROCESS, 2) == pytest.approx(EDGES[[0, 2, 4]].tolist())
     assert pcm.sample_levels(cfg, PROCESS, 1) == pytest.approx(EDGES[[0, 4]].tolist())
-    assert pcm.sample_levels(cfg, PROCESS, 3) == pytest.approx(PROCESS.sampling_sigmas(3).double().tolist())
+    assert pcm.sample_levels(cfg, PROCESS, 3) == pytest.approx(EDGES[[0, 1, 2, 4]].tolist())
+    assert pcm.sample_levels(cfg, PROCESS, K + 1) == pytest.approx(PROCESS.sampling_sigmas(K + 1).double().tolist())
     with pytest.raises(ValueError, match="num_phases"):
         pcm.PCMConfig(solver_steps=4, num_phases=8)
 
