@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fewstep_plugins import cm, ctm, pcm
 from torch import nn
 
 from fewstep.diffusion import EDMProcess, VPProcess, karras_sigmas
 from fewstep.sampling import grid_levels, sampler_sigmas
 from fewstep.types import Nets
-from fewstep_plugins import cm, ctm, pcm
 
 # The 6-point CD grid on the digits teacher (sigma_max 80): 80, 26.8, 7.33, 1.49, 0.19, sigma_min.
 GRID6 = karras_sigmas(6, 0.002, 80.0)
