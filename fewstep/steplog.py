@@ -30,6 +30,8 @@ def step_gated(optimizer: torch.optim.Optimizer) -> bool:
     inner = getattr(optimizer, "optimizer", optimizer)
     if getattr(optimizer, "scaler", None) is not None:  # fp16: accelerate's grad scaler hands over its own flag
         return False
+    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):  # e.g. DeepSpeed's wrapper
+        return False
     return bool(inner.param_groups) and all(g.get("fused") for g in inner.param_groups)
 
 
