@@ -302,7 +302,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     cfg, teacher = ctx.method, nets.teacher
     process = teacher.process
     lo, hi = _range(cfg, process)
-    sigmas = sampler_sigmas(cfg.sample_sigmas, num_steps, lo, hi, cfg.rho)
+    sigmas = sampler_sigmas(cfg.sample_sigmas, num_steps, karras_sigmas(cfg.num_scales, lo, hi, cfg.rho))
     net = sampling_net(nets)
 
     def G(x: Tensor, t: Tensor, s: Tensor) -> Tensor:

@@ -58,10 +58,14 @@ class CTMConfig(MethodConfig):
                                     "(g_learning_period = 2, one D update per G update); n = 1 keeps that 1:1 "
                                     "ratio on a shared batch.")
     gamma: float = Field(0.0, ge=0.0, le=1.0, description="gamma of the sampler (§7.8): 0 deterministic long "
-                         "jumps along the ODE, 1 the CM multistep sampler.")
+                         "jumps along the ODE (the official headline samples: sony/ctm's `--sampler exact`), "
+                         "1 the CM multistep sampler; in between, each jump lands at sqrt(1 - gamma^2) of the "
+                         "next level and fresh noise brings it back up.")
     sample_sigmas: dict[int, list[float]] = Field(
         {}, description="Levels t_0 > ... > t_{N-1} of the N-step sampler (t_N = sigma_min is appended), per N; "
-        "default: an (N+1)-point Karras grid from sigma_max to sigma_min.")
+        "default: N points of the training grid (fewstep.sampling.grid_levels: every (num_scales // N)-th from "
+        "sigma_max), where every (t, s) pair was trained. sony/ctm samples on an (N+1)-point Karras grid "
+        "instead, off its 18- or 40-point training grid.")
     clamp: bool = Field(True, description="Clamp pixel samples to [-1, 1] after each jump that lands at "
                         "sigma_min (CM sampler); never applied to latents.")
 
