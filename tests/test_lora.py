@@ -371,7 +371,7 @@ def visible_adapter(net: LoraBackbone) -> None:
                                                pytest.param("sd3", "ctm", marks=pytest.mark.slow)])
 def test_fewstep_pipeline_with_load_lora_weights_matches_fewstep(family, method, latent_text_teacher,
                                                                  tmp_path_factory, tmp_path):
-    """sCT (CM boundary at the VP teacher's top level: f = 0.998 D + 1e-4 x, which LCMScheduler's one-parameter
+    """sCT (CM boundary at the VP teacher's top level: f = 0.998 D + 1e-4 x_t, which LCMScheduler's one-parameter
     boundary cannot match) and CTM ((t, s) sampler) export a FewStepPipeline. Built on the teacher's own denoiser,
     ``load_lora_weights(export)`` gives it the adapter (and CTM's s embedding, fewstep_lora_scalars.safetensors):
     its images are fewstep's for the same noise and prompts, at 1 and 2 steps; a perturbed teacher takes it too.
