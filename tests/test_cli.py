@@ -12,10 +12,26 @@ from fewstep import cli
 ROOT = Path(__file__).parents[1]
 
 
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft", "sklearn", "pandas", "numpy", "PIL")
+
+
 def test_help_does_not_import_heavy_libraries():
-    code = "import sys, fewstep.cli as c; c.build_parser(); print(sorted(m for m in ('torch', 'diffusers', 'accelerate') if m in sys.modules))"
+    code = f"import sys, fewstep.cli as c; c.build_parser(); print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_validate_and_plugins_import_no_heavy_library():
+    """Discovery reads the plugins' config modules only and validate's checks read JSON (docs/SPEED.md
+    "Start-up"), so neither command imports torch, diffusers or scikit-learn."""
+    code = ("import sys, fewstep.cli as c\n"
+            "assert c.main(['validate', 'recipes/digits/cd.yaml']) == 0\n"
+            "assert c.main(['validate', 'recipes/digits/teacher.yaml']) == 0\n"  # a plugin building its own teacher
+            "assert c.main(['plugins']) == 0\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "recipes/digits/cd.yaml: ok (method 'cd'" in out and "not imported" in out
+    assert out.strip().splitlines()[-1] == "[]"
 
 
 def test_quickstart_recipe_end_to_end(tmp_path, capsys):

@@ -14,8 +14,71 @@ def test_builtin_methods_are_discovered_through_entry_points():
     plugins = discover()
     assert set(plugins["cm"].methods) == {"cd", "ct", "ict"}
     assert set(plugins["diffusion"].methods) == {"diffusion"}
-    assert plugins["cm"].module.__name__ == "fewstep_plugins.cm"
+    assert plugins["cm"].load().__name__ == "fewstep_plugins.cm"
     assert plugins["cm"].source.startswith("fewstep ")
+
+
+def test_every_builtin_method_plugin_declares_its_configs_in_a_config_module():
+    """Discovery then imports no plugin module (so `fewstep plugins` and `validate` import no torch); a plugin
+    module re-exports its config module's classes and hooks, which a run registers once."""
+    for name, info in discover().items():
+        if not info.source.startswith("fewstep "):
+            continue
+        assert info.module is None, f"plugin {name!r} was imported by discovery: give it plugins/{name}_config.py"
+        assert info.config_module.__name__ == f"fewstep_plugins.{name}_config"
+        module = info.load()
+        for method, model in info.methods.items():
+            assert getattr(module, model.__name__) is model
+            pm = build_manager(method, plugins={name: info})
+            assert len(pm.hook.fewstep_method_config()) == 1
+            assert pm.get_plugin(name + "_config") is None  # every built-in plugin module re-exports its hooks
+
+
+def test_hooks_read_from_source_equal_the_imported_modules():
+    """What `validate` reads without importing (here: whether a plugin builds its own teacher) is what the
+    imported module registers."""
+    from fewstep.plugin import _hooks_of
+
+    for name, info in discover().items():
+        from_source = info.hook_names()
+        assert from_source is not None, name
+        assert from_source == _hooks_of(info.load()) | _hooks_of(info.config_module), name
+    plugins = discover()
+    assert plugins["diffusion"].implements("fewstep_build_teacher") and not plugins["cm"].implements("fewstep_build_teacher")
+
+
+def test_config_hooks_a_plugin_module_does_not_import_are_registered_beside_it():
+    from pydantic import BaseModel
+
+    class Cfg(BaseModel):
+        name: str
+
+    calls = []
+    config = _fake_plugin(fewstep_method_config=lambda: ("split", Cfg), fewstep_configure=lambda config: calls.append(1))
+    module = _fake_plugin(fewstep_loss=lambda: None)
+    info = PluginInfo("split", module, "test 0", methods={"split": Cfg}, config_module=config)
+    pm = build_manager("split", plugins={**discover(), "split": info})
+    assert pm.get_plugin("split") is module and pm.get_plugin("split_config") is not None
+    pm.hook.fewstep_configure(config=None)
+    assert calls == [1]
+    # validate registers the config module alone, and the module itself only for a plugin without one
+    from fewstep.plugin import config_manager, run_plugins
+
+    assert config_manager(run_plugins("split", plugins={"split": info})).get_plugin("split") is config
+    bare = PluginInfo("bare", module, "test 0", methods={"bare": Cfg})
+    assert config_manager(run_plugins("bare", plugins={"bare": bare})).get_plugin("bare") is module
+
+
+def test_no_core_plugin_implements_a_config_hook():
+    """validate registers no core plugin (fewstep.plugin.config_manager), so none may check the config."""
+    import importlib
+
+    from fewstep.plugin import BUILTIN_PLUGINS, _hooks_of
+
+    for path in BUILTIN_PLUGINS.values():
+        module = importlib.import_module(path)
+        hooks = _hooks_of(module.plugin() if hasattr(module, "plugin") else module)
+        assert not hooks & {"fewstep_configure", "fewstep_method_config"}, path
 
 
 def test_install_provides_fewstep_plugins_not_a_bare_plugins_package(tmp_path):
@@ -102,3 +165,11 @@ def test_broken_plugin_is_reported_by_name_without_crashing(monkeypatch, capsys)
     out = capsys.readouterr().out
     assert "broken" in out and "FAILED" in out and "No module named" in out
     assert "cd, ct, ict" in out
+
+
+def test_plugins_says_which_plugins_it_did_not_import(capsys):
+    assert cli.main(["plugins"]) == 0
+    assert "not imported" in capsys.readouterr().out
+    assert cli.main(["plugins", "--import"]) == 0
+    out = capsys.readouterr().out
+    assert "not imported" not in out and "FAILED" not in out and "cd, ct, ict" in out
