@@ -13,6 +13,7 @@ to 8x8 and classified. Reported per row:
 
 Usage: python examples/digits_quality.py RUN [--num 512] [--steps 1 2] [--teacher-steps 32]
        [--set method.sample_sigmas={2:[80,1.5]}] (recipe overrides, e.g. another sampler on the same weights)
+       [--teacher-solves] (also the teacher's own solve along CD grids: the fixed point a CD student approaches)
 """
 
 from __future__ import annotations
@@ -53,6 +54,22 @@ def high_frequency(images: torch.Tensor) -> float:
     return float((x - local).square().mean())
 
 
+@torch.no_grad()
+def teacher_solve(teacher, num_scales: int, solver: str, substeps: int, noise: torch.Tensor) -> torch.Tensor:
+    """The teacher's ODE solve from 80 * noise along a CD grid with the cm plugin's own teacher step: the target
+    chain a CD student with these settings converges to. Returns images (N, C, H, W)."""
+    from fewstep_plugins import cm
+
+    from fewstep.types import Batch, Cond
+
+    cfg = cm.CDConfig(num_scales=num_scales, solver=solver, substeps=substeps, sigma_max=80.0)
+    grid = cm.cd_grid(cfg, teacher.process)
+    x, batch, b = noise * grid[0], Batch(x0=None, cond=Cond()), noise.shape[0]
+    for hi, lo in zip(grid[:-1], grid[1:]):
+        x = cm.teacher_step(teacher, cfg, batch, x, hi.expand(b), lo.expand(b), None)
+    return teacher.decode(x).float()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path)
@@ -60,6 +77,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2])
     p.add_argument("--teacher-steps", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-solves", action="store_true",
+                   help="add rows for the teacher's solve along 6/11/18-point CD grids (Euler or Heun, 1 or 2 "
+                        "substeps per interval, sigma_max 80): a CD student converges to these")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the run's recipe before sampling (repeatable)")
     args = p.parse_args()
@@ -87,9 +107,14 @@ def main() -> None:
     for k in args.steps:
         images = generate(pm.hook, trainer.ctx, trainer.nets, noise, None, k, seed=args.seed + k)
         rows[f"student {k} step{'s' if k > 1 else ''}"] = (*classify(clf, images), high_frequency(images) / t_hf)
-    print(f"{'row':<20} {'confident':>9} {'agree':>6} {'classes':>7} {'hf':>5}")
+    if args.teacher_solves:
+        for n, solver, substeps in [(6, "euler", 1), (6, "heun", 1), (6, "euler", 2), (6, "heun", 2), (11, "heun", 1),
+                                    (18, "euler", 1), (18, "heun", 1)]:
+            images = teacher_solve(teacher, n, solver, substeps, noise)
+            rows[f"CD grid {n} {solver} x{substeps}"] = (*classify(clf, images), high_frequency(images) / t_hf)
+    print(f"{'row':<22} {'confident':>9} {'agree':>6} {'classes':>7} {'hf':>5}")
     for name, (labels, prob, hf) in rows.items():
-        print(f"{name:<20} {(prob > 0.9).mean():>9.3f} {(labels == t_labels).mean():>6.3f} "
+        print(f"{name:<22} {(prob > 0.9).mean():>9.3f} {(labels == t_labels).mean():>6.3f} "
               f"{len(set(labels.tolist())):>7} {hf:>5.2f}")
 
 
