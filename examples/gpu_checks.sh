@@ -3,8 +3,13 @@
 # the token count of 256x256 latents, bf16, without and with torch.compile (images/s, step-time split, peak
 # memory, MFU), then a 2-GPU DDP run when two GPUs are present, then the peak memory of DMD2-LoRA on an
 # SDXL-architecture UNet (issue 12). Writes JSON reports and a Markdown table into $OUT.
+# With two GPUs it ends with the sharded engines (docs/DISTRIBUTED.md): the digits CD recipe with a target network
+# for a few fp32 steps under DDP, FSDP2 and DeepSpeed ZeRO-3 (skipped without the deepspeed package), same seed
+# and global batch; every per-step loss must agree with DDP's (relative 1e-3: fp32 differs only in summation
+# order), and each run must write a checkpoint and an export.
 #
 #   bash examples/gpu_checks.sh            # on a GPU machine, from the repository root
+#   FSDP=0 bash examples/gpu_checks.sh     # without the sharded-engine parity runs
 #   SMOKE=1 bash examples/gpu_checks.sh    # a tiny model on the CPU: checks that the script itself runs
 set -euo pipefail
 OUT=${OUT:-runs/gpu_checks}
@@ -56,3 +61,47 @@ ls -l "$OUT"/bench_*.json
 if [[ "${SMOKE:-0}" == 1 ]]; then SDXL=(--width 0.1 --latent 16 --precision no); else SDXL=(--width 1 --latent 128 --precision bf16); fi
 python examples/memory_bench.py --family sdxl "${SDXL[@]}" --batch 1 --methods dmd2 --modes lora lora+gc \
   --out "$OUT/memory_sdxl_dmd2_lora.md"
+# Issue 15 item 2 (docs/DISTRIBUTED.md): loss parity of FSDP2 and ZeRO-3 against DDP on two GPUs.
+if [[ "$GPUS" -ge 2 && "${FSDP:-1}" == 1 && "${SMOKE:-0}" != 1 ]]; then
+  PARITY_STEPS=${PARITY_STEPS:-5}
+  # CD with a target (student, target and EMA all sharded under FSDP2), one log line per step, fp32
+  PARITY=(recipes/digits/cd.yaml --set method.target_ema=0.9 --set train.batch_size=32
+          --set train.total_nimg=$((32 * PARITY_STEPS)) --set train.log_every_nimg=32 --set train.mixed_precision=no)
+  declare -A ENGINE_FLAGS=([ddp]="--multi_gpu" [fsdp2]="--use_fsdp --fsdp_version 2"
+                           [zero3]="--use_deepspeed --zero_stage 3")
+  ENGINES="ddp fsdp2"
+  if python -c "import deepspeed" 2>/dev/null; then ENGINES="$ENGINES zero3"; else echo "no deepspeed: no ZeRO-3 run"; fi
+  for engine in $ENGINES; do
+    rm -rf "$OUT/parity_$engine"
+    # shellcheck disable=SC2086  # the flags are separate words
+    accelerate launch ${ENGINE_FLAGS[$engine]} --num_processes 2 --num_machines 1 --mixed_precision no \
+      -m fewstep.cli distill "${PARITY[@]}" --run-dir "$OUT/parity_$engine"
+  done
+  # shellcheck disable=SC2086
+  python - "$OUT" $ENGINES <<'PY'
+import json
+import sys
+from pathlib import Path
+
+out, engines = Path(sys.argv[1]), sys.argv[2:]
+
+
+def losses(engine):
+    rows = [json.loads(line) for line in (out / f"parity_{engine}" / "metrics.jsonl").read_text().splitlines()]
+    return [(r["nimg"], r["student/loss"]) for r in rows if "student/loss" in r]
+
+
+ddp = losses("ddp")
+assert ddp, "the DDP run logged no student/loss"
+failed = False
+for engine in engines[1:]:
+    got, run = losses(engine), out / f"parity_{engine}"
+    worst = max((abs(a - b) / max(abs(b), 1e-12) for (_, a), (_, b) in zip(got, ddp)), default=float("inf"))
+    ok = [n for n, _ in got] == [n for n, _ in ddp] and worst <= 1e-3
+    ok = ok and any(run.glob("checkpoints/step-*")) and any((run / "export").iterdir())
+    print(f"{engine}: {len(got)} steps, largest relative loss difference to DDP {worst:.2e}: {'OK' if ok else 'FAILED'}")
+    failed |= not ok
+(out / "parity.json").write_text(json.dumps({e: losses(e) for e in engines}, indent=1))
+sys.exit(1 if failed else 0)
+PY
+fi

@@ -205,6 +205,33 @@ def _check_deepspeed(engine: str, groups: Mapping[str, Sequence[str]], trainable
             "with FSDP2 or DDP")
 
 
+def deepspeed_settings(ds: Mapping[str, Any], micro_batch: int, max_grad_norm: float | None) -> dict[str, Any]:
+    """What fewstep fills into a DeepSpeed config before ``prepare`` (DeepSpeed reads them at start-up), as
+    {key: value} with nested keys dotted; a value the config fixes to something else is a conflict.
+
+    train_micro_batch_size_per_gpu: the per-process batch (fewstep has no DataLoader for accelerate to infer it
+    from). gradient_clipping: the recipe's ``optimizer.max_grad_norm``, 0 (off) without one; accelerate would fill
+    an "auto" clipping with 1.0, clipping every run at norm 1. zero_optimization.stage3_gather_16bit_weights_on_
+    model_save: on under ZeRO-3, where checkpoints and the export need whole weights gathered (whatever the config
+    says: it changes nothing else)."""
+    updates: dict[str, Any] = {}
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        updates["train_micro_batch_size_per_gpu"] = micro_batch
+    want = float(max_grad_norm or 0.0)
+    clip = ds.get("gradient_clipping", "auto")
+    if clip == "auto":
+        updates["gradient_clipping"] = want
+    elif float(clip) != want:
+        raise LaunchConflict(
+            f"optimizer.max_grad_norm is {max_grad_norm} in the recipe but the DeepSpeed config clips gradients at "
+            f"{clip} (gradient_clipping); fewstep never overrides one with the other. Fix: set gradient_clipping: "
+            f"auto (or {want:g}) in the DeepSpeed config, or optimizer.max_grad_norm: {clip} in the recipe")
+    if ds.get("zero_optimization", {}).get("stage") == 3:
+        # accelerate writes false here unless zero3_save_16bit_model is set; it only decides whether saving gathers
+        updates["zero_optimization.stage3_gather_16bit_weights_on_model_save"] = True
+    return updates
+
+
 def check_features(gradient_checkpointing: bool, compile: bool, env: Mapping[str, str] | None = None) -> None:
     """Refuse an accelerate config that turns on what the recipe also controls: FSDP activation checkpointing
     next to ``train.gradient_checkpointing`` (the blocks would be checkpointed twice), or a dynamo backend next

@@ -153,7 +153,9 @@ class Trainer:
         gated_step(opt, skip)
         # Observers run before the gradients are dropped, so they can inspect them (tests do). After a skipped
         # step they see unchanged weights (the EMA moves towards them, finite either way).
-        self.pm.hook.fewstep_after_optimizer_step(ctx=self.ctx, group=group, nets=self.nets, step=self.step_info(0, group))
+        with self._whole(group):
+            self.pm.hook.fewstep_after_optimizer_step(ctx=self.ctx, group=group, nets=self.nets,
+                                                      step=self.step_info(0, group))
         opt.zero_grad(set_to_none=True)
         host = {k: v for k, v in totals.items() if not isinstance(v, torch.Tensor)}
         self.log.add(group.name, s.step, values, {**host, "lr": lr}, bad, skip)
@@ -408,13 +410,13 @@ class Trainer:
                                   nonfinite_skip=cfg.train.nonfinite == "skip")
         # gathered into these after training (export, evaluation, final samples read whole weights)
         self._skeletons = {n: meta_skeleton(self.nets.get(n)) for n, p in self.plan.placement.items()
-                           if p == "sharded" and self.plan.engine == "fsdp2"}
+                           if p == "sharded"}
         self.wrapped, self.optimizers = {}, {}
         self._group_params: dict[str, list[nn.Parameter]] = {}
         for group in self.groups.values():
             if self.plan.engine.startswith("zero"):  # one network in one group: one DeepSpeed engine
                 (name,) = group.modules
-                self._set_deepspeed_batch()
+                self._configure_deepspeed(group)
                 params = [p for p in self.nets.get(name).parameters() if p.requires_grad]
                 self.wrapped[name], self.optimizers[group.name] = acc.prepare(self.nets.get(name),
                                                                               make_optimizer(group, params))
@@ -443,11 +445,27 @@ class Trainer:
         if self.ctx.is_main and self.plan.engine != "ddp":
             print(f"fewstep: {self.plan.describe()}", file=sys.stderr, flush=True)
 
-    def _set_deepspeed_batch(self) -> None:
-        """DeepSpeed wants its micro-batch size before ``prepare``; fewstep has no DataLoader to infer it from."""
+    def _whole(self, group: OptimizerGroup) -> contextlib.AbstractContextManager[Any]:
+        """ZeRO-3: the group's partitioned parameters gathered whole on every process, read-only, for the after-step
+        hooks (EMA and target updates read them; unverified: no ZeRO-3 run completed here). Other engines: nothing."""
+        if self.plan.engine != "zero3":
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(self._group_params[group.name], modifier_rank=None)
+
+    def _configure_deepspeed(self, group: OptimizerGroup) -> None:
+        """Fill the DeepSpeed config's micro-batch, clipping and ZeRO-3 gathering from the run before ``prepare``
+        (fewstep.distributed.deepspeed_settings; a config that fixes them otherwise is refused)."""
+        from fewstep.distributed import deepspeed_settings
+
         ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
-        if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-            ds["train_micro_batch_size_per_gpu"] = self.local_batch
+        for key, value in deepspeed_settings(ds, self.local_batch, group.max_grad_norm).items():
+            *parents, leaf = key.split(".")
+            section = ds
+            for parent in parents:
+                section = section.setdefault(parent, {})
+            section[leaf] = value
 
     def _check_schedule(self) -> None:
         known = set(self.groups)
@@ -575,18 +593,27 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def gather_sharded(self) -> None:
-        """After training under FSDP2: every sharded network becomes a whole copy on every process (its full state
-        dict, gathered, in the skeleton kept at setup), so the final samples, the evaluation on the main process
-        and the export read plain modules as under DDP. The optimizers are dropped first to make room."""
+        """After training under FSDP2 or ZeRO-3: every sharded network becomes a whole copy on every process (its
+        full state dict, gathered, in the skeleton kept at setup), so the final samples, the evaluation on the main
+        process and the export read plain modules as under DDP. The optimizers are dropped first to make room."""
         if not getattr(self, "_skeletons", None):
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         from fewstep.distributed import materialize
 
         self.optimizers.clear()
-        whole = {name: materialize(skeleton, get_model_state_dict(self.nets.get(name), options=StateDictOptions(
-            full_state_dict=True)), self.ctx.device) for name, skeleton in self._skeletons.items()}
+        whole = {}
+        for name, skeleton in self._skeletons.items():
+            net = self.nets.get(name)
+            if self.plan.engine == "zero3":  # DeepSpeed's partitions, gathered for the copy (unverified)
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(list(net.parameters()), modifier_rank=None):
+                    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+                state = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
+            whole[name] = materialize(skeleton, state, self.ctx.device)
         self.nets, self.wrapped, self._skeletons = self.nets.replace(**whole), {}, {}
 
     def evaluate(self, **overrides: Any) -> dict[str, Any]:

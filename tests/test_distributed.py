@@ -23,6 +23,7 @@ from fewstep.distributed import (
     accelerator_engine,
     check_features,
     check_mixed_precision,
+    deepspeed_settings,
     fingerprint,
     materialize,
     meta_skeleton,
@@ -219,6 +220,21 @@ def test_plan_rejects_unknown_inputs():
         sharding_plan("tp", {"student": ("student",)}, {"student": 1})
     with pytest.raises(ValueError, match=r"do not exist: \['critic'\]"):
         sharding_plan("ddp", {"student": ("critic",)}, {"student": 1})
+
+
+def test_deepspeed_settings_follow_the_recipe():
+    """accelerate fills an "auto" gradient_clipping with 1.0: fewstep fills the recipe's max_grad_norm (0: off)
+    instead (a 2-process ZeRO-2 run clipped at 1 silently drifted from the 1-process run), and refuses a config
+    that fixes another value."""
+    generated = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
+                 "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}}
+    assert deepspeed_settings(generated, 4, None) == {
+        "train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0,
+        "zero_optimization.stage3_gather_16bit_weights_on_model_save": True}
+    assert deepspeed_settings({"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 10,
+                               "zero_optimization": {"stage": 2}}, 4, 10.0) == {}
+    with pytest.raises(LaunchConflict, match=r"max_grad_norm is None in the recipe but .* clips gradients at 1.0"):
+        deepspeed_settings({"gradient_clipping": 1.0}, 4, None)
 
 
 def test_skeleton_holds_no_weights_until_materialized():

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from fewstep.hookspecs import hookimpl
 from fewstep.nn import unwrap
@@ -65,10 +65,16 @@ def fewstep_save_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets, state
         _save_sharded(accelerator, nets, tmp)
     else:
         accelerator.save_state(str(tmp / "accelerate"))
+        for name in nets.names():
+            path = str(tmp / "nets" / f"{name}.safetensors")
+            if (engine := _deepspeed_engine(accelerator, nets.get(name))) is not None:
+                # cloned out of DeepSpeed's flat buffers; gathered from every process under ZeRO-3 (collective)
+                whole = accelerator.get_state_dict(engine)
+                if ctx.is_main:
+                    save_file({k: v.contiguous() for k, v in whole.items()}, path)
+            elif ctx.is_main:
+                save_model(unwrap(nets.get(name)), path)
     if ctx.is_main:
-        if not getattr(accelerator, "is_fsdp2", False):
-            for name in nets.names():
-                save_model(unwrap(nets.get(name)), str(tmp / "nets" / f"{name}.safetensors"))
         (tmp / "trainer_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -107,11 +113,20 @@ def fewstep_load_checkpoint(ctx: RunContext, accelerator: Any, nets: Nets, check
             _load_sharded(accelerator, nets, latest)
         else:
             for name in nets.names():
-                load_model(unwrap(nets.get(name)), str(latest / "nets" / f"{name}.safetensors"), device=str(ctx.device))
+                if _deepspeed_engine(accelerator, nets.get(name)) is None:  # DeepSpeed's own checkpoint has it
+                    load_model(unwrap(nets.get(name)), str(latest / "nets" / f"{name}.safetensors"),
+                               device=str(ctx.device))
             accelerator.load_state(str(latest / "accelerate"))
         return json.loads((latest / "trainer_state.json").read_text())
     except (SafetensorError, OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise damaged_checkpoint(latest, found, exc) from exc
+
+
+def _deepspeed_engine(accelerator: Any, module: Any) -> Any:
+    """The DeepSpeed engine accelerate built around ``module`` (a trainable network under DeepSpeed), else None."""
+    if str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)) != "DEEPSPEED":
+        return None
+    return next((m for m in accelerator._models if unwrap(m) is unwrap(module)), None)
 
 
 def _all_networks(nets: Nets) -> Any:
@@ -125,7 +140,6 @@ def _save_sharded(accelerator: Any, nets: Nets, tmp: Path) -> None:
     """FSDP2: whole networks gathered to the main process, optimizer states through accelerate's FSDP helpers.
     Collective: every process calls it."""
     from accelerate.utils import save_fsdp_optimizer
-    from safetensors.torch import save_file
 
     for name in nets.names():
         state = accelerator.get_state_dict(nets.get(name))  # full, on the main process's CPU
