@@ -19,6 +19,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -94,14 +95,10 @@ class PluginInfo:
             return None
         try:
             spec = importlib.util.find_spec(ep.module)
-            source = open(spec.origin, encoding="utf-8").read() if spec and spec.origin else None
-        except (ImportError, OSError, ValueError):
-            return None
-        if source is None or not spec.origin.endswith(".py"):
-            return None
-        try:
-            return _decorated_hooks(ast.parse(source)) | config
-        except SyntaxError:
+            if spec is None or not (spec.origin or "").endswith(".py"):
+                return None
+            return _decorated_hooks(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) | config
+        except (ImportError, OSError, ValueError, SyntaxError):
             return None
 
 
