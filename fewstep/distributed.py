@@ -11,7 +11,7 @@ refused, never silently overridden. A launcher "no" cannot be told apart from a 
 :func:`sharding_plan` decides, from a method's networks and optimizer groups and the engine accelerate runs
 (:func:`accelerator_engine`), which networks accelerate prepares (and shards under FSDP2 / ZeRO-3), which stay
 replicated, how EMA and target networks follow a sharded network, and how checkpoints and the export read
-them. It is pure Python (no accelerate, no torch.distributed), so every method x engine is tested on a CPU.
+them. The plan is pure Python (no accelerate, no torch.distributed), so every method x engine is tested on a CPU.
 """
 
 from __future__ import annotations
@@ -78,17 +78,16 @@ def accelerator_engine(accelerator: object) -> str:
 
 @dataclass(frozen=True)
 class ShardingPlan:
-    """How one run's networks are distributed (docs/DISTRIBUTED.md, "Which networks accelerate sees").
+    """How one run's networks are distributed (docs/DISTRIBUTED.md, "Which networks are sharded").
 
     placement: network -> "sharded" (parameters split across processes between steps) or "replicated" (a whole
     copy on every process); the teacher is always listed. prepared: the trainable networks, in the order they are
     given to accelerate. followers: frozen network -> the trainable network whose architecture it has (an EMA, a
-    target, a snapshot); a follower takes its leader's placement, so ``fewstep.nn.ema_update`` between them is a
-    local, communication-free update of each process's shard under FSDP2. gather_followers: ZeRO-3 only: the
+    target, a snapshot); under FSDP2 a follower takes its leader's placement, so ``fewstep.nn.ema_update`` between
+    them is a local, communication-free update of each process's shard. gather_followers: ZeRO-3 only: the
     followers stay whole and are updated from parameters gathered for the update (DeepSpeed's partitions are
-    flat buffers that no frozen copy shares). gathered_checkpoint: checkpoints gather each sharded network's full
-    state dict to the main process, which writes the same per-network safetensors files as under DDP, and the
-    optimizer states go through accelerate's FSDP optimizer state-dict helpers instead of ``save_state``.
+    flat buffers that no frozen copy shares); the trainer gathers the stepped group's parameters for the EMA/target
+    hooks. Whatever the plan, checkpoints hold whole networks (fewstep.builtin.checkpoint).
     """
 
     engine: str
@@ -103,11 +102,8 @@ class ShardingPlan:
 
     @property
     def gather_followers(self) -> bool:
+        """ZeRO-3: the followers stay whole and read their leader's parameters gathered."""
         return self.engine == "zero3"
-
-    @property
-    def gathered_checkpoint(self) -> bool:
-        return self.sharded
 
     def describe(self) -> str:
         """One line per network: placement, and for a follower what it follows."""

@@ -448,7 +448,7 @@ class Trainer:
     def _whole(self, group: OptimizerGroup) -> contextlib.AbstractContextManager[Any]:
         """ZeRO-3: the group's partitioned parameters gathered whole on every process, read-only, for the after-step
         hooks (EMA and target updates read them; unverified: no ZeRO-3 run completed here). Other engines: nothing."""
-        if self.plan.engine != "zero3":
+        if not self.plan.gather_followers:
             return contextlib.nullcontext()
         import deepspeed
 

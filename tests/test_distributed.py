@@ -174,7 +174,7 @@ def test_plan_for_every_method_and_engine(method_networks, method, lora):
         sharded = {n for n, p in plan.placement.items() if p == "sharded"}
         expected = {"ddp": set(), "zero2": set(), "zero3": trainable, "fsdp2": trainable | same_arch}[engine]
         assert sharded == expected, (engine, plan.describe())
-        assert plan.gather_followers == (engine == "zero3") and plan.gathered_checkpoint == bool(expected)
+        assert plan.gather_followers == (engine == "zero3") and plan.sharded == bool(expected)
         if takes_jvp and engine == "fsdp2":  # forward-mode AD through a sharded student: refused (unverified)
             with pytest.raises(LaunchConflict, match="jvp: finite_difference"):
                 sharding_plan(engine, groups, networks, lora=lora, jvp="exact")
@@ -271,8 +271,10 @@ def _force_fsdp2(acc) -> None:
     acc.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
 
 
-def _fsdp2_ranks(config, run_dir: Path, out: Path, networks: tuple[str, ...]) -> list[dict]:
-    """Train ``config`` with 2 CPU processes under FSDP2; each rank's final networks (gathered) and logs."""
+def _fsdp2_ranks(config, run_dir: Path, out: Path, networks: tuple[str, ...], checkpoint: Path | None = None
+                 ) -> list[dict]:
+    """Train ``config`` with 2 CPU processes under FSDP2 (resuming from ``checkpoint`` when given); each rank's final
+    networks (gathered) and logs."""
     from accelerate import debug_launcher
 
     def worker() -> None:
@@ -289,7 +291,7 @@ def _fsdp2_ranks(config, run_dir: Path, out: Path, networks: tuple[str, ...]) ->
         pm = build_manager(config.method.name)
         recorder = Recorder()
         pm.register(recorder, name="recorder")
-        trainer = Trainer(config, pm, run_dir, accelerator=acc)
+        trainer = Trainer(config, pm, run_dir, accelerator=acc, resume=checkpoint is not None, checkpoint=checkpoint)
         trainer.fit()
         assert trainer.plan.engine == "fsdp2" and acc.is_fsdp2
         torch.save({"nets": network_state(trainer.nets, networks), "logs": recorder.logs},
@@ -330,3 +332,20 @@ def test_fsdp2_run_on_two_cpu_processes_matches_one_process(teacher, tmp_path):
             torch.testing.assert_close(v, ranks[0]["nets"][f"{name}.{k}"], rtol=0, atol=0)
     assert any((checkpoint / "optimizers").iterdir())
     assert any((tmp_path / "fsdp2" / "export").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_fsdp2_resume_replays_the_run(teacher, tmp_path):
+    """An FSDP2 checkpoint (whole networks, accelerate's FSDP optimizer state) resumed by 2 processes under FSDP2:
+    the second step replayed from the first step's checkpoint gives the uninterrupted run's networks."""
+    names = ("student", "target", "ema")
+    config = tiny_run_config(teacher, {"name": "cd", "num_scales": 8, "target_ema": 0.9}, steps=2, batch=8,
+                             optimizer={"name": "adam", "lr": 1e-3}, train={"checkpoint_every_nimg": 8})
+    whole = _fsdp2_ranks(config, tmp_path / "run", tmp_path / "ranks", names)
+    first = tmp_path / "run" / "checkpoints" / "step-00000001"
+    assert (first / "trainer_state.json").is_file()
+    resumed = _fsdp2_ranks(config, tmp_path / "resumed", tmp_path / "ranks_resumed", names, checkpoint=first)
+    for k, v in whole[0]["nets"].items():
+        torch.testing.assert_close(resumed[0]["nets"][k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    assert [r["step"] for r in resumed[0]["logs"]] == [2]
