@@ -11,6 +11,7 @@ memory of the whole process, imports included), compared by their medians.
 
 The hand loop runs the same non-finite guard as fewstep's step (gradient norm, fused Adam skipping a
 non-finite step on the device); ``--hand-no-guard`` drops it from the hand loop (fewstep keeps its guard).
+Both take one Heun teacher step per grid interval: the recipe's ``method.substeps`` is set to 1 here.
 
     python examples/paired_bench.py --pairs 20 --steps 3 --out docs/benchmarks/paired_cd.json
 """
@@ -35,6 +36,7 @@ from fewstep.config import load_config
 from fewstep.plugin import build_manager, discover
 plugins = discover()
 config = load_config(sys.argv[1], plugins=plugins)
+config = config.model_copy(update={"method": config.method.model_copy(update={"substeps": 1})})
 pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
 trainer = bench_trainer(config, pm, tempfile.mkdtemp(), int(sys.argv[2]))
 for _ in range(int(sys.argv[2])):
@@ -81,6 +83,8 @@ def main() -> None:
 
     plugins = discover()
     config = load_config(args.recipe, plugins=plugins)
+    # the hand loop takes one Heun teacher step per grid interval (CM); the recipe's substeps: 2 takes two
+    config = config.model_copy(update={"method": config.method.model_copy(update={"substeps": 1})})
     pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable, plugins=plugins)
     trainer = bench_trainer(config, pm, Path(tempfile.mkdtemp(prefix="paired-")), args.warmup + args.pairs * args.steps)
     hand = HandCD(guard=guard)
