@@ -112,6 +112,13 @@ class TangentOptions(MethodConfig):
                              "small float step of `jvp` instead.")
 
 
+def check_flow_sample_times(sample_times: dict[int, list[float]]) -> None:
+    """Validate a flow-time sampler (flow maps, MeanFlow): N + 1 strictly decreasing times in [0, 1) per N."""
+    for n, times in sample_times.items():
+        if len(times) != n + 1 or any(not 0 <= b < a < 1 for a, b in zip(times, times[1:])):
+            raise ValueError(f"method.sample_times[{n}]: need {n + 1} decreasing flow times in [0, 1), got {times}")
+
+
 def check_resolutions(resolutions: Sequence[int], size: int | None = None) -> list[int]:
     """Validate a cascade: strictly increasing sizes, each dividing the next, the last equal to ``size``."""
     res = [int(r) for r in resolutions]

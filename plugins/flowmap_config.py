@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from fewstep.hookspecs import hookimpl
-from fewstep.method_configs import TangentOptions
+from fewstep.method_configs import TangentOptions, check_flow_sample_times
 
 
 class FlowMapConfig(TangentOptions):
@@ -47,9 +47,7 @@ class FlowMapConfig(TangentOptions):
     def _check(self) -> FlowMapConfig:
         if self.guidance is not None and not 0 <= self.guidance[0] <= self.guidance[1]:
             raise ValueError(f"method.guidance must be (lo, hi) with 0 <= lo <= hi, got {self.guidance}")
-        for n, times in self.sample_times.items():
-            if len(times) != n + 1 or any(not 0 <= b < a < 1 for a, b in zip(times, times[1:])):
-                raise ValueError(f"method.sample_times[{n}]: need {n + 1} decreasing flow times in [0, 1), got {times}")
+        check_flow_sample_times(self.sample_times)
         return self
 
 
