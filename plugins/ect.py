@@ -271,11 +271,9 @@ def edge_skipping_sample(x0_hat, noise: Tensor, edges: list[float], sigma_min: f
     return x0_hat(x, level(t))
 
 
-@hookimpl
-def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
-                   generator: torch.Generator) -> Tensor:
-    """ECT's multistep sampler with the EMA student; SCT with M > 1 segments and num_steps = M uses the
-    phased edge-skipping sampler; SCT guidance evaluates the snapshot too (2 evaluations per step)."""
+def _sampler_x0(ctx: RunContext, nets: Nets, cond: Cond | None):
+    """x0_hat(x, sigma) of the sampling student (SCT guidance: guided by the snapshot, 2 evaluations), with the
+    sampler's level range (lo, hi); shared by the sampler and the editing denoiser."""
     cfg, process = ctx.method, nets.teacher.process
     lo, hi = sigma_range(cfg, process)
     good = sampling_net(nets)
@@ -287,6 +285,16 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
         f_bad = None if bad is None else denoised(bad, process, x, sigma, cond, lo, process.sigma_data)
         return guided(f_good, f_bad, w)
 
+    return x0_hat, lo, hi
+
+
+@hookimpl
+def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
+                   generator: torch.Generator) -> Tensor:
+    """ECT's multistep sampler with the EMA student; SCT with M > 1 segments and num_steps = M uses the
+    phased edge-skipping sampler; SCT guidance evaluates the snapshot too (2 evaluations per step)."""
+    cfg = ctx.method
+    x0_hat, lo, hi = _sampler_x0(ctx, nets, cond)
     edges = getattr(cfg, "segment_edges", [])
     clamp = cfg.clamp and nets.teacher.vae is None
     if edges and num_steps == len(edges) + 1:
@@ -327,17 +335,8 @@ def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
     no editing."""
     from fewstep.editing import ConsistencyDenoiser
 
-    cfg, process = ctx.method, nets.teacher.process
+    cfg = ctx.method
     if getattr(cfg, "segment_edges", []):
         return None
-    lo, hi = sigma_range(cfg, process)
-    good = sampling_net(nets)
-    w = getattr(cfg, "guidance", 1.0)
-    bad = nets.extra["snapshot"] if w != 1.0 else None
-
-    def x0_hat(x: Tensor, sigma: Tensor) -> Tensor:
-        f_good = denoised(good, process, x, sigma, cond, lo, process.sigma_data)
-        f_bad = None if bad is None else denoised(bad, process, x, sigma, cond, lo, process.sigma_data)
-        return guided(f_good, f_bad, w)
-
+    x0_hat, lo, hi = _sampler_x0(ctx, nets, cond)
     return ConsistencyDenoiser(x0_hat, lo, hi, renoise_floor=0.0, clamp=cfg.clamp and nets.teacher.vae is None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fewstep.steplog import StepLog, gated_step, grad_norm, step_gated
-from fewstep.testing import Recorder, make_tiny_teacher, run_tiny, tiny_run_config
+from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config
 from fewstep.trainer import Trainer, make_optimizer
 from fewstep.types import OptimizerGroup
 
