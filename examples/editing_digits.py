@@ -15,7 +15,16 @@ from pathlib import Path
 import torch
 
 from fewstep.cli import _built_run
-from fewstep.editing import BlockAverage, Everything, Mask, degraded_view, edit, known_psnr
+from fewstep.editing import (
+    BlockAverage,
+    Everything,
+    Mask,
+    benchmark_edits,
+    benchmark_grid_rows,
+    edit,
+    known_psnr,
+    middle_rows_mask,
+)
 from fewstep.images import save_grid_rows
 
 
@@ -30,22 +39,14 @@ def main() -> None:
     hook, ctx, nets = pm.hook, trainer.ctx, trainer.nets
     n = len(trainer.dataset)
     images, _, _ = trainer.dataset.get(torch.arange(n - args.num, n))
-    size = images.shape[-1]
-    mask = torch.ones(1, 1, size, size)
-    mask[..., size // 4: 3 * size // 4, :] = 0  # the middle half of the rows is unknown
-    rows: dict[str, torch.Tensor] = {"original": images, "inpaint mask": (mask - 1).expand_as(images)}  # grey = known
-    for task, op, kw in (("inpaint", Mask(mask), {"mask": mask}), ("superres", BlockAverage(4), {"factor": 4})):
-        g = torch.Generator().manual_seed(0)
-        out = edit(hook, ctx, nets, task, images, args.steps, generator=g, **kw)
-        rows[f"{task} input"] = degraded_view(task, images, kw.get("mask"), kw.get("factor", 2))
-        rows[f"{task} output"] = out
+    edits = benchmark_edits(hook, ctx, nets, images, args.steps, factor=4, strength=0.5, seed=0)
+    ops = {"inpaint": Mask(middle_rows_mask(images.shape[-1])), "superres": BlockAverage(4)}
+    for task, op in ops.items():
+        out = edits[task][1]
         psnr = known_psnr(out, images, op)
         full = known_psnr(out, images, Everything())
         print(f"{task}: PSNR of the known part {psnr:.2f} dB; of the whole image vs the original {full:.2f} dB")
-    strokes = BlockAverage(4).project(images).clamp(-1, 1)
-    rows["sdedit input"] = strokes
-    rows["sdedit output"] = edit(hook, ctx, nets, "sdedit", strokes, args.steps, strength=0.5,
-                                 generator=torch.Generator().manual_seed(0))
+    rows = benchmark_grid_rows(images, edits)
     rows["interpolation"] = edit(hook, ctx, nets, "interpolate", images, args.steps, num_frames=args.num,
                                  generator=torch.Generator().manual_seed(1))
     save_grid_rows(rows, args.out, upscale=4)

@@ -302,6 +302,49 @@ def degraded_view(task: str, image: Tensor, mask: Tensor | None = None, factor: 
     return image
 
 
+def middle_rows_mask(size: int) -> Tensor:
+    """The benchmark inpainting mask (1, 1, size, size): 1 (known) except the middle half of the rows."""
+    mask = torch.ones(1, 1, size, size)
+    mask[..., size // 4: 3 * size // 4, :] = 0
+    return mask
+
+
+BENCHMARK_TASKS = ("inpaint", "superres", "sdedit")
+
+
+def benchmark_edits(hook: Any, ctx: Any, nets: Any, images: Tensor, num_steps: int, *,
+                    tasks: tuple[str, ...] = BENCHMARK_TASKS, factor: int = 4, strength: float = 0.5,
+                    cond: Any = None, seed: int = 0) -> dict[str, tuple[Tensor, Tensor]]:
+    """The editing benchmark (docs/EDITING.md) on ``images`` (B, C, H, W) in [-1, 1]: inpainting with the
+    middle half of the rows unknown (:func:`middle_rows_mask`), ``factor`` x ``factor`` super-resolution, and
+    SDEdit at ``strength`` from the ``factor`` x ``factor`` block image as a stroke painting. Each task draws
+    its noise from a generator seeded with ``seed``. Returns {task: (the input as the user gives it, output)}."""
+    unknown = set(tasks) - set(BENCHMARK_TASKS)
+    if unknown:
+        raise ValueError(f"benchmark tasks are {', '.join(BENCHMARK_TASKS)}; got {', '.join(sorted(unknown))}")
+    mask = middle_rows_mask(images.shape[-1])
+    blocks = BlockAverage(factor).project(images)
+    kwargs = {"inpaint": {"mask": mask}, "superres": {"factor": factor}, "sdedit": {"strength": strength}}
+    out = {}
+    for task in tasks:
+        source = blocks if task == "sdedit" else images
+        result = edit(hook, ctx, nets, task, source, num_steps, cond=cond,
+                      generator=torch.Generator().manual_seed(seed), **kwargs[task])
+        out[task] = (degraded_view(task, images, mask, factor) if task != "sdedit" else blocks, result)
+    return out
+
+
+def benchmark_grid_rows(images: Tensor, edits: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+    """Grid rows of :func:`benchmark_edits`: the originals, the inpainting mask (grey = known, black = to
+    fill) when inpainting ran, then each task's input and output."""
+    rows = {"original": images}
+    if "inpaint" in edits:
+        rows["inpaint mask"] = (middle_rows_mask(images.shape[-1]) - 1).expand_as(images)
+    for task, (given, result) in edits.items():
+        rows[f"{task} input"], rows[f"{task} output"] = given, result
+    return rows
+
+
 def known_psnr(output: Tensor, image: Tensor, op: Projection) -> float:
     """PSNR (dB, peak-to-peak 2 for [-1, 1]) between the known parts P output and P image; inf when equal."""
     mse = float((op.project(output) - op.project(image)).pow(2).mean())
@@ -321,18 +364,24 @@ def read_image(path: Path, shape: tuple[int, ...]) -> Tensor:
     return (t[None, None] if channels == 1 else t.permute(2, 0, 1)[None]).contiguous()
 
 
+def load_student(path: Path) -> tuple[Any, Any, Any]:
+    """(hook, ctx, nets) of an export (``fewstep export``) or of a run folder (its latest checkpoint)."""
+    from fewstep.cli import _built_run
+    from fewstep.export import EXPORT_META, load_export
+
+    if (Path(path) / EXPORT_META).is_file():
+        loaded = load_export(path, device="cuda" if torch.cuda.is_available() else "cpu")
+        return loaded.hook, loaded.ctx, loaded.nets
+    trainer, pm = _built_run(Path(path))
+    return pm.hook, trainer.ctx, trainer.nets
+
+
 def cmd_edit(args: Any) -> int:
     """``fewstep edit RUN|EXPORT --task ... --image PATH [--mask PATH] --steps N --out PATH``."""
-    from fewstep.cli import _built_run
-    from fewstep.export import EXPORT_META, condition, load_export
+    from fewstep.export import condition
     from fewstep.images import save_grid_rows
 
-    if (args.run / EXPORT_META).is_file():
-        loaded = load_export(args.run, device="cuda" if torch.cuda.is_available() else "cpu")
-        hook, ctx, nets = loaded.hook, loaded.ctx, loaded.nets
-    else:
-        trainer, pm = _built_run(args.run)
-        hook, ctx, nets = pm.hook, trainer.ctx, trainer.nets
+    hook, ctx, nets = load_student(args.run)
     teacher = nets.teacher
     shape = teacher.data_shape
     image = read_image(args.image, shape)

@@ -174,15 +174,31 @@ def reference_set(trainer, reference: str) -> tuple[object, str]:
     """The real images to compare against: ``"data"`` (the run's training images, pixels also for a
     latent teacher) or a path to any image source fewstep reads (e.g. a held-out test split), shaped
     like the teacher's images. Returns the data set and its source path."""
-    from fewstep.data import build_dataset
-
     if reference == "data":
         return getattr(trainer.dataset, "base", trainer.dataset), trainer.config.data.source
-    c, h, _ = trainer.nets.teacher.data_shape
-    cfg = trainer.config.data.model_copy(update={
-        "source": reference, "labels": None, "prompts": None, "pairs": None, "limit": None, "resolution": h,
-        "channels": c, "class_conditional": trainer.nets.teacher.conditioning == "class", "flip": False})
-    return build_dataset(cfg), reference
+    return source_dataset(trainer.config.data, trainer.nets.teacher, reference), reference
+
+
+def source_dataset(data_config, teacher, source: str):
+    """Any image source fewstep reads (``data.source`` syntax, e.g. a held-out test split) read with the run's
+    data settings, resized to the teacher's images, with its own labels (idx: the sibling labels file) as
+    classes for a class-conditional teacher."""
+    from fewstep.data import build_dataset
+
+    c, h, _ = teacher.data_shape
+    cfg = data_config.model_copy(update={
+        "source": source, "labels": None, "prompts": None, "pairs": None, "limit": None, "resolution": h,
+        "channels": c, "class_conditional": teacher.conditioning == "class", "flip": False})
+    return build_dataset(cfg)
+
+
+def reference_features(dataset, source: str, num: int, extractor: FeatureExtractor) -> tuple[np.ndarray, str]:
+    """Features of the first ``num`` images of ``dataset`` (read from ``source``) and the digest they are
+    cached under in ``eval_cache_dir`` (shared by every caller with the same images and feature network)."""
+    ref_key = _digest(source, dataset.describe(), num, str(extractor.path))
+    real, _ = cached_features(eval_cache_dir() / f"fid-ref-{ref_key}.npz", ref_key,
+                              lambda: (extractor(dataset.get(torch.arange(num))[0]), {}))
+    return real, ref_key
 
 
 def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int], num: int,
@@ -203,10 +219,9 @@ def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int]
     if not dataset.has_images:
         raise ValueError(f"evaluation needs real images: the reference {source!r} has none")
     num = min(num, len(dataset))
-    real_images, labels, prompts = dataset.get(torch.arange(num))
+    _, labels, prompts = dataset.get(torch.arange(num))
     cache = eval_cache_dir()
-    ref_key = _digest(source, dataset.describe(), num, str(extractor.path))
-    real, _ = cached_features(cache / f"fid-ref-{ref_key}.npz", ref_key, lambda: (extractor(real_images), {}))
+    real, ref_key = reference_features(dataset, source, num, extractor)
 
     teacher = trainer.nets.teacher
     if teacher.conditioning == "class" and labels is None:

@@ -245,3 +245,41 @@ def test_colorization_of_an_rgb_student_keeps_the_luminance(tmp_path):
     out = edit(trainer.pm.hook, trainer.ctx, trainer.nets, "colorize", image, 2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(Luminance().observe(out), Luminance().observe(image), atol=1e-5, rtol=0)
     assert float(Luminance().complement(out - image).abs().max()) > 1e-3  # the chroma is the student's
+
+
+def test_editing_benchmark_example_on_a_class_conditional_run(tmp_path):
+    """examples/editing_fashion.py on a tiny class-conditional CD run with the digits as data and a tiny
+    feature network: the known part is exact (inpaint) or its block averages match (superres), the FIDs are
+    fewstep.evaluation's (sdedit's input is superres's block image: the same input FID), json and grid written."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config
+
+    class PooledPixels(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.adaptive_avg_pool2d(x / 255.0, 2).flatten(1)
+
+    features = tmp_path / "features.pt"
+    torch.jit.script(PooledPixels()).save(str(features))
+    script = Path(__file__).parents[1] / "examples" / "editing_fashion.py"
+    spec = importlib.util.spec_from_file_location("editing_fashion", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    teacher = make_tiny_teacher(tmp_path / "teacher", conditioning="class")
+    run_tiny(tiny_run_config(teacher, {"name": "cd", "num_scales": 4}, steps=1), tmp_path / "run")
+    out = tmp_path / "bench"
+    assert example.main([str(tmp_path / "run" / "export"), str(out), "--data", "digits", "--num", "16", "--batch", "8",
+                         "--features", str(features)]) == 0
+    r = json.loads((out / "editing.json").read_text())
+    tasks = r["tasks"]
+    assert tasks["inpaint"]["known_part"] == {"psnr_db": "inf", "max_abs_error": 0.0}
+    assert tasks["superres"]["known_part"]["max_abs_error"] < 1e-5
+    assert tasks["sdedit"]["known_part"] is None
+    assert tasks["sdedit"]["input"] == tasks["superres"]["input"]
+    for m in tasks.values():
+        assert math.isfinite(m["output"]["fid"]) and math.isfinite(m["whole_vs_original"]["psnr"])
+    assert r["num"] == 16 and (out / "editing.png").is_file()
+    with pytest.raises(ValueError, match="--num must be in"):
+        example.run_benchmark(tmp_path / "run" / "export", out, data="digits", num=4, features=features)
