@@ -134,16 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field of the run's recipe (run folders only), e.g. --set method.guidance=1.5")
 
     p = sub.add_parser("edit", help="zero-shot editing with a consistency-type student (CM Algorithm 4): inpaint, "
-                       "colorize, superres, sdedit, interpolate")
+                       "colorize, superres, sdedit, interpolate; img2img (and inpainting with --mask) as diffusers' "
+                       "image-to-image pipelines")
     p.add_argument("run", type=Path, help="run folder (`fewstep distill`) or export folder (`fewstep export`)")
-    p.add_argument("--task", required=True, choices=["inpaint", "colorize", "superres", "sdedit", "interpolate"])
+    p.add_argument("--task", required=True,
+                   choices=["inpaint", "colorize", "superres", "sdedit", "interpolate", "img2img"])
     p.add_argument("--image", type=Path, required=True, help="input image (resized to the student's size; "
                    "interpolate: only its size is used)")
-    p.add_argument("--mask", type=Path, default=None, help="inpaint: mask image, white = known, black = to fill")
+    p.add_argument("--mask", type=Path, default=None, help="inpaint, img2img: mask image, white = known, black = "
+                   "to fill")
     p.add_argument("--steps", type=int, default=2, help="consistency steps (network evaluations)")
     p.add_argument("--factor", type=int, default=2, help="superres: block size k of the k x k average")
     p.add_argument("--strength", type=float, default=0.5, help="sdedit: start level, 0 = the image, 1 = pure noise "
-                   "(fraction of the Karras scale from sigma_min to sigma_max)")
+                   "(fraction of the Karras scale from sigma_min to sigma_max); img2img: the last int(steps * "
+                   "strength) of the student's steps run, as in diffusers")
     p.add_argument("--frames", type=int, default=8, help="interpolate: images from the first noise to the second")
     p.add_argument("--label", type=int, default=0, help="class label of a class-conditional student")
     p.add_argument("--prompt", default=None, help="prompt of a text-conditional student")

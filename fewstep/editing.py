@@ -18,7 +18,11 @@ student's completion. The tasks are the paper's:
   projection onto images constant on each patch);
 - stroke-guided generation (SDEdit): nothing known (P = 0), the chain starts from the user's image noised
   to a chosen level instead of from pure noise;
-- interpolation: nothing known, the initial noise is the spherical interpolation of two noises.
+- interpolation: nothing known, the initial noise is the spherical interpolation of two noises;
+- img2img: diffusers' image-to-image rule on the student's own N-step sampler: the last int(N * strength) of its
+  levels, from the image noised to the first kept one (with a mask: diffusers' inpainting with a plain UNet,
+  the known part re-noised with the initial noise at every level), so that fewstep and the stock
+  ``...Img2ImgPipeline`` / ``...InpaintPipeline`` on a stock export give the same images (docs/EDITING.md).
 
 A method opts in with the hook ``fewstep_denoiser`` (returns a :class:`ConsistencyDenoiser`: its
 consistency function in sigma space and its level range). The operators act on model space, which is
@@ -42,7 +46,7 @@ from fewstep.sampling import consistency_sigmas, eval_mode
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x (B,C,H,W), sigma (B,)) -> x0 estimate (B,C,H,W)
 
-TASKS = ("inpaint", "colorize", "superres", "sdedit", "interpolate")
+TASKS = ("inpaint", "colorize", "superres", "sdedit", "interpolate", "img2img")
 
 # ITU-R BT.601 luma weights; CM's colorization uses a luminance operator of this kind (the exact weights
 # of the official code are not verified here).
@@ -56,7 +60,9 @@ class ConsistencyDenoiser:
     f: (x (B,C,H,W) at level sigma (B,)) -> its estimate of the clean sample in model space;
     sigma_min / sigma_max: the levels the student was trained on (sigma space, ``fewstep.diffusion``);
     renoise_floor: re-noising from a clean estimate to tau adds sqrt(tau^2 - floor^2) z (CM: sigma_min;
-    ECT / sCM samplers: 0); clamp: bound every estimate to [-1, 1] (pixel students, as their samplers do)."""
+    ECT / sCM samplers: 0); clamp: bound every estimate to [-1, 1] (pixel students, as their samplers do);
+    levels: N -> the N descending levels of the method's own N-step sampler where they are not the Karras
+    points :func:`edit_levels` draws (DMD2: its generator levels), None otherwise."""
 
     f: Denoiser
     sigma_min: float
@@ -64,6 +70,7 @@ class ConsistencyDenoiser:
     renoise_floor: float
     clamp: bool = False
     rho: float = 7.0
+    levels: Callable[[int], list[float]] | None = None
 
 
 def flow_map_denoiser(F_fn: Callable[[Tensor, Tensor, Tensor], Tensor], sigma_min: float, sigma_max: float,
@@ -183,11 +190,13 @@ def _draw(shape: torch.Size, like: Tensor, generator: torch.Generator | None) ->
 
 def edit_sample(den: ConsistencyDenoiser, y: Tensor, op: Projection, sigmas: list[float],
                 generator: torch.Generator | None = None, start: Tensor | None = None,
-                noise: Tensor | None = None, shared_renoise: bool = False) -> Tensor:
+                noise: Tensor | None = None, shared_renoise: bool = False, known_initial_noise: bool = False) -> Tensor:
     """CM Algorithm 4 on levels ``sigmas`` (descending). y: (B, C, H, W) observation in model space (only
     P y is read). The first input is ``start`` (default P y, the paper's choice) plus sigmas[0] times
     ``noise`` (default drawn from ``generator``); every later level re-noises with fresh draws, one draw for
-    the whole batch when ``shared_renoise`` (interpolation frames then differ only by their initial noise)."""
+    the whole batch when ``shared_renoise`` (interpolation frames then differ only by their initial noise).
+    known_initial_noise: re-noise the known part with the initial noise instead of the fresh draw, as
+    diffusers' inpainting pipelines do with a plain (4-channel) UNet: x <- P (y + tau z_0) + (I - P) (x + tau z)."""
     known = op.project(y)
 
     def step(x: Tensor, sigma: float) -> Tensor:
@@ -197,21 +206,48 @@ def edit_sample(den: ConsistencyDenoiser, y: Tensor, op: Projection, sigmas: lis
         return known + op.complement(out)
 
     base = known if start is None else start
-    z = _draw(y.shape, y, generator) if noise is None else noise
-    x = step(base + sigmas[0] * z, sigmas[0])
+    z0 = _draw(y.shape, y, generator) if noise is None else noise
+    x = step(base + sigmas[0] * z0, sigmas[0])
     for tau in sigmas[1:]:
         z = _draw((1, *y.shape[1:]) if shared_renoise else y.shape, y, generator)
-        x = step(x + math.sqrt(max(tau**2 - den.renoise_floor**2, 0.0)) * z, tau)
+        r = math.sqrt(max(tau**2 - den.renoise_floor**2, 0.0))
+        x = x + r * z
+        if known_initial_noise:
+            x = op.complement(x) + op.project(y + r * z0)
+        x = step(x, tau)
     return x
 
 
 def edit_levels(den: ConsistencyDenoiser, num_steps: int, start_sigma: float | None = None) -> list[float]:
-    """The N levels of the editing sampler: the first N of an (N+1)-point Karras grid from ``start_sigma``
-    (default the student's sigma_max; SDEdit's strength) to sigma_min, as the consistency sampler's."""
+    """The N levels of the editing sampler: the student's own N-step sampler levels (``den.levels``) when it
+    declares them and no ``start_sigma`` is given, else the first N of an (N+1)-point Karras grid from
+    ``start_sigma`` (default the student's sigma_max; SDEdit's strength) to sigma_min, as the consistency
+    sampler's."""
+    if den.levels is not None and start_sigma is None:
+        return [float(s) for s in den.levels(num_steps)]
     hi = den.sigma_max if start_sigma is None else start_sigma
     if not den.sigma_min < hi <= den.sigma_max:
         raise ValueError(f"start level {hi} outside the student's range ({den.sigma_min}, {den.sigma_max}]")
     return consistency_sigmas(num_steps, den.sigma_min, hi, den.rho)
+
+
+def strength_levels(levels: list[float], strength: float) -> list[float]:
+    """diffusers' image-to-image rule (``get_timesteps`` of its img2img and inpainting pipelines): of an N-step
+    schedule, keep the last min(int(N * strength), N) levels (0.5 of 4 steps: the last 2; of 2 steps: the last 1)."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"--strength must be in (0, 1], got {strength}")
+    n = len(levels)
+    keep = min(int(n * strength), n)
+    if keep < 1:
+        raise ValueError(f"strength {strength} of {n} steps keeps no step (diffusers' rule: int(steps * strength) "
+                         f"= {keep}); raise --steps or --strength")
+    return levels[n - keep:]
+
+
+def latent_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """A pixel mask (B or 1, 1, H, W) on the latent grid ``size``, as diffusers' inpainting pipelines resize it
+    (``interpolate`` with its default nearest mode)."""
+    return F.interpolate(mask.float(), size=size)
 
 
 def slerp(z0: Tensor, z1: Tensor, alpha: float) -> Tensor:
@@ -263,13 +299,15 @@ def edit(hook: Any, ctx: Any, nets: Any, task: str, image: Tensor, num_steps: in
     """Edit ``image`` (B, *data_shape) in [-1, 1] with the run's or export's student; images in data space.
 
     strength (sdedit): the start level as a fraction of the way from sigma_min to sigma_max on the Karras
-    scale (0: the image itself, 1: pure noise). interpolate: ``num_frames`` images between two noises
-    (the first two rows of ``generator``'s draws), one row per image of the batch."""
+    scale (0: the image itself, 1: pure noise); (img2img): the fraction of the N-step schedule that runs
+    (:func:`strength_levels`), with ``mask`` (1 = known, 0 = to fill; on the latent grid for latent students)
+    diffusers' inpainting. interpolate: ``num_frames`` images between two noises (the first two rows of
+    ``generator``'s draws), one row per image of the batch."""
     teacher = nets.teacher
     latent = teacher.vae is not None
-    if latent and task not in ("sdedit", "interpolate"):
-        raise ValueError(f"--task {task} acts on pixels, and this student samples VAE latents; only sdedit and "
-                         "interpolate are offered for latent students")
+    if latent and task not in ("sdedit", "interpolate", "img2img"):
+        raise ValueError(f"--task {task} acts on pixels, and this student samples VAE latents; only sdedit, img2img "
+                         "(with --mask: inpainting on the latent grid) and interpolate are offered for latent students")
     den = student_denoiser(hook, ctx, nets, cond)
     y = teacher.encode(image.to(ctx.device).float()).float() if latent else image.to(ctx.device).float()
     with eval_mode(*[nets.get(n) for n in nets.names()]):
@@ -284,6 +322,13 @@ def edit(hook: Any, ctx: Any, nets: Any, task: str, image: Tensor, num_steps: in
             lo, hi, rho = den.sigma_min, den.sigma_max, den.rho
             start = (lo ** (1 / rho) + strength * (hi ** (1 / rho) - lo ** (1 / rho))) ** rho
             out = edit_sample(den, y, Nothing(), edit_levels(den, num_steps, start), generator, start=y)
+        elif task == "img2img":
+            levels = strength_levels(edit_levels(den, num_steps), strength)
+            if mask is None:
+                out = edit_sample(den, y, Nothing(), levels, generator, start=y)
+            else:
+                op = Mask((latent_mask(mask, tuple(y.shape[-2:])) if latent else mask).to(y.device))
+                out = edit_sample(den, y, op, levels, generator, start=y, known_initial_noise=True)
         else:
             op, obs = operator(task, y, mask, factor)
             out = edit_sample(den, obs, op, edit_levels(den, num_steps), generator)
@@ -293,7 +338,7 @@ def edit(hook: Any, ctx: Any, nets: Any, task: str, image: Tensor, num_steps: in
 def degraded_view(task: str, image: Tensor, mask: Tensor | None = None, factor: int = 2) -> Tensor:
     """What the user gives for ``task`` (for grids): the masked image (grey where unknown), the grey image,
     the block-averaged image, or the image itself."""
-    if task == "inpaint" and mask is not None:
+    if task in ("inpaint", "img2img") and mask is not None:
         return image * mask
     if task == "colorize":
         return Luminance().project(image)
@@ -395,7 +440,7 @@ def cmd_edit(args: Any) -> int:
                cond=cond, generator=torch.Generator().manual_seed(args.seed), num_frames=args.frames)
     rows = {"output": out} if args.task == "interpolate" else {
         "input": degraded_view(args.task, image, mask, args.factor), "output": out}
-    if args.task not in ("sdedit", "interpolate"):
+    if args.task not in ("sdedit", "interpolate", "img2img"):  # img2img's known part may be latent
         op, _ = operator(args.task, image, mask, args.factor)
         print(f"PSNR of the known part: {known_psnr(out, image, op):.2f} dB")
     save_grid_rows(rows, args.out, upscale=ctx.config.validation.upscale)

@@ -121,3 +121,19 @@ def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int):
 
     cfg, process = ctx.method, nets.teacher.process
     return renoise_sampler(process, generator_levels(Schedule.of(cfg, process).grid, num_steps, cfg.sigma_max))
+
+
+@hookimpl
+def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
+    """The generator's x0 prediction G(x, sigma) as the map of fewstep.editing's sampler, with the generator
+    levels as its N-step levels and re-noising from 0: on those levels the editing sampler with nothing known
+    is DMD2's multistep sampler (``few_step_sample``), so ``fewstep edit --task img2img`` is the stock
+    img2img / inpainting pipelines' rule on this sampler (docs/EDITING.md). Other levels (``--task sdedit``'s
+    Karras points) are the generator's extrapolation, as sampling with a step count off its grid."""
+    from fewstep.editing import ConsistencyDenoiser
+
+    cfg, process = ctx.method, nets.teacher.process
+    grid = Schedule.of(cfg, process).grid
+    top = float(generator_levels(grid, 1, cfg.sigma_max)[0])
+    return ConsistencyDenoiser(denoiser(process, sampling_net(nets), cond), float(grid[0]), top, renoise_floor=0.0,
+                               levels=lambda n: generator_levels(grid, n, cfg.sigma_max).tolist())

@@ -174,7 +174,8 @@ def test_refusals():
 HOOKED = [{"name": "cd", "num_scales": 4}, {"name": "ctm", "num_scales": 6, "num_heun_steps_max": 2}, {"name": "ect"},
           {"name": "tcm", "stage_nimg": 8}, {"name": "meanflow"}, {"name": "flowmap"},
           {"name": "scm", "mode": "scd", "warmup_nimg": 8}, {"name": "ct"}, {"name": "ict"},
-          {"name": "sct", "stage_nimg": 8}, {"name": "pcm", "solver_steps": 8, "num_phases": 1}]
+          {"name": "sct", "stage_nimg": 8}, {"name": "pcm", "solver_steps": 8, "num_phases": 1},
+          {"name": "dmd2", "num_steps": 2}]
 
 
 @pytest.mark.parametrize("method", HOOKED, ids=lambda m: m["name"])
@@ -200,12 +201,48 @@ def test_students_edit_through_the_hook(method, tmp_path):
     assert frames.shape == (3, 1, 8, 8) and torch.isfinite(frames).all()
 
 
+def test_strength_keeps_the_last_steps_as_diffusers_img2img():
+    from fewstep.editing import strength_levels
+
+    assert strength_levels([4.0, 3.0, 2.0, 1.0], 0.5) == [2.0, 1.0]
+    assert strength_levels([4.0, 3.0, 2.0, 1.0], 0.7) == [2.0, 1.0]  # int(4 * 0.7) = 2 steps
+    assert strength_levels([4.0, 3.0, 2.0, 1.0], 0.75) == [3.0, 2.0, 1.0]
+    assert strength_levels([2.0, 1.0], 0.5) == [1.0] and strength_levels([2.0, 1.0], 1.0) == [2.0, 1.0]
+    with pytest.raises(ValueError, match="keeps no step"):
+        strength_levels([1.0], 0.5)
+
+
+def test_known_part_renoised_with_the_initial_noise_as_diffusers_inpainting():
+    """known_initial_noise: every later input's known part is y + tau z_0 (z_0 the first draw), the unknown part
+    the estimate plus the fresh draw; the output's known part is y."""
+    seen = []
+
+    def f(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return 0.5 * x
+
+    den = ConsistencyDenoiser(f, EPS, SMAX, renoise_floor=0.0)
+    y, mask = _image(c=1), _mask()
+    out = edit_sample(den, y, Mask(mask), [3.0, 2.0, 1.0], torch.Generator().manual_seed(0), start=y,
+                      known_initial_noise=True)
+    g = torch.Generator().manual_seed(0)
+    z0, z1, z2 = (torch.randn(y.shape, generator=g) for _ in range(3))
+    torch.testing.assert_close(seen[0], y + 3.0 * z0)
+    x0 = y * mask + 0.5 * seen[0] * (1 - mask)
+    for x, tau, z in ((seen[1], 2.0, z1), (seen[2], 1.0, z2)):
+        torch.testing.assert_close(x * mask, (y + tau * z0) * mask, atol=1e-6, rtol=0)
+        torch.testing.assert_close(x * (1 - mask), (x0 + tau * z) * (1 - mask), atol=1e-6, rtol=0)
+        x0 = y * mask + 0.5 * x * (1 - mask)
+    assert torch.equal(out * mask, y * mask)
+
+
 def test_methods_without_a_consistency_function_are_refused(tmp_path):
     from fewstep.editing import edit
     from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config
 
-    teacher = make_tiny_teacher(tmp_path / "teacher")
-    trainer, _ = run_tiny(tiny_run_config(teacher, {"name": "dmd2"}, steps=1), tmp_path / "run")
+    teacher = make_tiny_teacher(tmp_path / "teacher", conditioning="class")
+    method = {"name": "msd", "num_students": 2, "ratio": 2, "adm_nimg": 2}  # routes noise to several students
+    trainer, _ = run_tiny(tiny_run_config(teacher, method, steps=1, plugins={"disable": ["ema"]}), tmp_path / "run")
     with pytest.raises(ValueError, match="offers no consistency function"):
         edit(trainer.pm.hook, trainer.ctx, trainer.nets, "inpaint", torch.zeros(1, 1, 8, 8), 1, mask=_mask())
 

@@ -1,6 +1,7 @@
 """Text-guided img2img and inpainting in 2-4 steps (issue 16 item 2) with a stock export: the family's stock
 StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline load the export's components
-(``AutoPipelineFor*.from_pipe``) and run the student with the export's stock scheduler at a strength."""
+(``AutoPipelineFor*.from_pipe``), run the student with the export's stock scheduler at a strength, and give the
+pixels of fewstep's own ``--task img2img`` sampler on the run (same generator, same starting latents)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,22 @@ from fewstep.export import EXPORT_META
 from fewstep.testing import run_tiny, tiny_family_teacher, tiny_run_config
 
 
-def test_stock_img2img_and_inpaint_pipelines_run_the_exported_student(tmp_path):
+def test_stock_img2img_and_inpaint_pipelines_match_fewstep_img2img(tmp_path):
+    """DMD2 on the tiny SD family, 2 and 4 steps, strength 0.5. diffusers encodes a pixel image by sampling the
+    VAE posterior with the generator (its first draw) where fewstep takes the posterior mean, so the pipelines
+    get fewstep's latents as ``image`` (a 4-channel image is taken as latents, no draw); from there both draw
+    the noise to the first kept timestep and then one re-noising per step from the same generator."""
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
+
+    from fewstep.editing import edit
+    from fewstep.export import condition
 
     folder, prompts = tiny_family_teacher("sd", tmp_path / "tiny-families")  # 4 latent channels, as SD
     config = tiny_run_config(folder, {"name": "dmd2", "num_steps": 4, "ratio": 1}, steps=1, batch=2,
                              data={"prompts": str(prompts)},
                              validation={"steps": [2, 4], "num_images": 2, "teacher_steps": 2, "upscale": 1})
-    run_tiny(config, tmp_path / "run")
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    hook, ctx, nets = trainer.pm.hook, trainer.ctx, trainer.nets
     out = tmp_path / "run" / "export"
     calls = json.loads((out / EXPORT_META).read_text())["stock"]["calls"]
     pipe = DiffusionPipeline.from_pretrained(out)
@@ -30,22 +39,36 @@ def test_stock_img2img_and_inpaint_pipelines_run_the_exported_student(tmp_path):
     assert img2img.unet is pipe.unet and type(img2img.scheduler).__name__ == "LCMScheduler"
     size = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     channels = pipe.vae.config.in_channels
-    image = torch.rand((1, channels, size, size), generator=torch.Generator().manual_seed(0))
-    mask = torch.zeros((1, 1, size, size))
-    mask[..., size // 2:, :] = 1  # diffusers convention: white (1) = repaint
+    image = torch.rand((1, channels, size, size), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        latents = nets.teacher.encode(image)
+    known = torch.ones((1, 1, size, size))
+    known[..., size // 2:, :] = 0  # fewstep: 1 = known; diffusers' mask_image: 1 (white) = repaint
+    cond = condition(nets.teacher, 1, prompt=["a cat"])
+    results = {}
     for n in ("2", "4"):
         kwargs = {k: v for k, v in calls[n].items() if k != "num_inference_steps"}
-        steps = calls[n]["num_inference_steps"] if "num_inference_steps" in calls[n] else int(n)
-        for p, extra in ((img2img, {}), (inpaint, {"mask_image": mask})):
-            result = p(prompt=["a cat"], image=image, strength=0.5, num_inference_steps=steps, output_type="pt",
-                       generator=torch.Generator().manual_seed(0), **kwargs, **extra).images
-            assert result.shape == (1, channels, size, size) and torch.isfinite(result).all()
+        steps = calls[n].get("num_inference_steps", int(n))
+        for p, mask, extra in ((img2img, None, {}),
+                               (inpaint, known, {"mask_image": 1 - known, "masked_image_latents": latents})):
+            stock = p(prompt=["a cat"], image=latents, strength=0.5, num_inference_steps=steps, output_type="pt",
+                      generator=torch.Generator().manual_seed(0), **kwargs, **extra).images
+            ours = edit(hook, ctx, nets, "img2img", image, int(n), strength=0.5, mask=mask, cond=cond,
+                        generator=torch.Generator().manual_seed(0))
+            ours = (ours / 2 + 0.5).clamp(0, 1)  # diffusers' postprocessing of "pt" output
+            assert stock.shape == ours.shape == (1, channels, size, size)
+            torch.testing.assert_close(stock, ours, atol=1e-4, rtol=0)  # measured: 1.0e-6 to 1.5e-6
+            results[n, mask is None] = ours
+    # the comparison discriminates: another seed, or inpainting against plain img2img, changes the pixels
+    other = edit(hook, ctx, nets, "img2img", image, 4, strength=0.5, cond=cond, generator=torch.Generator().manual_seed(1))
+    assert float(((other / 2 + 0.5).clamp(0, 1) - results["4", True]).abs().max()) > 1e-2
+    assert float((results["4", True] - results["4", False]).abs().max()) > 1e-2
 
 
 def test_fewstep_sdedit_of_a_text_student_and_latent_refusals(tmp_path):
-    """Where no stock pipeline applies, fewstep's own sampler edits with strength: SDEdit of a latent
-    text-conditional consistency student with a prompt (encode, Algorithm 4 without a known part, decode);
-    pixel operators are refused on latents."""
+    """Where no stock pipeline applies, fewstep's own sampler edits with strength: SDEdit and img2img (with a
+    mask: inpainting on the latent grid) of a latent text-conditional consistency student with a prompt (encode,
+    Algorithm 4, decode); pixel operators are refused on latents."""
     import pytest
 
     from fewstep.editing import edit
@@ -61,5 +84,10 @@ def test_fewstep_sdedit_of_a_text_student_and_latent_refusals(tmp_path):
     cond = condition(teacher, 2, prompt=["a cat", "a dog"])
     out = edit(hook, ctx, nets, "sdedit", image, 2, strength=0.5, cond=cond, generator=torch.Generator().manual_seed(0))
     assert out.shape == image.shape and torch.isfinite(out).all()
-    with pytest.raises(ValueError, match="only sdedit and interpolate"):
+    known = torch.ones(1, 1, *image.shape[-2:])
+    known[..., : image.shape[-2] // 2, :] = 0
+    out = edit(hook, ctx, nets, "img2img", image, 4, strength=0.5, mask=known, cond=cond,
+               generator=torch.Generator().manual_seed(0))  # latent inpainting: the mask on the latent grid
+    assert out.shape == image.shape and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="only sdedit, img2img"):
         edit(hook, ctx, nets, "inpaint", image, 2, mask=torch.ones(1, 1, *image.shape[-2:]), cond=cond)
