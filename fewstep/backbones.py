@@ -31,6 +31,17 @@ widens the first convolution (``conv_in`` of the UNets, the patch embedding of D
 weights, so the network ignores the new channels until it is trained: again, the student starts
 as its teacher. ``forward(..., extra_input=(B, k, H, W))`` concatenates them (zeros when omitted).
 
+Condition image. An image-conditioned model (a LowDiff stage reading the previous stage's output up-sampled, a
+super-resolution teacher reading its low-resolution input) takes its condition image from ``Cond.image``: the first
+``image_channels`` of the extra input channels (:meth:`Backbone.add_image_channels`, zero-initialised like the
+others), so the input is [x, Cond.image, extra_input] along channels. Unlike ``extra_input`` the image is required:
+a backbone with image channels called without ``Cond.image`` raises, as it would for missing labels. Because it
+travels in ``Cond``, every method's ``process.denoise(net, x, sigma, cond)`` hands it to teacher and student alike.
+
+Scalar defaults. A declared scalar left out of a call counts as 0 unless :meth:`Backbone.set_scalar_default` gave it
+another value: a LowDiff stage teacher fixes its ``stage`` input that way, so a method that knows nothing of
+stages calls it (and the student copied from it) at its own stage.
+
 Student conditioning (docs/CONDITIONING.md). An epsilon-prediction VP teacher reads x0 = (x_t - s eps)/a, which
 multiplies the network's error by sigma = s/a: ~157 at t = 999 of DDPM's linear betas. A student copied from such
 a teacher gets a capped input level (:meth:`Backbone.cap_input_level`, chosen by :func:`student_sigma_cap`): above
@@ -260,7 +271,7 @@ class Backbone(nn.Module):
     def __init__(
         self, model: nn.Module, extra_scalars: Sequence[str] = (), *, num_classes: int | None = None,
         extra_channels: int = 0, self_conditioning: bool = False, sample_size: int | None = None,
-        family: str | None = None,
+        family: str | None = None, image_channels: int = 0, scalar_defaults: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         name = type(model).__name__
@@ -285,14 +296,20 @@ class Backbone(nn.Module):
         self.family: Family = detected
         # Flux reads 2x2 patches of the latents as tokens: its config counts 4x the latent channels.
         self._pack = 2 if self.family.packed_latents else 1
-        #: channels of the extra input image (see add_input_channels); the data has in_channels
+        #: channels of the extra input images (see add_input_channels), condition image included; the data has
+        #: in_channels
         self.extra_channels: int = int(extra_channels)
+        #: how many of the extra channels (the first ones) are read from Cond.image (see add_image_channels)
+        self.image_channels: int = int(image_channels)
+        if not 0 <= self.image_channels <= self.extra_channels:
+            raise ValueError(f"image_channels={image_channels} must lie in [0, extra_channels={extra_channels}]: the "
+                             "condition image is part of the extra input channels")
         self.in_channels: int = int(cfg.in_channels) // self._pack**2 - self.extra_channels
         #: the extra input is the model's own previous x0 estimate (Analog Bits; see fewstep.selfcond)
         self.self_conditioning: bool = bool(self_conditioning)
-        if self.self_conditioning and self.extra_channels != self.in_channels:
+        if self.self_conditioning and self.extra_channels - self.image_channels != self.in_channels:
             raise ValueError(f"a self-conditioned backbone takes its x0 estimate as {self.in_channels} extra input "
-                             f"channels, but this one has {self.extra_channels}")
+                             f"channels, but this one has {self.extra_channels - self.image_channels}")
         model_out = int(cfg.out_channels) if cfg.out_channels is not None else int(cfg.in_channels)
         model_out //= self._pack**2
         self._model_out_channels = model_out
@@ -337,6 +354,8 @@ class Backbone(nn.Module):
         self._label_rows = label_rows
 
         self.extra_scalars: tuple[str, ...] = ()
+        #: the value of a declared scalar left out of a call (0 when not listed; see set_scalar_default)
+        self.scalar_defaults: dict[str, float] = {}
         self.scalar_embeddings = nn.ModuleDict()
         # Extra embedding of the forward in progress. For DiT the blocks' embedders may run again
         # during backward (gradient checkpointing recomputes them), possibly after another forward:
@@ -348,6 +367,8 @@ class Backbone(nn.Module):
         self.input_cap: InputCap | None = None
         if extra_scalars:  # a model loaded with time_cond_proj_dim holds a native guidance input (module docstring)
             self.add_scalar_inputs(extra_scalars, native_guidance=cfg.get("time_cond_proj_dim") is not None)
+        for name, value in (scalar_defaults or {}).items():
+            self.set_scalar_default(name, value)
 
     @property
     def has_null_class(self) -> bool:
@@ -381,9 +402,10 @@ class Backbone(nn.Module):
     def forward(self, x: Tensor, timestep: Tensor, cond: Cond | None = None, *, extra_input: Tensor | None = None,
                 **scalars: Tensor) -> Tensor:
         """x: (B, C, H, W) network input; timestep: (B,) float model time; cond: labels for class
-        models, embeddings (B, L, D) for text models; extra_input: (B, extra_channels, H, W) for a
-        backbone with extra input channels (zeros when omitted); scalars: (B,) floats named in
-        ``extra_scalars`` (a declared scalar left out counts as 0). Returns (B, out_channels, H, W) in
+        models, embeddings (B, L, D) for text models, the condition image (B, image_channels, H, W) for a backbone
+        with image channels (required); extra_input: (B, extra_channels - image_channels, H, W) for a
+        backbone with other extra input channels (zeros when omitted); scalars: (B,) floats named in
+        ``extra_scalars`` (a declared scalar left out counts as its ``scalar_defaults`` value, else 0). Returns (B, out_channels, H, W) in
         the model's dtype (at least float32 for a student with a capped input level, :meth:`cap_input_level`).
 
         ``x`` and text embeddings are cast to the model's parameter dtype (a bf16 teacher fed by
@@ -404,7 +426,7 @@ class Backbone(nn.Module):
             timestep = cap.timesteps(asked.float())
         if self.family.timestep_scale != 1.0:
             timestep = timestep * self.family.timestep_scale
-        x = self._with_extra_input(x.to(self.model_dtype), extra_input)
+        x = self._with_extra_input(x.to(self.model_dtype), extra_input, cond)
         height, width = x.shape[-2:]
         kwargs = self._model_kwargs(cond, x.dtype, batch, height, width, x.device)
         if self._pack > 1:
@@ -482,18 +504,38 @@ class Backbone(nn.Module):
             kwargs["class_labels"] = labels
         return kwargs
 
-    def _with_extra_input(self, x: Tensor, extra_input: Tensor | None) -> Tensor:
-        if not self.extra_channels:
+    def _with_extra_input(self, x: Tensor, extra_input: Tensor | None, cond: Cond | None) -> Tensor:
+        """[x, Cond.image, extra_input] along channels (module docstring: extra input channels, condition image)."""
+        image = cond.image if cond is not None else None
+        parts = [x]
+        if self.image_channels:
+            if image is None:
+                raise ValueError(
+                    f"this backbone is image-conditioned: it reads a ({x.shape[0]}, {self.image_channels}, "
+                    f"{x.shape[2]}, {x.shape[3]}) condition image from Cond.image, and the Cond has none. Training: "
+                    "the teacher's image_condition (fewstep_teacher.json) makes it from the data; sampling: pass "
+                    "Cond(image=...) (e.g. a LowDiff stage's up-sampled previous output, via the lowdiff cascade)")
+            if image.shape[0] != x.shape[0] or image.shape[1] != self.image_channels or image.shape[2:] != x.shape[2:]:
+                raise ValueError(f"Cond.image has shape {tuple(image.shape)}; this backbone expects "
+                                 f"({x.shape[0]}, {self.image_channels}, {x.shape[2]}, {x.shape[3]})")
+            parts.append(image.to(x.dtype))
+        elif image is not None:
+            raise ValueError(f"Cond.image given (shape {tuple(image.shape)}), but this {type(self.model).__name__} "
+                             "reads no condition image (image_channels = 0); drop it, or use an image-conditioned "
+                             "teacher (Backbone.add_image_channels)")
+        other = self.extra_channels - self.image_channels
+        if not other:
             if extra_input is not None:
-                raise ValueError("extra_input given, but this backbone has no extra input channels "
-                                 "(add them with Backbone.add_input_channels)")
-            return x
-        if extra_input is None:
-            extra_input = x.new_zeros(x.shape[0], self.extra_channels, *x.shape[2:])
-        if extra_input.shape[1] != self.extra_channels or extra_input.shape[2:] != x.shape[2:]:
-            raise ValueError(f"extra_input has shape {tuple(extra_input.shape)}; this backbone expects "
-                             f"(B, {self.extra_channels}, {x.shape[2]}, {x.shape[3]})")
-        return torch.cat([x, extra_input.to(x.dtype)], dim=1)
+                raise ValueError("extra_input given, but this backbone has no extra input channels besides its "
+                                 "condition image (add them with Backbone.add_input_channels)")
+        else:
+            if extra_input is None:
+                extra_input = x.new_zeros(x.shape[0], other, *x.shape[2:])
+            if extra_input.shape[1] != other or extra_input.shape[2:] != x.shape[2:]:
+                raise ValueError(f"extra_input has shape {tuple(extra_input.shape)}; this backbone expects "
+                                 f"(B, {other}, {x.shape[2]}, {x.shape[3]})")
+            parts.append(extra_input.to(x.dtype))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else x
 
     # ------------------------------------------------------------------------ extra input channels
 
@@ -503,12 +545,42 @@ class Backbone(nn.Module):
         The diffusers config's ``in_channels`` grows by ``n`` (``out_channels`` is pinned to the data
         channels), so ``save_pretrained`` / ``from_pretrained`` round-trip the widened model.
         """
+        self._widen_input(n, self.in_channels + self.extra_channels)
+        self.extra_channels += n
+
+    def add_image_channels(self, n: int) -> None:
+        """Read a condition image of ``n`` channels from ``Cond.image`` (module docstring): ``n`` zero-initialised
+        input channels inserted after x and any image channels already there, before the other extra channels."""
+        self._widen_input(n, self.in_channels + self.image_channels)
+        self.extra_channels += n
+        self.image_channels += n
+
+    def set_image_channels(self, n: int) -> None:
+        """Read the first ``n`` extra input channels from ``Cond.image`` and the rest from ``extra_input``; the
+        weights do not change. A LowDiff model saved before ``Cond.image`` existed read its condition through
+        ``extra_input``: ``set_image_channels(extra_channels)`` reads the same channels from Cond.image."""
+        if not 0 <= n <= self.extra_channels:
+            raise ValueError(f"set_image_channels({n}): this backbone has {self.extra_channels} extra input channels")
+        if self.self_conditioning and self.extra_channels - n != self.in_channels:
+            raise ValueError(f"set_image_channels({n}): the self-conditioning channels must stay extra_input")
+        self.image_channels = n
+
+    def set_scalar_default(self, name: str, value: float) -> None:
+        """The value the declared scalar ``name`` takes when a call leaves it out (module docstring)."""
+        if name not in self.scalar_embeddings:
+            raise ValueError(f"set_scalar_default: {name!r} is not an embedded scalar input of this backbone "
+                             f"(it has {list(self.scalar_embeddings) or 'none'})")
+        self.scalar_defaults[name] = float(value)
+
+    def _widen_input(self, n: int, at: int) -> None:
+        """Insert ``n`` zero-initialised input channels at data-channel position ``at`` of the input layer."""
         if n < 1:
-            raise ValueError(f"add_input_channels: n must be >= 1, got {n}")
+            raise ValueError(f"extra input channels: n must be >= 1, got {n}")
         parent_path, _, attr = self.family.input_layer.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
         layer = getattr(parent, attr)
         grow = n * self._pack**2  # Flux: each latent channel is 4 token features (channel-major packing)
+        at *= self._pack**2
         if isinstance(layer, nn.Linear):
             old_in = layer.in_features
             wider: nn.Module = nn.Linear(old_in + grow, layer.out_features, bias=layer.bias is not None)
@@ -519,19 +591,19 @@ class Backbone(nn.Module):
         wider = wider.to(layer.weight.device, layer.weight.dtype)
         with torch.no_grad():
             wider.weight.zero_()
-            wider.weight[:, :old_in] = layer.weight
+            wider.weight[:, :at] = layer.weight[:, :at]
+            wider.weight[:, at + grow :] = layer.weight[:, at:]
             if layer.bias is not None:
                 wider.bias.copy_(layer.bias)
         setattr(parent, attr, wider)
         self.model.register_to_config(in_channels=old_in + grow, out_channels=self._model_out_channels * self._pack**2)
-        self.extra_channels += n
 
     def enable_self_conditioning(self) -> None:
         """Self-conditioning (Analog Bits, distribution.md §6): the network also reads its own previous x0
         estimate, as ``in_channels`` zero-initialised extra input channels (so it starts as it was)."""
         if self.self_conditioning:
             return
-        if self.extra_channels:
+        if self.extra_channels - self.image_channels:
             raise ValueError("enable_self_conditioning: this backbone already has other extra input channels")
         self.add_input_channels(self.in_channels)
         self.self_conditioning = True
@@ -668,7 +740,8 @@ class Backbone(nn.Module):
         for name in self.scalar_embeddings:
             value = scalars.get(name)
             value = (
-                torch.zeros(batch, device=device) if value is None else torch.as_tensor(value, device=device)
+                torch.full((batch,), self.scalar_defaults.get(name, 0.0), device=device) if value is None
+                else torch.as_tensor(value, device=device)
             )
             emb = self.scalar_embeddings[name](value.reshape(-1).expand(batch))
             total = emb if total is None else total + emb
@@ -709,6 +782,8 @@ class Backbone(nn.Module):
             "extra_scalars": list(self.extra_scalars),
             "num_classes": self.num_classes,
             "extra_channels": self.extra_channels,
+            "image_channels": self.image_channels,
+            "scalar_defaults": dict(self.scalar_defaults),
             "self_conditioning": self.self_conditioning,
             "sample_size": self.sample_size,
             "family": self.family.name,
@@ -725,7 +800,8 @@ class Backbone(nn.Module):
         backbone = cls(model, cfg.get("extra_scalars", ()), num_classes=cfg.get("num_classes"),
                        extra_channels=cfg.get("extra_channels", 0),
                        self_conditioning=cfg.get("self_conditioning", False), sample_size=cfg.get("sample_size"),
-                       family=cfg.get("family"))
+                       family=cfg.get("family"), image_channels=cfg.get("image_channels", 0),
+                       scalar_defaults=cfg.get("scalar_defaults"))
         if cfg.get("input_cap") is not None:
             backbone.input_cap = InputCap.from_config(cfg["input_cap"])
         return backbone
@@ -739,6 +815,10 @@ class Backbone(nn.Module):
         meta = {"kind": self.kind, "extra_scalars": list(self.extra_scalars), "num_classes": self.num_classes,
                 "extra_channels": self.extra_channels, "self_conditioning": self.self_conditioning,
                 "sample_size": self.sample_size, "family": self.family.name}
+        if self.image_channels:
+            meta["image_channels"] = self.image_channels
+        if self.scalar_defaults:
+            meta["scalar_defaults"] = dict(self.scalar_defaults)
         if self.input_cap is not None:
             meta["input_cap"] = self.input_cap.config()
         (folder / BACKBONE_META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -785,7 +865,8 @@ class Backbone(nn.Module):
                        extra_channels=meta.get("extra_channels", 0),
                        self_conditioning=meta.get("self_conditioning", False),
                        sample_size=sample_size if sample_size is not None else meta.get("sample_size"),
-                       family=family if family is not None else meta.get("family"))
+                       family=family if family is not None else meta.get("family"),
+                       image_channels=meta.get("image_channels", 0), scalar_defaults=meta.get("scalar_defaults"))
         if meta.get("input_cap") is not None:
             backbone.input_cap = InputCap.from_config(meta["input_cap"])
         if len(backbone.scalar_embeddings):

@@ -748,7 +748,11 @@ def export_run(hook: Any, ctx: RunContext, nets: Nets, out_dir: Path) -> Path:
     if ctx.is_main and (out / EXPORT_META).is_file():
         if stock is None:
             print(f"export {out}: a custom FewStepPipeline (needs fewstep to load), because {plan}")
-        write_sample_grid(hook, ctx, nets, out)
+        if nets.teacher.net.image_channels:  # its samples need condition images, which an export does not hold
+            print(f"export {out}: no {SAMPLES_FILE}: the student is image-conditioned (Cond.image); the run's "
+                  "validation grids show it on conditions made from the data")
+        else:
+            write_sample_grid(hook, ctx, nets, out)
     return out
 
 

@@ -182,7 +182,8 @@ class LoraBackbone(Backbone):
 
     def __init__(self, base: SharedBase, like: Backbone, *, trainable: bool = True) -> None:
         super().__init__(base.model, like.extra_scalars, num_classes=like.num_classes,
-                         extra_channels=like.extra_channels, self_conditioning=like.self_conditioning)
+                         extra_channels=like.extra_channels, self_conditioning=like.self_conditioning,
+                         image_channels=like.image_channels, scalar_defaults=like.scalar_defaults)
         object.__setattr__(self, "model", self._modules.pop("model"))  # reachable, but not a submodule
         self.base = base
         self.adapter = base.new_adapter(trainable)

@@ -18,7 +18,8 @@ Folder layouts read by :func:`load_teacher` (never any network access):
 An optional ``fewstep_teacher.json`` at the top holds ``{"num_classes": int}``: how many real classes a
 class-conditional UNet2DModel has (its label table has one more row, the null class); ``"sample_size"``:
 the latent size where the configs do not say it (Flux); ``"max_sequence_length"``: the T5/Gemma text
-length instead of the stock pipeline's default.
+length instead of the stock pipeline's default; ``"image_condition"``: how an image-conditioned teacher's condition
+image is made from its data (:class:`fewstep.imagecond.ImageCondition`, e.g. a LowDiff stage teacher).
 
 :func:`save_teacher` writes layout (a). An unconditional pixel UNet with a VP process is saved as a
 stock ``DDPMPipeline`` (``diffusers.DiffusionPipeline.from_pretrained`` loads it); every other teacher
@@ -41,6 +42,7 @@ from fewstep import selfcond
 from fewstep.backbones import Backbone
 from fewstep.diffusion import NoiseProcess, X0Clip, cfg, process_from_scheduler_config, sample_ode
 from fewstep.families import Family, PromptEncoder, detect_family
+from fewstep.imagecond import ImageCondition
 from fewstep.types import Cond
 
 __all__ = ["FEWSTEP_PIPELINE", "Teacher", "load_teacher", "save_teacher"]
@@ -66,6 +68,8 @@ class Teacher:
     weak: a weaker checkpoint of the same model (same process and parameterisation) for autoguidance
         (Karras et al. 2024), or None; when present every guided prediction uses it as the reference
         instead of the unconditional prediction (see :meth:`denoise`).
+    image_condition: for a teacher whose backbone reads a condition image (``net.image_channels``), how the
+        trainer makes that image from the data (:mod:`fewstep.imagecond`); None: the caller gives ``Cond.image``.
     """
 
     def __init__(
@@ -82,7 +86,12 @@ class Teacher:
         dtype: torch.dtype = torch.float32,
         prompt_encoder: PromptEncoder | None = None,
         components: dict[str, Any] | None = None,
+        image_condition: ImageCondition | None = None,
     ) -> None:
+        if image_condition is not None and not net.image_channels:
+            raise ValueError(f"teacher at {source}: an image_condition is given, but its backbone reads no condition "
+                             "image (image_channels = 0); remove image_condition from fewstep_teacher.json")
+        self.image_condition = image_condition
         self.net = net
         self.process = process
         self.weak = weak
@@ -221,6 +230,8 @@ class Teacher:
             )
         if uncond is None:
             uncond = self.null_cond(x.shape[0])
+        if cond.image is not None and uncond.image is None:  # the null condition keeps the image (Cond.where)
+            uncond = uncond.with_image(cond.image)
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         both = predict(self.net, torch.cat([xd, xd]), torch.cat([sigma, sigma]), Cond.cat([cond, uncond]),
@@ -377,7 +388,11 @@ def load_teacher(
     info = detect_family(root)
     family = info.family
     meta_file = root / TEACHER_META
-    num_classes = _read_json(meta_file).get("num_classes") if meta_file.is_file() else None
+    teacher_meta = _read_json(meta_file) if meta_file.is_file() else {}
+    num_classes = teacher_meta.get("num_classes")
+    image_condition = teacher_meta.get("image_condition")
+    if image_condition is not None:
+        image_condition = ImageCondition.from_config(image_condition, f"{meta_file} image_condition")
     net = Backbone.from_pretrained(info.denoiser_dir, num_classes=num_classes, sample_size=info.sample_size,
                                    family=family.name)
 
@@ -420,6 +435,7 @@ def load_teacher(
         dtype=dtype,
         prompt_encoder=prompt_encoder,
         components=components,
+        image_condition=image_condition,
     )
 
 
@@ -448,8 +464,14 @@ def save_teacher(
     vae: nn.Module | None = None,
     text_encoder: nn.Module | None = None,
     tokenizer: Any | None = None,
+    image_condition: ImageCondition | None = None,
 ) -> Path:
-    """Write a teacher as a layout-(a) pipeline folder (see the module docstring); returns the folder."""
+    """Write a teacher as a layout-(a) pipeline folder (see the module docstring); returns the folder.
+    image_condition: how the data makes the condition image of an image-conditioned backbone (fewstep.imagecond)."""
+    if (image_condition is None) != (not net.image_channels):
+        raise ValueError(f"save_teacher: a backbone with {net.image_channels} condition-image channels needs an "
+                         "image_condition (and only such a backbone takes one), or the trainer cannot make its "
+                         "condition from the data")
     import diffusers
 
     folder = Path(folder)
@@ -461,7 +483,8 @@ def save_teacher(
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_cfg, indent=2) + "\n")
 
-    ddpm = net.kind == "unet2d" and net.conditioning == "none" and vae is None and process.kind == "vp"
+    ddpm = (net.kind == "unet2d" and net.conditioning == "none" and vae is None and process.kind == "vp"
+            and not net.extra_channels)  # DDPMPipeline feeds no extra input channels
     index: dict[str, Any] = {
         "_class_name": "DDPMPipeline" if ddpm else FEWSTEP_PIPELINE,
         "_diffusers_version": diffusers.__version__,
@@ -475,5 +498,8 @@ def save_teacher(
         library = "diffusers" if name == "vae" else "transformers"
         index[name] = [library, type(module).__name__]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (folder / TEACHER_META).write_text(json.dumps({"num_classes": net.num_classes}, indent=2) + "\n")
+    meta: dict[str, Any] = {"num_classes": net.num_classes}
+    if image_condition is not None:
+        meta["image_condition"] = image_condition.config()
+    (folder / TEACHER_META).write_text(json.dumps(meta, indent=2) + "\n")
     return folder

@@ -268,6 +268,8 @@ class Trainer:
         if x is not None and not s.latent and self.nets.teacher.vae is not None:
             x = self.nets.teacher.encode(x)  # data.cache: off: live VAE encoding
         cond, uncond = self.make_cond(s.labels, s.prompts, self.local_batch, samples=s)
+        if self.nets.teacher.net.image_channels:
+            cond, uncond = self.condition_images(x, cond, uncond, micro)
         if self.pairs is None:
             return Batch(x0=x, cond=cond, uncond=uncond)
         pidx = self.pair_stream.indices(start, g_micro)[lo : lo + self.local_batch]
@@ -300,6 +302,17 @@ class Trainer:
             added = samples.size_cond.to(device, cond.added.dtype)
             cond, uncond = replace(cond, added=added), replace(uncond, added=added)
         return cond, uncond
+
+    def condition_images(self, x: torch.Tensor | None, cond: Cond, uncond: Cond | None,
+                         micro: int) -> tuple[Cond, Cond | None]:
+        """cond and uncond with the image-conditioned teacher's condition image of x (fewstep.imagecond); its
+        augmentation noise is drawn for the global micro-batch from its own stream of (seed, images seen)."""
+        from fewstep.imagecond import require_image_condition
+
+        transform = require_image_condition(self.nets.teacher, pairs=self.pairs is not None)
+        info = replace(self.step_info(micro), device_generator=None,
+                       generator=torch.Generator().manual_seed(mix_seed(self.config.train.seed, self.state.nimg, 0x1CD)))
+        return transform.attach(x, cond, uncond, info.randn_like(x) if x is not None else None)
 
     # ------------------------------------------------------------------ setup
     @property
@@ -538,6 +551,16 @@ class Trainer:
         g = torch.Generator().manual_seed(mix_seed(self.config.train.seed, 0xF1E1D))
         noise = torch.randn((n, *self.nets.teacher.sample_shape), generator=g).to(self.ctx.device)
         teacher = self.nets.teacher
+        if teacher.net.image_channels:  # the condition images (and labels) of the stream's first n samples
+            from fewstep.imagecond import require_image_condition
+
+            s = self.stream.read(0, n, 0, n)
+            x = s.x.to(self.ctx.device) if s.x is not None else None
+            if x is not None and not s.latent and teacher.vae is not None:
+                x = teacher.encode(x)
+            cond, _ = self.make_cond(s.labels, s.prompts, n, samples=s)
+            z = torch.randn(x.shape if x is not None else (1,), generator=g).to(self.ctx.device)
+            return noise, require_image_condition(teacher).attach(x, cond, None, z)[0]
         if teacher.conditioning == "class":
             return noise, Cond(labels=torch.arange(n, device=self.ctx.device) % teacher.num_classes)
         if teacher.conditioning == "text":

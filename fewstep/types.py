@@ -47,6 +47,11 @@ class Cond:
     guidance: (B,) float guidance scale fed to a guidance-distilled backbone's own guidance embedding
         (Flux ``guidance_embeds``); None: the backbone's default (see ``Backbone.embedded_guidance``).
     prompts: the raw prompts, kept for logging and model cards; never fed to a network.
+    image: (B, C_img, H, W) float condition image, read by a backbone with ``image_channels`` as extra input
+        channels next to x (``Backbone.add_image_channels``): a LowDiff stage's up-sampled previous output, a
+        super-resolution teacher's low-resolution input. The trainer makes it from the batch's data with the
+        teacher's ``image_condition`` (fewstep.imagecond); samplers pass it in. It is part of the input, not of
+        the guided condition: :meth:`where` keeps it when ``other`` (a null condition) has none.
     The fields a family fills are listed in :mod:`fewstep.families`.
     """
 
@@ -57,9 +62,10 @@ class Cond:
     attention_mask: Tensor | None = None
     added: Tensor | None = None
     guidance: Tensor | None = None
+    image: Tensor | None = None
 
     def _tensors(self) -> dict[str, Tensor]:
-        names = ("labels", "embeddings", "pooled", "attention_mask", "added", "guidance")
+        names = ("labels", "embeddings", "pooled", "attention_mask", "added", "guidance", "image")
         return {k: v for k in names if (v := getattr(self, k)) is not None}
 
     @property
@@ -89,18 +95,35 @@ class Cond:
         return dataclasses.replace(self, **out)
 
     def where(self, mask: Tensor, other: Cond) -> Cond:
-        """Per sample, ``other`` where ``mask`` (B,) is True, else self (label dropout for CFG training)."""
+        """Per sample, ``other`` where ``mask`` (B,) is True, else self (label dropout for CFG training).
+        The condition image is kept where ``other`` has none (a null condition drops labels or text, never the
+        image the network is conditioned on)."""
         out = {}
         for k, v in self._tensors().items():
             o = getattr(other, k)
+            if o is None and k == "image":
+                continue
+            if o is None:
+                raise ValueError(f"Cond.where: this condition has {k!r} but the other one has none; build both "
+                                 "with the same fields (Teacher.null_cond gives the null condition)")
             m = mask.view(-1, *([1] * (v.ndim - 1)))
             out[k] = torch.where(m, o.to(v.device), v)
         return dataclasses.replace(self, **out)
+
+    def with_image(self, image: Tensor | None) -> Cond:
+        """This condition with ``image`` (B, C_img, H, W) as its condition image (None: none)."""
+        return dataclasses.replace(self, image=image)
 
     @staticmethod
     def cat(conds: list[Cond]) -> Cond:
         """Concatenate along the batch dimension (used to batch the cond and uncond passes of CFG)."""
         first = conds[0]
+        for c in conds[1:]:
+            missing = [k for k in first._tensors() if getattr(c, k) is None]
+            if missing or (first.image is None) != (c.image is None):
+                raise ValueError(f"Cond.cat: conditions with different fields ({sorted(first._tensors())} vs "
+                                 f"{sorted(c._tensors())}); give every part the same fields (the null condition of "
+                                 "an image-conditioned model carries the image too: Cond.with_image)")
         out: dict[str, Any] = {k: torch.cat([getattr(c, k) for c in conds]) for k in first._tensors()}
         if first.prompts is not None:
             out["prompts"] = tuple(p for c in conds for p in (c.prompts or ()))
