@@ -15,7 +15,7 @@ starting higher stages from a noised up-sample, and the per-stage step split.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from fewstep.diffusion import karras_sigmas, sample_ode
 from fewstep.method_configs import check_resolutions  # import-light: lowdiff's config checks use it
 
-__all__ = ["STAGE_EMBED_SCALE", "StageDenoiser", "cascade_sample", "check_resolutions", "downsample", "lowres_condition",
+__all__ = ["STAGE_EMBED_SCALE", "StageDenoiser", "StageSampler", "cascade_sample", "check_resolutions", "downsample", "lowres_condition",
            "pooled_noise", "stage_input", "stage_sigmas", "stage_steps", "upsample"]
 
 #: The stage index k is fed to the zero-initialised scalar input ``stage`` as k * 250, through the backbone's own
@@ -37,6 +37,9 @@ STAGE_EMBED_SCALE = 250.0
 Upsampling = Literal["nearest", "bilinear"]
 #: (x (B, C, r, r), sigma (B,), lowres (B, C, r, r), stage) -> x0 estimate (B, C, r, r), sigma space.
 StageDenoiser = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+#: (noise (B, C, r, r) standard normal, condition (B, C, r, r)) -> the stage's sample (B, C, r, r): a distilled
+#: student of one stage with its own sampler, in place of the ODE on the unified model.
+StageSampler = Callable[[Tensor, Tensor], Tensor]
 
 
 def downsample(x: Tensor, size: int) -> Tensor:
@@ -103,22 +106,22 @@ def stage_sigmas(sampling_sigmas: Callable[[int], Tensor], num_steps: int, start
 def cascade_sample(denoise: StageDenoiser, noise: Tensor, resolutions: Sequence[int], steps: Sequence[int],
                    sampling_sigmas: Callable[[int], Tensor], *, solver: str = "heun", upsampling: Upsampling = "nearest",
                    cond_noise: float = 0.0, start_sigma: float | None = None, sigma_min: float = 0.002,
-                   generator: torch.Generator | None = None, base: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+                   generator: torch.Generator | None = None, students: Mapping[int, StageSampler] | None = None) -> Tensor:
     """Generate stage by stage, lowest resolution first; returns (B, C, R, R) model-space samples.
 
     noise: (B, C, R, R) standard normal at the top size R; stage 0 starts from its block average
     (:func:`pooled_noise`), later stages from fresh noise drawn from ``generator``. Stage k > 0 reads the previous
     output up-sampled to r_k, plus ``cond_noise`` * N(0, I) (the training-time augmentation), and starts from pure
     noise at the grid's top, or from the up-sample noised to ``start_sigma`` when given. steps: ODE steps per
-    stage (``solver``: euler / ddim / heun, as ``fewstep.diffusion.sample_ode``). base: a sampler that maps stage
-    0's noise (B, C, r_0, r_0) to its sample instead (a distilled student of the lowest stage)."""
+    stage (``solver``: euler / ddim / heun, as ``fewstep.diffusion.sample_ode``). students: stage k -> a sampler
+    that maps the stage's noise and condition (both (B, C, r_k, r_k); the condition is zeros at stage 0) to its
+    sample instead of the ODE (a distilled student of that stage); such a stage starts from its noise, whatever
+    ``start_sigma``."""
     if len(steps) != len(resolutions):
         raise ValueError(f"cascade_sample: {len(steps)} step counts for {len(resolutions)} stages")
+    students = students or {}
     x = None
     for k, (r, n) in enumerate(zip(resolutions, steps)):
-        if k == 0 and base is not None:
-            x = base(pooled_noise(noise, r))
-            continue
         if k == 0:
             eps = pooled_noise(noise, r)
             low = torch.zeros_like(eps)
@@ -127,6 +130,9 @@ def cascade_sample(denoise: StageDenoiser, noise: Tensor, resolutions: Sequence[
             low = upsample(x, r, upsampling)
             if cond_noise > 0:
                 low = low + cond_noise * torch.randn(low.shape, generator=generator).to(low)
+        if k in students:
+            x = students[k](eps, low)
+            continue
         sigmas = stage_sigmas(sampling_sigmas, n, start_sigma if k > 0 else None, sigma_min).to(noise.device)
         start = eps * sigmas[0] if k == 0 or start_sigma is None else upsample(x, r, upsampling) + eps * sigmas[0]
         x = sample_ode(lambda x_, s, low=low, k=k: denoise(x_, s, low, k), start.float(), sigmas, solver)

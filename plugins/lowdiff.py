@@ -6,9 +6,9 @@ resolutions with one unified model that refines low-resolution outputs up to the
 high-resolution steps for comparable quality, works in pixel and latent space, and gains over 50 % throughput.
 Everything else here is this implementation's choice, unverified against the paper (see fewstep.cascade):
 
-- The model is the teacher's backbone with extra input channels for the previous stage's output, up-sampled to
-  the current size (zeros at the lowest stage), and a zero-initialised scalar input ``stage``
-  (``Backbone.add_input_channels`` / ``add_scalar_inputs``), so it starts as the teacher and is fine-tuned on
+- The model is the teacher's backbone reading a condition image, the previous stage's output up-sampled to the
+  current size (zeros at the lowest stage), in ``Cond.image``, and a zero-initialised scalar input ``stage``
+  (``Backbone.add_image_channels`` / ``add_scalar_inputs``), so it starts as the teacher and is fine-tuned on
   every stage. Training it from scratch would need the ``diffusion`` plugin's architecture spec in the core.
 - Training (like the ``diffusion`` plugin: the process's regression target at a random time, label dropout
   for guidance): each step draws one stage k for the whole global batch (one network call, so multi-process
@@ -17,10 +17,13 @@ Everything else here is this implementation's choice, unverified against the pap
 - Sampling: stage 0 from noise, then each stage conditioned on the previous output, with fewer steps at higher
   resolution (``step_ratio``, ``stage_steps``), optionally starting from the noised up-sample (``start_sigma``).
 
-Distillation by existing methods: the export also writes ``base_teacher/``, the lowest stage as a plain teacher
-folder (its condition channels read zeros and its ``stage`` input 0 when left out, which is stage 0), that any
-method distils at ``data.resolution`` = the lowest size; ``base_student`` puts such a student's export back in
-the cascade. Higher stages need the low-resolution image as a condition, which no method passes (docs/LOWDIFF.md).
+Distillation of every stage by existing methods (docs/LOWDIFF.md): the export also writes one teacher folder per
+stage, each any method distils at ``data.resolution`` = the stage's size without knowing LowDiff:
+``base_teacher/`` (stage 0: its condition channels read zeros and its ``stage`` input 0 when left out) and
+``stage_teachers/<k>/`` for k >= 1 (its ``stage`` input fixed to stage k by ``Backbone.set_scalar_default``, its
+condition image made from the data by the folder's ``image_condition``, fewstep.imagecond: the data block-averaged
+to r_{k-1}, up-sampled and noised as in training). ``stage_students`` (or ``base_student`` for stage 0) puts such
+students back in the cascade, which feeds each one the previous stage's up-sampled output in ``Cond.image``.
 """
 
 from __future__ import annotations
@@ -36,11 +39,14 @@ from torch import Tensor, nn
 from fewstep import cascade
 from fewstep.diffusion import cfg as cfg_combine
 from fewstep.hookspecs import hookimpl
+from fewstep.imagecond import ImageCondition
 from fewstep.nn import unwrap
 from fewstep.sampling import sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
 
 BASE_TEACHER = "base_teacher"
+#: stage_teachers/<k>/: stage k >= 1 as an image-conditioned teacher folder
+STAGE_TEACHERS = "stage_teachers"
 
 
 def _resolutions(method: LowDiffConfig, size: int) -> list[int]:
@@ -54,8 +60,8 @@ def _resolutions(method: LowDiffConfig, size: int) -> list[int]:
 
 @hookimpl
 def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module:
-    """The teacher's backbone plus condition channels and a ``stage`` input, both zero-initialised (so it starts
-    as the teacher); a teacher that already is a LowDiff model is copied as it is."""
+    """The teacher's backbone plus condition-image channels and a ``stage`` input, both zero-initialised (so it
+    starts as the teacher); a teacher that already is a LowDiff model is copied as it is."""
     net = teacher.net
     _resolutions(ctx.method, net.sample_size)
     student = copy.deepcopy(net).float()
@@ -63,9 +69,18 @@ def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module:
         if student.extra_channels:
             raise ValueError(f"method 'lowdiff': the teacher {teacher.source} already reads {student.extra_channels} "
                              "extra input channels (self-conditioning?); give a plain teacher")
-        student.add_input_channels(student.in_channels)
+        student.add_image_channels(student.in_channels)
         student.add_scalar_inputs(["stage"])
-    return student.requires_grad_(True).train()
+    return _unified(student).requires_grad_(True).train()
+
+
+def _unified(net: nn.Module) -> nn.Module:
+    """A LowDiff model saved before ``Cond.image`` existed read its condition as ``extra_input`` (the same input
+    channels): read them from Cond.image instead. Returns ``net``."""
+    model = unwrap(net)
+    if not model.image_channels and model.extra_channels == model.in_channels:
+        model.set_image_channels(model.extra_channels)
+    return net
 
 
 @hookimpl
@@ -90,32 +105,52 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     if k > 0:
         low = low + ctx.method.cond_noise * cascade.pooled_noise(aug, r)
     x_t = process.add_noise(target_x0, eps, t)
-    out = nets.student(process.c_in(t)[:, None, None, None] * x_t, process.model_time(t), cond, extra_input=low,
+    out = nets.student(process.c_in(t)[:, None, None, None] * x_t, process.model_time(t), cond.with_image(low),
                        stage=cascade.stage_input(k))
     err = (out.float() - process.output_target(target_x0, eps, t).float()).square().flatten(1).mean(1)
     return LossOutput(loss=process.loss_weight(t).float() * err)
 
 
 @functools.cache
-def _load_base(folder: Path, device: str):
+def _load_student(folder: Path, device: str):
     from fewstep.export import load_export
 
     return load_export(folder, device=device)
 
 
-def _base_sampler(ctx: RunContext, size: int, cond: Cond | None, num_steps: int, generator: torch.Generator):
-    """Stage 0 from the export of a student distilled from base_teacher/ (``method.base_student``), at its own
-    ``num_steps``-step sampler, in model space (loaded once per folder and device)."""
+def _stage_students(ctx: RunContext, res: list[int]) -> dict[int, Path]:
+    students = dict(ctx.method.stage_students)
+    if ctx.method.base_student is not None:
+        students[0] = ctx.method.base_student
+    bad = [k for k in students if not 0 <= k < len(res)]
+    if bad:
+        raise ValueError(f"method.stage_students names stages {bad}; this cascade has stages 0..{len(res) - 1} "
+                         f"(resolutions {res})")
+    return students
+
+
+def _stage_sampler(ctx: RunContext, k: int, folder: Path, size: int, cond: Cond | None, num_steps: int,
+                   generator: torch.Generator) -> cascade.StageSampler:
+    """Stage k from the export of a student distilled from base_teacher/ (k = 0) or stage_teachers/<k>/, at its
+    own ``num_steps``-step sampler, in model space (loaded once per folder and device); stage k > 0 gets the
+    condition as its ``Cond.image``."""
     from fewstep.sampling import eval_mode
 
-    loaded = _load_base(Path(ctx.method.base_student).resolve(), str(ctx.device))
+    loaded = _load_student(Path(folder).resolve(), str(ctx.device))
+    net = unwrap(loaded.nets.student)
+    where = f"method.stage_students[{k}] {folder}"
     if loaded.nets.teacher.sample_shape[-1] != size:
-        raise ValueError(f"method.base_student {ctx.method.base_student} samples at "
-                         f"{loaded.nets.teacher.sample_shape[-1]}, the cascade's lowest stage at {size}")
+        raise ValueError(f"{where} samples at {loaded.nets.teacher.sample_shape[-1]}, the cascade's stage {k} at "
+                         f"{size}; distil {stage_folder(k)} of this model's export")
+    stage = net.scalar_defaults.get("stage", 0.0) if "stage" in net.extra_scalars else None
+    if bool(net.image_channels) != (k > 0) or (stage is not None and stage != float(cascade.stage_input(k))):
+        raise ValueError(f"{where} is not a student of stage {k} (it reads {net.image_channels} condition-image "
+                         f"channels, stage input {stage}); distil {stage_folder(k)} of this model's export")
 
-    def sample(noise: Tensor) -> Tensor:
+    def sample(noise: Tensor, low: Tensor) -> Tensor:
+        c = cond if k == 0 else (cond if cond is not None else Cond()).with_image(low)
         with eval_mode(*[loaded.nets.get(n) for n in loaded.nets.names()]):
-            return loaded.hook.fewstep_sample(ctx=loaded.ctx, nets=loaded.nets, noise=noise, cond=cond,
+            return loaded.hook.fewstep_sample(ctx=loaded.ctx, nets=loaded.nets, noise=noise, cond=c,
                                               num_steps=num_steps, generator=generator)
 
     return sample
@@ -126,42 +161,68 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
                    generator: torch.Generator) -> Tensor:
     """The cascade (``fewstep.cascade.cascade_sample``) with CFG at teacher.guidance; ``num_steps`` is the
     lowest stage's step count, later stages take ``method.stage_steps`` / ``step_ratio`` of it."""
-    method, process, net = ctx.method, nets.teacher.process, sampling_net(nets)
+    method, process, net = ctx.method, nets.teacher.process, _unified(sampling_net(nets))
     res = _resolutions(method, noise.shape[-1])
     steps = cascade.stage_steps(num_steps, len(res), method.step_ratio, method.stage_steps)
     guidance = ctx.config.teacher.guidance
     uncond = nets.teacher.null_cond(noise.shape[0], device=noise.device) if guidance != 1.0 else None
 
     def denoise(x: Tensor, sigma: Tensor, low: Tensor, k: int) -> Tensor:
-        x0 = process.denoise(net, x, sigma, cond, extra_input=low, stage=cascade.stage_input(k))
+        c = (cond if cond is not None else Cond()).with_image(low)
+        x0 = process.denoise(net, x, sigma, c, stage=cascade.stage_input(k))
         if uncond is None:
             return x0
-        return cfg_combine(x0, process.denoise(net, x, sigma, uncond, extra_input=low,
-                                               stage=cascade.stage_input(k)), guidance)
+        return cfg_combine(x0, process.denoise(net, x, sigma, uncond.with_image(low), stage=cascade.stage_input(k)),
+                           guidance)
 
-    base = None if method.base_student is None else _base_sampler(ctx, res[0], cond, steps[0], generator)
+    students = {k: _stage_sampler(ctx, k, folder, res[k], cond, steps[k], generator)
+                for k, folder in _stage_students(ctx, res).items()}
     return cascade.cascade_sample(denoise, noise.float(), res, steps, process.sampling_sigmas, solver=method.solver,
                                   upsampling=method.upsampling, cond_noise=method.cond_noise,
                                   start_sigma=method.start_sigma, sigma_min=process.sigma_min, generator=generator,
-                                  base=base)
+                                  students=students)
 
 
 @hookimpl
 def fewstep_export(ctx: RunContext, nets: Nets, out_dir: Path, sampling_networks: list[str], stock, reason: str) -> Path:
     """The cascade as a FewStepPipeline (its student reads condition channels, so no stock pipeline applies), plus
-    ``base_teacher/``: the lowest stage as a teacher folder for distillation with any method."""
+    one teacher folder per stage for distillation with any method: ``base_teacher/`` (stage 0) and
+    ``stage_teachers/<k>/`` (stage k >= 1, image-conditioned; see the module docstring)."""
     from fewstep.export import run_metrics, write_export
     from fewstep.teacher import save_teacher
 
     if not ctx.is_main:
         return out_dir
-    student = unwrap(sampling_net(nets))
+    student = unwrap(_unified(sampling_net(nets)))
     write_export(ctx, nets, out_dir, student=student, stock=stock, reason=reason,
                  extra={n: nets.get(n) for n in sampling_networks}, metrics=run_metrics(ctx.run_dir))
-    base = copy.deepcopy(student)
-    base.sample_size = _resolutions(ctx.method, student.sample_size)[0]
-    base.model.register_to_config(sample_size=base.sample_size)
     teacher = nets.teacher
-    save_teacher(Path(out_dir) / BASE_TEACHER, base, teacher.process, vae=teacher.vae,
-                 text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer)
+    for k in range(len(_resolutions(ctx.method, student.sample_size))):
+        stage, condition = stage_teacher(ctx.method, student, k)
+        save_teacher(Path(out_dir) / stage_folder(k), stage, teacher.process, vae=teacher.vae,
+                     text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer, image_condition=condition)
     return out_dir
+
+
+def stage_folder(k: int) -> str:
+    """The export's sub-folder holding stage k as a teacher."""
+    return BASE_TEACHER if k == 0 else f"{STAGE_TEACHERS}/{k}"
+
+
+def stage_teacher(method: LowDiffConfig, model: nn.Module, k: int) -> tuple[nn.Module, ImageCondition | None]:
+    """Stage k of the unified ``model`` as a network any method distils, and how the data makes its condition.
+
+    Stage 0: a copy at r_0 whose condition channels read zeros when left out (``extra_input``) and whose ``stage``
+    input is 0 when left out, so a call without either is stage 0 exactly; no image condition. Stage k >= 1: a copy
+    at r_k whose ``stage`` input defaults to stage k (``Backbone.set_scalar_default``) and which reads its condition
+    from ``Cond.image``, made from data at r_k as in training: block average to r_{k-1}, up-sampling, ``cond_noise``.
+    """
+    res = _resolutions(method, model.sample_size)
+    stage = copy.deepcopy(unwrap(_unified(model)))
+    stage.sample_size = res[k]
+    stage.model.register_to_config(sample_size=res[k])
+    if k == 0:
+        stage.set_image_channels(0)
+        return stage, None
+    stage.set_scalar_default("stage", float(cascade.stage_input(k)))
+    return stage, ImageCondition("lowres", res[k - 1], method.upsampling, method.cond_noise)

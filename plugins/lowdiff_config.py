@@ -41,7 +41,11 @@ class LowDiffConfig(MethodConfig):
         "this sigma-space level instead of from pure noise (SDEdit-style; unverified); none: pure noise.")
     base_student: Path | None = Field(
         None, description="Export folder of a student distilled from this model's base_teacher/ (any method): "
-        "sampled at its own N-step sampler for the lowest stage instead of the ODE.")
+        "sampled at its own N-step sampler for the lowest stage instead of the ODE (the same as stage_students[0]).")
+    stage_students: dict[int, Path] = Field(
+        default_factory=dict, description="Stage index k -> export folder of a student distilled (any method) from "
+        "this model's base_teacher/ (k = 0) or stage_teachers/<k>/: stage k is sampled by that student's own "
+        "sampler at the stage's step count, fed the previous stage's up-sampled output as its condition image.")
 
 
 @hookimpl
@@ -62,5 +66,12 @@ def fewstep_configure(config) -> None:
         if method.stage_probs is not None and len(method.stage_probs) != len(method.resolutions):
             raise ValueError(f"method.stage_probs has {len(method.stage_probs)} entries for "
                              f"{len(method.resolutions)} resolutions; give one probability per stage")
+    if method.base_student is not None and 0 in method.stage_students:
+        raise ValueError("method.base_student and method.stage_students[0] both name a student of the lowest stage; "
+                         "give one of them")
+    if min(method.stage_students, default=0) < 0 or (
+            method.resolutions is not None and max(method.stage_students, default=0) >= len(method.resolutions)):
+        raise ValueError(f"method.stage_students has stages {sorted(method.stage_students)}; stages are numbered 0 "
+                         f"(lowest resolution) to {len(method.resolutions or [0, 0, 0]) - 1}")
     if method.stage_probs is not None and (min(method.stage_probs) < 0 or sum(method.stage_probs) <= 0):
         raise ValueError(f"method.stage_probs {method.stage_probs}: give non-negative weights with a positive sum")

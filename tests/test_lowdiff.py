@@ -1,6 +1,9 @@
 """lowdiff plugin and fewstep.cascade: conformance, closed forms of the cascade maths, training, sampling, export,
-and distillation of the lowest stage by an existing method (cd)."""
+and distillation of every stage by an existing method (cd), through the stage teachers of the export."""
 
+import copy
+import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +13,7 @@ from fewstep_plugins import lowdiff
 from fewstep import cascade
 from fewstep.diffusion import sample_ode
 from fewstep.export import load_export
+from fewstep.imagecond import ImageCondition
 from fewstep.sampling import generate
 from fewstep.teacher import load_teacher
 from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_run_config
@@ -91,19 +95,82 @@ def test_cascade_runs_each_stage_at_its_size_on_the_previous_output():
     assert torch.allclose(out, torch.full_like(out, 6.0))
 
 
+def test_cascade_feeds_stage_students_their_noise_and_condition():
+    """A stage with a student skips the ODE: the student gets the stage's noise and the previous output up-sampled
+    (zeros at stage 0), and its sample is what the next stage reads."""
+    seen = {}
+
+    def student(k):
+        def sample(noise, low):
+            seen[k] = (noise.shape[-1], low.clone())
+            return low + 10.0 ** k
+        return sample
+
+    denoise = lambda x, sigma, low, k: low + 100.0  # noqa: E731 - the ODE stage: clean estimate low + 100
+    sigmas = lambda n: torch.linspace(10.0, 0.0, n + 1, dtype=torch.float64)  # noqa: E731
+    out = cascade.cascade_sample(denoise, torch.randn(2, 1, 16, 16), [4, 8, 16], [2, 2, 2], sigmas, solver="euler",
+                                 students={0: student(0), 2: student(2)})
+    assert seen[0][0] == 4 and torch.equal(seen[0][1], torch.zeros(2, 1, 4, 4))
+    assert seen[2][0] == 16 and torch.allclose(seen[2][1], torch.full((2, 1, 16, 16), 101.0))  # 1, then + 100
+    assert torch.allclose(out, torch.full_like(out, 201.0))
+
+
+def test_stage_teachers_are_the_unified_model_at_their_stage(teacher16):
+    """stage_teacher(k) called like any teacher (no stage input; the condition in Cond.image at stage k >= 1, none at
+    stage 0) is the unified model at stage k, with a trained stage embedding and condition channels."""
+    teacher = load_teacher(teacher16)
+    method = lowdiff.LowDiffConfig(resolutions=[4, 8, 16], cond_noise=0.2, upsampling="bilinear")
+    model = lowdiff.fewstep_build_student(_ctx(resolutions=[4, 8, 16]), teacher).eval()
+    with torch.no_grad():
+        for p in [*model.scalar_embeddings["stage"].parameters(), model.model.conv_in.weight]:
+            p.add_(0.1 * torch.randn_like(p))
+    t, cond = torch.tensor([20.0, 700.0]), Cond(labels=torch.tensor([3, 7]))
+    for k, r in enumerate([4, 8, 16]):
+        stage, condition = lowdiff.stage_teacher(method, model, k)
+        x, low = torch.randn(2, 1, r, r), torch.randn(2, 1, r, r)
+        with torch.no_grad():
+            if k == 0:
+                assert condition is None and stage.image_channels == 0 and stage.sample_size == 4
+                ref = model(x, t, cond.with_image(torch.zeros_like(x)), stage=cascade.stage_input(0))
+                assert torch.equal(stage(x, t, cond), ref)
+            else:
+                assert condition == ImageCondition("lowres", [4, 8][k - 1], "bilinear", 0.2)
+                assert stage.scalar_defaults == {"stage": 250.0 * k} and stage.sample_size == r
+                ref = model(x, t, cond.with_image(low), stage=cascade.stage_input(k))
+                assert torch.equal(stage(x, t, cond.with_image(low)), ref)
+                with pytest.raises(ValueError, match="image-conditioned"):
+                    stage(x, t, cond)
+    assert model.image_channels == 1 and "stage" not in model.scalar_defaults  # the model itself is unchanged
+
+
+def test_a_model_saved_before_cond_image_reads_its_condition_from_cond_image(teacher16):
+    """Exports written when the condition came through extra_input hold the same channels: they are relabelled."""
+    teacher = load_teacher(teacher16)
+    old = copy.deepcopy(teacher.net)
+    old.add_input_channels(1)
+    old.add_scalar_inputs(["stage"])
+    with torch.no_grad():
+        old.model.conv_in.weight[:, 1:].normal_()
+        x, t, low = torch.randn(2, 1, 16, 16), torch.tensor([5.0, 50.0]), torch.randn(2, 1, 16, 16)
+        before = old(x, t, Cond(labels=torch.tensor([1, 2])), extra_input=low, stage=torch.full((2,), 250.0))
+        student = lowdiff.fewstep_build_student(_ctx(), SimpleNamespace(net=old, source="old"))
+        after = student(x, t, Cond(labels=torch.tensor([1, 2]), image=low), stage=torch.full((2,), 250.0))
+    assert student.image_channels == 1 and torch.equal(before, after)
+
+
 def test_stage_input_and_student_starts_as_its_teacher(teacher16):
     teacher = load_teacher(teacher16)
     student = lowdiff.fewstep_build_student(_ctx(), teacher)
-    assert student.extra_channels == 1 and student.extra_scalars == ("stage",)
+    assert student.extra_channels == student.image_channels == 1 and student.extra_scalars == ("stage",)
     assert torch.equal(cascade.stage_input(2), torch.tensor(500.0))
     x, t, cond = torch.randn(2, 1, 8, 8), torch.tensor([10.0, 500.0]), Cond(labels=torch.tensor([1, 2]))
     with torch.no_grad():
         ref = teacher.net(x, t, cond)
-        assert torch.allclose(student(x, t, cond, extra_input=torch.randn(2, 1, 8, 8), stage=cascade.stage_input(1)),
+        assert torch.allclose(student(x, t, cond.with_image(torch.randn(2, 1, 8, 8)), stage=cascade.stage_input(1)),
                               ref, atol=1e-5)
         for p in student.scalar_embeddings["stage"].mlp.linear_2.parameters():
             p.normal_()
-        outs = [student(x, t, cond, stage=cascade.stage_input(k)) for k in range(3)]
+        outs = [student(x, t, cond.with_image(torch.zeros(2, 1, 8, 8)), stage=cascade.stage_input(k)) for k in range(3)]
     assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
 
 
@@ -133,7 +200,8 @@ def test_single_stage_sampler_is_the_plain_sampler(teacher16):
     with torch.no_grad():
         out = lowdiff.fewstep_sample(ctx, Nets(teacher, student), noise, cond, 4, torch.Generator())
         sigmas = teacher.process.sampling_sigmas(4)
-        plain = sample_ode(lambda x, s: teacher.process.denoise(student, x, s, cond), noise * sigmas[0], sigmas, "heun")
+        empty = cond.with_image(torch.zeros_like(noise))  # stage 0 reads a zero condition image
+        plain = sample_ode(lambda x, s: teacher.process.denoise(student, x, s, empty), noise * sigmas[0], sigmas, "heun")
         ref = teacher.sample(noise, cond, num_steps=4, solver="heun")
     assert torch.equal(out, plain)
     assert torch.allclose(out, ref, atol=1e-4)
@@ -158,24 +226,62 @@ def test_training_on_digits_lowers_every_stage_loss(teacher16, tmp_path):
         assert new < old, (k, float(new), float(old))
 
 
-def test_export_samples_the_cascade_and_holds_a_base_teacher_cd_distils(teacher16, tmp_path):
-    method = {"name": "lowdiff", "resolutions": [8, 16], "solver": "euler"}
-    run = tmp_path / "lowdiff"
-    run_tiny(tiny_run_config(teacher16, method, steps=2, batch=4, data={"resolution": 16}), run)
-    loaded = load_export(run / "export")
-    noise = torch.randn(2, 1, 16, 16)
-    images = generate(loaded.hook, loaded.ctx, loaded.nets, noise, Cond(labels=torch.tensor([0, 1])), 2)
+@pytest.fixture(scope="module")
+def lowdiff_export(teacher16, tmp_path_factory):
+    """The export of a 2-step lowdiff run of the 16x16 teacher with stages [8, 16]."""
+    run = tmp_path_factory.mktemp("lowdiff")
+    run_tiny(tiny_run_config(teacher16, {"name": "lowdiff", "resolutions": [8, 16], "solver": "euler"}, steps=2,
+                             batch=4, data={"resolution": 16}), run)
+    return run / "export"
+
+
+def _cascade(export, students: dict[int, str], num_steps: int = 2) -> torch.Tensor:
+    """The export's cascade with ``method.stage_students``, on 2 class-conditional samples."""
+    loaded = load_export(export)
+    ctx = dataclasses.replace(loaded.ctx, method=loaded.ctx.method.model_copy(update={"stage_students": students}))
+    return generate(loaded.hook, ctx, loaded.nets, torch.randn(2, 1, 16, 16), Cond(labels=torch.tensor([0, 1])),
+                    num_steps)
+
+
+def test_export_samples_the_cascade_and_holds_a_base_teacher_cd_distils(lowdiff_export, tmp_path):
+    images = _cascade(lowdiff_export, {})
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
-    base = load_teacher(run / "export" / lowdiff.BASE_TEACHER)
-    assert base.sample_shape == (1, 8, 8) and base.net.extra_scalars == ("stage",)
+    base = load_teacher(lowdiff_export / lowdiff.BASE_TEACHER)
+    assert base.sample_shape == (1, 8, 8) and base.net.extra_scalars == ("stage",) and base.image_condition is None
     # the lowest stage as a plain teacher: cd distils it at 8x8, and the cascade then samples stage 0 with it
-    run_tiny(tiny_run_config(run / "export" / lowdiff.BASE_TEACHER, {"name": "cd"}, steps=2, batch=4,
+    run_tiny(tiny_run_config(lowdiff_export / lowdiff.BASE_TEACHER, {"name": "cd"}, steps=2, batch=4,
                              data={"resolution": 8}), tmp_path / "cd")
-    hybrid = {**method, "base_student": str(tmp_path / "cd" / "export")}
-    trainer, _ = run_tiny(tiny_run_config(teacher16, hybrid, steps=1, batch=4, data={"resolution": 16}),
-                          tmp_path / "hybrid")
-    rows = trainer.validate()
-    assert rows["student 1 step"].shape == (4, 1, 16, 16) and torch.isfinite(rows["student 1 step"]).all()
+    images = _cascade(lowdiff_export, {0: str(tmp_path / "cd" / "export")}, num_steps=1)
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="samples at 8, the cascade's stage 1 at 16"):
+        _cascade(lowdiff_export, {1: str(tmp_path / "cd" / "export")})
+
+
+def test_cd_distils_stage_k_conditioned_on_c_k_and_the_cascade_samples_with_it(lowdiff_export, tmp_path):
+    """stage_teachers/1 (16x16, conditioned on c_1 made from the data): cd distils it without knowing LowDiff, its
+    student starts as the stage teacher, and the cascade samples stage 1 with the student."""
+    from fewstep.plugin import build_manager
+    from fewstep.trainer import Trainer
+
+    top = load_teacher(lowdiff_export / lowdiff.stage_folder(1))
+    assert top.sample_shape == (1, 16, 16) and top.image_condition == ImageCondition("lowres", 8, "nearest", 0.1)
+    config = tiny_run_config(lowdiff_export / lowdiff.stage_folder(1), {"name": "cd"}, steps=2, batch=4,
+                             data={"resolution": 16})
+    fresh = Trainer(config, build_manager("cd"), tmp_path / "setup")
+    fresh.setup()
+    batch = fresh.batch(0)
+    x, t = torch.randn(4, 1, 16, 16), torch.full((4,), 300.0)
+    with torch.no_grad():
+        assert torch.equal(fresh.nets.student(x, t, batch.cond), top.net(x, t, batch.cond))
+    _, recorder = run_tiny(config, tmp_path / "cd")
+    losses = [log["student/loss"] for log in recorder.logs if "student/loss" in log]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    student = str(tmp_path / "cd" / "export")
+    images = _cascade(lowdiff_export, {1: student})
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    ctx = SimpleNamespace(device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="not a student of stage 0"):
+        lowdiff._stage_sampler(ctx, 0, Path(student), 16, None, 1, torch.Generator())
 
 
 def test_configure_refuses_a_missing_teacher_and_mismatched_stage_probs(teacher16):
@@ -184,3 +290,9 @@ def test_configure_refuses_a_missing_teacher_and_mismatched_stage_probs(teacher1
     with pytest.raises(ValueError, match="one probability per stage"):
         lowdiff.fewstep_configure(tiny_run_config(teacher16, {"name": "lowdiff", "resolutions": [8, 16],
                                                               "stage_probs": [1.0]}))
+    with pytest.raises(ValueError, match="give one of them"):
+        lowdiff.fewstep_configure(tiny_run_config(teacher16, {"name": "lowdiff", "base_student": "a",
+                                                              "stage_students": {0: "b"}}))
+    with pytest.raises(ValueError, match="stages are numbered 0"):
+        lowdiff.fewstep_configure(tiny_run_config(teacher16, {"name": "lowdiff", "resolutions": [8, 16],
+                                                              "stage_students": {2: "b"}}))
