@@ -991,7 +991,8 @@ class FewStepPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """Zero-shot editing with the export's consistency-type student (``fewstep.editing``, CM Algorithm 4).
 
         image: (B, C, H, W) in [-1, 1]; task: inpaint (``mask`` 1 = known), colorize, superres (``factor``),
-        sdedit (``strength``) or interpolate (``num_frames``). Returns images (B, C, H, W) in [-1, 1]."""
+        sdedit (``strength``), interpolate (``num_frames``) or img2img (``strength`` as diffusers' image-to-image
+        pipelines, optional ``mask`` as their inpainting). Returns images (B, C, H, W) in [-1, 1]."""
         from fewstep.editing import edit
 
         run = self._export()
