@@ -57,8 +57,8 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 def same_dropout() -> Iterator[None]:
     """Run the body with the RNG state it started with restored afterwards.
 
-    Use it around the online pass, then run the target pass: both draw the same dropout masks, as all
-    official CM / ECT / CTM code does (consistency.md §1, "Shared dropout mask")."""
+    Use it around the first of two passes (the online or the target pass), then run the other: both draw the
+    same dropout masks, as all official CM / ECT / CTM code does (consistency.md §1, "Shared dropout mask")."""
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     try:

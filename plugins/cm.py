@@ -207,10 +207,12 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
         use, clip = selfcond.mask(step), teacher.vae is None
         est_online = selfcond.training_estimate(process, nets.student, x_hi, s_hi, batch.cond, use, clip=clip, **scalars)
         est_target = selfcond.training_estimate(process, target_net, x_lo, s_lo, batch.cond, use, clip=clip, **scalars)
-    with same_dropout():  # the target pass below reuses this pass's dropout masks
-        online = consistency_fn(nets.student, process, cfg, x_hi, s_hi, batch.cond, est_online, **scalars)
-    with torch.no_grad():
+    # The target pass first: its intermediates are freed before the online pass keeps its own for the backward.
+    # The other order holds both at once, which on the CPU doubled the page faults of a digits CD step (6 % of
+    # its CPU time, docs/SPEED.md "Paired benchmark"); the values are the same either way.
+    with same_dropout(), torch.no_grad():  # the online pass below reuses this pass's dropout masks
         target = consistency_fn(target_net, process, cfg, x_lo, s_lo, batch.cond, est_target, **scalars)
+    online = consistency_fn(nets.student, process, cfg, x_hi, s_hi, batch.cond, est_online, **scalars)
     loss = weight * distance(online, target, cfg.distance, cfg.huber_c)
     return LossOutput(loss=loss, terms={"sigma_hi": s_hi.mean().detach()})
 
