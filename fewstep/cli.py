@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits", help="data source (as data.source in a recipe)")
     p.add_argument("--num", type=int, default=64, help="images scored: the last NUM of the source")
     p.add_argument("--teacher", action="store_true", help="run folder: score its teacher instead of the student")
+    p.add_argument("--null-class", action="store_true",
+                   help="class-conditional model: score log p(x) at the null label instead of log p(x | y) with "
+                   "each image's own label")
     p.add_argument("--probe", choices=["rademacher", "gaussian", "exact"], default="rademacher",
                    help="divergence: Hutchinson probe, or exact (one backward pass per dimension)")
     p.add_argument("--ode-steps", type=int, default=64, help="Heun steps, uniform in ln sigma")

@@ -125,51 +125,70 @@ def cmd_likelihood(args: Any) -> int:
     """``fewstep likelihood RUN|TEACHER --data SOURCE --num N``: bits/dim of the last N images of the source."""
     import json
 
-    from fewstep.data import DataConfig, build_dataset
-
     if (args.model / "config.yaml").is_file():
         from fewstep.cli import _built_run
 
         trainer, pm = _built_run(args.model)
         nets, ctx = trainer.nets, trainer.ctx
-        teacher = nets.teacher
-        den = None
-        if not args.teacher:
-            den = pm.hook.fewstep_score_denoiser(ctx=ctx, nets=nets, cond=None)
-            if den is None:
-                raise ValueError(f"method {ctx.method.name!r} gives no score model (hook fewstep_score_denoiser); "
-                                 "pass --teacher to measure the run's teacher instead")
+        teacher, data_config = nets.teacher, trainer.config.data
+        if not args.teacher and pm.hook.fewstep_score_denoiser(ctx=ctx, nets=nets, cond=None) is None:
+            raise ValueError(f"method {ctx.method.name!r} gives no score model (hook fewstep_score_denoiser); "
+                             "pass --teacher to measure the run's teacher instead")
         for name in nets.names():
             nets.get(name).eval()
-        label = "teacher" if den is None else f"{ctx.method.name} student"
-        den = den or teacher_denoiser(teacher)
+        label = "teacher" if args.teacher else f"{ctx.method.name} student"
+
+        def denoiser_for(cond: Any) -> Denoiser:
+            if args.teacher:
+                return teacher_denoiser(teacher, cond)
+            return pm.hook.fewstep_score_denoiser(ctx=ctx, nets=nets, cond=cond)
     else:
+        from fewstep.data import DataConfig
         from fewstep.teacher import load_teacher
 
         teacher = load_teacher(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
-        den, label = teacher_denoiser(teacher), "teacher"
-    if teacher.vae is not None or teacher.conditioning != "none":
-        raise ValueError("fewstep likelihood measures unconditional pixel-space models; this one is "
-                         f"{'latent' if teacher.vae is not None else teacher.conditioning + '-conditional'}")
-    channels, size, _ = teacher.data_shape
-    data = build_dataset(DataConfig(source=args.data, resolution=size, channels=channels))
+        data_config, label = DataConfig(source=args.data), "teacher"
+
+        def denoiser_for(cond: Any) -> Denoiser:
+            return teacher_denoiser(teacher, cond)
+    if teacher.vae is not None or teacher.conditioning == "text":
+        raise ValueError("fewstep likelihood measures pixel-space models without text conditioning (unconditional "
+                         f"or class-conditional); this one is {'latent' if teacher.vae is not None else 'text'}-"
+                         "conditioned")
+    if args.null_class and teacher.conditioning != "class":
+        raise ValueError("--null-class: the model is not class-conditional")
+    from fewstep.evaluation import source_dataset
+    from fewstep.types import Cond
+
+    data = source_dataset(data_config, teacher, args.data)
     n = len(data)
     if not 0 < args.num <= n:
         raise ValueError(f"--num {args.num}: the source has {n} images")
     generator = torch.Generator().manual_seed(args.seed)
-    x, _, _ = data.get(torch.arange(n - args.num, n))
+    x, labels, _ = data.get(torch.arange(n - args.num, n))
+    if teacher.conditioning == "class" and not args.null_class and labels is None:
+        raise ValueError(f"likelihood: the model is class-conditional and {args.data} has no labels (idx: a sibling "
+                         "labels file); score log p(x) under the null class with --null-class instead")
     if args.dequantize:
         x = x + torch.rand(x.shape, generator=generator) * (2.0 / 256)
     lo = args.sigma_min or teacher.process.sigma_min
     hi = args.sigma_max or teacher.process.sigma_max
     bpd = []
-    for chunk in x.split(args.batch):
-        res = log_likelihood(den, chunk.to(teacher.device), lo, hi, args.ode_steps, args.probe, generator)
+    for rows in torch.arange(args.num).split(args.batch):
+        cond = None
+        if teacher.conditioning == "class":  # log p(x | y) with each image's label, or log p(x) at the null label
+            cond = (teacher.null_cond(len(rows)) if args.null_class
+                    else Cond(labels=labels[rows].to(teacher.device)))
+        chunk = x[rows]
+        res = log_likelihood(denoiser_for(cond), chunk.to(teacher.device), lo, hi, args.ode_steps, args.probe,
+                             generator)
         bpd.append(res.bits_per_dim(chunk[0].numel()).cpu())
     values = torch.cat(bpd)
     mean, se = float(values.mean()), float(values.std() / math.sqrt(len(values))) if len(values) > 1 else 0.0
     result = {"model": str(args.model), "scored": label, "data": args.data, "num": args.num, "bits_per_dim": mean,
               "standard_error": se, "ode_steps": args.ode_steps, "probe": args.probe, "sigma_min": lo,
-              "sigma_max": hi, "dequantize": args.dequantize, "seed": args.seed}
+              "sigma_max": hi, "dequantize": args.dequantize, "seed": args.seed,
+              "condition": ("none" if teacher.conditioning == "none"
+                            else "null class" if args.null_class else "each image's class")}
     print(json.dumps(result, indent=2))
     return 0
