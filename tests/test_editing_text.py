@@ -65,6 +65,41 @@ def test_stock_img2img_and_inpaint_pipelines_match_fewstep_img2img(tmp_path):
     assert float((results["4", True] - results["4", False]).abs().max()) > 1e-2
 
 
+def test_stock_sd3_img2img_matches_fewstep_img2img_on_the_global_generator(tmp_path):
+    """A flow teacher (tiny SD3, FlowMatchLCMScheduler with custom sigmas): StableDiffusion3Img2ImgPipeline does
+    not pass ``generator`` to ``scheduler.step``, so its re-noising draws from torch's global generator. Both
+    sides then draw everything from the global generator (``generator=None``) after the same seed: the same
+    pixels at 2 and 4 steps, strength 0.5 (measured 8.3e-7 and 1.1e-6)."""
+    from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
+
+    from fewstep.editing import edit
+    from fewstep.export import condition
+
+    folder, prompts = tiny_family_teacher("sd3", tmp_path / "tiny-families")
+    config = tiny_run_config(folder, {"name": "dmd2", "num_steps": 4, "ratio": 1}, steps=1, batch=2,
+                             data={"prompts": str(prompts)},
+                             validation={"steps": [2, 4], "num_images": 2, "teacher_steps": 2, "upscale": 1})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    hook, ctx, nets = trainer.pm.hook, trainer.ctx, trainer.nets
+    out = tmp_path / "run" / "export"
+    calls = json.loads((out / EXPORT_META).read_text())["stock"]["calls"]
+    img2img = AutoPipelineForImage2Image.from_pipe(DiffusionPipeline.from_pretrained(out))
+    assert type(img2img).__name__ == "StableDiffusion3Img2ImgPipeline"
+    assert type(img2img.scheduler).__name__ == "FlowMatchLCMScheduler"
+    image = torch.rand((1, *nets.teacher.data_shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        latents = nets.teacher.encode(image)  # as latents: no posterior draw (see the test above)
+    cond = condition(nets.teacher, 1, prompt=["a cat"])
+    for n in ("2", "4"):
+        kwargs = {k: v for k, v in calls[n].items() if k != "num_inference_steps"}
+        torch.manual_seed(0)
+        stock = img2img(prompt=["a cat"], image=latents, strength=0.5, num_inference_steps=int(n), output_type="pt",
+                        **kwargs).images
+        torch.manual_seed(0)
+        ours = edit(hook, ctx, nets, "img2img", image, int(n), strength=0.5, cond=cond)
+        torch.testing.assert_close(stock, (ours / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=0)
+
+
 def test_fewstep_sdedit_of_a_text_student_and_latent_refusals(tmp_path):
     """Where no stock pipeline applies, fewstep's own sampler edits with strength: SDEdit and img2img (with a
     mask: inpainting on the latent grid) of a latent text-conditional consistency student with a prompt (encode,
