@@ -149,9 +149,15 @@ def adaptive_weight(main: Tensor, adversarial: Tensor, layer: Tensor, *, clip: t
 def probe_cond(teacher) -> Cond | None:
     """A one-sample condition for a dry run of the teacher's backbone (sizing a head or a discriminator):
     class 0 for class-conditional teachers (which need not have a null class), the null prompt for text
-    teachers, none for unconditional ones."""
+    teachers, none for unconditional ones; plus a zero condition image for an image-conditioned teacher."""
     if teacher.conditioning == "class":
-        return Cond(labels=torch.zeros(1, dtype=torch.long, device=teacher.device))
-    if teacher.conditioning == "text":
-        return teacher.null_cond(1)
-    return None
+        cond = Cond(labels=torch.zeros(1, dtype=torch.long, device=teacher.device))
+    elif teacher.conditioning == "text":
+        cond = teacher.null_cond(1)
+    else:
+        cond = None
+    if not teacher.net.image_channels:
+        return cond
+    _, h, w = teacher.sample_shape
+    image = torch.zeros(1, teacher.net.image_channels, h, w, device=teacher.device)
+    return (cond if cond is not None else Cond()).with_image(image)

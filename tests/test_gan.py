@@ -101,6 +101,7 @@ def test_probe_condition_needs_no_null_class():
     def no_null(n):
         raise AssertionError("probe_cond asked a class teacher for its null condition")
 
-    class_teacher = SimpleNamespace(conditioning="class", device=torch.device("cpu"), null_cond=no_null)
+    plain = SimpleNamespace(image_channels=0)
+    class_teacher = SimpleNamespace(conditioning="class", device=torch.device("cpu"), null_cond=no_null, net=plain)
     assert probe_cond(class_teacher).labels.tolist() == [0]
-    assert probe_cond(SimpleNamespace(conditioning="none", device=torch.device("cpu"))) is None
+    assert probe_cond(SimpleNamespace(conditioning="none", device=torch.device("cpu"), net=plain)) is None

@@ -201,3 +201,16 @@ def test_a_teacher_without_its_image_condition_gets_a_clear_error(sr_teacher, tm
     (broken / "fewstep_teacher.json").write_text(json.dumps({"num_classes": json.loads(meta.read_text())["num_classes"]}))
     with pytest.raises(ValueError, match="declares no image_condition"):
         run_tiny(tiny_run_config(broken, {"name": "cd"}, steps=1, batch=4, data={"resolution": 8}), tmp_path / "run")
+
+
+@pytest.mark.parametrize("method", [{"name": "dmd2"}, {"name": "ctm", "gan_start_nimg": 4}])
+def test_distribution_and_trajectory_methods_distil_an_image_conditioned_teacher_unchanged(method, sr_teacher,
+                                                                                             tmp_path):
+    """dmd2 (fake score + GAN head on its bottleneck) and ctm ((t, s) student, GAN from its second step) run on the
+    image-conditioned teacher: their networks are sized with a probe condition that carries an image."""
+    _, recorder = run_tiny(tiny_run_config(sr_teacher, method, steps=2, batch=4, data={"resolution": 8}),
+                           tmp_path / method["name"])
+    losses = {k: v for log in recorder.logs for k, v in log.items() if k.endswith("/loss")}
+    assert losses and all(torch.isfinite(torch.tensor(list(losses.values()))))
+    if method["name"] == "ctm":
+        assert "disc/loss" in losses  # the discriminator trained on conditions with images
