@@ -100,6 +100,46 @@ def test_stock_sd3_img2img_matches_fewstep_img2img_on_the_global_generator(tmp_p
         torch.testing.assert_close(stock, (ours / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=0)
 
 
+def test_lcm_scheduler_img2img_is_the_editing_sampler_of_an_lcm_style_cd_student_without_the_floor(tmp_path):
+    """LCM-style cd (``boundary: lcm``, ``grid: teacher``): its stock export is stock only at 1 step, and CM's
+    multistep sampler re-noises to sqrt(tau^2 - sigma_min^2). The closest exact statement: StableDiffusion-
+    Img2ImgPipeline with LCMScheduler at LCM's timestep_scaling 10 (the student's boundary scalings) on custom
+    timesteps equals fewstep's editing sampler with f = the student's consistency function at those levels and
+    re-noise floor 0 (measured 5e-6 on latents of size 7.5); the floor sigma_min alone changes the latents
+    (measured 2.2e-3)."""
+    import dataclasses
+
+    from diffusers import AutoPipelineForImage2Image, DiffusionPipeline, LCMScheduler
+
+    from fewstep.editing import Nothing, edit_sample, student_denoiser
+    from fewstep.export import condition
+
+    folder, prompts = tiny_family_teacher("sd", tmp_path / "tiny-families")
+    method = {"name": "cd", "num_scales": 4, "boundary": "lcm", "grid": "teacher"}
+    config = tiny_run_config(folder, method, steps=1, batch=2, data={"prompts": str(prompts)},
+                             validation={"steps": [1], "num_images": 2, "teacher_steps": 2, "upscale": 1})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    hook, ctx, nets = trainer.pm.hook, trainer.ctx, trainer.nets
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run" / "export")
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    img2img.scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_scaling=10.0)
+    image = torch.rand((1, *nets.teacher.data_shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        latents = nets.teacher.encode(image)
+    timesteps = [999, 759, 499, 259]  # strength 0.5 keeps 499, 259
+    stock = img2img(prompt=["a cat"], image=latents, strength=0.5, timesteps=timesteps, guidance_scale=1.0,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    den = student_denoiser(hook, ctx, nets, condition(nets.teacher, 1, prompt=["a cat"]))
+    levels = nets.teacher.process.t_to_sigma(torch.tensor(timesteps[2:], dtype=torch.float64)).tolist()
+    runs = {}
+    for floor in (0.0, den.renoise_floor):
+        with torch.no_grad():
+            runs[floor] = edit_sample(dataclasses.replace(den, renoise_floor=floor), latents, Nothing(), levels,
+                                      torch.Generator().manual_seed(0), start=latents)
+    torch.testing.assert_close(stock, runs[0.0], atol=1e-4, rtol=0)
+    assert den.renoise_floor > 0 and float((stock - runs[den.renoise_floor]).abs().max()) > 1e-3
+
+
 def test_fewstep_sdedit_of_a_text_student_and_latent_refusals(tmp_path):
     """Where no stock pipeline applies, fewstep's own sampler edits with strength: SDEdit and img2img (with a
     mask: inpainting on the latent grid) of a latent text-conditional consistency student with a prompt (encode,
