@@ -6,7 +6,8 @@ steps of one loop immediately followed by ``--steps`` steps of the other (the or
 percent; the two halves of a pair share the drift, so the median of the per-pair ratios is the number to
 read (docs/SPEED.md). Each half is timed twice: wall time, and the process's CPU time (``time.process_time``,
 one torch thread), which leaves out the time the process waited for a core while other jobs ran, so it is the
-steadier of the two on a loaded machine. Memory: ``--memory-runs`` fresh processes per loop (peak resident
+steadier of the two on a loaded machine. Minor page faults per step (``ru_minflt``: memory the allocator handed
+back to the system and touched again) are counted for each half too: they cost CPU time in the kernel. Memory: ``--memory-runs`` fresh processes per loop (peak resident
 memory of the whole process, imports included), compared by their medians.
 
 The hand loop runs the same non-finite guard as fewstep's step (gradient norm, fused Adam skipping a
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -95,16 +97,18 @@ def main() -> None:
     pairs = []
     for i in range(args.pairs):
         order = ("fewstep", "hand") if i % 2 == 0 else ("hand", "fewstep")
-        seconds, cpu = {}, {}
+        seconds, cpu, faults = {}, {}, {}
         for name in order:
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, f0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for _ in range(args.steps):
                 loops[name]()
             seconds[name] = (time.perf_counter() - t0) / args.steps
             cpu[name] = (time.process_time() - c0) / args.steps
+            faults[name] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / args.steps
         pairs.append({"time_ratio": seconds["fewstep"] / seconds["hand"], "fewstep_step_s": seconds["fewstep"],
                       "hand_step_s": seconds["hand"], "cpu_ratio": cpu["fewstep"] / cpu["hand"],
-                      "fewstep_cpu_s": cpu["fewstep"], "hand_cpu_s": cpu["hand"]})
+                      "fewstep_cpu_s": cpu["fewstep"], "hand_cpu_s": cpu["hand"],
+                      "fewstep_page_faults": faults["fewstep"], "hand_page_faults": faults["hand"]})
         print(json.dumps({"pair": i, **pairs[-1]}), flush=True)
     summary = {"pairs": len(pairs), "steps_per_half": args.steps, "warmup": args.warmup, "torch_threads": 1,
                "hand_guard": guard, "load_average": os.getloadavg(),
@@ -114,6 +118,8 @@ def main() -> None:
                "quartiles_cpu_ratio": statistics.quantiles([p["cpu_ratio"] for p in pairs], n=4),
                "median_fewstep_step_s": statistics.median(p["fewstep_step_s"] for p in pairs),
                "median_hand_step_s": statistics.median(p["hand_step_s"] for p in pairs),
+               "median_page_faults_per_step": {k: statistics.median(p[f"{k}_page_faults"] for p in pairs)
+                                               for k in ("fewstep", "hand")},
                "peak_memory_mb": {k: statistics.median(v) for k, v in mem.items()},
                "memory_ratio": statistics.median(mem["fewstep"]) / statistics.median(mem["hand"])}
     print(json.dumps(summary))
