@@ -13,6 +13,17 @@ from fewstep.export import EXPORT_META
 from fewstep.testing import run_tiny, tiny_family_teacher, tiny_run_config
 
 
+def _tiny_dmd2_export(family, tmp_path):
+    """A one-step dmd2 run (4 generator levels) on a tiny text family and its stock export's call arguments."""
+    folder, prompts = tiny_family_teacher(family, tmp_path / "tiny-families")
+    config = tiny_run_config(folder, {"name": "dmd2", "num_steps": 4, "ratio": 1}, steps=1, batch=2,
+                             data={"prompts": str(prompts)},
+                             validation={"steps": [2, 4], "num_images": 2, "teacher_steps": 2, "upscale": 1})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    out = tmp_path / "run" / "export"
+    return trainer, out, json.loads((out / EXPORT_META).read_text())["stock"]["calls"]
+
+
 def test_stock_img2img_and_inpaint_pipelines_match_fewstep_img2img(tmp_path):
     """DMD2 on the tiny SD family, 2 and 4 steps, strength 0.5. diffusers encodes a pixel image by sampling the
     VAE posterior with the generator (its first draw) where fewstep takes the posterior mean, so the pipelines
@@ -23,14 +34,8 @@ def test_stock_img2img_and_inpaint_pipelines_match_fewstep_img2img(tmp_path):
     from fewstep.editing import edit
     from fewstep.export import condition
 
-    folder, prompts = tiny_family_teacher("sd", tmp_path / "tiny-families")  # 4 latent channels, as SD
-    config = tiny_run_config(folder, {"name": "dmd2", "num_steps": 4, "ratio": 1}, steps=1, batch=2,
-                             data={"prompts": str(prompts)},
-                             validation={"steps": [2, 4], "num_images": 2, "teacher_steps": 2, "upscale": 1})
-    trainer, _ = run_tiny(config, tmp_path / "run")
+    trainer, out, calls = _tiny_dmd2_export("sd", tmp_path)  # 4 latent channels, as SD
     hook, ctx, nets = trainer.pm.hook, trainer.ctx, trainer.nets
-    out = tmp_path / "run" / "export"
-    calls = json.loads((out / EXPORT_META).read_text())["stock"]["calls"]
     pipe = DiffusionPipeline.from_pretrained(out)
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
     inpaint = AutoPipelineForInpainting.from_pipe(pipe)
@@ -75,14 +80,8 @@ def test_stock_sd3_img2img_matches_fewstep_img2img_on_the_global_generator(tmp_p
     from fewstep.editing import edit
     from fewstep.export import condition
 
-    folder, prompts = tiny_family_teacher("sd3", tmp_path / "tiny-families")
-    config = tiny_run_config(folder, {"name": "dmd2", "num_steps": 4, "ratio": 1}, steps=1, batch=2,
-                             data={"prompts": str(prompts)},
-                             validation={"steps": [2, 4], "num_images": 2, "teacher_steps": 2, "upscale": 1})
-    trainer, _ = run_tiny(config, tmp_path / "run")
+    trainer, out, calls = _tiny_dmd2_export("sd3", tmp_path)
     hook, ctx, nets = trainer.pm.hook, trainer.ctx, trainer.nets
-    out = tmp_path / "run" / "export"
-    calls = json.loads((out / EXPORT_META).read_text())["stock"]["calls"]
     img2img = AutoPipelineForImage2Image.from_pipe(DiffusionPipeline.from_pretrained(out))
     assert type(img2img).__name__ == "StableDiffusion3Img2ImgPipeline"
     assert type(img2img.scheduler).__name__ == "FlowMatchLCMScheduler"
