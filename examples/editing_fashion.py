@@ -27,25 +27,19 @@ import torch
 FASHION_TEST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 
 
-def _psnr(mse: float) -> float | str:
-    """PSNR in dB for images in [-1, 1] (peak-to-peak 2); "inf" for an exact match (JSON has no infinity)."""
-    return "inf" if mse == 0 else 10 * math.log10(4.0 / mse)
-
-
 def known_part(task: str, output: torch.Tensor, original: torch.Tensor, mask: torch.Tensor,
                factor: int) -> dict[str, float | str] | None:
-    """Agreement of the output with the observation: inpaint over the known pixels, superres over the
-    factor x factor block averages (the low-resolution image); None for tasks that fix nothing."""
-    from torch.nn.functional import avg_pool2d
+    """Agreement of the output with the observation through the task's projection (fewstep.editing.operator):
+    inpaint over the known pixels, superres over the factor x factor block averages; None for tasks that fix
+    nothing. PSNR as ``fewstep edit`` prints it ("inf" for an exact match: JSON has no infinity)."""
+    from fewstep.editing import known_psnr, operator
 
-    if task == "inpaint":
-        known = mask.expand_as(original).bool()
-        diff = output[known] - original[known]
-    elif task == "superres":
-        diff = avg_pool2d(output, factor) - avg_pool2d(original, factor)
-    else:
+    if task not in ("inpaint", "superres"):
         return None
-    return {"psnr_db": _psnr(float(diff.double().square().mean())), "max_abs_error": float(diff.abs().max())}
+    op, _ = operator(task, original, mask, factor)
+    psnr = known_psnr(output, original, op)
+    diff = op.project(output) - op.project(original)
+    return {"psnr_db": "inf" if math.isinf(psnr) else psnr, "max_abs_error": float(diff.abs().max())}
 
 
 def run_benchmark(student: Path, out_dir: Path, *, data: str = FASHION_TEST, num: int = 1000, steps: int = 2,
@@ -57,10 +51,10 @@ def run_benchmark(student: Path, out_dir: Path, *, data: str = FASHION_TEST, num
         compare_features,
         coupling_preservation,
         reference_features,
+        rows_cond,
         source_dataset,
     )
     from fewstep.images import save_grid_rows
-    from fewstep.types import Cond
 
     hook, ctx, nets = load_student(student)
     teacher = nets.teacher
@@ -74,20 +68,13 @@ def run_benchmark(student: Path, out_dir: Path, *, data: str = FASHION_TEST, num
         raise ValueError(f"the student is class-conditional but --data {data!r} has no labels (an idx file needs "
                          "its labels file next to it, e.g. t10k-labels-idx1-ubyte.gz)")
 
-    def cond_of(rows: slice) -> Cond | None:
-        if teacher.conditioning == "class":
-            return Cond(labels=labels[rows].to(ctx.device))
-        if teacher.conditioning == "text":
-            return teacher.encode_prompts(list(prompts[rows]) if prompts else [""] * len(range(num)[rows]))
-        return None
-
     given: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
     outputs: dict[str, list[torch.Tensor]] = {t: [] for t in tasks}
     start = time.perf_counter()
     for lo in range(0, num, batch):
         rows = slice(lo, lo + batch)
         edits = benchmark_edits(hook, ctx, nets, images[rows], steps, tasks=tasks, factor=factor, strength=strength,
-                                cond=cond_of(rows), seed=seed + lo)
+                                cond=rows_cond(teacher, labels, prompts, rows, num, ctx.device), seed=seed + lo)
         for task, (x, y) in edits.items():
             given[task].append(x.cpu())
             outputs[task].append(y.cpu())

@@ -12,10 +12,14 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from fewstep.types import Cond
 
 
 @dataclass(frozen=True)
@@ -192,6 +196,18 @@ def source_dataset(data_config, teacher, source: str):
     return build_dataset(cfg)
 
 
+def rows_cond(teacher, labels, prompts, rows: slice, num: int, device) -> Cond | None:
+    """The condition of rows ``rows`` of ``num`` data samples: their labels for a class-conditional teacher, their
+    prompts (or the empty prompt) encoded for a text teacher, None for an unconditional one."""
+    from fewstep.types import Cond
+
+    if teacher.conditioning == "class":
+        return Cond(labels=labels[rows].to(device))
+    if teacher.conditioning == "text":
+        return teacher.encode_prompts(list(prompts[rows]) if prompts else [""] * len(range(num)[rows]))
+    return None
+
+
 def reference_features(dataset, source: str, num: int, extractor: FeatureExtractor) -> tuple[np.ndarray, str]:
     """Features of the first ``num`` images of ``dataset`` (read from ``source``) and the digest they are
     cached under in ``eval_cache_dir`` (shared by every caller with the same images and feature network)."""
@@ -213,7 +229,6 @@ def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int]
     Returns {row label: {fid, precision, recall, samples_per_s}, "num", "reference", "features"}.
     """
     from fewstep.sampling import generate
-    from fewstep.types import Cond
 
     dataset, source = reference_set(trainer, reference)
     if not dataset.has_images:
@@ -230,11 +245,7 @@ def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int]
     device = trainer.ctx.device
 
     def cond_of(rows: slice) -> Cond | None:
-        if teacher.conditioning == "class":
-            return Cond(labels=labels[rows].to(device))
-        if teacher.conditioning == "text":
-            return teacher.encode_prompts(list(prompts[rows]) if prompts else [""] * len(range(num)[rows]))
-        return None
+        return rows_cond(teacher, labels, prompts, rows, num, device)
 
     def features_of(fn, label: str) -> tuple[np.ndarray, dict]:
         from fewstep.progress import bar
