@@ -23,19 +23,14 @@ from pathlib import Path
 import torch
 
 
-def build(run: Path, overrides: list[str]):
+def samplers(run: Path, overrides: list[str], step_counts: list[int], batch: int, seed: int, label: str):
+    """{"LABEL N steps": a closure sampling one class-conditional batch of the run at N steps} for each N, all on
+    the same rebuilt run, noise and labels."""
     from fewstep.cli import _built_run
-
-    trainer, pm = _built_run(run, overrides=overrides)
-    return trainer, pm
-
-
-def sampler(run: Path, overrides: list[str], num_steps: int, batch: int, seed: int):
-    """A closure that samples one class-conditional batch of the run at ``num_steps`` (fixed noise and labels)."""
     from fewstep.sampling import generate
     from fewstep.types import Cond
 
-    trainer, pm = build(run, overrides)
+    trainer, pm = _built_run(run, overrides=overrides)
     teacher = trainer.nets.teacher
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((batch, *teacher.sample_shape), generator=g)
@@ -43,10 +38,10 @@ def sampler(run: Path, overrides: list[str], num_steps: int, batch: int, seed: i
     if teacher.conditioning == "class":
         cond = Cond(labels=torch.randint(0, teacher.num_classes, (batch,), generator=g))
 
-    def run_once() -> torch.Tensor:
-        return generate(pm.hook, trainer.ctx, trainer.nets, noise, cond, num_steps, seed=seed)
+    def at(num_steps: int):
+        return lambda: generate(pm.hook, trainer.ctx, trainer.nets, noise, cond, num_steps, seed=seed)
 
-    return run_once
+    return {f"{label} {n} steps": at(n) for n in step_counts}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -64,9 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    configs = {f"lowdiff {n} steps": sampler(args.lowdiff_run, args.overrides, n, args.batch, args.seed)
-               for n in args.lowdiff}
-    configs |= {f"teacher {n} steps": sampler(args.teacher_run, [], n, args.batch, args.seed) for n in args.teacher}
+    configs = samplers(args.lowdiff_run, args.overrides, args.lowdiff, args.batch, args.seed, "lowdiff")
+    configs |= samplers(args.teacher_run, [], args.teacher, args.batch, args.seed, "teacher")
     times: dict[str, list[float]] = {name: [] for name in configs}
     names = list(configs)
     with torch.no_grad():
