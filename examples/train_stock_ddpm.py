@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.9995, help="EMA decay per step (half-life ~1400 steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
+    p.add_argument("--save-every", type=int, default=500, help="steps between resumable saves (OUT/train_state.pt "
+                   "plus the EMA pipeline in OUT); a re-run with the same --out resumes from the last one, "
+                   "or continues a finished run when --nimg is larger")
     return p.parse_args(argv)
 
 
@@ -93,9 +96,31 @@ def main(argv: list[str] | None = None) -> Path:
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr)
     steps = math.ceil(args.nimg / args.batch)
     g = torch.Generator().manual_seed(args.seed)
+    out = Path(args.out)
+    state_path = out / "train_state.pt"
+    first = 0
+    if state_path.exists():  # resume: weights, EMA, optimiser, data/noise generator and step
+        state = torch.load(state_path, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["generator"])
+        first = state["step"]
+        print(f"resumed from {state_path} at step {first}/{steps}", flush=True)
+
+    def save(step: int) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                    "generator": g.get_state(), "step": step}, tmp)
+        tmp.replace(state_path)
+        ema_unet = build_unet(args.resolution)
+        ema.copy_to(ema_unet.parameters())
+        DDPMPipeline(unet=ema_unet.eval(), scheduler=scheduler).save_pretrained(out)
+
     start = time.time()
     unet.train()
-    for step in range(steps):
+    for step in range(first, steps):
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) * args.batch / max(args.warmup, 1))
         x0 = images[torch.randint(0, len(images), (args.batch,), generator=g)]
@@ -107,11 +132,11 @@ def main(argv: list[str] | None = None) -> Path:
         opt.step()
         ema.step(unet.parameters())
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
-            rate = (step + 1) * args.batch / (time.time() - start)
+            rate = (step + 1 - first) * args.batch / (time.time() - start)
             print(f"step {step + 1}/{steps} loss {loss.item():.4f} {rate:.0f} img/s", flush=True)
-    ema.copy_to(unet.parameters())
-    out = Path(args.out)
-    DDPMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(out)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
+            save(step + 1)
+    save(steps)  # kept: a re-run with a larger --nimg continues this run
     print(f"wrote {out}")
     return out
 

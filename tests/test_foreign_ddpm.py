@@ -109,7 +109,7 @@ def test_pairs_and_export_keep_clipping(ddpm, tmp_path) -> None:
     assert scheduler["clip_sample"] is True
 
 
-def test_train_stock_ddpm_example_smoke(tmp_path) -> None:
+def test_train_stock_ddpm_example_smoke(tmp_path, capsys) -> None:
     """examples/train_stock_ddpm.py (stock diffusers only) trains two steps on a tiny idx file and writes a
     DDPMPipeline folder that fewstep loads as an epsilon, linear-beta, clip_sample teacher."""
     import ast
@@ -137,6 +137,19 @@ def test_train_stock_ddpm_example_smoke(tmp_path) -> None:
     assert (process.kind, process.prediction_type, process.beta_schedule) == ("vp", "epsilon", "linear")
     assert process.x0_clip.clip_sample and teacher.sample_shape == (1, 16, 16)
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    # Stopped after step 1 (its resumable save), then re-run longer: the same weights as the uninterrupted run.
+    cut = tmp_path / "cut"
+    module.main(["--data", str(idx), "--out", str(cut), "--nimg", "4", "--batch", "4"])
+    assert torch.load(cut / "train_state.pt", weights_only=False)["step"] == 1
+    capsys.readouterr()
+    module.main(["--data", str(idx), "--out", str(cut), "--nimg", "8", "--batch", "4", "--log-every", "1"])
+    log = capsys.readouterr().out
+    assert "resumed" in log and "at step 1/2" in log and "step 1/2 loss" not in log and "step 2/2 loss" in log
+    from diffusers import UNet2DModel
+
+    whole = dict(UNet2DModel.from_pretrained(out / "unet").named_parameters())
+    for name, p in UNet2DModel.from_pretrained(cut / "unet").named_parameters():
+        torch.testing.assert_close(p, whole[name], msg=name)
 
 
 # ------------------------------------------------------------------------------------------------
