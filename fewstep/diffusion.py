@@ -23,6 +23,7 @@ created on the CPU in torch's default dtype; everything else follows its inputs'
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from abc import ABC, abstractmethod
@@ -330,9 +331,10 @@ def lcm_scalings(
 
 @dataclass(frozen=True)
 class X0Clip:
-    """A teacher scheduler's bound on its x0 prediction, as diffusers' DDPM / DDIM / LCM / TCD schedulers apply it
-    in every ``step`` (step 4 of ``DDIMScheduler.step``): dynamic thresholding (Imagen, Saharia et al. 2022 §2.3)
-    when ``thresholding``, else clamping to ±``clip_sample_range`` when ``clip_sample``, else nothing.
+    """A teacher scheduler's bound on its x0 prediction, as diffusers' DDPM / DDIM / LCM schedulers apply it
+    in every ``step`` (step 4 of ``DDIMScheduler.step``; TCDScheduler takes the keys, but its ``step`` ignores
+    them): dynamic thresholding (Imagen, Saharia et al. 2022 §2.3) when ``thresholding``, else clamping to
+    ±``clip_sample_range`` when ``clip_sample``, else nothing.
 
     Field names, meanings and defaults are those of the diffusers scheduler configs (checked against 0.42.1); the
     defaults here describe a scheduler that bounds nothing. Dynamic thresholding: per sample, s = the
@@ -392,6 +394,28 @@ class NoiseProcess(ABC):
     sigma_data: float = 0.5
     #: The scheduler's bound on x0 predictions (VP schedulers with clip_sample / thresholding); none by default.
     x0_clip: X0Clip = X0Clip()
+    #: Whether `denoise` returns its x0 bounded by ``x0_clip`` (a view made by `for_sampler`); never on the process
+    #: itself, whose `denoise` trains students and builds targets.
+    bounds_x0: bool = False
+
+    def for_sampler(self) -> NoiseProcess:
+        """This process as a student's sampler reads it: `denoise` bounds every x0 prediction with ``x0_clip``, as
+        the teacher's diffusers scheduler bounds it in each ``step`` (LCMScheduler: the x0 prediction is clipped before
+        its boundary scalings c_skip·x + c_out·x0; DDPM / DDIM: before the step to the next level). Samplers that build
+        their step from this ``denoise`` (consistency functions, re-noising samplers, jumps x_s = (s/t) x + (1 − s/t) x0,
+        ODE steps) then bound x0 exactly where the stock scheduler of their export does (docs/CONDITIONING.md §3).
+
+        Returns the process itself when its scheduler bounds nothing (every EDM / flow process, VP without
+        clip_sample / thresholding), so those samplers are unchanged bit for bit; else a shallow copy (the same
+        tables) with ``bounds_x0`` set."""
+        if not self.x0_clip.active or self.bounds_x0:
+            return self
+        view = copy.copy(self)
+        view.bounds_x0 = True
+        return view
+
+    def _bounded(self, x0: Tensor) -> Tensor:
+        return self.x0_clip(x0) if self.bounds_x0 else x0
 
     @abstractmethod
     def alpha(self, t: Tensor) -> Tensor:
@@ -471,7 +495,7 @@ class NoiseProcess(ABC):
         t = self.sigma_to_t(_per_sample(sigma, x))
         x_t = _bc(self.alpha(t), x) * x
         out = net(_bc(self.c_in(t), x) * x_t, self.model_time(t), cond, **scalars)
-        return self.x0_from_output(out, x_t, t)
+        return self._bounded(self.x0_from_output(out, x_t, t))
 
     def network_inputs(self, x: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor]:
         """What the backbone is fed for the sigma-space point (x, sigma), as in `denoise`: the scaled
@@ -522,7 +546,8 @@ class VPProcess(NoiseProcess):
         trained_betas: explicit betas (length N); overrides the schedule.
         x0_clip: the scheduler's clip_sample / thresholding settings (:class:`X0Clip`); none by default.
             They do not change the process or `denoise`; the teacher's samplers and targets apply them
-            (fewstep.teacher) and `scheduler_config` writes them.
+            (fewstep.teacher), students' samplers read `denoise` through `for_sampler`, and `scheduler_config`
+            writes them.
     """
 
     kind = "vp"
@@ -631,7 +656,7 @@ class VPProcess(NoiseProcess):
         a = torch.rsqrt(1 + level**2)
         x_t = _bc(a, x) * x
         out = net(x_t, self.model_time(t), cond, **scalars)  # c_in = 1 for VP
-        return self._x0(out, x_t, _bc(a, x_t), _bc(level * a, x_t))
+        return self._bounded(self._x0(out, x_t, _bc(a, x_t), _bc(level * a, x_t)))
 
     def output_from_x0(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         t = _as_time(t).to(x_t.device)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fewstep.diffusion import append_dims, karras_sigmas
+from fewstep.diffusion import X0Clip, append_dims, karras_sigmas
 from fewstep.gan import discriminator_loss, generator_loss, probe_cond
 from fewstep.method_configs import (  # import-light
     DistributionMatchingConfig,
@@ -101,12 +101,14 @@ def training_sigmas(process: Any) -> Tensor:
 class Schedule:
     """Where each network is evaluated. grid: the training grid (T,), ascending; levels: the generator's N
     levels, descending; dm: inclusive index range of L_DM's levels; gan: exclusive upper index of the
-    diffusion-GAN levels."""
+    diffusion-GAN levels; bound: the teacher scheduler's x0 bound (``process.x0_clip``), which the generator's
+    sampler and its backward simulation apply to every x0 they re-noise (:func:`simulate`)."""
 
     grid: Tensor
     levels: Tensor
     dm: tuple[int, int]
     gan: int
+    bound: X0Clip = X0Clip()
 
     @staticmethod
     def of(cfg: DistributionMatchingConfig, process: Any) -> Schedule:
@@ -114,7 +116,8 @@ class Schedule:
         n = grid.numel()
         lo, hi = cfg.dm_t_range
         return Schedule(grid, generator_levels(grid, cfg.num_steps, cfg.sigma_max),
-                        (min(round(lo * n), n - 1), min(round(hi * n), n - 1)), max(1, round(cfg.gan_t_max * n)))
+                        (min(round(lo * n), n - 1), min(round(hi * n), n - 1)), max(1, round(cfg.gan_t_max * n)),
+                        process.x0_clip)
 
     def draw(self, step: StepInfo, lo: int, hi: int) -> Tensor:
         """(B,) levels at grid indices drawn uniformly from lo..hi inclusive."""
@@ -194,16 +197,24 @@ def denoising_loss(process: Any, net: Denoiser, x: Tensor, sigma: Tensor, target
 # The generator: backward simulation and sampling (DMD2 §2.7)
 
 
-def simulate(generator: Denoiser, noise: Tensor, levels: Tensor, k: int, step: StepInfo) -> tuple[Tensor, Tensor]:
+def simulate(generator: Denoiser, noise: Tensor, levels: Tensor, k: int, step: StepInfo,
+             bound: X0Clip = X0Clip()) -> tuple[Tensor, Tensor]:
     """Backward simulation: the generator's training input at level k. noise: (B, C, H, W).
 
     Without gradient, start from pure noise at levels[0] and run k steps of the sampler (x0 = G(x, s_j),
     then x = x0 + s_{j+1}·eps_j with fresh eps_j); k = 0 is the noise itself (§2.7 [C]). Returns the input
-    (B, C, H, W) and its level (B,)."""
+    (B, C, H, W) and its level (B,).
+
+    ``bound``: the teacher scheduler's x0 bound (``process.x0_clip``). The sampler applies it to every x0 before
+    re-noising (``NoiseProcess.for_sampler``, the export's LCMScheduler), so the simulation does too: backward
+    simulation exists to train the generator on the inputs its sampler gives it (§2.7), and an unbounded x0
+    there (157x the network's error at DDPM's top level) would be an input the sampler never produces. The
+    generator's output at level k, which the losses read, stays unbounded: a clamp would zero its gradient in
+    every clipped pixel, and the sampler bounds it anyway."""
     x = noise * levels[0]
     with torch.no_grad():
         for j in range(k):
-            x0 = generator(x, levels[j].expand(x.shape[0]).to(x.device)).float()
+            x0 = bound(generator(x, levels[j].expand(x.shape[0]).to(x.device)).float())
             x = x0 + levels[j + 1] * step.randn_like(x0)
     return x, levels[k].expand(x.shape[0]).to(x.device)
 
@@ -234,7 +245,7 @@ def generate(cfg: DistributionMatchingConfig, sched: Schedule, generator: Denois
     z = step.randn(*shape)
     k = simulation_steps(step, sched.levels.numel())
     if cfg.backward_simulation or k == 0:
-        x_in, sigma = simulate(generator, z, sched.levels, k, step)
+        x_in, sigma = simulate(generator, z, sched.levels, k, step, sched.bound)
     else:
         if x_real is None:
             raise ValueError("method.backward_simulation: false trains on noised real images; the data "

@@ -366,19 +366,25 @@ def _reproduces_schedule(sampler: StockSampler, config: Mapping[str, Any], pipel
     return torch.allclose(own, torch.tensor(sampler.sigmas, dtype=torch.float64), rtol=0, atol=1e-6)
 
 
-def _teacher_scheduler_options(teacher: Any, scheduler: str) -> dict[str, Any]:
-    """The teacher's own x0 clipping / thresholding settings (its scheduler_config.json) for a stock scheduler
-    that has those keys: the export keeps them (fewstep's noise process does not model them, issue 14)."""
+def _teacher_scheduler_options(teacher: Any, scheduler: str, sampler_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The teacher scheduler's x0 clipping / thresholding (``process.x0_clip``, read with diffusers' class defaults)
+    as keys of a stock scheduler that has them (LCMScheduler, TCDScheduler, DDIMScheduler...): the student's
+    samplers bound x0 with it (``NoiseProcess.for_sampler``), so the export's scheduler must too (issue 14).
+
+    A sampler that also clamps its output to [-1, 1] (``clip_sample`` in ``sampler_config``) applies both bounds,
+    clip_r then clip_1 = clip_min(r, 1): the range becomes min(r, 1). Thresholding wins over clip_sample in diffusers
+    (and its output lies in [-1, 1]), so it needs nothing more. {} when the teacher bounds nothing."""
     import diffusers
 
-    path = Path(teacher.source) / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
+    bound = teacher.process.x0_clip
+    if not bound.active:
         return {}
-    own = json.loads(path.read_text())
     accepted = getattr(diffusers, scheduler).from_config({}).config
-    keys = ("clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value")
-    clipping = own.get("clip_sample") or own.get("thresholding")
-    return {k: own[k] for k in keys if clipping and k in own and k in accepted}
+    options = {k: v for k, v in bound.config().items() if k in accepted}
+    if sampler_config.get("clip_sample") and "clip_sample_range" in options:
+        options["clip_sample"] = True
+        options["clip_sample_range"] = min(bound.clip_sample_range, 1.0) if bound.clip_sample else 1.0
+    return options
 
 
 def _capped(sampler: StockSampler, cap: Any) -> StockSampler | None:
@@ -451,7 +457,7 @@ def plan_stock_export(hook: Any, ctx: RunContext, nets: Nets, sampling_networks:
                 f"{first.scheduler} needs")
     same = {n: s for n, s in samplers.items()
             if s.scheduler == first.scheduler and dict(s.config) == dict(first.config) and dict(s.scalars) == scalars}
-    config = {**first.config, **_teacher_scheduler_options(teacher, first.scheduler)}
+    config = {**first.config, **_teacher_scheduler_options(teacher, first.scheduler, first.config)}
     candidates = [config]
     if first.scheduler == "LCMScheduler":  # its own N-step schedule is drawn from original_inference_steps levels
         candidates += [{**config, "original_inference_steps": m} for m in sorted(same, reverse=True)]

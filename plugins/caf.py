@@ -317,7 +317,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
                    generator: torch.Generator) -> Tensor:
     """caf: §8.7's N-step sampler (N + 1 evaluations: v_theta once, a_phi N times); reflow: N Euler steps
     (N evaluations). Both with the EMA when enabled; deterministic (``generator`` is unused)."""
-    cfg, process = ctx.method, nets.teacher.process
+    cfg, process = ctx.method, nets.teacher.process.for_sampler()  # every data estimate D bounded, as the scheduler's
     net = sampling_net(nets)
     z = noise.float()
     if cfg.name == "reflow":

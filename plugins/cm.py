@@ -259,7 +259,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
                    generator: torch.Generator) -> Tensor:
     """Multistep consistency sampling (CM Algorithm 1) with the EMA student when there is one."""
     cfg, teacher = ctx.method, nets.teacher
-    process = teacher.process
+    process = teacher.process.for_sampler()  # the teacher scheduler's x0 bound on D, before the boundary scalings
     lo, _ = _range(cfg, process)
     sigmas = sampler_sigmas(cfg.sample_sigmas, num_steps, trained_grid(cfg, process))
     net = sampling_net(nets)
@@ -338,14 +338,15 @@ def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
     from fewstep.editing import ConsistencyDenoiser
 
     cfg, teacher = ctx.method, nets.teacher
+    process = teacher.process.for_sampler()
     net = sampling_net(nets)
     if selfcond.enabled(unwrap(net)):
         return None
-    lo, hi = _range(cfg, teacher.process)
+    lo, hi = _range(cfg, process)
     w = None if getattr(cfg, "guidance", None) is None else torch.tensor([cfg.sample_guidance])
 
     def f(x: Tensor, sigma: Tensor) -> Tensor:
         scalars = guidance_inputs(None if w is None else w.expand(x.shape[0]).to(x.device))
-        return consistency_fn(net, teacher.process, cfg, x, sigma, cond, **scalars)
+        return consistency_fn(net, process, cfg, x, sigma, cond, **scalars)
 
     return ConsistencyDenoiser(f, lo, hi, renoise_floor=lo, clamp=cfg.clamp and teacher.vae is None, rho=cfg.rho)

@@ -300,7 +300,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
                    generator: torch.Generator) -> Tensor:
     """gamma-sampling with the evaluation EMA when there is one (num_steps network evaluations)."""
     cfg, teacher = ctx.method, nets.teacher
-    process = teacher.process
+    process = teacher.process.for_sampler()  # g of every jump bounded as the teacher's scheduler bounds x0
     lo, hi = _range(cfg, process)
     sigmas = sampler_sigmas(cfg.sample_sigmas, num_steps, karras_sigmas(cfg.num_scales, lo, hi, cfg.rho))
     net = sampling_net(nets)
@@ -318,11 +318,12 @@ def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
     from fewstep.editing import ConsistencyDenoiser
 
     cfg, teacher = ctx.method, nets.teacher
-    lo, hi = _range(cfg, teacher.process)
+    process = teacher.process.for_sampler()
+    lo, hi = _range(cfg, process)
     net = sampling_net(nets)
 
     def f(x: Tensor, t: Tensor) -> Tensor:
-        return jump(net, teacher.process, x, t, torch.full_like(t, lo), cond)
+        return jump(net, process, x, t, torch.full_like(t, lo), cond)
 
     return ConsistencyDenoiser(f, lo, hi, renoise_floor=lo, clamp=cfg.clamp and teacher.vae is None, rho=cfg.rho)
 

@@ -116,9 +116,9 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
 
     def denoise(x: Tensor, sigma: Tensor, estimate: Tensor | None = None) -> Tensor:
         x0 = process.denoise(net, x, sigma, cond, extra_input=estimate)
-        if uncond is None:
-            return x0
-        return cfg_combine(x0, process.denoise(net, x, sigma, uncond, extra_input=estimate), guidance)
+        if uncond is not None:
+            x0 = cfg_combine(x0, process.denoise(net, x, sigma, uncond, extra_input=estimate), guidance)
+        return process.x0_clip(x0)  # the scheduler's x0 bound, after guidance as in Teacher.denoise (identity if none)
 
     if selfcond.enabled(net):  # Analog Bits §6.2: each step reads the previous step's estimate
         denoise = selfcond.RunningEstimate(denoise, clip=nets.teacher.vae is None)

@@ -106,7 +106,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
                    generator) -> Tensor:
     """DMD2's sampler with ``num_steps`` levels of the training grid (1: one call at sigma_max); levels off
     the trained ones (k not dividing ``method.num_steps``) are the student's extrapolation."""
-    cfg, process = ctx.method, nets.teacher.process
+    cfg, process = ctx.method, nets.teacher.process.for_sampler()  # x0 bounded as the export's LCMScheduler does
     grid = Schedule.of(cfg, process).grid
     levels = generator_levels(grid, num_steps, cfg.sigma_max)
     return few_step_sample(denoiser(process, sampling_net(nets), cond), noise, levels, generator)
@@ -132,7 +132,7 @@ def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
     Karras points) are the generator's extrapolation, as sampling with a step count off its grid."""
     from fewstep.editing import ConsistencyDenoiser
 
-    cfg, process = ctx.method, nets.teacher.process
+    cfg, process = ctx.method, nets.teacher.process.for_sampler()
     grid = Schedule.of(cfg, process).grid
     top = float(generator_levels(grid, 1, cfg.sigma_max)[0])
     return ConsistencyDenoiser(denoiser(process, sampling_net(nets), cond), float(grid[0]), top, renoise_floor=0.0,

@@ -274,7 +274,7 @@ def edge_skipping_sample(x0_hat, noise: Tensor, edges: list[float], sigma_min: f
 def _sampler_x0(ctx: RunContext, nets: Nets, cond: Cond | None):
     """x0_hat(x, sigma) of the sampling student (SCT guidance: guided by the snapshot, 2 evaluations), with the
     sampler's level range (lo, hi); shared by the sampler and the editing denoiser."""
-    cfg, process = ctx.method, nets.teacher.process
+    cfg, process = ctx.method, nets.teacher.process.for_sampler()  # each network's x0 bounded, as the scheduler's
     lo, hi = sigma_range(cfg, process)
     good = sampling_net(nets)
     w = getattr(cfg, "guidance", 1.0)

@@ -175,7 +175,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
                    generator: torch.Generator) -> Tensor:
     """Deterministic chaining on the teacher's N-step grid (or ``sample_times``), optional gamma re-noising."""
     cfg, teacher = ctx.method, nets.teacher
-    process = teacher.process
+    process = teacher.process.for_sampler()  # each jump's x0 bounded as the teacher's scheduler bounds it
     times = cfg.sample_times.get(num_steps) or default_sample_times(process, num_steps)
     net = sampling_net(nets)
     w = None
@@ -198,7 +198,7 @@ def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
     from fewstep.editing import flow_map_denoiser
 
     cfg, teacher = ctx.method, nets.teacher
-    process, net = teacher.process, sampling_net(nets)
+    process, net = teacher.process.for_sampler(), sampling_net(nets)
     t_max = default_sample_times(process, 1)[0]
     w = None
     if cfg.guidance is not None:

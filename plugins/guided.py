@@ -265,9 +265,12 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
         sigma = levels[2 * j]
         x = x0 + append_dims(sigma, x0.ndim) * eps
         round_teacher = nets.extra["round_teacher"]
+        # The round teacher's two DDIM steps are its sampler's (fewstep_sample), which bounds x0 as the teacher's
+        # scheduler does; stage 1's target (Teacher.denoise) is bounded too. The student's prediction is not.
+        sampler = process.for_sampler()
 
         def denoise(x_: Tensor, s_: Tensor) -> Tensor:
-            return process.denoise(round_teacher, x_, s_, batch.cond, **guidance_inputs(w)).float()
+            return sampler.denoise(round_teacher, x_, s_, batch.cond, **guidance_inputs(w)).float()
 
         target = pd_target(denoise, x, sigma, levels[2 * j + 1], levels[2 * j + 2])
     pred = process.denoise(nets.student, x, sigma, batch.cond, **guidance_inputs(w)).float()
@@ -282,7 +285,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     model kept for N steps (`keep_steps`) once its round has ended, else the current student. The
     stochastic sampler's jumps span two nominal steps, so it uses the model distilled for N/2 steps."""
     cfg, teacher = ctx.method, nets.teacher
-    process = teacher.process
+    process = teacher.process.for_sampler()  # DDIM steps with the bounded x0 (the teacher's targets' form)
     net = sampling_net(nets)
     model_steps = num_steps // 2 if cfg.sampler == "stochastic" and num_steps > 1 else num_steps
     kept = nets.extra.get(kept_name(model_steps))

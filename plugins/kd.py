@@ -68,6 +68,6 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
 def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
                    generator: torch.Generator) -> Tensor:
     """One step: G(z) = D(s_0·z, s_0). k steps: DMD2's re-noising sampler over k levels from s_0."""
-    process = nets.teacher.process
+    process = nets.teacher.process.for_sampler()  # the teacher scheduler's x0 bound
     levels = student_levels(process, num_steps)
     return few_step_sample(denoiser(process, sampling_net(nets), cond), noise, levels, generator)

@@ -44,7 +44,7 @@ from fewstep_plugins.ladd_config import (  # noqa: F401 - re-exported from the c
 )
 from torch import Tensor, nn
 
-from fewstep.diffusion import append_dims, lognormal_sigmas
+from fewstep.diffusion import X0Clip, append_dims, lognormal_sigmas
 from fewstep.distribution import (
     Critic,
     Denoiser,
@@ -118,13 +118,15 @@ def real_samples(cfg: _Adversarial, batch: Batch) -> tuple[Tensor, Cond | None]:
     return batch.x0.float(), batch.cond
 
 
-def generate(cfg: _Adversarial, levels: Tensor, student: Denoiser, x_real: Tensor, step: StepInfo) -> Tensor:
+def generate(cfg: _Adversarial, levels: Tensor, student: Denoiser, x_real: Tensor, step: StepInfo,
+             bound: X0Clip) -> Tensor:
     """Student samples (B, C, H, W): from pure noise at levels[0] (k = 0), else from level k's input: real
-    samples noised there, or the student's own k steps (backward simulation)."""
+    samples noised there, or the student's own k steps (backward simulation, its x0s bounded by ``bound``, the
+    teacher scheduler's x0 clip, as the sampler bounds them: ``fewstep.distribution.simulate``)."""
     z = step.randn(*x_real.shape[1:])
     k = simulation_steps(step, levels.numel())
     if cfg.backward_simulation or k == 0:
-        x_in, sigma = simulate(student, z, levels, k, step)
+        x_in, sigma = simulate(student, z, levels, k, step, bound)
     else:
         sigma = levels[k].expand(z.shape[0]).to(z.device)
         x_in = x_real + append_dims(sigma, z.ndim) * z
@@ -144,13 +146,13 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     critic = teacher_critic(nets, cond)
     if group.name == "disc":
         with torch.no_grad():
-            fake = generate(cfg, levels, student, x_real, step).float()
+            fake = generate(cfg, levels, student, x_real, step, process.x0_clip).float()
         real_logits = renoised_logits(critic, x_real, renoise_levels(cfg, process, step), step.randn_like(x_real))
         fake_logits = renoised_logits(critic, fake, renoise_levels(cfg, process, step), step.randn_like(fake))
         loss = discriminator_loss(real_logits, fake_logits, cfg.gan_loss)
         return LossOutput(loss=loss, terms={"d_real": real_logits.detach().mean(),
                                             "d_fake": fake_logits.detach().mean()})
-    x = generate(cfg, levels, student, x_real, step).float()
+    x = generate(cfg, levels, student, x_real, step, process.x0_clip).float()
     adv = generator_loss(renoised_logits(critic, x, renoise_levels(cfg, process, step), step.randn_like(x)),
                          cfg.gan_loss)
     terms = {"adv": adv.detach().mean()}
@@ -171,6 +173,6 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
 def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
                    generator: torch.Generator) -> Tensor:
     """DMD2's re-noising sampler over ``num_steps`` levels of the training grid (1: one call at sigma_max)."""
-    process = nets.teacher.process
+    process = nets.teacher.process.for_sampler()  # the teacher scheduler's x0 bound
     levels = generator_levels(training_sigmas(process), num_steps, ctx.method.sigma_max)
     return few_step_sample(denoiser(process, sampling_net(nets), cond), noise, levels, generator)

@@ -170,10 +170,10 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     def denoise(x: Tensor, sigma: Tensor, low: Tensor, k: int) -> Tensor:
         c = (cond if cond is not None else Cond()).with_image(low)
         x0 = process.denoise(net, x, sigma, c, stage=cascade.stage_input(k))
-        if uncond is None:
-            return x0
-        return cfg_combine(x0, process.denoise(net, x, sigma, uncond.with_image(low), stage=cascade.stage_input(k)),
-                           guidance)
+        if uncond is not None:
+            x0 = cfg_combine(x0, process.denoise(net, x, sigma, uncond.with_image(low), stage=cascade.stage_input(k)),
+                             guidance)
+        return process.x0_clip(x0)  # the teacher scheduler's x0 bound, after guidance (identity if it bounds nothing)
 
     students = {k: _stage_sampler(ctx, k, folder, res[k], cond, steps[k], generator)
                 for k, folder in _stage_students(ctx, res).items()}

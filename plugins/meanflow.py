@@ -164,7 +164,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
                    generator: torch.Generator) -> Tensor:
     """z_{i+1} = z_i − (t_i − t_{i+1})·u(z_i, t_{i+1}, t_i) from z = t_0·noise (1 step: MeanFlow's 1-NFE sampler)."""
     cfg, teacher = ctx.method, nets.teacher
-    process = teacher.process
+    process = teacher.process.for_sampler()  # each jump's x0 bounded as the teacher's scheduler bounds it
     times = cfg.sample_times.get(num_steps) or default_sample_times(process, num_steps)
     net = sampling_net(nets)
 
@@ -182,7 +182,7 @@ def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
     from fewstep.editing import flow_map_denoiser
 
     cfg, teacher = ctx.method, nets.teacher
-    process, net = teacher.process, sampling_net(nets)
+    process, net = teacher.process.for_sampler(), sampling_net(nets)
     t_max = default_sample_times(process, 1)[0]
 
     def u(x: Tensor, t: Tensor, r: Tensor) -> Tensor:

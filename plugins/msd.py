@@ -283,7 +283,7 @@ def tsm_loss(cfg: MSDConfig, nets: Nets, batch: Batch, step: StepInfo, who: Tens
 def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
                    generator) -> Tensor:
     """Routing sampler: each sample goes to the student of its condition, then DMD2's N-step sampler."""
-    cfg, process = ctx.method, nets.teacher.process
+    cfg, process = ctx.method, nets.teacher.process.for_sampler()  # the teacher scheduler's x0 bound
     student = unwrap(nets.student)
     who = route(cond, noise.shape[0], cfg.num_students, student.conditioning, student.num_classes, noise.device)
     if cond is None:

@@ -238,7 +238,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
                    generator: torch.Generator) -> Tensor:
     """Deterministic DDIM through the phase edges with the (EMA) student's denoiser: one step per phase."""
     cfg, teacher = ctx.method, nets.teacher
-    process, net = teacher.process, sampling_net(nets)
+    process, net = teacher.process.for_sampler(), sampling_net(nets)  # DDIM steps with the bounded x0
     sigmas = torch.tensor(sample_levels(cfg, process, num_steps), dtype=torch.float64)
     out = sample_ode(lambda x, sigma: process.denoise(net, x, sigma, cond), noise.float() * float(sigmas[0]),
                      sigmas, "ddim")
@@ -254,7 +254,7 @@ def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
     cfg, teacher = ctx.method, nets.teacher
     if cfg.num_phases != 1:
         return None
-    process, net = teacher.process, sampling_net(nets)
+    process, net = teacher.process.for_sampler(), sampling_net(nets)
     top = float(process.sampling_sigmas(cfg.solver_steps)[0])
 
     def x0_hat(x: Tensor, sigma: Tensor) -> Tensor:

@@ -254,7 +254,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     """sCM multistep sampling (§6.4): x = sd·z at t_max (times sin t_max, the noise part of x_{t_max}),
     x0 = f(x, t_1); then re-noise x = cos t·x0 + sin t·z, z ~ N(0, sd² I), and map back, for each later t."""
     cfg, teacher = ctx.method, nets.teacher
-    process = teacher.process
+    process = teacher.process.for_sampler()  # x0 = f bounded as the teacher's scheduler (the export's LCMScheduler)
     sd = _sigma_data(cfg, process)
     times = sample_times(cfg, num_steps, time_range(cfg, process)[1])
     net = sampling_net(nets)
@@ -305,7 +305,7 @@ def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
     from fewstep.editing import ConsistencyDenoiser
 
     cfg, teacher = ctx.method, nets.teacher
-    process = teacher.process
+    process = teacher.process.for_sampler()
     sd = _sigma_data(cfg, process)
     t_min, t_max = time_range(cfg, process)
     net = sampling_net(nets)

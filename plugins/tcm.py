@@ -182,7 +182,7 @@ def fewstep_after_optimizer_step(ctx: RunContext, group: OptimizerGroup, nets: N
 def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None, num_steps: int,
                    generator: torch.Generator) -> Tensor:
     """ECT's multistep sampler on the composite model: the (EMA) student at levels >= t', stage 1 below."""
-    cfg, process = ctx.method, nets.teacher.process
+    cfg, process = ctx.method, nets.teacher.process.for_sampler()  # the teacher scheduler's x0 bound
     lo, hi = sigma_range(cfg, process)
     levels = cfg.sample_sigmas.get(num_steps) or ect_sample_levels(num_steps, cfg.t_mid, lo, hi)
     if len(levels) != num_steps:
@@ -201,7 +201,7 @@ def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
     """For zero-shot editing (fewstep.editing): the composite consistency function of the sampler above."""
     from fewstep.editing import ConsistencyDenoiser
 
-    cfg, process = ctx.method, nets.teacher.process
+    cfg, process = ctx.method, nets.teacher.process.for_sampler()
     lo, hi = sigma_range(cfg, process)
     f_student = consistency_fn(sampling_net(nets), process, cond, lo)
     f_stage1 = consistency_fn(nets.extra["stage1"], process, cond, lo)

@@ -301,3 +301,157 @@ def test_teacher_training_is_never_capped(ddpm) -> None:
         student = copy.deepcopy(teacher.net)
         sigma = condition_student(config, teacher, student)
         assert (sigma is None and student.input_cap is None) if expected is None else sigma == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# Students' samplers bound x0 as the teacher's scheduler does (docs/CONDITIONING.md §3)
+
+
+def _stock_and_fewstep(trainer, out, num_steps):
+    """Images in [0, 1] (3, C, H, W) of the export's stock pipeline and of fewstep's sampler from the same noise:
+    the pipeline draws its unit noise L and then its re-noising noise from one generator; fewstep starts from
+    L / latents_scale and re-noises from the same generator, continued."""
+    from diffusers import DiffusionPipeline
+
+    from fewstep.export import EXPORT_META
+    from fewstep.sampling import generate
+
+    meta = json.loads((out / EXPORT_META).read_text())["stock"]
+    pipe = DiffusionPipeline.from_pretrained(out)
+    images = pipe(**meta["calls"][str(num_steps)], batch_size=3, generator=torch.Generator().manual_seed(0),
+                  output_type="pt").images
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, *trainer.nets.teacher.sample_shape, generator=g)
+    ours = generate(trainer.pm.hook, trainer.ctx, trainer.nets, latents / meta["latents_scale"][str(num_steps)],
+                    None, num_steps, generator=g)
+    return torch.as_tensor(images).float(), (ours.clamp(-1, 1) + 1) / 2
+
+
+@pytest.mark.parametrize("bound", [{}, {"clip_sample": False, "thresholding": True,
+                                        "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5}])
+def test_student_sampler_equals_the_stock_scheduler_with_clipping(bound, tmp_path) -> None:
+    """DMD2 (1, 2 and 4 steps) on a stock clip_sample (or dynamically thresholded) DDPM-epsilon teacher: the export's
+    stock ConsistencyModelPipeline + LCMScheduler, which bounds x0 in every step, draws fewstep's own samples, and
+    fewstep's editing map is the same bounded x0. Control: with the teacher's bound switched off fewstep's samples
+    differ from the stock pipeline's by far more than the tolerance, so the bound is active here."""
+    from diffusers import LCMScheduler
+
+    from fewstep.testing import run_tiny, tiny_run_config
+
+    teacher = stock_ddpm_folder(tmp_path / "teacher", **bound)
+    config = tiny_run_config(teacher, {"name": "dmd2", "num_steps": 4, "ratio": 1}, steps=1,
+                             validation={"steps": [1, 2, 4]})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    out = tmp_path / "run" / "export"
+    process = trainer.nets.teacher.process
+    assert process.x0_clip.active and process.for_sampler() is not process
+    scheduler = LCMScheduler.from_pretrained(out / "scheduler")
+    assert scheduler.config.clip_sample == (not bound) and scheduler.config.thresholding == bool(bound)
+    for n in (1, 2, 4):
+        stock, ours = _stock_and_fewstep(trainer, out, n)
+        # Measured 1e-6 to 5e-6 at 2 and 4 steps; 2.5e-5 at 1 step, in the few unclipped pixels, with or without the
+        # bound: x0 = (x_t - s eps) / a at timestep 999 amplifies float32 rounding 157x (tests/test_export_stock.py).
+        atol = 5e-5 if n == 1 else 1e-5
+        torch.testing.assert_close(ours, stock, rtol=0, atol=atol, msg=lambda m, n=n: f"{n} steps: {m}")
+        clip = process.x0_clip
+        process.x0_clip = X0Clip()  # the sampler as it was before: x0 unbounded
+        try:
+            _, free = _stock_and_fewstep(trainer, out, n)
+        finally:
+            process.x0_clip = clip
+        if n > 1 or bound:  # one clipped step equals the unclipped one after the image's own clamp to [-1, 1]
+            assert (free - stock).abs().max() > 0.05, n
+
+    den = trainer.pm.hook.fewstep_denoiser(ctx=trainer.ctx, nets=trainer.nets, cond=None)
+    x = torch.randn(2, *trainer.nets.teacher.sample_shape, generator=torch.Generator().manual_seed(3)) * 100.0
+    sigma = torch.full((2,), 100.0)
+    with torch.no_grad():
+        raw = process.denoise(trainer.nets.get("ema") or trainer.nets.student, x, sigma)
+        torch.testing.assert_close(den.f(x, sigma), process.x0_clip(raw))
+    assert raw.abs().max() > 1.5
+
+
+def test_for_sampler_leaves_unbounded_teachers_alone() -> None:
+    """A process whose scheduler bounds nothing is its own sampler view (samplers bit-unchanged); a bounding one
+    gets a view whose denoise clips, while the process itself (training, targets) does not."""
+    from fewstep.diffusion import EDMProcess, FlowProcess
+
+    for process in (VPProcess(), EDMProcess(), FlowProcess()):
+        assert process.for_sampler() is process
+    process = VPProcess(x0_clip=X0Clip(clip_sample=True, clip_sample_range=0.5))
+    view = process.for_sampler()
+    assert view.bounds_x0 and not process.bounds_x0 and view.for_sampler() is view
+    net = lambda x_t, t, cond: torch.zeros_like(x_t)  # noqa: E731 - epsilon 0: x0 = x
+    x = torch.linspace(-2, 2, 16).reshape(1, 1, 4, 4)
+    torch.testing.assert_close(process.denoise(net, x, 1.0), x)
+    torch.testing.assert_close(view.denoise(net, x, 1.0), x.clamp(-0.5, 0.5))
+
+
+def test_backward_simulation_bounds_the_intermediate_x0_only() -> None:
+    """DMD2's backward simulation re-noises the bounded x0, as the sampler does; the generator's output, which the
+    losses read, stays unbounded."""
+    from fewstep.distribution import simulate
+    from fewstep.types import StepInfo
+
+    levels = torch.tensor([10.0, 1.0, 0.5])
+    bound = X0Clip(clip_sample=True)
+    calls = []
+
+    def generator(x, sigma):
+        calls.append(x.clone())
+        return 3.0 * torch.ones_like(x)  # x0 far outside [-1, 1]
+
+    def step():
+        return StepInfo(step=0, nimg=0, total_nimg=100, phase="train", phase_progress=0.0, progress=0.0,
+                        generator=torch.Generator().manual_seed(0), local_batch=2, global_batch=2)
+
+    noise = torch.zeros(2, 1, 2, 2)
+    x_free, _ = simulate(generator, noise, levels, 2, step())
+    x_bounded, sigma = simulate(generator, noise, levels, 2, step(), bound)
+    # zero noise in, the same fresh noise out: the inputs differ by exactly the clipped part of x0, 3 - 1
+    torch.testing.assert_close(x_free - x_bounded, torch.full_like(x_free, 2.0))
+    assert float(sigma[0]) == 0.5
+
+
+#: Every method whose sampler runs on a pixel VP teacher, as the tiny recipes of its own tests set it up; "x0": the
+#: sampler's last evaluation is its output's x0 (then bounded), else a consistency function or a jump to sigma_min.
+SAMPLER_METHODS = [
+    ({"name": "cd", "num_scales": 8}, False), ({"name": "cd", "num_scales": 8, "boundary": "lcm"}, True),
+    ({"name": "ct", "s0": 2, "s1": 10}, False), ({"name": "ect", "stage_nimg": 8}, False),
+    ({"name": "tcm", "stage_nimg": 8}, False), ({"name": "ctm", "num_scales": 6, "num_heun_steps_max": 2}, False),
+    ({"name": "scm", "mode": "scd", "warmup_nimg": 8}, True), ({"name": "dmd2", "ratio": 1}, True),
+    ({"name": "msd", "num_students": 2, "ratio": 2, "adm_nimg": 4}, True), ({"name": "fdistill", "ratio": 2}, True),
+    ({"name": "ladd"}, True), ({"name": "kd"}, True), ({"name": "reflow"}, False),
+    ({"name": "pcm", "solver_steps": 8}, True), ({"name": "flowmap", "warmup_nimg": 8}, True),
+    ({"name": "meanflow"}, True),
+    ({"name": "guided", "stage1_nimg": 4, "round_nimg": 8, "start_steps": 8, "final_steps": 2}, True),
+    ({"name": "diffusion", "solver": "euler"}, True),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, x0_last", SAMPLER_METHODS, ids=lambda m: m["name"] if isinstance(m, dict) else "")
+def test_every_student_sampler_reads_the_bounded_x0(method, x0_last, tmp_path_factory, tmp_path) -> None:
+    """On a teacher that clips x0 to ±0.5 (tighter than the samplers' own [-1, 1] clamps), every method's 1- and
+    2-step samples change when the bound is switched off (each sampler reads it), and a sampler whose last
+    evaluation is an x0 returns samples inside ±0.5. ~10 s per method."""
+    from fewstep.sampling import generate
+    from fewstep.testing import run_tiny, tiny_pairs, tiny_run_config
+
+    teacher = tmp_path_factory.getbasetemp() / "clip-half" / "teacher"
+    if not teacher.exists():
+        stock_ddpm_folder(teacher, clip_sample_range=0.5)
+    data = {"pairs": str(tiny_pairs(teacher))} if method["name"] in ("kd", "reflow") else {}
+    trainer, _ = run_tiny(tiny_run_config(teacher, method, steps=2, data=data), tmp_path / "run")
+    process = trainer.nets.teacher.process
+    noise = torch.randn(4, *trainer.nets.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    for n in (1, 2):
+        ours = generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, None, n, seed=1)
+        clip, process.x0_clip = process.x0_clip, X0Clip()
+        try:
+            free = generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, None, n, seed=1)
+        finally:
+            process.x0_clip = clip
+        assert (ours - free).abs().max() > 1e-3, f"{n} steps: the sampler ignores the teacher's x0 bound"
+        if x0_last:
+            assert ours.abs().max() <= 0.5 + 1e-5, f"{n} steps"
