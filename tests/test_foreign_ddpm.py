@@ -371,6 +371,29 @@ def test_student_sampler_equals_the_stock_scheduler_with_clipping(bound, tmp_pat
     assert raw.abs().max() > 1.5
 
 
+def test_export_scheduler_keys_follow_the_sampler_bound() -> None:
+    """The stock scheduler's keys are the teacher's bound as fewstep's samplers apply it: from process.x0_clip (a
+    DDPM config without the key clips, as diffusers' class default), and clip_r then the sampler's own clamp to
+    [-1, 1] as one range min(r, 1); thresholding kept; nothing for a scheduler without the keys or a teacher
+    without a bound."""
+    from types import SimpleNamespace
+
+    from fewstep.export import _teacher_scheduler_options as options
+
+    def teacher(clip):
+        return SimpleNamespace(process=VPProcess(x0_clip=clip))
+
+    wide = X0Clip(clip_sample=True, clip_sample_range=2.0)
+    assert options(teacher(X0Clip()), "LCMScheduler", {"clip_sample": True}) == {}
+    assert options(teacher(wide), "LCMScheduler", {"clip_sample": True})["clip_sample_range"] == 1.0
+    assert options(teacher(wide), "LCMScheduler", {"clip_sample": False})["clip_sample_range"] == 2.0
+    thresholded = options(teacher(X0Clip(thresholding=True, sample_max_value=1.5)), "LCMScheduler", {})
+    assert thresholded["thresholding"] and thresholded["sample_max_value"] == 1.5
+    assert options(teacher(wide), "CMStochasticIterativeScheduler", {"clip_denoised": True}) == {}
+    default = SimpleNamespace(process=process_from_scheduler_config({"_class_name": "DDPMScheduler"}))
+    assert options(default, "LCMScheduler", {})["clip_sample"] is True
+
+
 def test_for_sampler_leaves_unbounded_teachers_alone() -> None:
     """A process whose scheduler bounds nothing is its own sampler view (samplers bit-unchanged); a bounding one
     gets a view whose denoise clips, while the process itself (training, targets) does not."""
