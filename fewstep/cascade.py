@@ -96,11 +96,20 @@ def stage_steps(num_steps: int, num_stages: int, ratio: float, overrides: dict[i
 
 def stage_sigmas(sampling_sigmas: Callable[[int], Tensor], num_steps: int, start_sigma: float | None,
                  sigma_min: float) -> Tensor:
-    """The descending grid of one stage, ending in 0: the process's own ``num_steps`` grid from its sigma_max, or,
-    when a later stage starts from a noised up-sample at ``start_sigma``, a Karras grid from there (EDM Eq. 5)."""
+    """The descending grid of one stage, (num_steps + 1,) ending in 0: the process's own ``num_steps`` grid from its
+    sigma_max, or, when a later stage starts from a noised up-sample at ``start_sigma``, the first ``num_steps``
+    levels of a (num_steps + 1)-level Karras grid from there to ``sigma_min`` (EDM Eq. 5), then 0.
+
+    Why sigma_min is dropped: with it kept (a ``num_steps``-level Karras grid then 0, EDM's sampler grid) the last
+    step runs from sigma_min to 0, a wasted evaluation, and the step before lands at sigma_min, where Heun's
+    corrector applies the slope at sigma_min across the whole step: it moves the sample by (s - sigma_min) /
+    (2 sigma_min) times the change of the denoiser's estimate. A 2-step stage from 2.0 on a teacher with sigma_min
+    0.01 jumped 2.0 -> 0.01 and multiplied that change by 100 (samples of +-6 in [-1, 1] images). Without it, every
+    stage ends with the Euler step into 0 from a level well above sigma_min (2.0 -> 0.23 -> 0 for 2 steps), as
+    the SDEdit levels of fewstep.editing and the trailing grids of VP teachers do."""
     if start_sigma is None:
         return sampling_sigmas(num_steps)
-    return torch.cat([karras_sigmas(num_steps, sigma_min, start_sigma), torch.zeros(1, dtype=torch.float64)])
+    return torch.cat([karras_sigmas(num_steps + 1, sigma_min, start_sigma)[:-1], torch.zeros(1, dtype=torch.float64)])
 
 
 def cascade_sample(denoise: StageDenoiser, noise: Tensor, resolutions: Sequence[int], steps: Sequence[int],

@@ -11,7 +11,7 @@ import torch
 from fewstep_plugins import lowdiff
 
 from fewstep import cascade
-from fewstep.diffusion import sample_ode
+from fewstep.diffusion import karras_sigmas, sample_ode
 from fewstep.export import load_export
 from fewstep.imagecond import ImageCondition
 from fewstep.sampling import generate
@@ -113,6 +113,36 @@ def test_cascade_feeds_stage_students_their_noise_and_condition():
     assert seen[0][0] == 4 and torch.equal(seen[0][1], torch.zeros(2, 1, 4, 4))
     assert seen[2][0] == 16 and torch.allclose(seen[2][1], torch.full((2, 1, 16, 16), 101.0))  # 1, then + 100
     assert torch.allclose(out, torch.full_like(out, 201.0))
+
+
+def test_stages_from_start_sigma_end_with_an_euler_step_from_above_sigma_min():
+    """A stage started from the noised up-sample takes the first n levels of an (n+1)-level Karras grid from
+    start_sigma to sigma_min, then 0: no Heun corrector at sigma_min (there a 2-step stage from 2.0 multiplied the
+    denoiser's last change by (2.0 - 0.01) / (2 * 0.01) ~ 100) and no wasted step from sigma_min to 0."""
+    for n in (1, 2, 4):
+        sigmas = cascade.stage_sigmas(lambda m: torch.zeros(m + 1), n, 2.0, 0.01)
+        torch.testing.assert_close(sigmas, torch.cat([karras_sigmas(n + 1, 0.01, 2.0)[:-1], torch.zeros(1)]).double())
+        assert sigmas[0] == 2.0 and sigmas[-1] == 0.0 and sigmas[-2] > 0.05  # 2 steps: 2.0 -> 0.23 -> 0
+    levels = []
+
+    def denoise(x, sigma, low, k):
+        """Data +-1 per pixel, exact posterior mean, through a network whose noise estimate is bounded by 4 (as a
+        trained network's output is): near sigma -> 0 it is close to the identity on off-data inputs."""
+        levels.append(float(sigma[0]))
+        s = sigma.view(-1, 1, 1, 1)
+        return x - s * ((x - torch.tanh(x / s**2)) / s).clamp(-4, 4)
+
+    signs = torch.where(torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(2)) < 0.5, -1.0, 1.0)
+    off = {}
+    for n in (2, 3):
+        levels.clear()
+        out = cascade.cascade_sample(denoise, torch.randn(64, 1, 8, 8), [8, 8], [1, n], None, solver="heun",
+                                     start_sigma=2.0, sigma_min=0.01, generator=torch.Generator().manual_seed(1),
+                                     students={0: lambda noise, low: signs})
+        assert min(levels) > 0.09  # never at sigma_min = 0.01 (before: the corrector and the last step were)
+        off[n] = out.abs().max().item(), ((out.abs() - 1).abs() > 0.05).float().mean().item()
+    assert off[2][0] < 3.0  # before: 7.7, the +-6 samples of docs/LOWDIFF.md in miniature
+    assert off[3][1] == 0.0  # 3 steps land every pixel on the data (before: 92 % off, as 2 steps now)
 
 
 def test_stage_teachers_are_the_unified_model_at_their_stage(teacher16):
