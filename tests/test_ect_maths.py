@@ -127,6 +127,9 @@ class DenoiserProcess:
     def denoise(self, net, x, sigma, cond=None, **scalars):
         return net(x, sigma, cond)
 
+    def for_sampler(self):  # a scheduler that bounds no x0 (NoiseProcess.for_sampler)
+        return self
+
 
 def _b(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
