@@ -42,8 +42,9 @@ if TYPE_CHECKING:
     from fewstep.config import LoraConfig
     from fewstep.types import Nets, RunContext
 
-__all__ = ["DEFAULT_TARGETS", "LORA_WEIGHTS", "SCALARS_FILE", "LoraBackbone", "SharedBase", "adapt_student", "export_lora",
-           "load_lora", "materialize", "place_adapters", "save_lora", "share_networks"]
+__all__ = ["DEFAULT_TARGETS", "LORA_WEIGHTS", "SCALARS_FILE", "LoraBackbone", "SharedBase", "adapt_student",
+           "adapter_export_problem", "check_adapter_export", "export_lora", "load_lora", "materialize", "place_adapters",
+           "require_adapter_export", "save_lora", "share_networks"]
 
 #: diffusers' file name for LoRA weights (``pipe.load_lora_weights(folder)`` looks for it).
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -396,6 +397,45 @@ def load_lora(model: nn.Module, folder: str | Path, adapter_name: str = "default
     inject_adapter_in_model(config, model, adapter_name=adapter_name)
     set_peft_model_state_dict(model, {k[len(prefix):]: v for k, v in state.items()}, adapter_name=adapter_name)
     return model
+
+
+def adapter_export_problem(stock: Any, reason: str) -> str | None:
+    """Why ``lora.export: adapter`` cannot stand for this student, or None when it can.
+
+    The LoRA file alone is the student only when the teacher's stock pipeline, with the adapter loaded and the stock
+    scheduler of the export, runs the student's sampler: ``stock`` (a :class:`fewstep.export.StockExport`, or None
+    with ``reason``, from :func:`fewstep.export.plan_stock_export`) must exist and fold no scalar inputs into the
+    denoiser (the fused export folds a constant ``w`` into its time biases; the LoRA format has no place for it)."""
+    if stock is None:
+        return f"its sampler needs fewstep's FewStepPipeline: {reason}"
+    if stock.scalars:
+        return (f"its stock export folds the constant scalar inputs {dict(stock.scalars)} into the denoiser's time "
+                "biases, which diffusers' LoRA format cannot carry")
+    return None
+
+
+def require_adapter_export(method: str, stock: Any, reason: str) -> None:
+    """Raise a ValueError saying what to set instead where :func:`adapter_export_problem` finds one."""
+    problem = adapter_export_problem(stock, reason)
+    if problem is not None:
+        raise ValueError(f"lora.export: adapter writes only {LORA_WEIGHTS}, for the teacher's own stock pipeline's "
+                         f"load_lora_weights, but method {method!r}'s student is not the teacher plus that adapter: "
+                         f"{problem}. Set lora.export: both (a full export with the adapter fused, plus the LoRA "
+                         "file, which its pipeline loads on the base's denoiser; docs/LORA.md)")
+
+
+def check_adapter_export(hook: Any, ctx: RunContext, nets: Nets) -> None:
+    """At setup, before training: :func:`require_adapter_export` for a run with ``lora.export: adapter`` and
+    ``export.enabled``, so that a student the LoRA file alone cannot stand for is refused before any work."""
+    lora, export = getattr(ctx.config, "lora", None), getattr(ctx.config, "export", None)
+    if lora is None or lora.export != "adapter" or export is None or not export.enabled:
+        return
+    from fewstep.export import plan_stock_export
+
+    names = sorted({n for found in hook.fewstep_sampling_networks(ctx=ctx) for n in (found or [])})
+    plan = plan_stock_export(hook, ctx, nets, names)
+    stock, reason = (None, plan) if isinstance(plan, str) else (plan, "")
+    require_adapter_export(ctx.method.name, stock, reason)
 
 
 def export_lora(ctx: RunContext, nets: Nets, out_dir: Path) -> Path:

@@ -360,6 +360,7 @@ class Trainer:
         check_teacher_finite(teacher)  # on the device (fast) and in the compute dtype (an fp16 overflow shows)
         lora.place_adapters(teacher, [student, *extra.values()], self.ctx.device, self.ctx.dtype)
         self.nets = Nets(teacher, student.to(self.ctx.device), {k: v.to(self.ctx.device) for k, v in extra.items()})
+        lora.check_adapter_export(hook, self.ctx, self.nets)  # lora.export: adapter, refused before any work
         self.groups = {g.name: g for g in hook.fewstep_optimizer_groups(ctx=self.ctx, nets=self.nets)}
         self.group_index = {name: i for i, name in enumerate(self.groups)}
         self.phases = hook.fewstep_phases(ctx=self.ctx, groups=list(self.groups.values()))

@@ -59,6 +59,9 @@ LORA_DEFAULT = {"dmd2": "unet", "ctm": "unet", "msd": "unet", "scm": "unet", "ca
                 "diffusion": "dit", "ct": "dit", "ict": "dit", "flowmap": "dit", "dmd": "dit", "reflow": "dit",
                 "meanflow": "dit", "tcm": "dit", "ladd": "dit", "fdistill": "dit"}
 NO_EMA = {"msd"}  # MSD refuses the evaluation EMA (it would average student 0 only)
+# An LCM-style cd student with a w input (guidance range), which the stock export folds into the time biases.
+LCM_W = {"name": "cd", "grid": "teacher", "boundary": "lcm", "solver": "ddim", "guidance": [2.0, 6.0],
+         "sample_guidance": 3.0}
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +276,7 @@ def latent_text_teacher(tmp_path_factory) -> Path:
 def test_lcm_style_lora_student_keeps_w_in_its_own_embedding(latent_text_teacher, tmp_path):
     """A full LCM-style student on an SD UNet reads w through a new time_embedding.cond_proj; a LoRA student's frozen
     base is the teacher's UNet, which has none: its w stays a fewstep embedding, folded by the stock export."""
-    method = {"name": "cd", "grid": "teacher", "boundary": "lcm", "solver": "ddim", "guidance": [2.0, 6.0],
-              "sample_guidance": 3.0}
-    trainer, _ = run_tiny(tiny_run_config(latent_text_teacher, method, steps=2, lora={"rank": 4}), tmp_path / "run")
+    trainer, _ = run_tiny(tiny_run_config(latent_text_teacher, LCM_W, steps=2, lora={"rank": 4}), tmp_path / "run")
     student = trainer.nets.student
     assert isinstance(student, LoraBackbone) and not student.native_guidance
     assert list(student.scalar_embeddings) == ["w"]
@@ -502,6 +503,42 @@ def test_export_writes_fused_pipeline_and_lora_file(latent_text_teacher, tmp_pat
     alone = export_run(trainer.pm.hook, dataclasses.replace(trainer.ctx, config=config), trainer.nets,
                        tmp_path / "adapter")
     assert sorted(p.name for p in Path(alone).iterdir()) == [LORA_WEIGHTS]
+
+
+@pytest.mark.parametrize("method", ["sct", "ctm", "cd-w"])
+def test_adapter_only_export_is_refused_before_training_where_the_lora_is_not_the_student(method,
+                                                                                         latent_text_teacher,
+                                                                                         tmp_path):
+    """``lora.export: adapter`` writes only the LoRA file, for the teacher's stock pipeline. sCT on a VP teacher (CM
+    boundary no stock scheduler matches), CTM (its s input, which no stock model takes) and an LCM-style student with a w
+    embedding (folded into the fused export's time biases, which the LoRA format cannot carry) are not the teacher
+    plus that adapter: refused at setup, before the first step, saying to use ``export: both``; and refused by
+    ``fewstep export`` of such a run, before writing anything."""
+    from fewstep.export import export_run
+    from fewstep.plugin import build_manager
+    from fewstep.testing import Recorder
+    from fewstep.trainer import Trainer
+
+    spec = LCM_W if method == "cd-w" else METHODS[method]
+    why = {"sct": "declares no stock diffusers scheduler",
+           "ctm": "reads the scalar inputs \\['s'\\], which no stock diffusers model takes",
+           "cd-w": "folds the constant scalar inputs \\{'w': 300.0\\}"}[method]
+    config = tiny_run_config(latent_text_teacher, spec, steps=2, batch=2, lora={"rank": 4, "export": "adapter"},
+                             validation={"steps": [1], "teacher_steps": None})
+    pm = build_manager(config.method.name)
+    recorder = Recorder()
+    pm.register(recorder, name="recorder")
+    trainer = Trainer(config, pm, tmp_path / "run")
+    with pytest.raises(ValueError, match=f"lora.export: adapter .*{why}.*Set lora.export: both"):
+        trainer.fit()
+    assert recorder.logs == [] and not (tmp_path / "run" / "checkpoints").exists()
+    # A run trained with another export setting, exported with lora.export: adapter.
+    quiet = config.model_copy(update={"export": config.export.model_copy(update={"enabled": False})})
+    trainer = Trainer(quiet, build_manager(config.method.name), tmp_path / "run2")
+    trainer.setup()
+    with pytest.raises(ValueError, match=f"{why}.*Set lora.export: both"):
+        export_run(trainer.pm.hook, trainer.ctx, trainer.nets, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
 
 
 @pytest.fixture

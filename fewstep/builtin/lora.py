@@ -6,19 +6,22 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 from fewstep.hookspecs import hookimpl
 from fewstep.types import Nets, RunContext
 
 
 @hookimpl(tryfirst=True, specname="fewstep_export")
-def export_adapter_only(ctx: RunContext, nets: Nets, out_dir: Path) -> Path | None:
-    """``lora.export: adapter``: only the LoRA file, for the teacher's stock pipeline's ``load_lora_weights``."""
+def export_adapter_only(ctx: RunContext, nets: Nets, out_dir: Path, stock: Any, reason: str) -> Path | None:
+    """``lora.export: adapter``: only the LoRA file, for the teacher's stock pipeline's ``load_lora_weights``;
+    refused where that pipeline with the adapter is not the student (``fewstep.lora.require_adapter_export``)."""
     lora = getattr(ctx.config, "lora", None)
     if lora is None or lora.export != "adapter":
         return None
-    from fewstep.lora import export_lora
+    from fewstep.lora import export_lora, require_adapter_export
 
+    require_adapter_export(ctx.method.name, stock, reason)
     return export_lora(ctx, nets, Path(out_dir))
 
 
