@@ -480,3 +480,34 @@ def test_every_student_sampler_reads_the_bounded_x0(method, x0_last, tmp_path_fa
         assert (ours - free).abs().max() > 1e-3, f"{n} steps: the sampler ignores the teacher's x0 bound"
         if x0_last:  # an Euler step into 0 from sigma 157 returns x0 up to float32 rounding of x (~1e-5)
             assert ours.abs().max() <= 0.5 + 1e-4, f"{n} steps"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, options", [
+    ({"name": "guided", "stage1_nimg": 4, "round_nimg": 8, "start_steps": 8, "final_steps": 2}, {}),
+    ({"name": "msd", "num_students": 3, "ratio": 2, "adm_nimg": 4}, {"plugins": {"disable": ["ema"]}}),
+], ids=["guided", "msd"])
+def test_conditional_student_samplers_read_the_bounded_x0(method, options, tmp_path) -> None:
+    """As above for the methods that need a class-conditional teacher (guided's DDIM with its kept round models,
+    MSD's routed DMD2 sampler): samples inside ±0.5, and different without the bound."""
+    from fewstep.export import condition
+    from fewstep.sampling import generate
+    from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config
+
+    teacher = make_tiny_teacher(tmp_path / "teacher", "unet", conditioning="class",
+                                process_options={"x0_clip": X0Clip(clip_sample=True, clip_sample_range=0.5)})
+    steps = 5 if method["name"] == "guided" else 2  # guided: stage 1 and both halving rounds
+    trainer, _ = run_tiny(tiny_run_config(teacher, method, steps=steps, **options), tmp_path / "run")
+    process = trainer.nets.teacher.process
+    assert process.x0_clip.clip_sample
+    noise = torch.randn(4, *trainer.nets.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    cond = condition(trainer.nets.teacher, 4, [0, 1, 2, 3])
+    for n in (1, 2):
+        ours = generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, cond, n, seed=1)
+        clip, process.x0_clip = process.x0_clip, X0Clip()
+        try:
+            free = generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, cond, n, seed=1)
+        finally:
+            process.x0_clip = clip
+        assert (ours - free).abs().max() > 1e-3, f"{n} steps: the sampler ignores the teacher's x0 bound"
+        assert ours.abs().max() <= 0.5 + 1e-4, f"{n} steps"
