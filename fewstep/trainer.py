@@ -114,6 +114,13 @@ class Trainer:
         view = self.nets.replace(**{n: self.wrapped[n] for n in group.modules})
         rounds = self.config.train.accumulation
         totals: dict[str, torch.Tensor | float] = {}  # tensors summed on the device: no host sync until the step
+        opt = self.optimizers[group.name]
+        lr = group.lr * (min(1.0, (s.nimg + self.global_batch) / group.warmup_nimg) if group.warmup_nimg else 1.0)
+        if group.lr_scale is not None:  # a schedule: a pure function of where training stands
+            lr *= float(group.lr_scale(self.step_info(0, group)))
+        # Set before the backward passes: DeepSpeed steps the optimizer inside the last one (Accelerator.backward)
+        for pg in opt.param_groups:
+            pg["lr"] = lr
         with requires_grad(others, False):
             for micro in range(rounds):
                 batch = self.batch(micro)
@@ -133,12 +140,6 @@ class Trainer:
                     # a Python float stays on the host: a host-to-GPU copy of it would wait for the GPU
                     v = v.detach().float().reshape(()) / rounds if isinstance(v, torch.Tensor) else float(v) / rounds
                     totals[k] = totals[k] + v if k in totals else v
-        opt = self.optimizers[group.name]
-        lr = group.lr * (min(1.0, (s.nimg + self.global_batch) / group.warmup_nimg) if group.warmup_nimg else 1.0)
-        if group.lr_scale is not None:  # a schedule: a pure function of where training stands
-            lr *= float(group.lr_scale(self.step_info(0, group)))
-        for pg in opt.param_groups:
-            pg["lr"] = lr
         params = self._group_params[group.name]
         norm = None
         if group.max_grad_norm is not None:  # the clipping norm is the guard's norm: computed once

@@ -237,6 +237,86 @@ def test_deepspeed_settings_follow_the_recipe():
         deepspeed_settings({"gradient_clipping": 1.0}, 4, None)
 
 
+class _EngineStandIn:
+    """The calls accelerate's DeepSpeedEngineWrapper makes on a DeepSpeed engine, for one torch optimizer: backward,
+    then at the accumulation boundary the step (recording the learning rate it uses) and zeroing the gradients."""
+
+    def __init__(self, optimizer, lrs: list[float]) -> None:
+        self.optimizer, self.lrs = optimizer, lrs
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        assert is_boundary  # fewstep refuses train.accumulation > 1 under DeepSpeed
+
+    def backward(self, loss, **kwargs) -> None:
+        loss.backward(**kwargs)
+
+    def step(self) -> None:
+        self.lrs.append(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+def _stepping_accelerator(in_backward: bool, lrs: list[float]):
+    """A CPU Accelerator whose optimizer steps where DeepSpeed's do (``in_backward``: inside ``Accelerator.backward``,
+    through accelerate's own DeepSpeedEngineWrapper and DeepSpeedOptimizerWrapper, whose step is a no-op), or where
+    the others do (the trainer's step call); either way the learning rate of each real step goes to ``lrs``.
+    DeepSpeed itself does not run on this CPU machine (not installed; accelerate uses it on accelerators only)."""
+    from accelerate import Accelerator
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper, DeepSpeedOptimizerWrapper
+
+    class SteppingAccelerator(Accelerator):
+        def prepare_optimizer(self, optimizer, device_placement=None):
+            if in_backward:
+                self.deepspeed_engine_wrapped = DeepSpeedEngineWrapper(_EngineStandIn(optimizer, lrs))
+                return DeepSpeedOptimizerWrapper(optimizer)
+            step = optimizer.step
+
+            def recorded(*args, **kwargs):
+                lrs.append(optimizer.param_groups[0]["lr"])
+                return step(*args, **kwargs)
+
+            optimizer.step = recorded
+            return super().prepare_optimizer(optimizer, device_placement=device_placement)
+
+        def backward(self, loss, **kwargs):
+            if not in_backward:
+                return super().backward(loss, **kwargs)
+            # Accelerator.backward's DeepSpeed branch, without the distributed type that would also prepare DeepSpeed
+            self.deepspeed_engine_wrapped.backward(loss, sync_gradients=self.sync_gradients, **kwargs)
+
+    return SteppingAccelerator(cpu=True)
+
+
+def test_learning_rate_of_each_step_when_the_optimizer_steps_inside_backward(teacher, tmp_path):
+    """DeepSpeed steps inside Accelerator.backward, so the trainer sets each step's learning rate before the backward
+    pass: under a warm-up every step uses its own rate (1/8, 2/8, 3/8 of optimizer.lr), as when the trainer steps,
+    and the weights are the same. Before, the step inside backward used the rate set for the previous step (step 0
+    the un-warmed optimizer.lr)."""
+    from accelerate.state import AcceleratorState
+
+    from fewstep.plugin import build_manager
+    from fewstep.trainer import Trainer
+
+    config = tiny_run_config(teacher, {"name": "cd", "num_scales": 8}, steps=3, batch=4,
+                             optimizer={"warmup_nimg": 32}, validation={"steps": [1], "teacher_steps": None},
+                             export={"enabled": False})
+    lrs: dict[bool, list[float]] = {True: [], False: []}
+    students = {}
+    for in_backward in (False, True):
+        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one state per process
+        try:
+            acc = _stepping_accelerator(in_backward, lrs[in_backward])
+            trainer = Trainer(config, build_manager("cd"), tmp_path / f"run-{in_backward}", accelerator=acc)
+            trainer.fit()
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+        students[in_backward] = trainer.nets.student.state_dict()
+    assert [round(lr / 1e-4, 6) for lr in lrs[False]] == [0.125, 0.25, 0.375]
+    assert lrs[True] == lrs[False]
+    for k, v in students[False].items():
+        torch.testing.assert_close(students[True][k], v)
+
+
 def test_skeleton_holds_no_weights_until_materialized():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
