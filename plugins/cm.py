@@ -333,8 +333,10 @@ def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int) -> object
 
 @hookimpl
 def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
-    """The consistency function f of the sampler above for zero-shot editing (CM Algorithm 4, fewstep.editing);
-    not for self-conditioned students, whose f reads the previous step's estimate."""
+    """The consistency function f of the sampler above for zero-shot editing (CM Algorithm 4, fewstep.editing), with
+    the sampler's own N levels (``method.sample_sigmas``, else ``grid_levels`` of the trained grid), so that an edit
+    queries the levels the student trained on, as ``fewstep_sample`` does; SDEdit's start level stays the user's.
+    Not for self-conditioned students, whose f reads the previous step's estimate."""
     from fewstep.editing import ConsistencyDenoiser
 
     cfg, teacher = ctx.method, nets.teacher
@@ -349,4 +351,6 @@ def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
         scalars = guidance_inputs(None if w is None else w.expand(x.shape[0]).to(x.device))
         return consistency_fn(net, process, cfg, x, sigma, cond, **scalars)
 
-    return ConsistencyDenoiser(f, lo, hi, renoise_floor=lo, clamp=cfg.clamp and teacher.vae is None, rho=cfg.rho)
+    grid = trained_grid(cfg, process)
+    return ConsistencyDenoiser(f, lo, hi, renoise_floor=lo, clamp=cfg.clamp and teacher.vae is None, rho=cfg.rho,
+                               levels=lambda n: sampler_sigmas(cfg.sample_sigmas, n, grid))

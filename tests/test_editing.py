@@ -201,6 +201,38 @@ def test_students_edit_through_the_hook(method, tmp_path):
     assert frames.shape == (3, 1, 8, 8) and torch.isfinite(frames).all()
 
 
+@pytest.mark.parametrize("method", [{"name": "cd", "num_scales": 8}, {"name": "ct"}], ids=lambda m: m["name"])
+def test_consistency_edits_use_the_sampler_levels(method, tmp_path):
+    """cd / ct / ict sample on levels of their trained grid (``grid_levels``), and editing takes the same ones: with
+    nothing known, the editing sampler from the sampler's noise and generator is the student's own N-step sampler
+    (before, edits drew N Karras points instead, levels the student never trained on: 2 steps on cd's 8-point
+    grid queried 80 -> 2.5 where the sampler queries 80 -> 1.3)."""
+    from fewstep_plugins.cm import trained_grid
+
+    from fewstep.editing import student_denoiser
+    from fewstep.sampling import consistency_sigmas, eval_mode, sampler_sigmas, sampling_net
+    from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config
+
+    teacher = make_tiny_teacher(tmp_path / "teacher", process="edm")
+    trainer, _ = run_tiny(tiny_run_config(teacher, method, steps=1), tmp_path / "run")
+    hook, ctx, nets = trainer.pm.hook, trainer.ctx, trainer.nets
+    den = student_denoiser(hook, ctx, nets, None)
+    grid = trained_grid(ctx.method, nets.teacher.process)
+    for n in (2, 3):
+        levels = sampler_sigmas(ctx.method.sample_sigmas, n, grid)
+        assert edit_levels(den, n) == levels
+        if method["name"] == "cd":  # ct's final grid (151 Karras points) happens to hold them at 2 and 3 steps
+            assert levels != consistency_sigmas(n, den.sigma_min, den.sigma_max, den.rho)
+        noise = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+        with eval_mode(sampling_net(nets)), torch.no_grad():
+            sampled = hook.fewstep_sample(ctx=ctx, nets=nets, noise=noise, cond=None, num_steps=n,
+                                          generator=torch.Generator().manual_seed(1))
+            edited = edit_sample(den, torch.zeros_like(noise), Nothing(), edit_levels(den, n),
+                                 torch.Generator().manual_seed(1), noise=noise)
+        torch.testing.assert_close(edited, sampled, atol=1e-6, rtol=0)
+    assert edit_levels(den, 2, start_sigma=1.0)[0] == 1.0  # SDEdit starts where the user asks
+
+
 def test_strength_keeps_the_last_steps_as_diffusers_img2img():
     from fewstep.editing import strength_levels
 
