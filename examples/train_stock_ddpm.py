@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> Path:
     unet = build_unet(args.resolution)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                               prediction_type="epsilon", clip_sample=True)
-    ema = EMAModel(unet.parameters(), decay=args.ema_decay, min_decay=args.ema_decay, foreach=True)
+    # diffusers' default warm-up (decay min(ema_decay, (1 + step) / (10 + step))): a constant decay from step 0
+    # (min_decay = ema_decay) keeps ema_decay^steps of the random initialisation in the EMA: 10 % after 600k
+    # images at 0.9995, which washed the samples out (pixel std 0.19 against the data's 0.32; FID 280).
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, foreach=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr)
     steps = math.ceil(args.nimg / args.batch)
     g = torch.Generator().manual_seed(args.seed)
