@@ -134,11 +134,11 @@ def estimate_and_target(student: nn.Module, target: nn.Module, process, x_t: Ten
     """§7.3 steps 3-4: x_est = G_target(G_theta(x_t, t, s), s, eps), the gradient reaching theta through the
     target network's input only (its parameters are frozen); x_tgt = sg[G_target(G_sg(theta)(x_u, u, s), s,
     eps)] with the current online weights under no_grad (sony/ctm ``model_sg``). Both pairs of passes see
-    the same dropout masks. Shapes: x (B, C, H, W), levels (B,)."""
-    with same_dropout():
-        est = jump(target, process, jump(student, process, x_t, t, s, cond), s, eps, cond)
-    with torch.no_grad():
+    the same dropout masks. Shapes: x (B, C, H, W), levels (B,). The no-grad pair runs first (as in plugins/cm.py):
+    its intermediates are freed before the estimate keeps its own for the backward; the values are the same."""
+    with same_dropout(), torch.no_grad():
         tgt = jump(target, process, jump(student, process, x_u, u, s, cond), s, eps, cond)
+    est = jump(target, process, jump(student, process, x_t, t, s, cond), s, eps, cond)
     return est, tgt
 
 

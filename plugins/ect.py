@@ -215,11 +215,12 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
         noise = (x_t - ref) / append_dims(t, x0.ndim)
         terms["self_weight"] = w_self.mean()
     x_r = ref + append_dims(r, x0.ndim) * noise
-    with same_dropout():  # the target pass below draws this pass's dropout masks
-        online = consistency_fn(nets.student, process, x_t, t, edge, batch.cond, lo, sd)
-    with torch.no_grad():
+    # The target pass first, as in plugins/cm.py: its intermediates are freed before the online pass keeps its own
+    # for the backward (the other order holds both at once; docs/SPEED.md). The values are the same either way.
+    with same_dropout(), torch.no_grad():  # the online pass below draws this pass's dropout masks
         target = consistency_fn(nets.student, process, x_r, r, edge, batch.cond, lo, sd)
         target = torch.where(append_dims(boundary, x0.ndim), x_r, target)  # f(x, floor) = x (exact boundary)
+    online = consistency_fn(nets.student, process, x_t, t, edge, batch.cond, lo, sd)
     loss = loss_weight(cfg, t, r, sd) * adaptive_loss(online - target, cfg.huber_c)
     return LossOutput(loss=loss, terms={k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()})
 

@@ -80,14 +80,15 @@ def phased_map(x0_hat: Tensor, x: Tensor, sigma: Tensor, edge: Tensor) -> Tensor
 def pair_maps(online: Denoiser, target: Denoiser, x_hi: Tensor, x_lo: Tensor, hi: Tensor, lo: Tensor,
               edge: Tensor) -> tuple[Tensor, Tensor]:
     """(f_θ(x_hi, hi), sg f_θ⁻(x_lo, lo)) onto the common lower edge; where lo is the edge the target is x_lo
-    itself (the official c_skip = 1), and the target network is not evaluated at sigma = 0."""
-    with same_dropout():  # the target pass draws this pass's dropout masks
-        f_online = phased_map(online(x_hi, hi), x_hi, hi, edge)
-    with torch.no_grad():
+    itself (the official c_skip = 1), and the target network is not evaluated at sigma = 0. The target pass runs
+    first (as in plugins/cm.py): its intermediates are freed before the online pass keeps its own for the backward;
+    the values are the same."""
+    with same_dropout(), torch.no_grad():  # the online pass below draws this pass's dropout masks
         on_edge = lo <= edge
         safe = torch.where(on_edge, hi, lo)
         f_target = torch.where(append_dims(on_edge, x_lo.ndim), x_lo,
                                phased_map(target(x_lo, safe), x_lo, safe, edge))
+    f_online = phased_map(online(x_hi, hi), x_hi, hi, edge)
     return f_online, f_target
 
 

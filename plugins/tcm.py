@@ -156,11 +156,13 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     r = ect_r(t, capped_stage(step.nimg, cfg), "sigmoid", cfg.q, cfg.k, cfg.b).clamp_min(lo)
     x_t, x_r = x0 + append_dims(t, x0.ndim) * z, x0 + append_dims(r, x0.ndim) * z
     f_student = consistency_fn(nets.student, process, batch.cond, lo)
-    with same_dropout():  # the student's target pass draws this pass's dropout masks
-        online = f_student(x_t, t)
-    with torch.no_grad():
+    # The target pass first, as in plugins/cm.py: its intermediates are freed before the online pass keeps its own
+    # for the backward (docs/SPEED.md). The student's target pass starts from the same random state as the online
+    # pass either way (the stage-1 pass after it), so the values and dropout masks are the same.
+    with same_dropout(), torch.no_grad():  # the online pass below draws the student target pass's dropout masks
         f_stage1 = consistency_fn(nets.extra["stage1"], process, batch.cond, lo) if stage2 else None
         target = composite_target(f_student, f_stage1, x_r, r, cfg.transition_sigma, lo)
+    online = f_student(x_t, t)
     loss = inverse_gap_weight(t, r) * adaptive_loss(online - target, cfg.huber_c)
     terms = {"t": t.mean().detach(), "stage": capped_stage(step.nimg, cfg),
              "below_transition": (r < cfg.transition_sigma).float().mean()}
