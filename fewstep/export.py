@@ -429,13 +429,18 @@ def plan_stock_export(hook: Any, ctx: RunContext, nets: Nets, sampling_networks:
         if found is not None:
             samplers[n] = found
     cap = getattr(student, "input_cap", None)
+    capped = ""  # said where the cap changed a sampler: the reason for a FewStepPipeline may be the cap
     if cap is not None:
+        if any(t > cap.timestep for s in samplers.values() for t in (s.timesteps or ())):
+            capped = (f"; the student has a capped input level (it reads timesteps above {int(cap.timestep)} at "
+                      f"{int(cap.timestep)}, docs/CONDITIONING.md), set teacher.student_sigma_cap: none for an "
+                      "uncapped student")
         samplers = {n: c for n, s in samplers.items() if (c := _capped(s, cap)) is not None}
     if default not in samplers:
         inputs = (f"; its student also reads the scalar inputs {list(student.extra_scalars)}, which no stock "
                   "diffusers model takes" if student.extra_scalars else "")
         return (f"method {ctx.method.name!r} declares no stock diffusers scheduler that reproduces its "
-                f"{default}-step sampler with this teacher and student (hook fewstep_stock_sampler){inputs}")
+                f"{default}-step sampler with this teacher and student (hook fewstep_stock_sampler){inputs}{capped}")
     first = samplers[default]
     scalars = dict(first.scalars)
     varying = set(student.extra_scalars) - set(scalars)
@@ -473,7 +478,7 @@ def plan_stock_export(hook: Any, ctx: RunContext, nets: Nets, sampling_networks:
                 for n, s in kept.items()}
     if default not in kept:
         return (f"{pipeline.name} cannot pass the custom schedule of the {default}-step sampler to "
-                f"{first.scheduler}, and the scheduler's own {default}-step schedule differs")
+                f"{first.scheduler}, and the scheduler's own {default}-step schedule differs{capped}")
     if student.native_guidance:  # the UNet's time_cond_proj_dim reads the pipeline's guidance_scale: nothing to fold
         from fewstep.backbones import GUIDANCE_EMBED_SCALE
 

@@ -42,9 +42,11 @@ def _only_stock_classes(folder) -> None:
     assert not list(folder.glob("*.py")), "a stock export has no pipeline file"
 
 
-def _train(tmp_path, backbone, method, *, steps=2, validation_steps=(1, 2), **teacher_options):
+def _train(tmp_path, backbone, method, *, steps=2, validation_steps=(1, 2), sigma_cap=None, **teacher_options):
+    """sigma_cap: the run's teacher.student_sigma_cap (None: the default, auto)."""
     teacher = make_tiny_teacher(tmp_path / "teacher", backbone, **teacher_options)
-    config = tiny_run_config(teacher, method, steps=steps, validation={"steps": list(validation_steps)})
+    sections = {} if sigma_cap is None else {"teacher": {"student_sigma_cap": sigma_cap}}
+    config = tiny_run_config(teacher, method, steps=steps, validation={"steps": list(validation_steps)}, **sections)
     trainer, _ = run_tiny(config, tmp_path / "run")
     return trainer, tmp_path / "run" / "export"
 
@@ -94,18 +96,30 @@ def assert_stock_matches_fewstep(trainer, out, expect_pipeline, expect_scheduler
         torch.testing.assert_close(images.float(), ours, rtol=0, atol=ATOL, msg=lambda m, n=n: f"{n} steps: {m}")
 
 
+#: Stable Diffusion 1.x/2.x's betas (top-level x0 gain 14.6): a teacher the default student conditioning
+#: (teacher.student_sigma_cap: auto) leaves uncapped, as real Stable Diffusion checkpoints are.
+SD_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+
 def test_dmd2_on_a_text_teacher_exports_stable_diffusion_with_lcm_timesteps(tmp_path):
+    """The tiny text teacher has Stable Diffusion's betas, as the checkpoints StableDiffusionPipeline loads: its
+    student is not capped, so all of DMD2's 4 timesteps are stock (a DDPM-linear teacher's capped student keeps
+    1 and 2 steps only: test_capped_multistep_student_exports_stock_where_its_levels_stay_distinct)."""
     trainer, out = _train(tmp_path, "unet_condition", {"name": "dmd2", "num_steps": 4, "ratio": 1},
-                          validation_steps=(1, 2, 4), latent=True)
+                          validation_steps=(1, 2, 4), latent=True, process_options=SD_BETAS)
     assert_stock_matches_fewstep(trainer, out, "StableDiffusionPipeline", "LCMScheduler", [1, 2, 4])
     meta = json.loads((out / EXPORT_META).read_text())
     assert meta["stock"]["calls"]["4"] == {"timesteps": [999, 749, 499, 249], "guidance_scale": 1.0, "height": 8,
                                            "width": 8}
 
 
+#: The DiT tests check how DiTPipeline, which takes no custom timesteps, is given a sampler's schedule; they set
+#: teacher.student_sigma_cap: none because the tiny DiT teacher has DDPM's linear betas, as real DiT checkpoints do,
+#: whose capped students (the default) are FewStepPipelines: test_capped_dit_student_is_a_few_step_pipeline.
 def test_dmd2_on_a_dit_teacher_exports_dit_pipeline(tmp_path):
     """DiTPipeline takes no custom timesteps: LCMScheduler's own N-step schedule must be DMD2's (999, 499)."""
-    trainer, out = _train(tmp_path, "dit", {"name": "dmd2", "num_steps": 2, "ratio": 1}, latent=True)
+    trainer, out = _train(tmp_path, "dit", {"name": "dmd2", "num_steps": 2, "ratio": 1}, latent=True,
+                          sigma_cap="none")
     assert_stock_matches_fewstep(trainer, out, "DiTPipeline", "LCMScheduler", [1, 2])
     calls = json.loads((out / EXPORT_META).read_text())["stock"]["calls"]
     assert calls["2"] == {"num_inference_steps": 2, "guidance_scale": 1.0}
@@ -115,10 +129,29 @@ def test_lcm_original_steps_chosen_for_a_pipeline_without_custom_timesteps(tmp_p
     """DMD2 with 4 generator steps on DiT: 999, 749, 499, 249 is not a subset of LCMScheduler's default 50-level
     schedule (k = 20), so the export sets original_inference_steps = 4."""
     trainer, out = _train(tmp_path, "dit", {"name": "dmd2", "num_steps": 4, "ratio": 1}, latent=True,
-                          validation_steps=(1, 2, 4))
+                          validation_steps=(1, 2, 4), sigma_cap="none")
     config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert config["original_inference_steps"] == 4
     assert_stock_matches_fewstep(trainer, out, "DiTPipeline", "LCMScheduler", [1, 2, 4])
+
+
+def test_capped_dit_student_is_a_few_step_pipeline(tmp_path):
+    """With the default conditioning a DiT teacher with DDPM's linear betas gets a capped student (it reads timestep
+    999 at 730): DiTPipeline cannot pass timestep 730 to LCMScheduler, whose own 1-step schedule is 999, so the export
+    is a FewStepPipeline whose reason names the cap and how to lift it, and it draws the student's images."""
+    trainer, out = _train(tmp_path, "dit", {"name": "dmd2", "num_steps": 2, "ratio": 1}, latent=True, steps=1,
+                          validation_steps=(1,))
+    assert int(trainer.nets.student.input_cap.timestep) == 730
+    meta = json.loads((out / EXPORT_META).read_text())
+    assert meta["pipeline"] == "FewStepPipeline" and meta["stock"] is None
+    reason = meta["custom_reason"]
+    assert "DiTPipeline cannot pass the custom schedule of the 1-step sampler" in reason
+    assert "capped input level" in reason and "teacher.student_sigma_cap: none" in reason
+    assert reason in (out / "README.md").read_text()
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    images = pipe(class_labels=LABELS[:2], num_inference_steps=1, generator=torch.Generator().manual_seed(0),
+                  output_type="pt").images
+    assert type(pipe).__name__ == "FewStepPipeline" and images.shape == (2, *trainer.nets.teacher.data_shape)
 
 
 @pytest.mark.parametrize("conditioning", [None, "class"])
@@ -128,8 +161,7 @@ def test_scm_on_a_pixel_teacher_exports_consistency_pipeline_with_clipping(tmp_p
     (14.6) is below sCM's sigma_max 80, so the sampler starts at timestep 999. (DDPM's linear betas put it at 157,
     where x0 = (x_t - sigma eps) / alpha amplifies the float32 rounding of the timestep by 1 / alpha = 157:
     a few pixels then differ by up to 4e-3.)"""
-    sd_betas = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-    trainer, out = _train(tmp_path, "unet", {"name": "scm"}, conditioning=conditioning, process_options=sd_betas)
+    trainer, out = _train(tmp_path, "unet", {"name": "scm"}, conditioning=conditioning, process_options=SD_BETAS)
     assert_stock_matches_fewstep(trainer, out, "ConsistencyModelPipeline", "LCMScheduler", [1])
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["clip_sample"] is True
 
@@ -175,7 +207,9 @@ def test_lcm_style_cd_student_takes_the_guidance_scale_as_the_pipeline_does(tmp_
 
 
 def test_model_card_is_in_hub_format_and_its_snippet_runs(tmp_path, monkeypatch):
-    trainer, out = _train(tmp_path, "unet_condition", {"name": "dmd2", "num_steps": 2, "ratio": 1}, latent=True)
+    """On a teacher with Stable Diffusion's betas (uncapped student: DMD2's own timesteps in the snippet)."""
+    trainer, out = _train(tmp_path, "unet_condition", {"name": "dmd2", "num_steps": 2, "ratio": 1}, latent=True,
+                          process_options=SD_BETAS)
     readme = (out / "README.md").read_text()
     header = yaml.safe_load(readme.split("---\n")[1])
     assert header["library_name"] == "diffusers" and header["pipeline_tag"] == "text-to-image"

@@ -259,33 +259,31 @@ def test_capped_student_round_trips_and_trains(tmp_path) -> None:
 
 
 def test_the_run_caps_students_of_a_linear_epsilon_teacher(ddpm, tmp_path) -> None:
-    """`teacher.student_sigma_cap: auto` caps a DDPM-epsilon linear-beta teacher's student (and the target copied
-    from it); the export keeps the cap: its one-step stock LCMScheduler reads at the cap's timestep and draws
-    the images fewstep's sampler draws."""
-    from diffusers import DiffusionPipeline
-
+    """By default (`teacher.student_sigma_cap: auto`) the run caps a DDPM-epsilon linear-beta teacher's student (and
+    the targets copied from it); the export keeps the cap: its stock LCMScheduler reads the top level at the cap's
+    timestep and draws the images fewstep's sampler draws at 1 and 2 steps (DMD2's 999, 499 become 730, 499).
+    At 4 steps DMD2's second level (749) also lies above the cap, two timesteps would merge, so no stock call is
+    documented for it. `none` leaves the student uncapped."""
     from fewstep.export import EXPORT_META
-    from fewstep.sampling import generate
     from fewstep.testing import run_tiny, tiny_run_config
 
-    config = tiny_run_config(ddpm, {"name": "dmd2", "ratio": 1}, steps=1, validation={"steps": [1]},
-                             teacher={"student_sigma_cap": "auto"})
+    config = tiny_run_config(ddpm, {"name": "dmd2", "num_steps": 4, "ratio": 1}, steps=1,
+                             validation={"steps": [1, 2, 4]})
+    assert config.teacher.student_sigma_cap == "auto"
     trainer, _ = run_tiny(config, tmp_path / "run")
     cap = trainer.nets.student.input_cap
-    assert cap is not None and cap.sigma <= 15.0
+    assert cap is not None and cap.sigma <= 15.0 and int(cap.timestep) == 730
     assert trainer.nets.get("fake_score").input_cap.timestep == trainer.nets.get("ema").input_cap.timestep
     out = tmp_path / "run" / "export"
     meta = json.loads((out / EXPORT_META).read_text())
-    assert meta["stock"]["calls"]["1"]["timesteps"] == [int(cap.timestep)]
-    pipe = DiffusionPipeline.from_pretrained(out)  # it draws its unit noise L from the generator
-    images = pipe(**meta["stock"]["calls"]["1"], batch_size=2, generator=torch.Generator().manual_seed(0),
-                  output_type="pt").images
-    latents = torch.randn(2, *trainer.nets.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
-    scale = meta["stock"]["latents_scale"]["1"]
-    ours = generate(trainer.pm.hook, trainer.ctx, trainer.nets, latents / scale, None, 1)
-    torch.testing.assert_close(torch.as_tensor(images).float(), (ours.clamp(-1, 1) + 1) / 2, rtol=0, atol=1e-4)
-    default = tiny_run_config(ddpm, {"name": "cd"}, steps=1)  # teacher.student_sigma_cap: none by default
-    assert run_tiny(default, tmp_path / "run-none")[0].nets.student.input_cap is None
+    calls = meta["stock"]["calls"]
+    assert sorted(calls) == ["1", "2"]
+    assert calls["1"]["timesteps"] == [730] and calls["2"]["timesteps"] == [730, 499]
+    for n in (1, 2):  # the stock pipeline draws its unit noise L, then its re-noising noise, from one generator
+        stock, ours = _stock_and_fewstep(trainer, out, n)
+        torch.testing.assert_close(stock, ours, rtol=0, atol=1e-4, msg=lambda m, n=n: f"{n} steps: {m}")
+    uncapped = tiny_run_config(ddpm, {"name": "cd"}, steps=1, teacher={"student_sigma_cap": "none"})
+    assert run_tiny(uncapped, tmp_path / "run-none")[0].nets.student.input_cap is None
 
 
 def test_teacher_training_is_never_capped(ddpm) -> None:
@@ -339,8 +337,10 @@ def test_student_sampler_equals_the_stock_scheduler_with_clipping(bound, tmp_pat
     from fewstep.testing import run_tiny, tiny_run_config
 
     teacher = stock_ddpm_folder(tmp_path / "teacher", **bound)
+    # The bound is independent of the student's conditioning; uncapped, all of DMD2's 4 timesteps stay stock (the
+    # default cap reads 999 and 749 at 730, so 4 steps would be no stock call: the test above).
     config = tiny_run_config(teacher, {"name": "dmd2", "num_steps": 4, "ratio": 1}, steps=1,
-                             validation={"steps": [1, 2, 4]})
+                             validation={"steps": [1, 2, 4]}, teacher={"student_sigma_cap": "none"})
     trainer, _ = run_tiny(config, tmp_path / "run")
     out = tmp_path / "run" / "export"
     process = trainer.nets.teacher.process
