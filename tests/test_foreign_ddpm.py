@@ -454,13 +454,31 @@ SAMPLER_METHODS = [
 ]
 
 
+def _bounded_samples(trainer, noise, cond):
+    """(n, samples) of the run's 1- and 2-step samplers, each checked to change when the teacher's x0 bound is
+    switched off (so the sampler reads it)."""
+    from fewstep.sampling import generate
+
+    process = trainer.nets.teacher.process
+    out = []
+    for n in (1, 2):
+        ours = generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, cond, n, seed=1)
+        clip, process.x0_clip = process.x0_clip, X0Clip()
+        try:
+            free = generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, cond, n, seed=1)
+        finally:
+            process.x0_clip = clip
+        assert (ours - free).abs().max() > 1e-3, f"{n} steps: the sampler ignores the teacher's x0 bound"
+        out.append((n, ours))
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method, x0_last", SAMPLER_METHODS, ids=lambda m: m["name"] if isinstance(m, dict) else "")
 def test_every_student_sampler_reads_the_bounded_x0(method, x0_last, tmp_path_factory, tmp_path) -> None:
     """On a teacher that clips x0 to ±0.5 (tighter than the samplers' own [-1, 1] clamps), every method's 1- and
     2-step samples change when the bound is switched off (each sampler reads it), and a sampler whose last
     evaluation is an x0 returns samples inside ±0.5. ~10 s per method."""
-    from fewstep.sampling import generate
     from fewstep.testing import run_tiny, tiny_pairs, tiny_run_config
 
     teacher = tmp_path_factory.getbasetemp() / "clip-half" / "teacher"
@@ -468,16 +486,8 @@ def test_every_student_sampler_reads_the_bounded_x0(method, x0_last, tmp_path_fa
         stock_ddpm_folder(teacher, clip_sample_range=0.5)
     data = {"pairs": str(tiny_pairs(teacher))} if method["name"] in ("kd", "reflow", "ladd") else {}
     trainer, _ = run_tiny(tiny_run_config(teacher, method, steps=2, data=data), tmp_path / "run")
-    process = trainer.nets.teacher.process
     noise = torch.randn(4, *trainer.nets.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
-    for n in (1, 2):
-        ours = generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, None, n, seed=1)
-        clip, process.x0_clip = process.x0_clip, X0Clip()
-        try:
-            free = generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, None, n, seed=1)
-        finally:
-            process.x0_clip = clip
-        assert (ours - free).abs().max() > 1e-3, f"{n} steps: the sampler ignores the teacher's x0 bound"
+    for n, ours in _bounded_samples(trainer, noise, None):
         if x0_last:  # an Euler step into 0 from sigma 157 returns x0 up to float32 rounding of x (~1e-5)
             assert ours.abs().max() <= 0.5 + 1e-4, f"{n} steps"
 
@@ -491,23 +501,14 @@ def test_conditional_student_samplers_read_the_bounded_x0(method, options, tmp_p
     """As above for the methods that need a class-conditional teacher (guided's DDIM with its kept round models,
     MSD's routed DMD2 sampler): samples inside ±0.5, and different without the bound."""
     from fewstep.export import condition
-    from fewstep.sampling import generate
     from fewstep.testing import make_tiny_teacher, run_tiny, tiny_run_config
 
     teacher = make_tiny_teacher(tmp_path / "teacher", "unet", conditioning="class",
                                 process_options={"x0_clip": X0Clip(clip_sample=True, clip_sample_range=0.5)})
     steps = 5 if method["name"] == "guided" else 2  # guided: stage 1 and both halving rounds
     trainer, _ = run_tiny(tiny_run_config(teacher, method, steps=steps, **options), tmp_path / "run")
-    process = trainer.nets.teacher.process
-    assert process.x0_clip.clip_sample
+    assert trainer.nets.teacher.process.x0_clip.clip_sample
     noise = torch.randn(4, *trainer.nets.teacher.sample_shape, generator=torch.Generator().manual_seed(0))
     cond = condition(trainer.nets.teacher, 4, [0, 1, 2, 3])
-    for n in (1, 2):
-        ours = generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, cond, n, seed=1)
-        clip, process.x0_clip = process.x0_clip, X0Clip()
-        try:
-            free = generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, cond, n, seed=1)
-        finally:
-            process.x0_clip = clip
-        assert (ours - free).abs().max() > 1e-3, f"{n} steps: the sampler ignores the teacher's x0 bound"
+    for n, ours in _bounded_samples(trainer, noise, cond):
         assert ours.abs().max() <= 0.5 + 1e-4, f"{n} steps"
