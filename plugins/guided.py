@@ -36,6 +36,7 @@ from fewstep_plugins.guided_config import (  # noqa: F401 - re-exported from the
     _is_power_of_two,
     fewstep_configure,
     fewstep_method_config,
+    require_guidable,
     round_steps,
 )
 from torch import Tensor, nn
@@ -160,12 +161,7 @@ def stochastic_sample(denoise: Denoiser, noise: Tensor, levels: Tensor, generato
 @hookimpl
 def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module:
     """The teacher's backbone plus a zero-initialised ``w`` input: at step 0 it is the conditional teacher."""
-    if teacher.conditioning == "none" and not teacher.autoguided:
-        raise ValueError(f"method 'guided' distils a guided teacher, but the teacher at {teacher.source} is "
-                         "unconditional, so classifier-free guidance has no unconditional branch to contrast. "
-                         "Set teacher.pretrained to a class- or text-conditional teacher trained with condition "
-                         "dropout (e.g. one made by recipes/digits/teacher-class.yaml), or give a weaker "
-                         "checkpoint as teacher.autoguidance")
+    require_guidable(teacher.source, teacher.conditioning, teacher.autoguided)
     student = copy.deepcopy(teacher.net).float()
     student.add_scalar_inputs(["w"])
     return student.requires_grad_(True).train()

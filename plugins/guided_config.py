@@ -84,6 +84,18 @@ def round_steps(cfg: GuidedConfig) -> list[int]:
     return [cfg.start_steps >> k for k in range(1, int(math.log2(cfg.start_steps // cfg.final_steps)) + 1)]
 
 
+def require_guidable(source, conditioning: str, autoguided: bool) -> None:
+    """Refuse an unconditional teacher without a weaker checkpoint: guidance has nothing to contrast. Checked
+    from the teacher folder's configs before anything is built (``fewstep_configure``) and on the loaded
+    teacher (``fewstep_build_student``)."""
+    if conditioning == "none" and not autoguided:
+        raise ValueError(f"method 'guided' distils a guided teacher, but the teacher at {source} is "
+                         "unconditional, so classifier-free guidance has no unconditional branch to contrast. "
+                         "Set teacher.pretrained to a class- or text-conditional teacher trained with condition "
+                         "dropout (e.g. one made by recipes/digits/teacher-class.yaml), or give a weaker "
+                         "checkpoint as teacher.autoguidance")
+
+
 @hookimpl
 def fewstep_method_config():
     return ("guided", GuidedConfig)
@@ -104,3 +116,12 @@ def fewstep_configure(config) -> None:
             if not _is_power_of_two(k) or k > cfg.start_steps:
                 raise ValueError(f"{where}: {k} steps is not on guided's nested grid; use powers of two <= "
                                  f"method.start_steps={cfg.start_steps}")
+    teacher = config.teacher
+    if teacher.pretrained is not None and teacher.autoguidance is None:
+        from fewstep.data_config import teacher_info  # import-light: reads the folder's JSON configs
+
+        try:
+            info = teacher_info(teacher.pretrained)
+        except (OSError, ValueError):
+            return  # a missing or unsupported folder is reported by the input checks, with their own fix
+        require_guidable(teacher.pretrained, info.conditioning, autoguided=False)

@@ -286,9 +286,17 @@ def test_stage1_target_is_the_cfg_combination_and_the_student_starts_as_the_teac
 
 
 def test_an_unconditional_teacher_is_refused_with_the_fix(tmp_path):
-    teacher = load_teacher(make_tiny_teacher(tmp_path / "u", "unet"))
+    folder = make_tiny_teacher(tmp_path / "u", "unet")
+    teacher = load_teacher(folder)
     with pytest.raises(ValueError, match="teacher.pretrained.*conditional.*teacher.autoguidance"):
         guided.fewstep_build_student(ctx=SimpleNamespace(method=guided.GuidedConfig()), teacher=teacher)
+    # ... and before anything is built (fewstep validate, distill's configure), from the folder's configs alone
+    with pytest.raises(ValueError, match="teacher.pretrained.*conditional.*teacher.autoguidance"):
+        guided.fewstep_configure(config=tiny_run_config(folder, TINY, steps=5, batch=4))
+    guided.fewstep_configure(config=tiny_run_config(folder, TINY, steps=5, batch=4,
+                                                    teacher={"autoguidance": str(folder)}))
+    conditional = make_tiny_teacher(tmp_path / "c", "unet", conditioning="class")
+    guided.fewstep_configure(config=tiny_run_config(conditional, TINY, steps=5, batch=4))
 
 
 def test_an_autoguided_unconditional_teacher_guides_with_its_weak_checkpoint(tmp_path, monkeypatch):
