@@ -43,7 +43,12 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-from fewstep_plugins.msd_config import MSDConfig, fewstep_configure, fewstep_method_config  # noqa: F401 - re-exported from the config module
+from fewstep_plugins.msd_config import (  # noqa: F401 - re-exported from the config module
+    MSDConfig,
+    check_partition,
+    fewstep_configure,
+    fewstep_method_config,
+)
 from torch import Tensor, nn
 
 from fewstep.backbones import Backbone
@@ -82,6 +87,7 @@ def class_partition(num_classes: int, k: int) -> Tensor:
 def route(cond: Cond | None, n: int, k: int, conditioning: str, num_classes: int | None,
           device: torch.device | None = None) -> Tensor:
     """(n,) student index of each sample's condition (module docstring)."""
+    check_partition(k, conditioning, num_classes)
     if k == 1:
         return torch.zeros(n, dtype=torch.long, device=device)
     if conditioning == "class":
@@ -95,8 +101,7 @@ def route(cond: Cond | None, n: int, k: int, conditioning: str, num_classes: int
         v = cond.pooled if cond.pooled is not None else cond.embeddings.mean(1)
         weights = 2 ** torch.arange(bits, device=v.device)
         return ((v[:, :bits] > 0).long() * weights).sum(1)
-    raise ValueError(f"method.num_students={k}: msd partitions the conditions, but the teacher is unconditional; "
-                     "use a class- or text-conditional teacher, or num_students: 1")
+    raise ValueError(f"msd cannot route conditioning {conditioning!r}")
 
 
 def routed(bind: Sequence[Callable[[Cond], Bound]], who: Tensor, cond: Cond) -> Bound:
@@ -144,23 +149,9 @@ def smaller_backbone(net: Backbone, width: float) -> Backbone:
     return Backbone.from_config_dict({**cfg, "model_config": mc}).float().train()
 
 
-def _check_partition(cfg: MSDConfig, teacher) -> None:
-    k = cfg.num_students
-    if k == 1:
-        return
-    if teacher.conditioning == "none":
-        route(None, 0, k, "none", None)
-    if teacher.conditioning == "class" and k > teacher.num_classes:
-        raise ValueError(f"method.num_students={k} > {teacher.num_classes} classes: some student would own no "
-                         "class; use at most as many students as classes")
-    if teacher.conditioning == "text" and k & (k - 1):
-        raise ValueError(f"method.num_students={k}: text prompts are routed by sign bits of the pooled "
-                         "embedding, so K must be a power of two (2, 4, 8)")
-
-
 @hookimpl
 def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module | None:
-    _check_partition(ctx.method, teacher)
+    check_partition(ctx.method.num_students, teacher.conditioning, teacher.num_classes)
     return smaller_backbone(teacher.net, ctx.method.width) if ctx.method.width < 1 else None
 
 

@@ -43,6 +43,23 @@ class MSDConfig(DistributionMatchingConfig):
         return self
 
 
+def check_partition(k: int, conditioning: str, num_classes: int | None) -> None:
+    """Refuse K students that the teacher's conditions cannot be split between (module docstring of
+    :mod:`fewstep_plugins.msd`): checked from the teacher folder's configs before anything is built
+    (``fewstep_configure``), on the loaded teacher, and by the router."""
+    if k == 1:
+        return
+    if conditioning == "none":
+        raise ValueError(f"method.num_students={k}: msd partitions the conditions, but the teacher is "
+                         "unconditional; use a class- or text-conditional teacher, or num_students: 1")
+    if conditioning == "class" and num_classes is not None and k > num_classes:
+        raise ValueError(f"method.num_students={k} > {num_classes} classes: some student would own no "
+                         "class; use at most as many students as classes")
+    if conditioning == "text" and k & (k - 1):
+        raise ValueError(f"method.num_students={k}: text prompts are routed by sign bits of the pooled "
+                         "embedding, so K must be a power of two (2, 4, 8)")
+
+
 @hookimpl
 def fewstep_method_config():
     return ("msd", MSDConfig)
@@ -64,3 +81,11 @@ def fewstep_configure(config) -> None:
     if before >= config.train.total_nimg:
         raise ValueError(f"train.total_nimg={config.train.total_nimg} leaves no images for phase dm after "
                          f"method.tsm_nimg and method.adm_nimg ({before}); raise it or shorten those phases")
+    if config.teacher.pretrained is not None:
+        from fewstep.data_config import teacher_info  # import-light: reads the folder's JSON configs
+
+        try:
+            info = teacher_info(config.teacher.pretrained)
+        except (OSError, ValueError):
+            return  # a missing or unsupported folder is reported by the input checks, with their own fix
+        check_partition(cfg.num_students, info.conditioning, info.num_classes)

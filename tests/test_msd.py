@@ -100,6 +100,18 @@ def test_an_unconditional_teacher_has_nothing_to_partition(tmp_path):
                  tmp_path / "r")
     with pytest.raises(ValueError, match="disable: \\[ema\\]"):
         run_tiny(tiny_run_config(teacher, {"name": "msd", "num_students": 1, "adm_nimg": 2}, steps=1), tmp_path / "r2")
+    # refused before anything is built (fewstep validate, distill's configure), from the folder's configs alone
+    with pytest.raises(ValueError, match="unconditional"):
+        msd.fewstep_configure(config=tiny_run_config(teacher, {"name": "msd", "num_students": 2, "adm_nimg": 2},
+                                                     steps=1, **NO_EMA))
+
+
+def test_more_students_than_classes_is_refused_before_building(class_teacher):
+    with pytest.raises(ValueError, match="num_students=11 > 10 classes"):
+        msd.fewstep_configure(config=tiny_run_config(class_teacher, {"name": "msd", "num_students": 11,
+                                                                     "adm_nimg": 2}, steps=1, **NO_EMA))
+    msd.fewstep_configure(config=tiny_run_config(class_teacher, {"name": "msd", "num_students": 10, "adm_nimg": 2},
+                                                 steps=1, **NO_EMA))
 
 
 # ---------------------------------------------------------------------------------------------
