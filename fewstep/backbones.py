@@ -57,6 +57,7 @@ map DMD2's GAN head and the diffusion discriminators of fewstep.gan classify.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ def student_sigma_cap(process: Any, setting: float | str = "auto") -> float | No
     return sigma
 
 
-def condition_student(config: Any, teacher: Any, student: nn.Module) -> float | None:
+def condition_student(config: Any, teacher: Any, student: nn.Module, announce: bool = True) -> float | None:
     """Apply the run's student conditioning to a freshly built student (the trainer calls this between
     ``fewstep_build_student`` and the extra networks, so targets, EMAs and fake scores copied from the student
     share it); returns the capped level or None.
@@ -165,13 +166,20 @@ def condition_student(config: Any, teacher: Any, student: nn.Module) -> float | 
     The cap is ``teacher.student_sigma_cap`` resolved by :func:`student_sigma_cap`. Not applied: to methods whose
     config sets ``conditions_student = False`` (teacher training regresses the raw output), to students that are
     no :class:`Backbone`, and to LoRA students (their adapter views are rebuilt from the shared base; an explicit
-    level is refused there, "auto" leaves them uncapped)."""
+    level is refused there, "auto" leaves them uncapped and says so on stderr when ``announce``)."""
     setting = config.teacher.student_sigma_cap
     if not getattr(type(config.method), "conditions_student", True) or not isinstance(student, Backbone):
         return None
     sigma = student_sigma_cap(teacher.process, setting)
     if sigma is not None and config.lora is not None:
         if setting == "auto":
+            if announce:
+                print(f"fewstep: note: this teacher's top level amplifies x0 errors "
+                      f"{x0_gain(teacher.process, teacher.process.sigma_max):.0f}x (teacher.student_sigma_cap: auto "
+                      f"would cap a full student at sigma {sigma:g}), but a LoRA student shares the teacher's input "
+                      "levels, so it stays uncapped and inherits that conditioning at the top level; where the "
+                      "method has a generator level (method.sigma_max) keep it below the top, or train a full "
+                      "student (docs/CONDITIONING.md)", file=sys.stderr, flush=True)
             return None
         raise ValueError(f"teacher.student_sigma_cap={setting}: a LoRA student cannot take a capped input level; "
                          "remove the lora section or set teacher.student_sigma_cap to 'auto' or 'none'")

@@ -349,7 +349,7 @@ class Trainer:
         student = hook.fewstep_build_student(ctx=self.ctx, teacher=teacher)
         from fewstep.backbones import condition_student
 
-        condition_student(cfg, teacher, student)  # a capped input level where the teacher needs one (CONDITIONING.md)
+        condition_student(cfg, teacher, student, announce=self.ctx.is_main)  # a capped input level where the teacher needs one (CONDITIONING.md)
         student = lora.adapt_student(cfg, teacher, student)  # a LoRA recipe: an adapter on frozen weights
         extra: dict[str, nn.Module] = {}
         for found in hook.fewstep_extra_networks(ctx=self.ctx, teacher=teacher, student=student):

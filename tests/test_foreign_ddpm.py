@@ -301,6 +301,27 @@ def test_teacher_training_is_never_capped(ddpm) -> None:
         assert (sigma is None and student.input_cap is None) if expected is None else sigma == pytest.approx(expected)
 
 
+def test_a_lora_student_stays_uncapped_and_says_why(ddpm, capsys) -> None:
+    """LoRA adapters share the teacher's input levels: "auto" leaves the student uncapped with a note on stderr
+    (none for a well-conditioned teacher, none when not announced); an explicit level is refused."""
+    import copy
+
+    from fewstep.backbones import condition_student
+    from fewstep.testing import tiny_run_config
+
+    teacher = load_teacher(ddpm)
+    config = tiny_run_config(ddpm, {"name": "cd"}, steps=1, lora={"rank": 4})
+    student = copy.deepcopy(teacher.net)
+    assert condition_student(config, teacher, student) is None and student.input_cap is None
+    note = capsys.readouterr().err
+    assert "LoRA student" in note and "157x" in note and "sigma 15" in note
+    assert condition_student(config, teacher, copy.deepcopy(teacher.net), announce=False) is None
+    assert capsys.readouterr().err == ""
+    explicit = tiny_run_config(ddpm, {"name": "cd"}, steps=1, lora={"rank": 4}, teacher={"student_sigma_cap": 5.0})
+    with pytest.raises(ValueError, match="LoRA student cannot take a capped input level"):
+        condition_student(explicit, teacher, copy.deepcopy(teacher.net))
+
+
 # ------------------------------------------------------------------------------------------------
 # Students' samplers bound x0 as the teacher's scheduler does (docs/CONDITIONING.md §3)
 
