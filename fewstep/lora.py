@@ -452,10 +452,12 @@ def export_lora(ctx: RunContext, nets: Nets, out_dir: Path) -> Path:
         card, meta = Path(out_dir) / "README.md", Path(out_dir) / EXPORT_META
         if card.is_file() and meta.is_file():  # the model card of a full export: say what the extra file is
             custom = json.loads(meta.read_text())["pipeline"] == "FewStepPipeline"
-            loader = ("pipe.load_lora_weights(\"<this folder>\")"
-                      if custom or net.kind.startswith("unet") or net.kind in _TRANSFORMER_LOADERS else
-                      "fewstep.lora.load_lora(pipe.transformer, \"<this folder>\")")
             component = net.family.denoiser_component
+            # diffusers loads a LoRA through the pipeline only for UNet2DConditionModel and SD3/Flux/Sana
+            # transformers; UNet2DModel (DDPM / consistency pipelines), DiT and PixArt: peft, via load_lora
+            loader = ("pipe.load_lora_weights(\"<this folder>\")"
+                      if custom or net.kind == "unet2d_condition" or net.kind in _TRANSFORMER_LOADERS else
+                      f"fewstep.lora.load_lora(pipe.{component}, \"<this folder>\")")
             where = (f"in this folder's FewStepPipeline built on the teacher's {type(net.model).__name__} (or a "
                      f"fine-tune's), `FewStepPipeline.from_pretrained(\"<this folder>\", {component}=<it>)`"
                      if custom else "in the teacher's pipeline (or a fine-tune of it), with this folder's scheduler")

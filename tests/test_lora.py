@@ -484,6 +484,29 @@ def test_family_pipeline_loads_the_lora_and_matches_fewstep(family, tmp_path_fac
     assert (plain.float() - ours).abs().max() > 1e-3  # the adapter is what makes them agree
 
 
+def test_pixel_unet_lora_card_names_a_loader_that_works(teachers, tmp_path):
+    """A UNet2DModel teacher's stock pipelines (DDPM, consistency) have no ``load_lora_weights``: the model card
+    names ``fewstep.lora.load_lora(pipe.unet, ...)``, and that puts the adapter into the teacher's UNet so it
+    computes what the export's fused UNet computes."""
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    cfg = tiny_run_config(teachers["pixel"], {"name": "dmd2", "ratio": 2}, steps=2, batch=2, lora={"rank": 4},
+                          plugins={"disable": ["ema"]})
+    run_tiny(cfg, tmp_path / "run")
+    out = tmp_path / "run" / "export"
+    card = (out / "README.md").read_text()
+    assert 'fewstep.lora.load_lora(pipe.unet, "<this folder>")' in card and "load_lora_weights" not in card
+    pipe = DDPMPipeline.from_pretrained(teachers["pixel"])
+    assert not hasattr(pipe, "load_lora_weights")
+    fused = UNet2DModel.from_pretrained(out / "unet")
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([999, 500])
+    with torch.no_grad():
+        before = pipe.unet(x, t).sample
+        load_lora(pipe.unet, out)
+        torch.testing.assert_close(pipe.unet(x, t).sample, fused(x, t).sample, rtol=1e-4, atol=1e-5)
+    assert (before - fused(x, t).sample).abs().max() > 1e-4  # the adapter is what makes them agree
+
+
 def test_export_writes_fused_pipeline_and_lora_file(latent_text_teacher, tmp_path):
     from diffusers import UNet2DConditionModel
 
