@@ -23,6 +23,16 @@ from fewstep.types import Batch, Cond, Nets, StepInfo
 class TestLowDiffConformance(MethodConformance):
     method = {"name": "lowdiff", "resolutions": [4, 8], "solver": "euler"}
 
+    def config(self, teacher, **sections):
+        """A two-stage cascade [S/2, S] ending at the teacher's model-space size S (8 for the tiny pixel teachers,
+        16 for the tiny latent family pipelines)."""
+        from fewstep.data_config import teacher_info
+
+        info = teacher_info(teacher)
+        size = info.data_shape[-1] // info.vae_factor
+        return tiny_run_config(teacher, {**self.method, "resolutions": [size // 2, size]}, steps=self.steps,
+                               batch=self.batch, **sections)
+
 
 @pytest.fixture(scope="module")
 def teacher16(tmp_path_factory):
