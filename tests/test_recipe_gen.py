@@ -46,13 +46,30 @@ def _generate_and_validate(folder: Path, method: str, prompts: str | None, out: 
     return text
 
 
-def test_every_method_on_every_tiny_teacher_validates(teachers, tmp_path: Path) -> None:
+#: Methods that need a conditional teacher (guided: CFG's unconditional branch; msd: conditions to partition):
+#: ``fewstep recipe`` refuses them for an unconditional one, as ``validate`` and ``distill`` do.
+NEEDS_CONDITIONS = {"guided": "unconditional, so classifier-free guidance", "msd": "msd partitions the conditions"}
+
+
+def test_every_method_on_every_tiny_teacher_validates(teachers, tmp_path: Path, capsys) -> None:
+    from fewstep.data_config import teacher_info
+
     methods = sorted(set(method_registry(discover())) - OWN_NETWORK)
     assert {"cd", "dmd2", "scm", "ctm", "kd"} <= set(methods)
+    refused = 0
     for name, (folder, prompts) in teachers.items():
+        unconditional = teacher_info(folder).conditioning == "none"
         for method in methods:
-            text = _generate_and_validate(folder, method, prompts, tmp_path / f"{name}-{method}.yaml")
+            out = tmp_path / f"{name}-{method}.yaml"
+            if unconditional and method in NEEDS_CONDITIONS:
+                capsys.readouterr()
+                assert main(["recipe", str(folder), "--method", method, "--out", str(out)]) == 2
+                assert NEEDS_CONDITIONS[method] in capsys.readouterr().err and not out.exists()
+                refused += 1
+                continue
+            text = _generate_and_validate(folder, method, prompts, out)
             assert "STARTING POINT, NOT A MEASURED RECIPE" in text and "# Launch:" in text
+    assert refused == 4  # guided and msd on the two unconditional teachers (vp_eps, edm)
 
 
 def test_summary_reads_the_schedule_from_the_configs(teachers) -> None:
