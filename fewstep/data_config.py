@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["DataConfig", "DataSummary", "TeacherInfo", "check_data", "check_in_memory_options", "digits_summary",
-           "reject_unused", "require_source", "teacher_info"]
+           "reject_unused", "require_source", "run_teacher_info", "teacher_info"]
 
 # scikit-learn's load_digits: 1797 images of 8x8 pixels with values 0..16, labels 0..9 (fixed since its first
 # release; tests/test_data_config.py compares these with the loaded set).
@@ -224,6 +224,18 @@ def teacher_info(path: str | Path) -> TeacherInfo:
         shape = (int(denoiser.get("in_channels", 3)), size, size)
     return TeacherInfo(conditioning, num_classes, shape, factor)
 
+
+
+def run_teacher_info(config: Any) -> TeacherInfo | None:
+    """:func:`teacher_info` of the run's ``teacher.pretrained`` for a method's pre-build checks
+    (``fewstep_configure``), or None when none is set or the folder cannot be read: the input checks report
+    that, with their own fix."""
+    if config.teacher.pretrained is None:
+        return None
+    try:
+        return teacher_info(config.teacher.pretrained)
+    except (OSError, ValueError):
+        return None
 
 def check_data(config: Any, teacher: Any, dataset: Any = None) -> None:
     """Refuse data that cannot train ``teacher`` (a :class:`fewstep.teacher.Teacher` or a :class:`TeacherInfo`): a text teacher without captions, a

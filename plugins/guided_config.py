@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from fewstep.config import MethodConfig
+from fewstep.data_config import run_teacher_info
 from fewstep.hookspecs import hookimpl
 
 
@@ -116,12 +117,5 @@ def fewstep_configure(config) -> None:
             if not _is_power_of_two(k) or k > cfg.start_steps:
                 raise ValueError(f"{where}: {k} steps is not on guided's nested grid; use powers of two <= "
                                  f"method.start_steps={cfg.start_steps}")
-    teacher = config.teacher
-    if teacher.pretrained is not None and teacher.autoguidance is None:
-        from fewstep.data_config import teacher_info  # import-light: reads the folder's JSON configs
-
-        try:
-            info = teacher_info(teacher.pretrained)
-        except (OSError, ValueError):
-            return  # a missing or unsupported folder is reported by the input checks, with their own fix
-        require_guidable(teacher.pretrained, info.conditioning, autoguided=False)
+    if (info := run_teacher_info(config)) is not None:  # from the folder's JSON configs
+        require_guidable(config.teacher.pretrained, info.conditioning, config.teacher.autoguidance is not None)

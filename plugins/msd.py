@@ -86,8 +86,8 @@ def class_partition(num_classes: int, k: int) -> Tensor:
 
 def route(cond: Cond | None, n: int, k: int, conditioning: str, num_classes: int | None,
           device: torch.device | None = None) -> Tensor:
-    """(n,) student index of each sample's condition (module docstring)."""
-    check_partition(k, conditioning, num_classes)
+    """(n,) student index of each sample's condition (module docstring); the partition was checked when the
+    students were built (``check_partition``)."""
     if k == 1:
         return torch.zeros(n, dtype=torch.long, device=device)
     if conditioning == "class":

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from fewstep.data_config import run_teacher_info
 from fewstep.hookspecs import hookimpl
 from fewstep.method_configs import DistributionMatchingConfig, check_pair_guidance
 
@@ -46,7 +47,7 @@ class MSDConfig(DistributionMatchingConfig):
 def check_partition(k: int, conditioning: str, num_classes: int | None) -> None:
     """Refuse K students that the teacher's conditions cannot be split between (module docstring of
     :mod:`fewstep_plugins.msd`): checked from the teacher folder's configs before anything is built
-    (``fewstep_configure``), on the loaded teacher, and by the router."""
+    (``fewstep_configure``) and on the loaded teacher (``fewstep_build_student``)."""
     if k == 1:
         return
     if conditioning == "none":
@@ -81,11 +82,5 @@ def fewstep_configure(config) -> None:
     if before >= config.train.total_nimg:
         raise ValueError(f"train.total_nimg={config.train.total_nimg} leaves no images for phase dm after "
                          f"method.tsm_nimg and method.adm_nimg ({before}); raise it or shorten those phases")
-    if config.teacher.pretrained is not None:
-        from fewstep.data_config import teacher_info  # import-light: reads the folder's JSON configs
-
-        try:
-            info = teacher_info(config.teacher.pretrained)
-        except (OSError, ValueError):
-            return  # a missing or unsupported folder is reported by the input checks, with their own fix
+    if (info := run_teacher_info(config)) is not None:  # from the folder's JSON configs
         check_partition(cfg.num_students, info.conditioning, info.num_classes)
