@@ -117,6 +117,11 @@ def test_choices_follow_the_teacher(teachers, tmp_path: Path) -> None:
     assert yaml.safe_load(sd3)["method"]["sigma_max"] is None and "kept for this teacher: a flow teacher" in sd3
     assert yaml.safe_load(sd3)["method"]["grid"] == "karras"  # LCM's teacher grid is VP only
     assert method_of("flux", "dmd2")["teacher"]["guidance"] == 3.5
+    # DMD gets DMD2's two time-scale rule; fields named `ratio` that mean something else keep their defaults
+    dmd = make_recipe(teachers["dit"][0], "dmd", out=tmp_path / "r.yaml")
+    assert yaml.safe_load(dmd)["method"]["ratio"] == 5 and "two time-scale rule" in dmd
+    assert method_of("dit", "dmd2")["method"]["ratio"] == 5
+    assert method_of("dit", "ladd")["method"]["ratio"] == 1 and method_of("dit", "meanflow")["method"]["ratio"] == 0.75
     # a field keeps its default where the rule does not apply
     assert method_of("dit", "cd")["method"]["grid"] == "karras"
 
