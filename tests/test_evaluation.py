@@ -181,3 +181,60 @@ def test_eval_against_a_held_out_reference(tmp_path, tiny_features, monkeypatch)
         "num", "reference", "features", "student 1 step"}
     assert list((tmp_path / "cache" / "eval").glob("fid-ref-*.npz"))  # in the user cache, not next to the data
     assert not (tmp_path / ".fewstep-cache").exists()
+
+
+def test_select_ranks_the_kept_checkpoints_and_exports_the_best(tmp_path, tiny_features, capsys, monkeypatch):
+    """`fewstep select`: every kept checkpoint evaluated at one step count; the lowest FID is recorded, its
+    weights are the ones exported, and equal `fewstep eval --checkpoint` of it on the same protocol."""
+    from safetensors.torch import load_file
+
+    from fewstep.builtin.checkpoint import checkpoint_dirs
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    teacher = make_tiny_teacher(tmp_path / "teacher", "unet")
+    run = tmp_path / "run"
+    config = tiny_run_config(teacher, {"name": "cd", "num_scales": 8}, steps=3, batch=4,
+                             train={"checkpoint_every_nimg": 4, "keep_checkpoints": 5},
+                             optimizer={"lr": 0.05})  # a large rate: the checkpoints differ
+    run_tiny(config, run)
+    write_resolved(config, run)
+    kept = checkpoint_dirs(run)
+    assert len(kept) == 3
+    proto = ["--features", str(tiny_features), "--num", "24", "--batch", "10"]
+    assert cli.main(["select", str(run), "--steps", "1", *proto, "--export", str(tmp_path / "best")]) == 0
+    out = capsys.readouterr().out
+    sel = json.loads((run / "selection.json").read_text())
+    fids = [r["fid"] for r in sel["checkpoints"]]
+    assert [r["checkpoint"] for r in sel["checkpoints"]] == [p.name for p in kept]
+    assert [r["nimg"] for r in sel["checkpoints"]] == [4, 8, 12] and len(set(fids)) == 3
+    assert sel["best"] == sel["checkpoints"][int(np.argmin(fids))]["checkpoint"] and "<- selected" in out
+    assert sel["seed"] == 1 and sel["steps"] == 1 and sel["num"] == 24
+    # the export holds the selected checkpoint's sampling weights (the EMA)
+    exported = load_file(str(next((tmp_path / "best" / "unet").glob("*.safetensors"))))
+    def ema_of(checkpoint):  # without the Backbone wrapper's prefix
+        return {k.split(".", 1)[1]: v for k, v in load_file(str(checkpoint / "nets" / "ema.safetensors")).items()}
+
+    chosen = ema_of(run / "checkpoints" / sel["best"])
+    assert exported.keys() == chosen.keys()
+    assert all(torch.equal(exported[k], chosen[k].to(exported[k].dtype)) for k in exported)
+    for other in kept:  # and no other checkpoint's
+        if other.name != sel["best"]:
+            theirs = ema_of(other)
+            assert not all(torch.equal(exported[k], theirs[k].to(exported[k].dtype)) for k in exported)
+    # the same protocol through `fewstep eval --checkpoint` gives the recorded number
+    assert cli.main(["eval", str(run), "--checkpoint", sel["best"], "--steps", "1", "--teacher-steps", "0",
+                     "--seed", "1", "--reference", "data", *proto]) == 0
+    again = json.loads((run / "summary.json").read_text())["eval"]["student 1 step"]["fid"]
+    assert again == pytest.approx(min(fids), rel=1e-6)
+
+
+def test_select_without_checkpoints_says_how_to_keep_them(tmp_path, capsys):
+    teacher = make_tiny_teacher(tmp_path / "teacher", "unet")
+    config = tiny_run_config(teacher, {"name": "cd", "num_scales": 4}, steps=1)
+    run_tiny(config, tmp_path / "run")
+    write_resolved(config, tmp_path / "run")
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    assert cli.main(["select", str(tmp_path / "run")]) != 0
+    assert "train.checkpoint_every_nimg" in capsys.readouterr().err
