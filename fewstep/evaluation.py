@@ -123,11 +123,14 @@ class FeatureExtractor:
         self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
-        """images: (N, C, H, W) in [-1, 1] with C in {1, 3} -> (N, D) float64."""
+    def __call__(self, images: torch.Tensor, desc: str | None = None) -> np.ndarray:
+        """images: (N, C, H, W) in [-1, 1] with C in {1, 3} -> (N, D) float64. desc: show a progress bar with
+        this label (the network pass is most of an evaluation's time on a CPU)."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected (N, 1 or 3, H, W) images, got shape {tuple(images.shape)}")
-        out = []
+        from fewstep.progress import bar
+
+        out, shown = [], bar(len(images), desc) if desc is not None else None
         for chunk in images.split(self.batch_size):
             x = chunk.float().clamp(-1, 1).add(1).mul(127.5).to(self.device)
             x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
@@ -135,6 +138,10 @@ class FeatureExtractor:
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
                                   antialias=x.shape[-1] > self.size)
             out.append(self.net(x).reshape(x.shape[0], -1).double().cpu().numpy())
+            if shown is not None:
+                shown.update(len(chunk))
+        if shown is not None:
+            shown.close()
         return np.concatenate(out)
 
 
@@ -213,7 +220,7 @@ def reference_features(dataset, source: str, num: int, extractor: FeatureExtract
     cached under in ``eval_cache_dir`` (shared by every caller with the same images and feature network)."""
     ref_key = _digest(source, dataset.describe(), num, str(extractor.path))
     real, _ = cached_features(eval_cache_dir() / f"fid-ref-{ref_key}.npz", ref_key,
-                              lambda: (extractor(dataset.get(torch.arange(num))[0]), {}))
+                              lambda: (extractor(dataset.get(torch.arange(num))[0], "features: reference"), {}))
     return real, ref_key
 
 
@@ -258,7 +265,7 @@ def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int]
                 shown.update(len(range(num)[rows]))
         shown.close()
         rate = num / (time.perf_counter() - start)
-        return extractor(torch.cat(chunks)), {"samples_per_s": round(rate, 2)}
+        return extractor(torch.cat(chunks), f"features: {label}"), {"samples_per_s": round(rate, 2)}
 
     results: dict[str, object] = {"num": num, "reference": dataset.describe(), "features": str(extractor.path)}
     rows: dict[str, tuple[np.ndarray, dict]] = {}
