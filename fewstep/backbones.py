@@ -79,7 +79,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from fewstep.families import Family, family_for_model
 from fewstep.types import Cond
 
-__all__ = ["FLUX_DEFAULT_GUIDANCE", "GUIDANCE_EMBED_SCALE", "MAX_X0_GAIN", "SUPPORTED_MODELS", "Backbone", "InputCap",
+__all__ = ["AUTO_CAP_SIGMA", "FLUX_DEFAULT_GUIDANCE", "GUIDANCE_EMBED_SCALE", "MAX_X0_GAIN", "SUPPORTED_MODELS",
+           "Backbone", "InputCap",
            "ScalarEmbedding", "condition_student", "enable_gradient_checkpointing", "flux_image_ids", "guidance_inputs",
            "guidance_scale_embedding", "pack_latents", "student_sigma_cap", "unpack_latents", "x0_gain"]
 
@@ -107,10 +108,17 @@ GUIDANCE_EMBED_SCALE = 100.0
 #: LatentConsistencyModelPipeline's UNets' value (LCM's w_embedding_dim default; unverified for other checkpoints).
 GUIDANCE_COND_DIM = 256
 
-#: The largest x0 error gain (docs/CONDITIONING.md) a student's input level may have when the cap is chosen
-#: automatically: 15, just above Stable Diffusion 1.x/2.x's scaled-linear schedule at t = 999 (14.6), the most
-#: distilled epsilon teacher (LCM, DMD2 run their generators there); DDPM's linear betas (157) are capped to it.
+#: The largest top-level x0 error gain (docs/CONDITIONING.md) that ``student_sigma_cap: auto`` leaves uncapped: 15,
+#: just above Stable Diffusion 1.x/2.x's scaled-linear schedule at t = 999 (14.6), the most distilled epsilon
+#: teacher (LCM trains there); DDPM's linear betas (157) are above it and get capped at :data:`AUTO_CAP_SIGMA`.
 MAX_X0_GAIN = 15.0
+
+#: Where ``auto`` caps such a teacher's students: sigma 2 (x0 gain 2; t = 395 on DDPM's linear betas), the level of
+#: DMD2 SDXL's one-step timestep 399 and of recipes/fashion/dmd2.yaml's generator. Measured on the stock DDPM
+#: Fashion teacher (docs/BENCHMARKS.md, issue 14 round 7; teacher DDIM-50 FID 76.53): capped at 15 (gain 15) one-step
+#: students failed (FID: CD 194.75, SCT 411.68, KD 203.46, DMD 1039); capped at 2, CD 68.57, SCT 72.44, KD 91.98,
+#: and DMD2 86.24 -> 72.42.
+AUTO_CAP_SIGMA = 2.0
 
 BACKBONE_META = "fewstep_backbone.json"
 EXTRA_WEIGHTS = "fewstep_extra.safetensors"
@@ -139,15 +147,15 @@ def student_sigma_cap(process: Any, setting: float | str = "auto") -> float | No
     """The sigma-space level at which a student copied from a teacher with ``process`` is capped, or None.
 
     setting: "auto" caps an epsilon-prediction VP teacher whose top level has an x0 gain above
-    :data:`MAX_X0_GAIN` (DDPM's linear betas: 157) at sigma = MAX_X0_GAIN, and nothing else (v / x0 prediction,
-    EDM and flow teachers are well conditioned: gains below 1, sigma_data and 1); "none": no cap; a number: cap
-    there (VP teachers only, inside their levels)."""
+    :data:`MAX_X0_GAIN` (DDPM's linear betas: 157) at sigma = :data:`AUTO_CAP_SIGMA` (2), and nothing else (v / x0
+    prediction, EDM and flow teachers are well conditioned: gains below 1, sigma_data and 1); "none": no cap; a
+    number: cap there (VP teachers only, inside their levels)."""
     if setting == "none":
         return None
     if setting == "auto":
         if process.kind != "vp" or process.prediction_type != "epsilon":
             return None
-        return MAX_X0_GAIN if x0_gain(process, process.sigma_max) > MAX_X0_GAIN else None
+        return AUTO_CAP_SIGMA if x0_gain(process, process.sigma_max) > MAX_X0_GAIN else None
     sigma = float(setting)
     if process.kind != "vp":
         raise ValueError(f"student_sigma_cap={sigma:g}: a capped input level is implemented for VP teachers only, "

@@ -108,7 +108,7 @@ def test_dmd_needs_a_pair_store_and_one_step(class_teacher, tmp_path):
 def test_multistep_sampler_uses_the_trained_levels(class_teacher, tmp_path):
     """A 4-step DMD2 run samples with 1, 2 and 4 steps; the 2-step levels are among the 4 trained ones. The tiny
     teacher has DDPM's linear betas, so the student is capped by default (docs/CONDITIONING.md): its network reads
-    every level above the cap (timesteps 999 and 749) at the cap's timestep 730, the others at their own."""
+    every level above the cap (timesteps 999, 749 and 499) at the cap's timestep 395, the others at their own."""
     from fewstep.distribution import Schedule, generator_levels
     from fewstep.sampling import generate
 
@@ -126,11 +126,11 @@ def test_multistep_sampler_uses_the_trained_levels(class_teacher, tmp_path):
     handle.remove()
     process = trainer.nets.teacher.process
     cap = trainer.nets.ema.input_cap
-    assert cap is not None and cap.timestep == 730
+    assert cap is not None and cap.timestep == 395
     expected = [min(process.sigma_to_t(s).item(), cap.timestep) for k in (1, 2, 4)
                 for s in generator_levels(sched.grid, k)]
     assert seen == pytest.approx(expected, rel=1e-5)
-    assert sum(t == pytest.approx(730.0) for t in seen) == 1 + 1 + 2  # 999 (1, 2 and 4 steps) and 749 (4 steps)
+    assert sum(t == pytest.approx(395.0) for t in seen) == 1 + 2 + 3  # 999 (1, 2, 4 steps), 499 (2, 4), 749 (4)
 
 
 def test_a_pair_store_made_at_another_guidance_is_refused(class_teacher, tmp_path):

@@ -137,11 +137,11 @@ def test_lcm_original_steps_chosen_for_a_pipeline_without_custom_timesteps(tmp_p
 
 def test_capped_dit_student_is_a_few_step_pipeline(tmp_path):
     """With the default conditioning a DiT teacher with DDPM's linear betas gets a capped student (it reads timestep
-    999 at 730): DiTPipeline cannot pass timestep 730 to LCMScheduler, whose own 1-step schedule is 999, so the export
+    999 at 395): DiTPipeline cannot pass timestep 395 to LCMScheduler, whose own 1-step schedule is 999, so the export
     is a FewStepPipeline whose reason names the cap and how to lift it, and it draws the student's images."""
     trainer, out = _train(tmp_path, "dit", {"name": "dmd2", "num_steps": 2, "ratio": 1}, latent=True, steps=1,
                           validation_steps=(1,))
-    assert int(trainer.nets.student.input_cap.timestep) == 730
+    assert int(trainer.nets.student.input_cap.timestep) == 395
     meta = json.loads((out / EXPORT_META).read_text())
     assert meta["pipeline"] == "FewStepPipeline" and meta["stock"] is None
     reason = meta["custom_reason"]
@@ -280,7 +280,10 @@ FAMILY_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLP
 VP_FAMILIES, FLOW_FAMILIES = ("sd", "sdxl", "pixart_sigma"), ("sd3", "flux", "sana")
 #: (family, method) -> (method section, expected scheduler and step counts, or None: FewStepPipeline)
 FAMILY_MATRIX = {
-    **{(f, "dmd2"): ({"name": "dmd2", "num_steps": 2, "ratio": 1}, ("LCMScheduler", [1, 2])) for f in VP_FAMILIES},
+    **{(f, "dmd2"): ({"name": "dmd2", "num_steps": 2, "ratio": 1}, ("LCMScheduler", [1, 2])) for f in ("sd", "sdxl")},
+    # PixArt's linear betas (x0 gain 157 at t = 999): the default cap (sigma 2, t = 395) reads both 2-step levels
+    # (999, 499) at 395, so only the 1-step sampler has a stock call
+    ("pixart_sigma", "dmd2"): ({"name": "dmd2", "num_steps": 2, "ratio": 1}, ("LCMScheduler", [1])),
     **{(f, "dmd2"): ({"name": "dmd2", "num_steps": 2, "ratio": 1}, ("FlowMatchLCMScheduler", [1, 2]))
        for f in FLOW_FAMILIES},
     # sCM's 2-step time 1.1 falls between VP timesteps; PixArt's linear betas reach sigma 157 > sCM's 80, so

@@ -165,7 +165,7 @@ def _perturbed(backbone, delta):
 
 def test_x0_gain_closed_forms() -> None:
     """|d x0 / d out| per parameterisation; DDPM's linear betas: 157 at t = 999, SD's scaled-linear: 14.6."""
-    from fewstep.backbones import MAX_X0_GAIN, student_sigma_cap, x0_gain
+    from fewstep.backbones import AUTO_CAP_SIGMA, student_sigma_cap, x0_gain
     from fewstep.diffusion import EDMProcess, FlowProcess
 
     linear, sd = VPProcess(), VPProcess(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -173,7 +173,7 @@ def test_x0_gain_closed_forms() -> None:
     assert x0_gain(sd, sd.sigma_max) == pytest.approx(14.6, abs=0.1)
     assert x0_gain(VPProcess(prediction_type="v_prediction"), linear.sigma_max) < 1
     assert x0_gain(EDMProcess(), 80.0) < 0.5 and x0_gain(FlowProcess(), 999.0) < 1
-    assert student_sigma_cap(linear) == MAX_X0_GAIN
+    assert student_sigma_cap(linear) == AUTO_CAP_SIGMA == 2.0
     for process in (sd, VPProcess(prediction_type="v_prediction"), VPProcess(prediction_type="sample"),
                     EDMProcess(), FlowProcess()):
         assert student_sigma_cap(process) is None
@@ -199,11 +199,11 @@ def _teacher_and_student(cap="auto"):
 
 def test_capped_student_bounds_the_x0_error() -> None:
     """A network error delta moves the teacher's x0 at sigma_max by 157 delta, the capped student's by at most
-    sigma_cap delta (< 15), at every level."""
+    sigma_cap delta (< 2), at every level."""
     process, teacher, student = _teacher_and_student()
     cap = student.input_cap
-    assert cap.timestep == int(cap.timestep) and 14.9 < cap.sigma <= 15.0
-    sigma = torch.tensor([0.5, 5.0, 14.0, 40.0, process.sigma_max], dtype=torch.float64).float()
+    assert cap.timestep == 395 and 1.99 < cap.sigma <= 2.0
+    sigma = torch.tensor([0.5, 1.5, 14.0, 40.0, process.sigma_max], dtype=torch.float64).float()
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * sigma.view(-1, 1, 1, 1)
     delta = 1e-3
     with torch.no_grad():
@@ -217,7 +217,7 @@ def test_capped_student_bounds_the_x0_error() -> None:
     torch.testing.assert_close(gains["teacher"], sigma, rtol=2e-2, atol=0)  # gain = sigma for epsilon
     expected = sigma.clamp(max=cap.sigma)
     torch.testing.assert_close(gains["student"], expected, rtol=2e-2, atol=0)
-    assert float(gains["student"].max()) <= 15.0 * 1.02 and float(gains["teacher"].max()) > 150
+    assert float(gains["student"].max()) <= 2.0 * 1.02 and float(gains["teacher"].max()) > 150
 
 
 def test_capped_student_equals_its_teacher_up_to_the_cap() -> None:
@@ -225,7 +225,7 @@ def test_capped_student_equals_its_teacher_up_to_the_cap() -> None:
     x_t, D(x alpha(sigma)/alpha(sigma_c), sigma_c)."""
     process, teacher, student = _teacher_and_student()
     cap = student.input_cap
-    sigma = torch.tensor([0.1, 2.0, cap.sigma, 60.0, process.sigma_max])
+    sigma = torch.tensor([0.1, 1.0, cap.sigma, 60.0, process.sigma_max])
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * sigma.view(-1, 1, 1, 1)
     with torch.no_grad():
         d_teacher, d_student = process.denoise(teacher, x, sigma), process.denoise(student, x, sigma)
@@ -258,32 +258,36 @@ def test_capped_student_round_trips_and_trains(tmp_path) -> None:
     assert student.model.conv_out.weight.grad.abs().sum() > 0
 
 
-def test_the_run_caps_students_of_a_linear_epsilon_teacher(ddpm, tmp_path) -> None:
+@pytest.mark.parametrize(("setting", "timestep", "stock_calls"), [
+    ("auto", 395, {"1": [395]}),  # the default: sigma 2; DMD2's 2-step levels 999 and 499 both lie above it
+    (15.0, 730, {"1": [730], "2": [730, 499]}),
+])
+def test_the_run_caps_students_of_a_linear_epsilon_teacher(ddpm, tmp_path, setting, timestep, stock_calls) -> None:
     """By default (`teacher.student_sigma_cap: auto`) the run caps a DDPM-epsilon linear-beta teacher's student (and
-    the targets copied from it); the export keeps the cap: its stock LCMScheduler reads the top level at the cap's
-    timestep and draws the images fewstep's sampler draws at 1 and 2 steps (DMD2's 999, 499 become 730, 499).
-    At 4 steps DMD2's second level (749) also lies above the cap, two timesteps would merge, so no stock call is
-    documented for it. `none` leaves the student uncapped."""
+    the targets copied from it) at sigma 2 (t = 395); the export keeps the cap: its stock LCMScheduler reads the top
+    level at the cap's timestep and draws the images fewstep's sampler draws. A step count with two levels above
+    the cap would merge two timesteps, so no stock call is documented for it: with the default, DMD2's 2 and 4
+    steps; capped at 15 (t = 730), DMD2's 2 steps [999, 499] are stock as [730, 499] and only 4 steps (749 above
+    the cap too) are not. `none` leaves the student uncapped."""
     from fewstep.export import EXPORT_META
     from fewstep.testing import run_tiny, tiny_run_config
 
     config = tiny_run_config(ddpm, {"name": "dmd2", "num_steps": 4, "ratio": 1}, steps=1,
-                             validation={"steps": [1, 2, 4]})
-    assert config.teacher.student_sigma_cap == "auto"
+                             validation={"steps": [1, 2, 4]}, teacher={"student_sigma_cap": setting})
     trainer, _ = run_tiny(config, tmp_path / "run")
     cap = trainer.nets.student.input_cap
-    assert cap is not None and cap.sigma <= 15.0 and int(cap.timestep) == 730
+    assert cap is not None and int(cap.timestep) == timestep
     assert trainer.nets.get("fake_score").input_cap.timestep == trainer.nets.get("ema").input_cap.timestep
     out = tmp_path / "run" / "export"
     meta = json.loads((out / EXPORT_META).read_text())
     calls = meta["stock"]["calls"]
-    assert sorted(calls) == ["1", "2"]
-    assert calls["1"]["timesteps"] == [730] and calls["2"]["timesteps"] == [730, 499]
-    for n in (1, 2):  # the stock pipeline draws its unit noise L, then its re-noising noise, from one generator
+    assert {k: c["timesteps"] for k, c in calls.items()} == stock_calls
+    for n in map(int, stock_calls):  # the stock pipeline draws its unit noise L, then its re-noising noise, from one generator
         stock, ours = _stock_and_fewstep(trainer, out, n)
         torch.testing.assert_close(stock, ours, rtol=0, atol=1e-4, msg=lambda m, n=n: f"{n} steps: {m}")
-    uncapped = tiny_run_config(ddpm, {"name": "cd"}, steps=1, teacher={"student_sigma_cap": "none"})
-    assert run_tiny(uncapped, tmp_path / "run-none")[0].nets.student.input_cap is None
+    if setting == "auto":
+        uncapped = tiny_run_config(ddpm, {"name": "cd"}, steps=1, teacher={"student_sigma_cap": "none"})
+        assert run_tiny(uncapped, tmp_path / "run-none")[0].nets.student.input_cap is None
 
 
 def test_teacher_training_is_never_capped(ddpm) -> None:
@@ -294,7 +298,7 @@ def test_teacher_training_is_never_capped(ddpm) -> None:
     from fewstep.testing import tiny_run_config
 
     teacher = load_teacher(ddpm)
-    for method, expected in (({"name": "diffusion"}, None), ({"name": "cd"}, 14.954928)):
+    for method, expected in (({"name": "diffusion"}, None), ({"name": "cd"}, 1.99047)):
         config = tiny_run_config(ddpm, method, steps=1, teacher={"student_sigma_cap": "auto"})
         student = copy.deepcopy(teacher.net)
         sigma = condition_student(config, teacher, student)
@@ -314,7 +318,7 @@ def test_a_lora_student_stays_uncapped_and_says_why(ddpm, capsys) -> None:
     student = copy.deepcopy(teacher.net)
     assert condition_student(config, teacher, student) is None and student.input_cap is None
     note = capsys.readouterr().err
-    assert "LoRA student" in note and "157x" in note and "sigma 15" in note
+    assert "LoRA student" in note and "157x" in note and "sigma 2" in note
     assert condition_student(config, teacher, copy.deepcopy(teacher.net), announce=False) is None
     assert capsys.readouterr().err == ""
     explicit = tiny_run_config(ddpm, {"name": "cd"}, steps=1, lora={"rank": 4}, teacher={"student_sigma_cap": 5.0})
@@ -359,7 +363,7 @@ def test_student_sampler_equals_the_stock_scheduler_with_clipping(bound, tmp_pat
 
     teacher = stock_ddpm_folder(tmp_path / "teacher", **bound)
     # The bound is independent of the student's conditioning; uncapped, all of DMD2's 4 timesteps stay stock (the
-    # default cap reads 999 and 749 at 730, so 4 steps would be no stock call: the test above).
+    # default cap reads 999, 749 and 499 at 395, so 2 and 4 steps would be no stock call: the test above).
     config = tiny_run_config(teacher, {"name": "dmd2", "num_steps": 4, "ratio": 1}, steps=1,
                              validation={"steps": [1, 2, 4]}, teacher={"student_sigma_cap": "none"})
     trainer, _ = run_tiny(config, tmp_path / "run")
