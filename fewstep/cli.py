@@ -462,12 +462,11 @@ def cmd_select(args: argparse.Namespace) -> int:
     import json
 
     from fewstep.builtin.checkpoint import checkpoint_dirs
-    from fewstep.evaluation import select_checkpoint
+    from fewstep.evaluation import no_checkpoints, select_checkpoint
 
     found = checkpoint_dirs(args.run)
-    if not found:
-        raise FileNotFoundError(f"{args.run / 'checkpoints'} holds no complete checkpoint to select from; keep "
-                                "several with train.checkpoint_every_nimg and train.keep_checkpoints")
+    if not found:  # before building the run
+        raise no_checkpoints(args.run)
     trainer, pm = _built_run(args.run)
     cfg = trainer.config.eval
     if cfg.reference is not None and args.reference == cfg.reference:

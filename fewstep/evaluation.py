@@ -328,6 +328,12 @@ def evaluate_coupling(hook, ctx, nets, store, steps: list[int], num: int,
     return results
 
 
+def no_checkpoints(run_dir: Path) -> FileNotFoundError:
+    """The error for a run with no complete checkpoint to select from, with the recipe fields that keep some."""
+    return FileNotFoundError(f"{Path(run_dir) / 'checkpoints'} holds no complete checkpoint to select from; keep "
+                             "several with train.checkpoint_every_nimg and train.keep_checkpoints in the recipe")
+
+
 def select_checkpoint(trainer, hook, checkpoints: list[Path], *, steps: int, num: int, reference: str = "data",
                       features: Path | None = None, batch_size: int = 64, seed: int = 1) -> dict[str, object]:
     """FID / precision / recall of the student's ``steps``-step sampler at each of ``checkpoints`` (folders of
@@ -340,8 +346,7 @@ def select_checkpoint(trainer, hook, checkpoints: list[Path], *, steps: int, num
     ``fewstep_load_checkpoint``; on return the run's networks hold the selected one. Returns {"steps", "num",
     "reference", "features", "seed", "checkpoints": [{checkpoint, nimg, fid, precision, recall}], "best"}."""
     if not checkpoints:
-        raise ValueError(f"no checkpoints to select from in {trainer.run_dir / 'checkpoints'}: keep several with "
-                         "train.checkpoint_every_nimg and train.keep_checkpoints in the recipe")
+        raise no_checkpoints(trainer.run_dir)
     extractor = FeatureExtractor(features, device=trainer.ctx.device)
     label = f"student {steps} step" + ("s" if steps > 1 else "")
     rows: list[dict[str, object]] = []
