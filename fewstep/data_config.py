@@ -66,8 +66,11 @@ class DataConfig(BaseModel):
         description="Convert to this many channels: gray -> RGB repeats, RGB -> gray uses the ITU-R 601 "
         "luminance (0.299, 0.587, 0.114). Default None keeps the native count.",
     )
-    class_conditional: bool = Field(
-        False, description="Return class labels with each batch; building fails if the source has none."
+    class_conditional: bool | None = Field(
+        None,
+        description="Return class labels with each batch; building fails if the source has none. Default None "
+        "follows the teacher (labels for a class-conditional teacher, none otherwise); false with a "
+        "class-conditional teacher is refused.",
     )
     flip: bool = Field(
         False,

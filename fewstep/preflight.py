@@ -175,12 +175,12 @@ def safetensors_problem(path: Path) -> str | None:
 
 
 def _check_class_conditional(config: RunConfig, errors: list[str]) -> None:
-    """An explicit ``data.class_conditional: false`` contradicts a class-conditional teacher (which the run
-    would otherwise feed with the data's labels regardless)."""
+    """``data.class_conditional: false`` contradicts a class-conditional teacher (the default, None, follows the
+    teacher, so a run's own config.yaml passes this check)."""
     from fewstep.data_config import teacher_info
 
     data = config.data
-    if "class_conditional" in data.model_fields_set and not data.class_conditional:
+    if data.class_conditional is False:
         if teacher_info(config.teacher.pretrained).conditioning == "class":
             errors.append(f"data.class_conditional=false but the teacher {config.teacher.pretrained} is "
                           "class-conditional: every image needs its label; remove data.class_conditional (the "

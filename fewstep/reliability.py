@@ -177,6 +177,8 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, A
     changes = []
     for key in sorted(set(a) | set(b)):
         before, after = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if key == "data.class_conditional" and {before, after} <= {False, None}:
+            continue  # runs written before it defaulted to None (follow the teacher) saved false for the same run
         if before != after:
             safe = any(key == f or (f.endswith(".") and key.startswith(f)) for f in REPLAY_SAFE)
             changes.append({"field": key, "old": before, "new": after, "replay_safe": safe})

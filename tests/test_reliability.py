@@ -263,6 +263,23 @@ def test_resume_config_changes(tmp_path):
         {"field": "a.c", "old": "(absent)", "new": 2, "replay_safe": False}]
 
 
+def test_a_runs_config_is_a_valid_recipe_for_a_class_conditional_teacher(in_repo, tmp_path, capsys):
+    """config.yaml holds every field; data.class_conditional defaults to None (follow the teacher), so the written
+    config passes the check that refuses an explicit false with a class-conditional teacher."""
+    from fewstep.config import load_config, write_resolved
+
+    config = load_config("recipes/digits/guided.yaml")
+    assert config.data.class_conditional is None
+    written = write_resolved(config, tmp_path / "run")
+    assert yaml.safe_load(written.read_text())["data"]["class_conditional"] is None
+    assert cli.main(["validate", str(written)]) == 0
+    assert cli.main(["validate", str(written), "--set", "data.class_conditional=false"]) == 2
+    assert "remove data.class_conditional" in capsys.readouterr().err
+    # configs written before the default was None saved false for the same run: not a change on resume
+    assert config_changes({"data": {"class_conditional": False}}, {"data": {"class_conditional": None}}) == []
+    assert config_changes({"data": {"class_conditional": True}}, {"data": {"class_conditional": None}}) != []
+
+
 def digits_args(run, *more):
     return ["distill", "recipes/digits/cd.yaml", "--run-dir", str(run), "--set", "train.total_nimg=32",
             "--set", "train.batch_size=16", "--set", "train.progress_bar=false", "--set", "validation.teacher_steps=2",
