@@ -76,6 +76,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fewstep.diffusion import AUTO_CAP_SIGMA, MAX_X0_GAIN, student_sigma_cap, x0_gain  # noqa: F401 - re-exported
 from fewstep.families import Family, family_for_model
 from fewstep.types import Cond
 
@@ -108,18 +109,6 @@ GUIDANCE_EMBED_SCALE = 100.0
 #: LatentConsistencyModelPipeline's UNets' value (LCM's w_embedding_dim default; unverified for other checkpoints).
 GUIDANCE_COND_DIM = 256
 
-#: The largest top-level x0 error gain (docs/CONDITIONING.md) that ``student_sigma_cap: auto`` leaves uncapped: 15,
-#: just above Stable Diffusion 1.x/2.x's scaled-linear schedule at t = 999 (14.6), the most distilled epsilon
-#: teacher (LCM trains there); DDPM's linear betas (157) are above it and get capped at :data:`AUTO_CAP_SIGMA`.
-MAX_X0_GAIN = 15.0
-
-#: Where ``auto`` caps such a teacher's students: sigma 2 (x0 gain 2; t = 395 on DDPM's linear betas), the level of
-#: DMD2 SDXL's one-step timestep 399 and of recipes/fashion/dmd2.yaml's generator. Measured on the stock DDPM
-#: Fashion teacher (docs/BENCHMARKS.md, issue 14 round 7; teacher DDIM-50 FID 76.53): capped at 15 (gain 15) one-step
-#: students failed (FID: CD 194.75, SCT 411.68, KD 203.46, DMD 1039); capped at 2, CD 68.57, SCT 72.44, KD 91.98,
-#: and DMD2 86.24 -> 72.42.
-AUTO_CAP_SIGMA = 2.0
-
 BACKBONE_META = "fewstep_backbone.json"
 EXTRA_WEIGHTS = "fewstep_extra.safetensors"
 
@@ -129,41 +118,6 @@ def _unsupported(name: str) -> ValueError:
         f"unsupported backbone class {name!r}; fewstep supports {', '.join(SUPPORTED_MODELS)} "
         "(a diffusers model folder's config.json names its class in '_class_name')"
     )
-
-
-def x0_gain(process: Any, sigma: float) -> float:
-    """How much the x0 prediction at sigma-space level ``sigma`` moves per unit change of the network's output,
-    |d x0 / d out| (docs/CONDITIONING.md). VP: epsilon s/a = sigma, v-prediction s = sigma/sqrt(1 + sigma^2),
-    sample 1; EDM: |c_out| = sigma sd/sqrt(sigma^2 + sd^2) (< sd); flow (x0 = x_t - t v): t = sigma/(1 + sigma)."""
-    if process.kind == "vp":
-        return {"epsilon": sigma, "v_prediction": sigma / (1 + sigma**2) ** 0.5}.get(process.prediction_type, 1.0)
-    if process.kind == "edm":
-        sd = process.sigma_data
-        return sigma * sd / (sigma**2 + sd**2) ** 0.5
-    return sigma / (1 + sigma)
-
-
-def student_sigma_cap(process: Any, setting: float | str = "auto") -> float | None:
-    """The sigma-space level at which a student copied from a teacher with ``process`` is capped, or None.
-
-    setting: "auto" caps an epsilon-prediction VP teacher whose top level has an x0 gain above
-    :data:`MAX_X0_GAIN` (DDPM's linear betas: 157) at sigma = :data:`AUTO_CAP_SIGMA` (2), and nothing else (v / x0
-    prediction, EDM and flow teachers are well conditioned: gains below 1, sigma_data and 1); "none": no cap; a
-    number: cap there (VP teachers only, inside their levels)."""
-    if setting == "none":
-        return None
-    if setting == "auto":
-        if process.kind != "vp" or process.prediction_type != "epsilon":
-            return None
-        return AUTO_CAP_SIGMA if x0_gain(process, process.sigma_max) > MAX_X0_GAIN else None
-    sigma = float(setting)
-    if process.kind != "vp":
-        raise ValueError(f"student_sigma_cap={sigma:g}: a capped input level is implemented for VP teachers only, "
-                         f"this one is {process.describe()}; use 'auto' or 'none'")
-    if not process.sigma_min < sigma < process.sigma_max:
-        raise ValueError(f"student_sigma_cap={sigma:g} must lie inside the teacher's levels "
-                         f"({process.sigma_min:.4g}, {process.sigma_max:.4g}); use 'none' for no cap")
-    return sigma
 
 
 def condition_student(config: Any, teacher: Any, student: nn.Module, announce: bool = True) -> float | None:

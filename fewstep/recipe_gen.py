@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from fewstep.diffusion import MAX_X0_GAIN
+
 __all__ = ["KEEP", "RULES", "Rule", "TeacherSummary", "cmd_recipe", "make_recipe", "summarize_teacher"]
 
 #: A VP teacher whose top level has an x0 factor 1/sqrt(alpha_bar_T) above this is called ill-conditioned
@@ -78,6 +80,8 @@ class TeacherSummary:
     clip_sample_range: float | None
     thresholding: bool
     guidance_embeds: bool  # Flux-dev style guidance input
+    student_cap: float | None = None  # sigma at which teacher.student_sigma_cap: auto caps a full student
+    student_cap_timestep: int | None = None  # its VP timestep
 
     @property
     def ill_conditioned(self) -> bool:
@@ -116,7 +120,7 @@ def summarize_teacher(path: str | Path) -> TeacherSummary:
     import json
 
     from fewstep.data import teacher_info
-    from fewstep.diffusion import process_from_scheduler_config
+    from fewstep.diffusion import process_from_scheduler_config, student_sigma_cap
     from fewstep.families import detect_family
 
     info = detect_family(path)
@@ -128,6 +132,12 @@ def summarize_teacher(path: str | Path) -> TeacherSummary:
                      if k.startswith("text_encoder") and isinstance(v, list) and len(v) == 2 and v[1])
     vp = process.kind == "vp"
     alpha_bar = float(process.alphas_cumprod[-1]) if vp else None
+    cap = student_sigma_cap(process, "auto")
+    cap_timestep = None
+    if cap is not None:  # the integer timestep the student is read at (fewstep.backbones.InputCap)
+        import torch
+
+        cap_timestep = int(torch.floor(process.sigma_to_t(torch.tensor([cap], dtype=torch.float64)) + 1e-6))
     return TeacherSummary(
         path=info.root, family=info.family.name, description=info.family.description,
         conditioning=shape.conditioning, num_classes=shape.num_classes, encoders=encoders,
@@ -144,6 +154,7 @@ def summarize_teacher(path: str | Path) -> TeacherSummary:
         clip_sample_range=float(sched.get("clip_sample_range", 1.0)) if sched.get("clip_sample") else None,
         thresholding=bool(sched.get("thresholding", False)),
         guidance_embeds=bool(denoiser.get("guidance_embeds", False)),
+        student_cap=cap, student_cap_timestep=cap_timestep,
     )
 
 
@@ -184,8 +195,10 @@ def _sigma_max(t: TeacherSummary, model: type, default: Any) -> tuple[Any, str] 
                                      "one-step output the data mean; DMD2 SDXL's one-step timestep 399 and "
                                      "recipes/fashion/dmd2.yaml use sigma ~2")
     if t.sigma_max > CONSISTENCY_SIGMA_MAX:
+        capped = ("" if t.student_cap is None else f"; above sigma {t.student_cap:g}, the student's own cap "
+                  "(teacher.student_sigma_cap), its network reads every level at the cap's timestep")
         return CONSISTENCY_SIGMA_MAX, (f"top of the student's levels capped at CM's T = 80 inside {top}: the "
-                                       "eps-to-x0 conversion amplifies errors by the level")
+                                       f"eps-to-x0 conversion amplifies errors by the level{capped}")
     return None
 
 
@@ -343,6 +356,16 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
     if prompts is not None:
         data_section["prompts"] = _path_for(Path(prompts), out)
     teacher_section: dict[str, Any] = {"pretrained": _path_for(t.path, out)}
+    notes = dict(_NOTES)
+    if t.student_cap is not None and getattr(model, "conditions_student", True):
+        teacher_section["student_sigma_cap"] = "auto"
+        notes[("teacher", "student_sigma_cap")] = (
+            f"auto caps this teacher's full students at sigma {t.student_cap:g} (timestep {t.student_cap_timestep}): "
+            f"an epsilon output reaches x0 with gain {t.x0_factor:.0f} at the top level (above "
+            f"{MAX_X0_GAIN:g}), so above the cap the student's network is read at the cap's timestep and its x0 "
+            f"error is at most {t.student_cap:g}x its output's (docs/CONDITIONING.md; on a stock DDPM teacher "
+            "one-step students scored FID 57-92 capped at 2 against 195-1039 at 15); 'none' leaves the student "
+            "uncapped (LoRA students always are), a number caps at that level")
     if t.guidance_embeds:
         teacher_section["guidance"] = FLUX_GUIDANCE
     elif t.conditioning == "text":
@@ -365,7 +388,6 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
     # pairs (data.pairs, made by `fewstep pairs`), a budget long enough for the method's phases, and core plugins
     # the method asks to disable (the fix its message names, `plugins: {disable: [NAME]}`).
     pairs_path: Path | None = None
-    notes = dict(_NOTES)
     if source == "digits":
         notes[("data", "source")] = ("a placeholder: 'digits' is the embedded scikit-learn set (resized to the "
                                      "teacher's shape); replace it with images like the teacher's (--data)")

@@ -100,6 +100,21 @@ def test_choices_follow_the_teacher(teachers, tmp_path: Path) -> None:
     # generator's input level below the ill-conditioned end
     assert method_of("vp_eps", "cd")["method"]["sigma_max"] == CONSISTENCY_SIGMA_MAX
     assert method_of("vp_eps", "dmd2")["method"]["sigma_max"] == GENERATOR_SIGMA_MAX
+    # ... and says where auto caps its students (the level and timestep fewstep.backbones.InputCap uses)
+    from fewstep.backbones import AUTO_CAP_SIGMA, InputCap
+    from fewstep.diffusion import VPProcess
+
+    vp = summarize_teacher(teachers["vp_eps"][0])
+    assert vp.student_cap == AUTO_CAP_SIGMA and vp.student_cap_timestep == InputCap(VPProcess(), AUTO_CAP_SIGMA).timestep
+    cd_text = make_recipe(teachers["vp_eps"][0], "cd", out=tmp_path / "r.yaml")
+    assert yaml.safe_load(cd_text)["teacher"]["student_sigma_cap"] == "auto"
+    flat = " ".join(line.strip().lstrip("#").strip() for line in cd_text.splitlines())  # comments unwrapped
+    assert f"at sigma 2 (timestep {vp.student_cap_timestep})" in flat and "gain 157" in flat
+    # well-conditioned teachers get no cap and no note
+    for key in ("edm", "sd", "sd3", "flux"):
+        assert summarize_teacher(teachers[key][0]).student_cap is None
+    assert "student_sigma_cap" not in make_recipe(teachers["sd"][0], "cd", out=tmp_path / "r.yaml",
+                                                  prompts=teachers["sd"][1])
     # EDM: the teacher's own range (the method's default: none)
     assert method_of("edm", "cd")["method"]["sigma_max"] is None
     # a VP text teacher: LCM-style CD on the teacher grid, guided, with the teacher's guidance scale
