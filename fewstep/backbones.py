@@ -76,7 +76,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fewstep.diffusion import AUTO_CAP_SIGMA, MAX_X0_GAIN, student_sigma_cap, x0_gain  # noqa: F401 - re-exported
+from fewstep.diffusion import AUTO_CAP_SIGMA, MAX_X0_GAIN, cap_timestep, student_sigma_cap, x0_gain  # noqa: F401 - re-exported
 from fewstep.families import Family, family_for_model
 from fewstep.types import Cond
 
@@ -161,8 +161,7 @@ class InputCap:
         if process.kind != "vp":
             raise ValueError(f"InputCap: only VP processes have a timestep cap, got {process.describe()}")
         self.process = process
-        # floor with a tolerance: a level read back from a saved cap is its own timestep up to rounding
-        t = float(torch.floor(process.sigma_to_t(torch.tensor([float(sigma)], dtype=torch.float64)) + 1e-6))
+        t = cap_timestep(process, sigma)
         self.timestep = t
         self.sigma = float(process.t_to_sigma(torch.tensor([t], dtype=torch.float64)))
 

@@ -1155,7 +1155,7 @@ def trigflow_denoise(denoise_fn: DenoiseFn, x_t: Tensor, t: Tensor | float, sigm
 # Conditioning of a student's x0 at the top levels (docs/CONDITIONING.md; applied by fewstep.backbones)
 # ---------------------------------------------------------------------------------------------
 
-__all__ += ["AUTO_CAP_SIGMA", "MAX_X0_GAIN", "student_sigma_cap", "x0_gain"]
+__all__ += ["AUTO_CAP_SIGMA", "MAX_X0_GAIN", "cap_timestep", "student_sigma_cap", "x0_gain"]
 
 #: The largest top-level x0 error gain (docs/CONDITIONING.md) that ``student_sigma_cap: auto`` leaves uncapped: 15,
 #: just above Stable Diffusion 1.x/2.x's scaled-linear schedule at t = 999 (14.6), the most distilled epsilon
@@ -1203,3 +1203,10 @@ def student_sigma_cap(process: Any, setting: float | str = "auto") -> float | No
         raise ValueError(f"student_sigma_cap={sigma:g} must lie inside the teacher's levels "
                          f"({process.sigma_min:.4g}, {process.sigma_max:.4g}); use 'none' for no cap")
     return sigma
+
+
+def cap_timestep(process: Any, sigma: float) -> float:
+    """The integer VP timestep floor(t(sigma)) at which a student capped at ``sigma`` is read, so stock discrete
+    schedulers can evaluate it (floored with a tolerance: a level read back from a saved cap is its own timestep
+    up to rounding)."""
+    return float(torch.floor(process.sigma_to_t(torch.tensor([float(sigma)], dtype=torch.float64)) + 1e-6))

@@ -120,7 +120,7 @@ def summarize_teacher(path: str | Path) -> TeacherSummary:
     import json
 
     from fewstep.data import teacher_info
-    from fewstep.diffusion import process_from_scheduler_config, student_sigma_cap
+    from fewstep.diffusion import cap_timestep, process_from_scheduler_config, student_sigma_cap
     from fewstep.families import detect_family
 
     info = detect_family(path)
@@ -133,11 +133,6 @@ def summarize_teacher(path: str | Path) -> TeacherSummary:
     vp = process.kind == "vp"
     alpha_bar = float(process.alphas_cumprod[-1]) if vp else None
     cap = student_sigma_cap(process, "auto")
-    cap_timestep = None
-    if cap is not None:  # the integer timestep the student is read at (fewstep.backbones.InputCap)
-        import torch
-
-        cap_timestep = int(torch.floor(process.sigma_to_t(torch.tensor([cap], dtype=torch.float64)) + 1e-6))
     return TeacherSummary(
         path=info.root, family=info.family.name, description=info.family.description,
         conditioning=shape.conditioning, num_classes=shape.num_classes, encoders=encoders,
@@ -154,7 +149,7 @@ def summarize_teacher(path: str | Path) -> TeacherSummary:
         clip_sample_range=float(sched.get("clip_sample_range", 1.0)) if sched.get("clip_sample") else None,
         thresholding=bool(sched.get("thresholding", False)),
         guidance_embeds=bool(denoiser.get("guidance_embeds", False)),
-        student_cap=cap, student_cap_timestep=cap_timestep,
+        student_cap=cap, student_cap_timestep=None if cap is None else int(cap_timestep(process, cap)),
     )
 
 

@@ -105,7 +105,7 @@ def test_choices_follow_the_teacher(teachers, tmp_path: Path) -> None:
     from fewstep.diffusion import VPProcess
 
     vp = summarize_teacher(teachers["vp_eps"][0])
-    assert vp.student_cap == AUTO_CAP_SIGMA and vp.student_cap_timestep == InputCap(VPProcess(), AUTO_CAP_SIGMA).timestep
+    assert vp.student_cap == AUTO_CAP_SIGMA and vp.student_cap_timestep == 395 == InputCap(VPProcess(), AUTO_CAP_SIGMA).timestep
     cd_text = make_recipe(teachers["vp_eps"][0], "cd", out=tmp_path / "r.yaml")
     assert yaml.safe_load(cd_text)["teacher"]["student_sigma_cap"] == "auto"
     flat = " ".join(line.strip().lstrip("#").strip() for line in cd_text.splitlines())  # comments unwrapped
