@@ -65,13 +65,20 @@ def tangent_warmup(nimg: int, warmup_nimg: int, r_max: float) -> float:
 
 
 def sample_pair(cfg: FlowMapConfig, n: int, generator: torch.Generator) -> Tensor:
-    """(n, 2) flow times (t, s) with s <= t, before clamping (§9.4, [UNVERIFIED])."""
+    """(n, 2) flow times (t, s) with s <= t, before clamping (§9.4, [UNVERIFIED]); a share
+    ``cfg.endpoint_share`` of the pairs then has s = 0 (a fixed number of pairs, not a random one, so that
+    every batch trains the maps to the data end equally)."""
     if cfg.time_sampling == "gap":
         d = torch.sigmoid(cfg.p_mean + cfg.p_std * torch.randn(n, generator=generator))
         s = torch.rand(n, generator=generator) * (1 - d)
-        return torch.stack([s + d, s], dim=1)
-    u = torch.sigmoid(cfg.p_mean + cfg.p_std * torch.randn(n, 2, generator=generator))
-    return u.sort(dim=1, descending=True).values
+        ts = torch.stack([s + d, s], dim=1)
+    else:
+        u = torch.sigmoid(cfg.p_mean + cfg.p_std * torch.randn(n, 2, generator=generator))
+        ts = u.sort(dim=1, descending=True).values
+    k = round(cfg.endpoint_share * n)
+    if k:
+        ts[torch.randperm(n, generator=generator)[:k], 1] = 0.0
+    return ts
 
 
 def map_target(objective: str, F_minus: Tensor, g: Tensor, kind: str, c: float) -> Tensor:

@@ -26,6 +26,10 @@ class FlowMapConfig(TangentOptions):
         "init at 1, 4 and 8 steps; gap (0, 1) trained too few short gaps and its 8-step chain got worse.")
     p_mean: float = Field(0.0, description="Logit-normal mean of the proposal [UNVERIFIED: our choice].")
     p_std: float = Field(1.0, gt=0, description="Logit-normal std of the proposal [UNVERIFIED: our choice].")
+    endpoint_share: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of pairs whose s is the data end (s = 0, t from the proposal's t): "
+        "consistency-model pairs, the maps a 1-step sampler chains to (our extension, not in the paper; 0: the "
+        "proposal alone).")
     warmup_nimg: int = Field(5_120_000, ge=0, description="Tangent warm-up in images: r = r_max·min(1, nimg/H) "
                              "[UNVERIFIED length: sCM's 10k iterations at batch 512]; 0: r = r_max at once.")
     r_max: float = Field(0.99, ge=0.0, le=1.0, description="Final warm-up factor (§9.2: 0.99, never 1; the r < 1 part "

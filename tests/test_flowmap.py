@@ -70,6 +70,17 @@ def test_time_pairs(kind):
     assert float((t - s).min()) < 0.05 and float((t - s).max()) > 0.8  # small and large gaps both occur
 
 
+def test_endpoint_share_sets_s_to_zero_in_a_fixed_share_of_pairs():
+    g0, g1 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    plain = flowmap.sample_pair(flowmap.FlowMapConfig(p_std=2.0), 1000, g0)
+    mixed = flowmap.sample_pair(flowmap.FlowMapConfig(p_std=2.0, endpoint_share=0.25), 1000, g1)
+    ends = mixed[:, 1] == 0
+    assert int(ends.sum()) == 250 and int((plain[:, 1] == 0).sum()) == 0
+    assert torch.equal(mixed[:, 0], plain[:, 0]) and torch.equal(mixed[~ends], plain[~ends])  # only s changes
+    with pytest.raises(ValueError):
+        flowmap.FlowMapConfig(endpoint_share=1.5)
+
+
 def test_default_grid_is_the_teachers_in_flow_time():
     process = FlowProcess()
     assert flowmap.default_sample_times(process, 1) == pytest.approx([process.t_max, 0.0])
