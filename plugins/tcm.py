@@ -23,7 +23,9 @@ is UNVERIFIED]. Sampling: ECT's multistep sampler (levels sigma_max, t_mid, ...)
 Facts [CODE: NVlabs/TCM README, ``ct_train.py``, ``training/loss.py``] (CIFAR-10): stage 1 P_mean −1.1,
 P_std 2.0, q 2, ECT sigmoid mapping (k 8, b 1), ratio limit 0.999, weighting 1/Δt, c 1e-8 (≈ the L2 norm),
 dropout 0.2; stage 2 t' = 1, P_mean 0, P_std 0.2, Student-t df 0.01, boundary_prob 0.25, boundary_weight 0.1,
-lr 5e-5 (half of stage 1's 1e-4, not reproduced: one optimizer serves both stages here). Stage-2 pairs use an
+lr 5e-5 (half of stage 1's 1e-4: ``stage2_lr_scale`` 0.5 on the one optimizer both stages share; the official
+stage 2 is a new run from the stage-1 snapshot, so its Adam moments restart [UNVERIFIED: read from the README's
+commands]; here they carry on). Stage-2 pairs use an
 exact per-batch count of boundary samples in the official code; here each sample is a boundary sample with
 probability boundary_prob (independent of the number of processes) and the two means become per-sample weights
 1/(1 − p) and boundary_weight/p, equal in expectation. Stage lengths are equal in iterations in the README.
@@ -123,6 +125,15 @@ def fewstep_extra_networks(ctx: RunContext, student: nn.Module) -> dict[str, nn.
 @hookimpl
 def fewstep_sampling_networks(ctx: RunContext) -> list[str]:
     return ["stage1"]
+
+
+@hookimpl
+def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup]:
+    """The recipe's student group; stage 2 runs at ``stage2_lr_scale`` times its learning rate."""
+    from fewstep.builtin.core import student_group
+
+    scale = ctx.method.stage2_lr_scale
+    return [student_group(ctx, lr_scale=lambda s: scale if s.phase == "truncated" else 1.0)]
 
 
 @hookimpl

@@ -31,6 +31,8 @@ class TCMConfig(MethodConfig):
     boundary_prob: float = Field(0.25, gt=0.0, lt=1.0, description="Stage 2: share of samples at t = t' (TCM: 0.25).")
     boundary_weight: float = Field(0.1, ge=0.0, description="Stage 2: weight of the boundary mean against the "
                                    "truncated mean (TCM: 0.1).")
+    stage2_lr_scale: float = Field(0.5, gt=0.0, description="Stage 2: factor on optimizer.lr (TCM CIFAR-10: 5e-5 "
+                                   "after stage 1's 1e-4, so 0.5; 1 keeps stage 1's rate).")
     q: float = Field(2.0, gt=1, description="ECT's Δt shrink factor per curriculum stage (TCM CIFAR-10: 2).")
     k: float = Field(8.0, ge=0, description="k of ECT's sigmoid mapping (TCM: 8).")
     b: float = Field(1.0, gt=0, description="b of ECT's sigmoid mapping (TCM: 1).")

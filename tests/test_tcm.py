@@ -13,7 +13,7 @@ from fewstep_plugins import tcm
 from fewstep.consistency import adaptive_loss, ect_r, inverse_gap_weight, truncated_log_student_t
 from fewstep.hookspecs import hookimpl
 from fewstep.sampling import sampling_net
-from fewstep.testing import MethodConformance, make_tiny_teacher, tiny_run_config
+from fewstep.testing import MethodConformance, Recorder, make_tiny_teacher, tiny_run_config
 
 # ---------------------------------------------------------------------------------------------
 # Conformance: 4 steps of 4 images, stage 1 for the first 2 (the resume test restarts at the hand-over)
@@ -55,6 +55,21 @@ def test_stage_one_model_is_frozen_at_the_hand_over(tmp_path):
     assert any(not torch.equal(stage1[k], student[k]) for k in stage1)  # the student moved on in stage 2
     assert not any(p.requires_grad for p in trainer.nets.extra["stage1"].parameters())
 
+
+
+def test_stage_two_runs_at_its_share_of_the_learning_rate(tmp_path):
+    """TCM halves the learning rate for stage 2 (5e-5 after 1e-4); ``stage2_lr_scale`` is that factor on the one
+    optimizer both stages share, applied from the first stage-2 step."""
+    from fewstep.plugin import build_manager
+    from fewstep.trainer import Trainer
+
+    config = tiny_run_config(make_tiny_teacher(tmp_path / "t", "unet"), {"name": "tcm", "stage2_lr_scale": 0.25},
+                             steps=4, optimizer={"lr": 1e-3})
+    pm = build_manager("tcm")
+    rec = Recorder()
+    pm.register(rec, name="recorder")
+    Trainer(config, pm, tmp_path / "run").fit()
+    assert [log["student/lr"] for log in rec.logs] == pytest.approx([1e-3, 1e-3, 2.5e-4, 2.5e-4])
 
 # ---------------------------------------------------------------------------------------------
 # Time proposal
