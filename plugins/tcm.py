@@ -25,10 +25,10 @@ P_std 2.0, q 2, ECT sigmoid mapping (k 8, b 1), ratio limit 0.999, weighting 1/�
 dropout 0.2; stage 2 t' = 1, P_mean 0, P_std 0.2, Student-t df 0.01, boundary_prob 0.25, boundary_weight 0.1,
 lr 5e-5 (half of stage 1's 1e-4: ``stage2_lr_scale`` 0.5 on the one optimizer both stages share; the official
 stage 2 is a new run from the stage-1 snapshot, so its Adam moments restart [UNVERIFIED: read from the README's
-commands]; here they carry on). Stage-2 pairs use an
-exact per-batch count of boundary samples in the official code; here each sample is a boundary sample with
-probability boundary_prob (independent of the number of processes) and the two means become per-sample weights
-1/(1 − p) and boundary_weight/p, equal in expectation. Stage lengths are equal in iterations in the README.
+commands]; here they carry on). Stage-2 pairs use an exact per-batch count of boundary samples in the official
+code; here each sample is a boundary sample with probability boundary_prob (independent of the number of
+processes) and the two means become per-sample weights 1/(1 − p) and boundary_weight/p, equal in expectation.
+Stage lengths are equal in iterations in the README.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, Phase, 
 
 ConsistencyFn = Callable[[Tensor, Tensor], Tensor]  # f(x (B, C, H, W), sigma (B,)) -> (B, C, H, W)
 ECT_SIGMA_MAX = 80.0  # T of ECT / EDM / TCM (consistency.md §1)
+STAGE1, STAGE2 = "consistency", "truncated"  # the phase names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,14 +134,14 @@ def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup
     from fewstep.builtin.core import student_group
 
     scale = ctx.method.stage2_lr_scale
-    return [student_group(ctx, lr_scale=lambda s: scale if s.phase == "truncated" else 1.0)]
+    return [student_group(ctx, lr_scale=lambda s: scale if s.phase == STAGE2 else 1.0)]
 
 
 @hookimpl
 def fewstep_phases(ctx: RunContext, groups: list[OptimizerGroup]) -> list[Phase]:
     names = tuple(g.name for g in groups)
     stage1 = round(ctx.method.stage1_fraction * ctx.config.train.total_nimg)
-    return [Phase("consistency", names, duration_nimg=stage1), Phase("truncated", names, duration_nimg=None)]
+    return [Phase(STAGE1, names, duration_nimg=stage1), Phase(STAGE2, names, duration_nimg=None)]
 
 
 @hookimpl
@@ -159,7 +160,7 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     if batch.x0 is None:
         raise ValueError("method 'tcm' trains on images (consistency training): the data source has none")
     lo, hi = sigma_range(cfg, process)
-    stage2 = step.phase == "truncated"
+    stage2 = step.phase == STAGE2
     x0 = batch.x0.float()
     z = step.randn_like(x0)
     t, boundary = draw_levels(cfg, stage2, lo, hi, step)
@@ -187,7 +188,7 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
 @hookimpl(trylast=True)  # after the ema plugin's update of this step
 def fewstep_after_optimizer_step(ctx: RunContext, group: OptimizerGroup, nets: Nets, step: StepInfo) -> None:
     """In stage 1, keep ``stage1`` equal to the model stage 2 will freeze (the evaluation EMA, or the student)."""
-    if step.phase == "consistency" and "student" in group.modules:
+    if step.phase == STAGE1 and "student" in group.modules:
         ema_update(nets.extra["stage1"], sampling_net(nets), 0.0)
 
 

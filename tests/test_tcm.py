@@ -36,7 +36,7 @@ class _StageOneSnapshot:
 
     @hookimpl
     def fewstep_on_phase_end(self, phase, nets) -> None:
-        if phase.name == "consistency":
+        if phase.name == tcm.STAGE1:
             self.state = {k: v.detach().clone() for k, v in sampling_net(nets).state_dict().items()}
 
 
@@ -56,7 +56,6 @@ def test_stage_one_model_is_frozen_at_the_hand_over(tmp_path):
     assert not any(p.requires_grad for p in trainer.nets.extra["stage1"].parameters())
 
 
-
 def test_stage_two_runs_at_its_share_of_the_learning_rate(tmp_path):
     """TCM halves the learning rate for stage 2 (5e-5 after 1e-4); ``stage2_lr_scale`` is that factor on the one
     optimizer both stages share, applied from the first stage-2 step."""
@@ -70,6 +69,7 @@ def test_stage_two_runs_at_its_share_of_the_learning_rate(tmp_path):
     pm.register(rec, name="recorder")
     Trainer(config, pm, tmp_path / "run").fit()
     assert [log["student/lr"] for log in rec.logs] == pytest.approx([1e-3, 1e-3, 2.5e-4, 2.5e-4])
+
 
 # ---------------------------------------------------------------------------------------------
 # Time proposal
