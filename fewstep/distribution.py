@@ -20,7 +20,7 @@ students routed by condition (MSD). Random draws go through :class:`fewstep.type
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +115,7 @@ class Schedule:
         grid = training_sigmas(process)
         n = grid.numel()
         lo, hi = cfg.dm_t_range
-        return Schedule(grid, generator_levels(grid, cfg.num_steps, cfg.sigma_max),
+        return Schedule(grid, generator_levels(grid, cfg.num_steps, cfg.sigma_max, cfg.levels),
                         (min(round(lo * n), n - 1), min(round(hi * n), n - 1)), max(1, round(cfg.gan_t_max * n)),
                         process.x0_clip)
 
@@ -124,11 +124,34 @@ class Schedule:
         return self.grid.to(step.device)[step.randint(lo, hi + 1)]
 
 
-def generator_levels(grid: Tensor, num_steps: int, sigma_max: float | None = None) -> Tensor:
-    """(N,) descending generator levels at grid indices top - k*(top+1)/N, top = T-1 (DMD2 §2.7 [C]: 999, 749,
-    499, 249 for N = 4). With ``sigma_max``, top is the last grid level <= sigma_max and the first level is
-    sigma_max itself (DMD2 SDXL's one-step generator at timestep 399 is top = 399, §2.6). The k-step levels
-    are a subset of the N-step ones when k divides N and N divides top + 1."""
+def generator_levels(grid: Tensor, num_steps: int, sigma_max: float | None = None,
+                     levels: Sequence[float] | None = None) -> Tensor:
+    """(k,) descending generator levels of a k-step (``num_steps``) sampler or training schedule.
+
+    Default: grid indices top - k*(top+1)/N, top = T-1 (DMD2 §2.7 [C]: 999, 749, 499, 249 for N = 4). With
+    ``sigma_max``, top is the last grid level <= sigma_max and the first level is sigma_max itself (DMD2 SDXL's
+    one-step generator at timestep 399 is top = 399, §2.6). The k-step levels are a subset of the N-step ones
+    when k divides N and N divides top + 1.
+
+    With explicit ``levels`` (the N trained levels, ``method.levels``): each snapped to the nearest grid level in
+    log sigma, and the k-step sampler takes entries 0, N/k, 2N/k, ... (index j*N//k), so k-step levels are always
+    a subset of the trained ones; k > N is refused (no trained level lies between them)."""
+    if levels is not None:
+        n = len(levels)
+        if num_steps > n:
+            raise ValueError(f"{num_steps} sampling steps from a generator trained on the {n} levels of "
+                             f"method.levels={list(levels)}: sample with at most {n} steps")
+        log_grid = grid.double().log()
+        wanted = torch.as_tensor(list(levels), dtype=torch.float64).log()
+        lo, hi = float(grid[0]), float(grid[-1])
+        if bool((wanted < log_grid[0] - 1e-3).any() or (wanted > log_grid[-1] + 1e-3).any()):
+            raise ValueError(f"method.levels={list(levels)}: outside the teacher's training grid [{lo:.4g}, "
+                             f"{hi:.4g}]; choose sigmas inside it")
+        index = (wanted[:, None] - log_grid[None, :]).abs().argmin(1)
+        if index.unique().numel() != n:
+            raise ValueError(f"method.levels={list(levels)}: two levels snap to the same grid level "
+                             f"({grid[index].tolist()}); space them further apart")
+        return grid[index[[j * n // num_steps for j in range(num_steps)]]].clone()
     n = grid.numel()
     top = n - 1 if sigma_max is None else int(torch.searchsorted(grid, torch.tensor(float(sigma_max)), right=True)) - 1
     if top < num_steps - 1:

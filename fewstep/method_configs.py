@@ -62,6 +62,12 @@ class DistributionMatchingConfig(MethodConfig):
     sigma_max: float | None = Field(None, gt=0, description="Level of the first generator call (input "
                                     "sigma_max * z); none: the top of the training grid (VP t = 999, EDM 80, "
                                     "§1.1).")
+    levels: list[float] | None = Field(
+        None, description="Explicit sigma-space levels of the N generator calls, descending, one per step "
+        "(len = num_steps), each snapped to the nearest level of the training grid (a DDPM teacher is fitted at "
+        "its integer timesteps only, and the stock LCMScheduler export needs them); replaces the evenly spaced "
+        "indices below sigma_max (set one of the two). k-step sampling uses entries 0, N/k, 2N/k, ... (k <= N). "
+        "VP sigma = sqrt((1 - alphabar_t) / alphabar_t) at timestep t.")
     backward_simulation: bool = Field(True, description="Multistep training inputs from the generator's own "
                                       "earlier steps (DMD2 §2.7 default); false: noised real images "
                                       "(ADD-like, needs images).")
@@ -82,6 +88,16 @@ class DistributionMatchingConfig(MethodConfig):
         lo, hi = self.dm_t_range
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"dm_t_range={self.dm_t_range}: need 0 <= lo <= hi <= 1 (fractions of the grid)")
+        if self.levels is not None:
+            if len(self.levels) != self.num_steps:
+                raise ValueError(f"levels={self.levels}: {len(self.levels)} levels for num_steps={self.num_steps}; "
+                                 "list one sigma per generator step")
+            if any(v <= 0 for v in self.levels) or any(a <= b for a, b in zip(self.levels, self.levels[1:])):
+                raise ValueError(f"levels={self.levels}: need positive sigmas in strictly descending order (the "
+                                 "first generator call is the noisiest)")
+            if self.sigma_max is not None:
+                raise ValueError(f"levels={self.levels} and sigma_max={self.sigma_max}: set one of them (the first "
+                                 "of the levels is the generator's input level)")
         if (self.gan_generator_weight > 0) != (self.gan_critic_weight > 0):
             raise ValueError(f"gan_generator_weight={self.gan_generator_weight} and gan_critic_weight="
                              f"{self.gan_critic_weight}: set both > 0 for the GAN term (DMD2: 3e-3 and 1e-2) "

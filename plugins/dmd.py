@@ -108,7 +108,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     the trained ones (k not dividing ``method.num_steps``) are the student's extrapolation."""
     cfg, process = ctx.method, nets.teacher.process.for_sampler()  # x0 bounded as the export's LCMScheduler does
     grid = Schedule.of(cfg, process).grid
-    levels = generator_levels(grid, num_steps, cfg.sigma_max)
+    levels = generator_levels(grid, num_steps, cfg.sigma_max, cfg.levels)
     return few_step_sample(denoiser(process, sampling_net(nets), cond), noise, levels, generator)
 
 
@@ -120,7 +120,8 @@ def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int):
     from fewstep.export import renoise_sampler
 
     cfg, process = ctx.method, nets.teacher.process
-    return renoise_sampler(process, generator_levels(Schedule.of(cfg, process).grid, num_steps, cfg.sigma_max))
+    grid = Schedule.of(cfg, process).grid
+    return renoise_sampler(process, generator_levels(grid, num_steps, cfg.sigma_max, cfg.levels))
 
 
 @hookimpl
@@ -134,6 +135,6 @@ def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
 
     cfg, process = ctx.method, nets.teacher.process.for_sampler()
     grid = Schedule.of(cfg, process).grid
-    top = float(generator_levels(grid, 1, cfg.sigma_max)[0])
+    top = float(generator_levels(grid, 1, cfg.sigma_max, cfg.levels)[0])
     return ConsistencyDenoiser(denoiser(process, sampling_net(nets), cond), float(grid[0]), top, renoise_floor=0.0,
-                               levels=lambda n: generator_levels(grid, n, cfg.sigma_max).tolist())
+                               levels=lambda n: generator_levels(grid, n, cfg.sigma_max, cfg.levels).tolist())

@@ -279,5 +279,5 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     who = route(cond, noise.shape[0], cfg.num_students, student.conditioning, student.num_classes, noise.device)
     if cond is None:
         cond = Cond()
-    levels = generator_levels(Schedule.of(cfg, process).grid, num_steps, cfg.sigma_max)
+    levels = generator_levels(Schedule.of(cfg, process).grid, num_steps, cfg.sigma_max, cfg.levels)
     return few_step_sample(students(cfg, nets, process, who, cond), noise, levels, generator)

@@ -5,6 +5,7 @@ the training grid and generator levels, backward simulation and the multistep sa
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -154,7 +155,7 @@ def test_training_grid_and_generator_levels_follow_the_official_indices():
     torch.testing.assert_close(edm, karras_sigmas(1000, 0.002, 80.0).flip(0))
     flow = training_sigmas(FlowProcess(shift=3.0))
     assert (flow[1:] >= flow[:-1]).all() and flow[-1] == pytest.approx(FlowProcess(shift=3.0).sigma_max)
-    cfg = SimpleNamespace(dm_t_range=(0.02, 0.98), num_steps=4, sigma_max=None, gan_t_max=1.0)
+    cfg = SimpleNamespace(dm_t_range=(0.02, 0.98), num_steps=4, sigma_max=None, levels=None, gan_t_max=1.0)
     sched = Schedule.of(cfg, vp)
     assert sched.dm == (20, 980) and sched.gan == 1000
     torch.testing.assert_close(sched.levels, grid[[999, 749, 499, 249]])          # DMD2 §2.7
@@ -169,6 +170,29 @@ def test_training_grid_and_generator_levels_follow_the_official_indices():
         generator_levels(grid, 4, sigma_max=grid[2].item())
     drawn = sched.draw(step_info(512), *sched.dm)
     assert drawn.min() >= grid[20] and drawn.max() <= grid[980]
+
+
+def test_explicit_generator_levels_snap_to_the_grid_and_sample_on_their_subsets():
+    """method.levels: the N trained levels, each the nearest grid level in log sigma; k-step sampling takes
+    entries j*N//k, so every sampled level was trained; more steps than levels, levels off the grid or two
+    levels on one grid point are refused."""
+    grid = training_sigmas(VPProcess())
+    wanted = [2.0, 1.5, 1.0, 0.71]
+    four = generator_levels(grid, 4, levels=wanted)
+    nearest = [int((grid.log() - math.log(v)).abs().argmin()) for v in wanted]
+    torch.testing.assert_close(four, grid[nearest])
+    assert (four - torch.tensor(wanted)).abs().max() < 0.01                # the VP grid is dense around sigma 1
+    torch.testing.assert_close(generator_levels(grid, 2, levels=wanted), four[[0, 2]])
+    torch.testing.assert_close(generator_levels(grid, 3, levels=wanted), four[[0, 1, 2]])
+    torch.testing.assert_close(generator_levels(grid, 1, levels=wanted), four[[0]])
+    cfg = SimpleNamespace(dm_t_range=(0.02, 0.98), num_steps=4, sigma_max=None, levels=wanted, gan_t_max=1.0)
+    torch.testing.assert_close(Schedule.of(cfg, VPProcess()).levels, four)
+    with pytest.raises(ValueError, match="at most 4 steps"):
+        generator_levels(grid, 8, levels=wanted)
+    with pytest.raises(ValueError, match="outside the teacher's training grid"):
+        generator_levels(grid, 2, levels=[1000.0, 1.0])
+    with pytest.raises(ValueError, match="snap to the same grid level"):
+        generator_levels(grid, 2, levels=[1.0, 0.99999])
 
 
 # ---------------------------------------------------------------------------------------------

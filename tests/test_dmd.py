@@ -133,6 +133,41 @@ def test_multistep_sampler_uses_the_trained_levels(class_teacher, tmp_path):
     assert sum(t == pytest.approx(395.0) for t in seen) == 1 + 2 + 3  # 999 (1, 2, 4 steps), 499 (2, 4), 749 (4)
 
 
+def test_explicit_levels_train_and_sample_where_they_say(class_teacher, tmp_path):
+    """method.levels replaces the evenly spaced generator levels: the 4-step run trains on them (the schedule's
+    levels) and its 1/2/4-step samplers call the network at their timesteps only; the config refuses a wrong
+    count, a non-descending list and levels next to sigma_max."""
+    from fewstep.config import ConfigError
+    from fewstep.distribution import Schedule
+    from fewstep.export import renoise_sampler
+    from fewstep.sampling import generate
+
+    levels = [2.0, 1.5, 1.0, 0.71]
+    method = {"name": "dmd2", "num_steps": 4, "ratio": 1, "levels": levels}
+    trainer, _ = run_tiny(tiny_run_config(class_teacher, method, steps=2, validation={"steps": [1, 2, 4]}),
+                          tmp_path / "r")
+    process = trainer.nets.teacher.process
+    sched = Schedule.of(trainer.ctx.method, process)
+    timesteps = [round(process.sigma_to_t(s).item()) for s in sched.levels]
+    assert timesteps == [round(process.sigma_to_t(torch.tensor(v)).item()) for v in levels]
+    assert renoise_sampler(process, sched.levels).timesteps == tuple(timesteps)  # the stock LCMScheduler export
+    noise, cond = trainer.validation_inputs()
+    seen = []
+    handle = trainer.nets.ema.model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(round(kwargs["timestep"][0].item())), with_kwargs=True)
+    for k in (1, 2, 4):
+        assert torch.isfinite(generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, cond, k)).all()
+    handle.remove()
+    cap = trainer.nets.ema.input_cap.timestep                       # 395: sigma 2 (timestep 396) reads the cap's
+    called = [min(t, cap) for t in timesteps]
+    assert seen == called[:1] + called[0::2] + called
+    for bad, match in (({"levels": [2.0, 1.0]}, "2 levels for num_steps=4"),
+                       ({"levels": [2.0, 1.0, 1.5, 0.5]}, "strictly descending"),
+                       ({"levels": levels, "sigma_max": 2.0}, "set one of them")):
+        with pytest.raises(ConfigError, match=match):
+            tiny_run_config(class_teacher, {**method, **bad})
+
+
 def test_a_pair_store_made_at_another_guidance_is_refused(class_teacher, tmp_path):
     """DMD's regression pairs must be the real score's (guided) ODE solutions (§1.4)."""
     pairs = {"pairs": str(tiny_pairs(class_teacher))}
