@@ -58,6 +58,7 @@ __all__ = [
     "few_step_sample",
     "generate",
     "generator_levels",
+    "method_levels",
     "generator_objective",
     "optimizer_group",
     "optimizer_groups",
@@ -115,7 +116,7 @@ class Schedule:
         grid = training_sigmas(process)
         n = grid.numel()
         lo, hi = cfg.dm_t_range
-        return Schedule(grid, generator_levels(grid, cfg.num_steps, cfg.sigma_max, cfg.levels),
+        return Schedule(grid, method_levels(cfg, grid, cfg.num_steps),
                         (min(round(lo * n), n - 1), min(round(hi * n), n - 1)), max(1, round(cfg.gan_t_max * n)),
                         process.x0_clip)
 
@@ -134,13 +135,11 @@ def generator_levels(grid: Tensor, num_steps: int, sigma_max: float | None = Non
     when k divides N and N divides top + 1.
 
     With explicit ``levels`` (the N trained levels, ``method.levels``): each snapped to the nearest grid level in
-    log sigma, and the k-step sampler takes entries 0, N/k, 2N/k, ... (index j*N//k), so k-step levels are always
-    a subset of the trained ones; k > N is refused (no trained level lies between them)."""
+    log sigma, and a k-step sampler with k <= N takes entries 0, N/k, 2N/k, ... (index j*N//k), a subset of the
+    trained levels; k > N steps split the grid evenly below the first level, as the default rule does (levels
+    off the trained ones are the generator's extrapolation)."""
     if levels is not None:
         n = len(levels)
-        if num_steps > n:
-            raise ValueError(f"{num_steps} sampling steps from a generator trained on the {n} levels of "
-                             f"method.levels={list(levels)}: sample with at most {n} steps")
         log_grid = grid.double().log()
         wanted = torch.as_tensor(list(levels), dtype=torch.float64).log()
         lo, hi = float(grid[0]), float(grid[-1])
@@ -151,6 +150,8 @@ def generator_levels(grid: Tensor, num_steps: int, sigma_max: float | None = Non
         if index.unique().numel() != n:
             raise ValueError(f"method.levels={list(levels)}: two levels snap to the same grid level "
                              f"({grid[index].tolist()}); space them further apart")
+        if num_steps > n:
+            return generator_levels(grid, num_steps, float(grid[index[0]]))
         return grid[index[[j * n // num_steps for j in range(num_steps)]]].clone()
     n = grid.numel()
     top = n - 1 if sigma_max is None else int(torch.searchsorted(grid, torch.tensor(float(sigma_max)), right=True)) - 1
@@ -161,6 +162,12 @@ def generator_levels(grid: Tensor, num_steps: int, sigma_max: float | None = Non
     if sigma_max is not None:
         levels[0] = sigma_max
     return levels
+
+
+def method_levels(cfg: DistributionMatchingConfig, grid: Tensor, num_steps: int) -> Tensor:
+    """(k,) levels of a k-step sampler of this method's generator: :func:`generator_levels` with the config's
+    ``sigma_max`` and ``levels``."""
+    return generator_levels(grid, num_steps, cfg.sigma_max, cfg.levels)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ class DistributionMatchingConfig(MethodConfig):
         None, description="Explicit sigma-space levels of the N generator calls, descending, one per step "
         "(len = num_steps), each snapped to the nearest level of the training grid (a DDPM teacher is fitted at "
         "its integer timesteps only, and the stock LCMScheduler export needs them); replaces the evenly spaced "
-        "indices below sigma_max (set one of the two). k-step sampling uses entries 0, N/k, 2N/k, ... (k <= N). "
+        "indices below sigma_max (set one of the two). k-step sampling uses entries 0, N/k, 2N/k, ... (k <= N; more "
+        "steps split the grid evenly below the first level). "
         "VP sigma = sqrt((1 - alphabar_t) / alphabar_t) at timestep t.")
     backward_simulation: bool = Field(True, description="Multistep training inputs from the generator's own "
                                       "earlier steps (DMD2 §2.7 default); false: noised real images "

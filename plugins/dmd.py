@@ -36,8 +36,8 @@ from fewstep.distribution import (
     critic_objective,
     denoiser,
     few_step_sample,
-    generator_levels,
     generator_objective,
+    method_levels,
     optimizer_groups,
     probe_cond,
 )
@@ -108,7 +108,7 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     the trained ones (k not dividing ``method.num_steps``) are the student's extrapolation."""
     cfg, process = ctx.method, nets.teacher.process.for_sampler()  # x0 bounded as the export's LCMScheduler does
     grid = Schedule.of(cfg, process).grid
-    levels = generator_levels(grid, num_steps, cfg.sigma_max, cfg.levels)
+    levels = method_levels(cfg, grid, num_steps)
     return few_step_sample(denoiser(process, sampling_net(nets), cond), noise, levels, generator)
 
 
@@ -121,7 +121,7 @@ def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int):
 
     cfg, process = ctx.method, nets.teacher.process
     grid = Schedule.of(cfg, process).grid
-    return renoise_sampler(process, generator_levels(grid, num_steps, cfg.sigma_max, cfg.levels))
+    return renoise_sampler(process, method_levels(cfg, grid, num_steps))
 
 
 @hookimpl
@@ -135,6 +135,6 @@ def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
 
     cfg, process = ctx.method, nets.teacher.process.for_sampler()
     grid = Schedule.of(cfg, process).grid
-    top = float(generator_levels(grid, 1, cfg.sigma_max, cfg.levels)[0])
+    top = float(method_levels(cfg, grid, 1)[0])
     return ConsistencyDenoiser(denoiser(process, sampling_net(nets), cond), float(grid[0]), top, renoise_floor=0.0,
-                               levels=lambda n: generator_levels(grid, n, cfg.sigma_max, cfg.levels).tolist())
+                               levels=lambda n: method_levels(cfg, grid, n).tolist())

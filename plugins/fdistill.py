@@ -39,8 +39,8 @@ from fewstep.distribution import (
     denoiser,
     f_weights,
     few_step_sample,
-    generator_levels,
     generator_objective,
+    method_levels,
     optimizer_groups,
     probe_cond,
 )
@@ -112,5 +112,5 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
                    generator: torch.Generator) -> Tensor:
     """DMD2's sampler with ``num_steps`` levels of the training grid (1: one call at sigma_max)."""
     cfg, process = ctx.method, nets.teacher.process.for_sampler()  # the teacher scheduler's x0 bound
-    levels = generator_levels(Schedule.of(cfg, process).grid, num_steps, cfg.sigma_max, cfg.levels)
+    levels = method_levels(cfg, Schedule.of(cfg, process).grid, num_steps)
     return few_step_sample(denoiser(process, sampling_net(nets), cond), noise, levels, generator)

@@ -60,8 +60,8 @@ from fewstep.distribution import (
     denoiser,
     denoising_loss,
     few_step_sample,
-    generator_levels,
     generator_objective,
+    method_levels,
     optimizer_group,
     optimizer_groups,
     probe_cond,
@@ -279,5 +279,5 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     who = route(cond, noise.shape[0], cfg.num_students, student.conditioning, student.num_classes, noise.device)
     if cond is None:
         cond = Cond()
-    levels = generator_levels(Schedule.of(cfg, process).grid, num_steps, cfg.sigma_max, cfg.levels)
+    levels = method_levels(cfg, Schedule.of(cfg, process).grid, num_steps)
     return few_step_sample(students(cfg, nets, process, who, cond), noise, levels, generator)

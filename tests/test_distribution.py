@@ -174,8 +174,8 @@ def test_training_grid_and_generator_levels_follow_the_official_indices():
 
 def test_explicit_generator_levels_snap_to_the_grid_and_sample_on_their_subsets():
     """method.levels: the N trained levels, each the nearest grid level in log sigma; k-step sampling takes
-    entries j*N//k, so every sampled level was trained; more steps than levels, levels off the grid or two
-    levels on one grid point are refused."""
+    entries j*N//k, so every sampled level was trained; more steps than levels fall back to the even split below
+    the first; levels off the grid or two levels on one grid point are refused."""
     grid = training_sigmas(VPProcess())
     wanted = [2.0, 1.5, 1.0, 0.71]
     four = generator_levels(grid, 4, levels=wanted)
@@ -187,8 +187,8 @@ def test_explicit_generator_levels_snap_to_the_grid_and_sample_on_their_subsets(
     torch.testing.assert_close(generator_levels(grid, 1, levels=wanted), four[[0]])
     cfg = SimpleNamespace(dm_t_range=(0.02, 0.98), num_steps=4, sigma_max=None, levels=wanted, gan_t_max=1.0)
     torch.testing.assert_close(Schedule.of(cfg, VPProcess()).levels, four)
-    with pytest.raises(ValueError, match="at most 4 steps"):
-        generator_levels(grid, 8, levels=wanted)
+    torch.testing.assert_close(generator_levels(grid, 8, levels=wanted),   # more steps than levels: the even split
+                               generator_levels(grid, 8, sigma_max=four[0].item()))
     with pytest.raises(ValueError, match="outside the teacher's training grid"):
         generator_levels(grid, 2, levels=[1000.0, 1.0])
     with pytest.raises(ValueError, match="snap to the same grid level"):
