@@ -176,3 +176,35 @@ def test_a_pair_store_made_at_another_guidance_is_refused(class_teacher, tmp_pat
                  tmp_path / "a")
     run_tiny(tiny_run_config(class_teacher, {"name": "dmd", "real_guidance": 1.0}, steps=1, data=pairs),
              tmp_path / "b")
+
+
+def test_chain_probe_rows_match_the_sampler_and_the_teacher(class_teacher, tmp_path):
+    """examples/dmd2_chain_probe.py: its N-level row is the plugin's N-step sampler, its (N-1)+generator row is
+    the same draw for draw, a one-step Euler ODE tail is the teacher's x0 at that level, and bad rows are refused."""
+    import importlib.util
+
+    from fewstep.sampling import eval_mode, generate
+
+    spec = importlib.util.spec_from_file_location("chain_probe", Path(__file__).parents[1] / "examples" /
+                                                  "dmd2_chain_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    trainer, _ = run_tiny(tiny_run_config(class_teacher, {"name": "dmd2", "num_steps": 4, "ratio": 1}, steps=2),
+                          tmp_path / "r")
+    noise, cond = trainer.validation_inputs()
+    nets = trainer.nets
+
+    def row(first, tail, **kw):
+        with eval_mode(*[nets.get(n) for n in nets.names()]):
+            return probe.chain(trainer, noise, cond, first, tail, torch.Generator().manual_seed(7), **kw)
+
+    full = generate(trainer.pm.hook, trainer.ctx, nets, noise, cond, 4, seed=7)
+    torch.testing.assert_close(row(4, None), full)
+    torch.testing.assert_close(row(3, "generator"), full)
+    assert not torch.allclose(row(3, None), full)
+    torch.testing.assert_close(row(2, "ode", ode_steps=1), row(2, "teacher"))
+    assert torch.isfinite(row(1, "ode", ode_steps=3)).all()
+    assert probe.parse_row("3+ode", 4) == (3, "ode") and probe.parse_row("4", 4) == (4, None)
+    for bad in ("4+teacher", "0", "5", "3+gan", "x"):
+        with pytest.raises(ValueError, match="row"):
+            probe.parse_row(bad, 4)
