@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data.source of the recipe: images like the teacher's (default: "
                    "the digits set, a placeholder)")
     p.add_argument("--prompts", default=None, help="data.prompts: captions of the images, for a text teacher")
+    p.add_argument("--weak", type=Path, default=None, help="a weaker checkpoint of the same model (e.g. an early "
+                   "one): the real score of dmd, dmd2, msd, fdistill or add is autoguided by it (teacher.autoguidance)")
     return parser
 
 

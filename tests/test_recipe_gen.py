@@ -162,3 +162,34 @@ def test_refusals(teachers, tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err
+
+
+def test_weak_checkpoint_autoguides_the_real_score(teachers, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--weak: a matching weaker checkpoint becomes teacher.autoguidance with method.real_guidance 1.5 (and DMD's
+    regression pairs are made at that guidance); the recipe validates; a method without a real score and a
+    checkpoint of another kind are refused before anything is written."""
+    from fewstep.config import load_config
+
+    folder = teachers["vp_eps"][0]
+    weak = make_tiny_teacher(tmp_path / "weak")
+    out = tmp_path / "r" / "dmd2.yaml"
+    assert main(["recipe", str(folder), "--method", "dmd2", "--out", str(out), "--weak", str(weak)]) == 0
+    doc = yaml.safe_load(out.read_text())
+    assert doc["method"]["real_guidance"] == 1.5
+    assert (out.parent / doc["teacher"]["autoguidance"]).resolve() == weak.resolve()
+    assert "autoguided by --weak" in out.read_text()
+    config = load_config(out)
+    assert config.method.real_guidance == 1.5 and Path(config.teacher.autoguidance).resolve() == weak.resolve()
+    assert main(["validate", str(out)]) == 0
+    dmd = make_recipe(folder, "dmd", out=tmp_path / "r" / "dmd.yaml", weak=weak)
+    launch = next(line for line in dmd.splitlines() if "fewstep pairs" in line)
+    assert "--guidance 1.5 --autoguidance" in launch and launch.rstrip().endswith(weak.name)
+    capsys.readouterr()
+    cases = [
+        (["recipe", str(folder), "--method", "cd", "--weak", str(weak)], "has no real score to autoguide"),
+        (["recipe", str(folder), "--method", "dmd2", "--weak", str(teachers["edm"][0])], "does not match the teacher"),
+        (["recipe", str(folder), "--method", "dmd2", "--weak", str(tmp_path / "none")], "teacher folder not found"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err
