@@ -429,7 +429,9 @@ def make_recipe(teacher: str | Path, method: str, *, out: Path | None = None, da
 def _weak_summary(weak: str | Path, t: TeacherSummary, method: str, model: type,
                   registry: dict[str, Any]) -> TeacherSummary:
     """The ``--weak`` checkpoint's summary, refused unless the method has a real score to guide and the checkpoint
-    makes predictions of the teacher's kind (the checks ``teacher.autoguidance`` makes when a run builds)."""
+    makes predictions of the teacher's kind, as far as its JSON configs tell (process, prediction type,
+    conditioning, classes, shape); the run's build compares the whole scheduler config too
+    (``teacher._check_compatible``)."""
     if "real_guidance" not in model.model_fields:
         guided = sorted(name for name, entry in registry.items() if "real_guidance" in entry[1].model_fields)
         raise ValueError(f"--weak: method {method!r} has no real score to autoguide (method.real_guidance); it "
@@ -479,7 +481,7 @@ def _render(t: TeacherSummary, method: str, model: Any, method_section: dict[str
     if pairs is not None:
         given = f" --prompts {_from_cwd(Path(prompts))}" if t.conditioning == "text" and prompts is not None else ""
         if weak is not None:  # the regression's pairs at the real score's guidance (method_configs refuses others)
-            given += f" --guidance {AUTOGUIDANCE_WEIGHT:g} --autoguidance {_from_cwd(weak.path)}"
+            given += f" --guidance {method_section['real_guidance']:g} --autoguidance {_from_cwd(weak.path)}"
         launch.insert(0, f"fewstep pairs {_from_cwd(t.path)} {_from_cwd(pairs)} --num 10000{given}")
     lines.append("# Launch:  " + launch[0])
     lines += [f"#          {cmd}" for cmd in launch[1:]]
