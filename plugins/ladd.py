@@ -20,7 +20,8 @@ weights never train; the generator's adversarial gradient flows through them int
   (ADD's "exponential" weighting [R]), lambda = 2.5 [R]; real samples from the data set.
 Multistep students (``num_steps`` > 1) train at level k > 0 on real samples noised there (ADD's student inputs;
 ``backward_simulation: true`` uses the student's own k-step outputs as DMD2 does) and sample with DMD2's
-re-noising sampler.
+re-noising sampler. The first level reads pure noise (``first_input: noise``, what the sampler gives it) or, as
+ADD's student at timestep 999, real samples noised there (``first_input: real``).
 
 Departures: one feature map (the UNet mid block / DiT last block) instead of LADD's heads on every transformer
 block, and for ADD the teacher's noisy features instead of a frozen DINOv2 on clean pixels (a download); no R1
@@ -120,12 +121,14 @@ def real_samples(cfg: _Adversarial, batch: Batch) -> tuple[Tensor, Cond | None]:
 
 def generate(cfg: _Adversarial, levels: Tensor, student: Denoiser, x_real: Tensor, step: StepInfo,
              bound: X0Clip) -> Tensor:
-    """Student samples (B, C, H, W): from pure noise at levels[0] (k = 0), else from level k's input: real
-    samples noised there, or the student's own k steps (backward simulation, its x0s bounded by ``bound``, the
-    teacher scheduler's x0 clip, as the sampler bounds them: ``fewstep.distribution.simulate``)."""
+    """Student samples (B, C, H, W) from level k's input: at k = 0 pure noise (``first_input: noise``) or real
+    samples noised there (``real``, ADD); at k > 0 real samples noised there, or the student's own k steps
+    (backward simulation, its x0s bounded by ``bound``, the teacher scheduler's x0 clip, as the sampler bounds
+    them: ``fewstep.distribution.simulate``)."""
     z = step.randn(*x_real.shape[1:])
     k = simulation_steps(step, levels.numel())
-    if cfg.backward_simulation or k == 0:
+    noised_real = cfg.first_input == "real" if k == 0 else not cfg.backward_simulation
+    if not noised_real:
         x_in, sigma = simulate(student, z, levels, k, step, bound)
     else:
         sigma = levels[k].expand(z.shape[0]).to(z.device)

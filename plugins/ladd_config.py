@@ -23,6 +23,13 @@ class _Adversarial(MethodConfig):
                                     "the training grid.")
     backward_simulation: bool = Field(False, description="Inputs at level k > 0 from the student's own k steps "
                                       "(DMD2 §2.7); false: real samples noised at level k (ADD).")
+    first_input: Literal["noise", "real"] = Field("noise", description="Input of the first level (the one-step "
+                                                   "generator's): noise: pure noise at that level, as the sampler "
+                                                   "gives it (DMD2); real: real samples noised there, ADD's student "
+                                                   "input x_s = alpha_s x_real + sigma_s eps at every level, 999 "
+                                                   "included [R]. Choose a level where the real samples' share is "
+                                                   "small (SD's 999: sigma 14.6), so that pure noise at sampling "
+                                                   "is close to what the student trained on.")
     gan_loss: GanLoss = Field("hinge", description="Adversarial loss (ADD and LADD: hinge [R]).")
     renoise_mean: float = Field(1.0, description="Mean of log sigma of the discriminator's re-noising (LADD's "
                                 "logit-normal location m over flow time; m = 1 favours high noise [R]).")

@@ -120,3 +120,28 @@ def test_renoise_levels_are_lognormal_in_the_teachers_range():
 def test_ladd_on_pairs_needs_a_store(teacher, tmp_path):
     with pytest.raises(ValueError, match="fewstep pairs"):
         run_tiny(tiny_run_config(teacher, {"name": "ladd"}, steps=1), tmp_path / "a")
+
+
+@pytest.mark.parametrize("first_input", ["noise", "real"])
+def test_first_level_input_is_pure_noise_or_noised_real_samples(first_input):
+    """k = 0 (one level): the student reads sigma_max·z (``noise``, DMD2) or x_real + sigma_max·z (``real``, ADD's
+    x_s at 999); the same z either way, drawn from the step's generator."""
+    from fewstep.types import StepInfo
+
+    def step():
+        return StepInfo(step=0, nimg=0, total_nimg=1, phase="train", phase_progress=0.0, progress=0.0,
+                        generator=torch.Generator().manual_seed(3), local_batch=2, global_batch=2)
+
+    seen = []
+
+    def student(x, sigma):
+        seen.append((x.clone(), sigma.clone()))
+        return torch.zeros_like(x)
+
+    cfg = ladd.ADDConfig(first_input=first_input)
+    x_real = torch.full((2, 1, 4, 4), 0.25)
+    ladd.generate(cfg, torch.tensor([14.6]), student, x_real, step(), VPProcess().x0_clip)
+    z = step().randn(1, 4, 4)
+    x_in, sigma = seen[0]
+    torch.testing.assert_close(sigma, torch.full((2,), 14.6))
+    torch.testing.assert_close(x_in, (x_real if first_input == "real" else 0.0) + 14.6 * z)
