@@ -79,6 +79,10 @@ class OptimizerConfig(Strict):
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
     max_grad_norm: float | None = Field(None, gt=0, description="Clip the gradient norm to this value; none: no clip.")
     warmup_nimg: int = Field(0, ge=0, description="Linear learning-rate warm-up length in images seen.")
+    decay_nimg: int | None = Field(
+        None, gt=0, description="EDM2's inverse-square-root decay: after decay_nimg images seen the rate is "
+        "lr / sqrt(nimg / decay_nimg) (sCM and ECT on ImageNet-64 use it: 35k and 2k iterations times the batch); "
+        "none: constant after the warm-up.")
 
 
 class TrainConfig(Strict):

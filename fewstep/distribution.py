@@ -418,9 +418,7 @@ def optimizer_group(ctx: RunContext, name: str, modules: tuple[str, ...], *, lr:
                     every_n_steps: int = 1) -> OptimizerGroup:
     """A group with the recipe's optimizer settings (rate ``lr`` when given)."""
     o = ctx.config.optimizer
-    return OptimizerGroup(name, modules, lr=lr or o.lr, optimizer=o.name, betas=tuple(o.betas), eps=o.eps,
-                          weight_decay=o.weight_decay, every_n_steps=every_n_steps, max_grad_norm=o.max_grad_norm,
-                          warmup_nimg=o.warmup_nimg)
+    return OptimizerGroup.from_recipe(o, name, modules, lr=lr or o.lr, every_n_steps=every_n_steps)
 
 
 def optimizer_groups(ctx: RunContext, generator: tuple[str, ...], critic: tuple[str, ...]) -> list[OptimizerGroup]:

@@ -115,7 +115,7 @@ class Trainer:
         rounds = self.config.train.accumulation
         totals: dict[str, torch.Tensor | float] = {}  # tensors summed on the device: no host sync until the step
         opt = self.optimizers[group.name]
-        lr = group.lr * (min(1.0, (s.nimg + self.global_batch) / group.warmup_nimg) if group.warmup_nimg else 1.0)
+        lr = group.lr_at(s.nimg + self.global_batch)
         if group.lr_scale is not None:  # a schedule: a pure function of where training stands
             lr *= float(group.lr_scale(self.step_info(0, group)))
         # Set before the backward passes: DeepSpeed steps the optimizer inside the last one (Accelerator.backward)

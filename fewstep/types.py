@@ -9,6 +9,7 @@ which the core fills once before training.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
+    from fewstep.config import OptimizerConfig
     from fewstep.teacher import Teacher
 
 __all__ = [
@@ -243,6 +245,7 @@ class OptimizerGroup:
         student at 5 and a fake-score group at 1, the fake score steps five times per student step.
     max_grad_norm: clip the group's gradient norm to this value (None: no clipping).
     warmup_nimg: linear learning-rate warm-up over this many images seen.
+    decay_nimg: EDM2's inverse-square-root decay, lr / sqrt(max(nimg / decay_nimg, 1)) (None: constant).
     lr_scale: a further learning-rate factor, a pure function of :class:`StepInfo` (e.g. progressive
         distillation's linear annealing to 0 within each round, ``lambda s: 1 - s.phase_progress``).
     """
@@ -257,7 +260,27 @@ class OptimizerGroup:
     every_n_steps: int = 1
     max_grad_norm: float | None = None
     warmup_nimg: int = 0
+    decay_nimg: int | None = None
     lr_scale: Callable[[StepInfo], float] | None = None
+
+    @classmethod
+    def from_recipe(cls, optimizer: OptimizerConfig, name: str = "student", modules: tuple[str, ...] = ("student",),
+                    **changes: Any) -> OptimizerGroup:
+        """A group with a recipe's ``optimizer`` section's settings (fields replaced by ``changes``)."""
+        o = optimizer
+        fields = dict(lr=o.lr, optimizer=o.name, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                      max_grad_norm=o.max_grad_norm, warmup_nimg=o.warmup_nimg, decay_nimg=o.decay_nimg)
+        return cls(name, modules, **{**fields, **changes})
+
+    def lr_at(self, nimg: int) -> float:
+        """The rate of a step that ends at ``nimg`` images seen: ``lr`` times the linear warm-up, over EDM2's
+        inverse-square-root decay (before ``lr_scale``, which the trainer applies)."""
+        lr = self.lr
+        if self.warmup_nimg:
+            lr *= min(1.0, nimg / self.warmup_nimg)
+        if self.decay_nimg:
+            lr /= math.sqrt(max(nimg / self.decay_nimg, 1.0))
+        return lr
 
     def __post_init__(self) -> None:
         if not self.modules:

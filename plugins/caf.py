@@ -192,8 +192,8 @@ def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup
     o = ctx.config.optimizer
     common = dict(optimizer=o.name, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                   max_grad_norm=o.max_grad_norm)
-    groups = [OptimizerGroup("velocity", ("student",), lr=o.lr, warmup_nimg=o.warmup_nimg, **common),
-              OptimizerGroup("acceleration", ("student",), lr=o.lr, **common)]
+    groups = [OptimizerGroup.from_recipe(o, "velocity"),
+              OptimizerGroup.from_recipe(o, "acceleration", warmup_nimg=0)]
     if cfg.gan_nimg:
         groups += [OptimizerGroup("generator", ("student",), lr=cfg.gan_lr, every_n_steps=cfg.gan_every, **common),
                    OptimizerGroup("disc", ("disc",), lr=cfg.disc_lr, **common)]

@@ -181,8 +181,7 @@ def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup
     cfg, o = ctx.method, ctx.config.optimizer
     if cfg.gan_start_nimg is None:
         return None  # the core default: one `student` group from the optimizer section
-    student = OptimizerGroup("student", ("student",), lr=o.lr, optimizer=o.name, betas=tuple(o.betas), eps=o.eps,
-                             weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, warmup_nimg=o.warmup_nimg)
+    student = OptimizerGroup.from_recipe(o)
     disc = OptimizerGroup("disc", ("disc",), lr=cfg.disc_lr, optimizer="adam", betas=tuple(cfg.disc_betas),
                           every_n_steps=cfg.disc_every_n_steps)
     return [student, disc]

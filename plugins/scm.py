@@ -200,10 +200,8 @@ def fewstep_extra_networks(ctx: RunContext) -> dict[str, nn.Module]:
 @hookimpl
 def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup]:
     """One group: the student and w_phi share the optimizer (Alg. 1 step 8: a step on (theta, phi))."""
-    o = ctx.config.optimizer
     modules = ("student", WEIGHT_NET) if WEIGHT_NET in nets.extra else ("student",)
-    return [OptimizerGroup("student", modules, lr=o.lr, optimizer=o.name, betas=tuple(o.betas), eps=o.eps,
-                           weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, warmup_nimg=o.warmup_nimg)]
+    return [OptimizerGroup.from_recipe(ctx.config.optimizer, modules=modules)]
 
 
 @torch.no_grad()

@@ -218,6 +218,40 @@ def test_clipping_bf16_and_warmup(teacher, tmp_path):
     assert [round(log["student/lr"] / 1e-4, 6) for log in rec.logs] == [0.125, 0.25, 0.375]
 
 
+def test_inverse_sqrt_decay_follows_the_warmup(teacher, tmp_path):
+    """optimizer.decay_nimg: EDM2's lr / sqrt(max(nimg / decay_nimg, 1)) after the linear warm-up, read by the
+    trainer at every step (the logged rate) and carried into every group built from the recipe."""
+    config = tiny_run_config(teacher, {"name": "cd", "num_scales": 8}, steps=6, batch=B,
+                             optimizer={"warmup_nimg": 2 * B, "decay_nimg": 3 * B})
+    trainer, rec = run_tiny(config, tmp_path / "run")
+    assert trainer.groups["student"].decay_nimg == 3 * B
+    steps = range(1, 7)  # the step that ends at k batches reads the rate at k * B images
+    expected = [1e-4 * min(1.0, k / 2) / max(k / 3, 1.0) ** 0.5 for k in steps]
+    assert [log["student/lr"] for log in rec.logs] == pytest.approx(expected)
+    assert expected[:3] == pytest.approx([0.5e-4, 1e-4, 1e-4]) and expected[5] == pytest.approx(1e-4 / 2 ** 0.5)
+
+
+@pytest.mark.parametrize("method, recipe_groups", [
+    ({"name": "dmd2"}, {"generator", "critic"}),
+    ({"name": "scm"}, {"student"}),
+    ({"name": "caf"}, {"velocity", "acceleration"}),
+    ({"name": "ctm", "gan_start_nimg": 8}, {"student"}),
+    ({"name": "pcm", "adv_weight": 0.1}, {"student"}),
+])
+def test_groups_built_from_the_recipe_carry_its_schedule(teacher, tmp_path, method, recipe_groups):
+    """Every group that trains on the recipe's optimizer section gets its warm-up and decay; a GAN's own
+    discriminator (its own rate in the method section) keeps a constant rate."""
+    from fewstep.plugin import build_manager
+    from fewstep.testing import tiny_pairs
+
+    data = {"pairs": str(tiny_pairs(teacher))} if method["name"] == "caf" else {}
+    config = tiny_run_config(teacher, method, optimizer={"warmup_nimg": 8, "decay_nimg": 16}, data=data)
+    trainer = Trainer(config, build_manager(config.method.name), tmp_path / "run")
+    trainer.setup()
+    assert {n for n, g in trainer.groups.items() if g.decay_nimg == 16 and g.lr == 1e-4} == recipe_groups
+    assert all(g.decay_nimg is None for n, g in trainer.groups.items() if n not in recipe_groups)
+
+
 def test_lr_scale_is_a_function_of_where_training_stands(teacher, tmp_path):
     """OptimizerGroup.lr_scale: here progressive distillation's per-phase annealing 1 - phase_progress."""
 

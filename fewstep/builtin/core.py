@@ -33,10 +33,7 @@ def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module:
 
 def student_group(ctx: RunContext, **changes) -> OptimizerGroup:
     """The group ``student`` from the recipe's ``optimizer`` section (fields replaced by ``changes``)."""
-    o = ctx.config.optimizer
-    fields = dict(lr=o.lr, optimizer=o.name, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                  max_grad_norm=o.max_grad_norm, warmup_nimg=o.warmup_nimg)
-    return OptimizerGroup("student", ("student",), **{**fields, **changes})
+    return OptimizerGroup.from_recipe(ctx.config.optimizer, **changes)
 
 
 @hookimpl(trylast=True)
