@@ -200,11 +200,10 @@ def fewstep_sampling_networks(ctx: RunContext) -> list[str]:
 @hookimpl
 def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup]:
     """The recipe's student group, with PD's per-round linear annealing (`anneal_lr`) as its lr_scale."""
-    from fewstep.builtin.core import student_group
-
+    o = ctx.config.optimizer
     if not ctx.method.anneal_lr:
-        return [student_group(ctx)]
-    return [student_group(ctx, lr_scale=lambda s: 1.0 if s.phase == STAGE1 else 1.0 - s.phase_progress)]
+        return [OptimizerGroup.from_recipe(o)]
+    return [OptimizerGroup.from_recipe(o, lr_scale=lambda s: 1.0 if s.phase == STAGE1 else 1.0 - s.phase_progress)]
 
 
 @hookimpl

@@ -131,10 +131,8 @@ def fewstep_sampling_networks(ctx: RunContext) -> list[str]:
 @hookimpl
 def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup]:
     """The recipe's student group; stage 2 runs at ``stage2_lr_scale`` times its learning rate."""
-    from fewstep.builtin.core import student_group
-
     scale = ctx.method.stage2_lr_scale
-    return [student_group(ctx, lr_scale=lambda s: scale if s.phase == STAGE2 else 1.0)]
+    return [OptimizerGroup.from_recipe(ctx.config.optimizer, lr_scale=lambda s: scale if s.phase == STAGE2 else 1.0)]
 
 
 @hookimpl

@@ -31,14 +31,9 @@ def fewstep_build_student(ctx: RunContext, teacher) -> nn.Module:
     return student.requires_grad_(True).train()
 
 
-def student_group(ctx: RunContext, **changes) -> OptimizerGroup:
-    """The group ``student`` from the recipe's ``optimizer`` section (fields replaced by ``changes``)."""
-    return OptimizerGroup.from_recipe(ctx.config.optimizer, **changes)
-
-
 @hookimpl(trylast=True)
 def fewstep_optimizer_groups(ctx: RunContext, nets) -> list[OptimizerGroup]:
-    return [student_group(ctx)]
+    return [OptimizerGroup.from_recipe(ctx.config.optimizer)]
 
 
 @hookimpl(trylast=True)
