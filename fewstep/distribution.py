@@ -60,6 +60,7 @@ __all__ = [
     "generator_levels",
     "method_levels",
     "generator_objective",
+    "network_names",
     "optimizer_group",
     "optimizer_groups",
     "probe_cond",
@@ -269,11 +270,13 @@ def simulation_steps(step: StepInfo, num_steps: int) -> int:
 
 
 def generate(cfg: DistributionMatchingConfig, sched: Schedule, generator: Denoiser, shape: tuple[int, ...],
-             step: StepInfo, x_real: Tensor | None = None) -> tuple[Tensor, int]:
+             step: StepInfo, x_real: Tensor | None = None, k: int | None = None) -> tuple[Tensor, int]:
     """Generator samples (B, *shape) for one turn, and the simulated step k: one-step G(s_0·z), or for
-    N > 1 the output at level k of a backward simulation (or of noised real images, without it)."""
+    N > 1 the output at level k of a backward simulation (or of noised real images, without it). ``k``:
+    the level, drawn by the caller (who picks networks by it); None: drawn here."""
     z = step.randn(*shape)
-    k = simulation_steps(step, sched.levels.numel())
+    if k is None:
+        k = simulation_steps(step, sched.levels.numel())
     if cfg.backward_simulation or k == 0:
         x_in, sigma = simulate(generator, z, sched.levels, k, step, sched.bound)
     else:
@@ -310,11 +313,11 @@ def _noised_logits(critic: Critic, sched: Schedule, x: Tensor, step: StepInfo) -
 
 def generator_objective(cfg: DistributionMatchingConfig, sched: Schedule, p: Players, shape: tuple[int, ...],
                         step: StepInfo, *, x_real: Tensor | None = None, gan_weight: float = 0.0,
-                        weight: Weighting | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                        weight: Weighting | None = None, k: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """L_DM + lambda_G·softplus(−D(G(z))) per sample (B,) (§2.3(a), (d)). The critic's networks arrive
     frozen, and the adversarial gradient flows through them into G's output (§2.3(d) [C]). ``weight``: see
-    :func:`dm_loss` (None: DMD's unweighted step)."""
-    x, k = generate(cfg, sched, p.generator, shape, step, x_real)
+    :func:`dm_loss` (None: DMD's unweighted step); ``k``: see :func:`generate`."""
+    x, k = generate(cfg, sched, p.generator, shape, step, x_real, k)
     sigma = sched.draw(step, *sched.dm)
     loss, delta = dm_loss(x, p.real, p.fake, sigma, step.randn_like(x.float()), weight)
     terms = {"dm": loss.detach().mean(), "dm_delta": delta.abs().mean(), "sim_step": float(k)}
@@ -326,13 +329,13 @@ def generator_objective(cfg: DistributionMatchingConfig, sched: Schedule, p: Pla
 
 
 def critic_objective(cfg: DistributionMatchingConfig, sched: Schedule, p: Players, process: Any,
-                     shape: tuple[int, ...], step: StepInfo, *, x_real: Tensor | None = None
-                     ) -> tuple[Tensor, dict[str, Tensor]]:
+                     shape: tuple[int, ...], step: StepInfo, *, x_real: Tensor | None = None,
+                     k: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """L_denoise of the fake score on detached generator samples at a level uniform over the whole grid
     (§1.3 [C]), plus lambda_D times the discriminator loss on real images x_real and those samples, each
-    noised independently (§2.3(b)-(d)). Per sample (B,)."""
+    noised independently (§2.3(b)-(d)). Per sample (B,). ``k``: see :func:`generate`."""
     with torch.no_grad():
-        x = generate(cfg, sched, p.generator, shape, step, x_real)[0].float()
+        x = generate(cfg, sched, p.generator, shape, step, x_real, k)[0].float()
     sigma = sched.draw(step, 0, sched.grid.numel() - 1)
     x_t = x + append_dims(sigma, x.ndim) * step.randn_like(x)
     loss = denoising_loss(process, p.fake, x_t, sigma, x)
@@ -395,6 +398,12 @@ def f_weights(divergence: FDivergence, logits: Tensor, *, ratio_clip: tuple[floa
 
 # ---------------------------------------------------------------------------------------------
 # Binding networks, and the groups
+
+
+def network_names(prefix: str, k: int) -> list[str]:
+    """Names of K networks of one role (MSD's students, per-student or per-level fake scores and heads):
+    the first has the bare name, so a run with one keeps the usual name."""
+    return [prefix] + [f"{prefix}_{i}" for i in range(1, k)]
 
 
 def denoiser(process: Any, net: nn.Module, cond: Cond | None) -> Denoiser:

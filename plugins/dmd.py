@@ -38,8 +38,10 @@ from fewstep.distribution import (
     few_step_sample,
     generator_objective,
     method_levels,
+    network_names,
     optimizer_groups,
     probe_cond,
+    simulation_steps,
 )
 from fewstep.gan import head_for
 from fewstep.hookspecs import hookimpl
@@ -48,35 +50,46 @@ from fewstep.sampling import sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
 
 
+def critics(cfg) -> list[tuple[str, str]]:
+    """(fake score, GAN head) names: one pair, or one per generator level (``fake_score_per_level``)."""
+    n = cfg.num_steps if getattr(cfg, "fake_score_per_level", False) else 1
+    return list(zip(network_names("fake_score", n), network_names("gan_head", n)))
+
+
 @hookimpl
 def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict[str, nn.Module]:
     """``fake_score``: copied from the student, which at this point holds the teacher's fp32 weights (the
-    teacher itself is already in the compute dtype). ``gan_head``: sized by a dry run of the fake score."""
-    fake = copy.deepcopy(student).requires_grad_(True)
-    nets: dict[str, nn.Module] = {"fake_score": fake}
-    if ctx.method.adversarial:
-        nets["gan_head"] = head_for(fake, teacher.sample_shape, probe_cond(teacher))
+    teacher itself is already in the compute dtype). ``gan_head``: sized by a dry run of the fake score.
+    With ``fake_score_per_level``, ``fake_score_k`` and ``gan_head_k`` for levels k = 1..N-1 as well."""
+    nets: dict[str, nn.Module] = {}
+    for fake_name, head_name in critics(ctx.method):
+        fake = nets[fake_name] = copy.deepcopy(student).requires_grad_(True)
+        if ctx.method.adversarial:
+            nets[head_name] = head_for(fake, teacher.sample_shape, probe_cond(teacher))
     return nets
 
 
 @hookimpl
 def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup]:
-    critic = ("fake_score", "gan_head") if ctx.method.adversarial else ("fake_score",)
+    pairs = critics(ctx.method)
+    critic = tuple(f for f, _ in pairs) + (tuple(h for _, h in pairs) if ctx.method.adversarial else ())
     return optimizer_groups(ctx, ("student",), critic)
 
 
-def players(ctx: RunContext, nets: Nets, cond: Cond, uncond: Cond | None) -> Players:
-    """The turn's networks for one batch of conditions; CFG (or autoguidance) on the real score only."""
+def players(ctx: RunContext, nets: Nets, cond: Cond, uncond: Cond | None, level: int = 0) -> Players:
+    """The turn's networks for one batch of conditions; CFG (or autoguidance) on the real score only.
+    ``level``: the generator level whose fake score and head play (with ``fake_score_per_level``)."""
     teacher, process = nets.teacher, nets.teacher.process
     g = ctx.method.real_guidance if ctx.method.real_guidance is not None else ctx.config.teacher.guidance
 
     def real(x: Tensor, sigma: Tensor) -> Tensor:
         return teacher.denoise(x, sigma, cond, uncond=uncond, guidance=g)
 
-    critic = bottleneck_critic(process, nets.extra["fake_score"], nets.extra["gan_head"], cond) \
-        if ctx.method.adversarial else None
-    return Players(denoiser(process, nets.student, cond), real, denoiser(process, nets.extra["fake_score"], cond),
-                   critic)
+    pairs = critics(ctx.method)
+    fake_name, head_name = pairs[level if len(pairs) > 1 else 0]
+    fake = nets.extra[fake_name]
+    critic = bottleneck_critic(process, fake, nets.extra[head_name], cond) if ctx.method.adversarial else None
+    return Players(denoiser(process, nets.student, cond), real, denoiser(process, fake, cond), critic)
 
 
 @hookimpl
@@ -85,13 +98,15 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     (+ lambda_D L_D), on this turn's own detached generator samples."""
     cfg, process = ctx.method, nets.teacher.process
     sched = Schedule.of(cfg, process)
-    p = players(ctx, nets, batch.cond, batch.uncond)
+    # per-level critics: the turn's level is drawn first, so its fake score and head play it
+    k = simulation_steps(step, cfg.num_steps) if len(critics(cfg)) > 1 else None
+    p = players(ctx, nets, batch.cond, batch.uncond, level=k or 0)
     shape = nets.teacher.sample_shape
     if group.name == "critic":
-        loss, terms = critic_objective(cfg, sched, p, process, shape, step, x_real=batch.x0)
+        loss, terms = critic_objective(cfg, sched, p, process, shape, step, x_real=batch.x0, k=k)
         return LossOutput(loss=loss, terms=terms)
     loss, terms = generator_objective(cfg, sched, p, shape, step, x_real=batch.x0,
-                                      gan_weight=cfg.gan_generator_weight)
+                                      gan_weight=cfg.gan_generator_weight, k=k)
     if cfg.name == "dmd" and cfg.regression_weight > 0:
         z_ref, y_ref = batch.pairs
         x_ref = denoiser(process, nets.student, batch.pair_cond)(z_ref * sched.levels[0], sched.levels[0])

@@ -40,6 +40,19 @@ class DMD2Config(DistributionMatchingConfig):
     gan_generator_weight: float = Field(3e-3, ge=0.0, description="lambda_G (DMD2 ImageNet: 3e-3; SD1.5 1e-3, "
                                         "SDXL 5e-3, §2.3(d) [C]); 0 together with gan_critic_weight: no GAN.")
     gan_critic_weight: float = Field(1e-2, ge=0.0, description="lambda_D (DMD2: 1e-2, §2.3(d) [C]).")
+    fake_score_per_level: bool = Field(
+        False, description="Multistep generator (num_steps > 1): one fake score (and GAN head) per generator level, "
+        "each trained on and used for that level's outputs only, so L_DM matches every level's output "
+        "distribution to the data's; false: one fake score of the mixture of all levels' outputs, as DMD2 "
+        "(§2.7), whose fixed point only asks the mixture to match. Our extension; costs N - 1 more copies of "
+        "the fake score and their optimizer state.")
+
+    @model_validator(mode="after")
+    def _per_level_needs_levels(self) -> DMD2Config:
+        if self.fake_score_per_level and self.num_steps == 1:
+            raise ValueError("method.fake_score_per_level: true needs a multistep generator (num_steps > 1); a "
+                             "one-step generator has one level and one fake score already")
+        return self
 
 
 @hookimpl

@@ -62,6 +62,7 @@ from fewstep.distribution import (
     few_step_sample,
     generator_objective,
     method_levels,
+    network_names,
     optimizer_group,
     optimizer_groups,
     probe_cond,
@@ -127,11 +128,6 @@ def routed(bind: Sequence[Callable[[Cond], Bound]], who: Tensor, cond: Cond) -> 
 # Networks
 
 
-def names(prefix: str, k: int) -> list[str]:
-    """Network names of K students / fake scores / heads: the first has the bare name."""
-    return [prefix] + [f"{prefix}_{i}" for i in range(1, k)]
-
-
 def smaller_backbone(net: Backbone, width: float) -> Backbone:
     """A randomly initialised backbone with the teacher's config and channel widths scaled by ``width``."""
     if net.kind not in ("unet2d", "unet2d_condition", "dit"):
@@ -163,10 +159,10 @@ def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict
     k = cfg.num_students
     small = cfg.width < 1
     nets: dict[str, nn.Module] = {}
-    for name in names("student", k)[1:]:
+    for name in network_names("student", k)[1:]:
         nets[name] = smaller_backbone(teacher.net, cfg.width) if small else copy.deepcopy(student)
     fakes = 1 if cfg.shared_fake_score else k
-    for fake_name, head_name in zip(names("fake_score", fakes), names("gan_head", fakes)):
+    for fake_name, head_name in zip(network_names("fake_score", fakes), network_names("gan_head", fakes)):
         fake = (copy.deepcopy(teacher.net).float() if small else copy.deepcopy(student)).requires_grad_(True)
         nets[fake_name] = fake
         if cfg.adversarial:
@@ -174,17 +170,17 @@ def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict
     return nets
 
 
-def _critic_names(cfg: MSDConfig) -> tuple[str, ...]:
+def _critic_network_names(cfg: MSDConfig) -> tuple[str, ...]:
     fakes = 1 if cfg.shared_fake_score else cfg.num_students
-    return tuple(names("fake_score", fakes)) + (tuple(names("gan_head", fakes)) if cfg.adversarial else ())
+    return tuple(network_names("fake_score", fakes)) + (tuple(network_names("gan_head", fakes)) if cfg.adversarial else ())
 
 
 @hookimpl
 def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup]:
     """tsm (smaller students only, every step), generator (every ``ratio``), critic (every step)."""
     cfg = ctx.method
-    students = tuple(names("student", cfg.num_students))
-    groups = optimizer_groups(ctx, students, _critic_names(cfg))
+    students = tuple(network_names("student", cfg.num_students))
+    groups = optimizer_groups(ctx, students, _critic_network_names(cfg))
     return ([optimizer_group(ctx, "tsm", students)] if cfg.width < 1 else []) + groups
 
 
@@ -200,12 +196,12 @@ def fewstep_phases(ctx: RunContext, groups: list[OptimizerGroup]) -> list[Phase]
 
 @hookimpl
 def fewstep_sampling_networks(ctx: RunContext) -> list[str]:
-    return names("student", ctx.method.num_students)[1:]
+    return network_names("student", ctx.method.num_students)[1:]
 
 
 def students(cfg: MSDConfig, nets: Nets, process, who: Tensor, cond: Cond) -> Bound:
     """The K students as one denoiser routed by ``who``."""
-    bind = [lambda c, n=nets.get(name): denoiser(process, n, c) for name in names("student", cfg.num_students)]
+    bind = [lambda c, n=nets.get(name): denoiser(process, n, c) for name in network_names("student", cfg.num_students)]
     return routed(bind, who, cond)
 
 
@@ -218,7 +214,7 @@ def players(ctx: RunContext, nets: Nets, who: Tensor, cond: Cond, uncond: Cond |
         return teacher.denoise(x, sigma, cond, uncond=uncond, guidance=g)
 
     fakes = 1 if cfg.shared_fake_score else cfg.num_students
-    pairs = list(zip(names("fake_score", fakes), names("gan_head", fakes)))
+    pairs = list(zip(network_names("fake_score", fakes), network_names("gan_head", fakes)))
     fake_of = [lambda c, f=f: denoiser(process, nets.get(f), c) for f, _ in pairs]
     critic_of = [lambda c, f=f, h=h: bottleneck_critic(process, nets.get(f), nets.get(h), c) for f, h in pairs]
     if cfg.shared_fake_score:

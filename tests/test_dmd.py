@@ -105,6 +105,41 @@ def test_dmd_needs_a_pair_store_and_one_step(class_teacher, tmp_path):
     assert "generator/regression" not in rec.logs[0]
 
 
+def test_per_level_fake_scores_train_and_judge_only_their_level(class_teacher, tmp_path):
+    """``fake_score_per_level``: one fake score and head per generator level; each critic turn trains exactly
+    the pair of the level it simulated (every level's pair trains over a run), the generator turn reads that
+    level's fake score and trains none; a one-step generator is refused."""
+    from fewstep.config import ConfigError
+    from fewstep_plugins.dmd import players
+
+    with pytest.raises(ConfigError, match="num_steps > 1"):
+        tiny_run_config(class_teacher, {"name": "dmd2", "fake_score_per_level": True})
+    method = {"name": "dmd2", "ratio": 1, "num_steps": 3, "fake_score_per_level": True}
+    trainer, rec = run_tiny(tiny_run_config(class_teacher, method, steps=8), tmp_path / "r")
+    pairs = [("fake_score", "gan_head"), ("fake_score_1", "gan_head_1"), ("fake_score_2", "gan_head_2")]
+    assert sorted(trainer.groups["critic"].modules) == sorted(n for pair in pairs for n in pair)
+    trained = []
+    for group, has in rec.grads:
+        if group == "critic":
+            (level,) = [k for k, (fake, head) in enumerate(pairs) if has[fake]]
+            assert has[pairs[level][1]] and sum(has[h] for _, h in pairs) == 1
+            trained.append(level)
+        else:
+            assert not any(has[n] for pair in pairs for n in pair)
+    assert set(trained) == {0, 1, 2}
+
+    nets, teacher = trainer.nets, trainer.nets.teacher
+    cond = trainer.batch(0).cond.index(slice(0, 2))
+    x, sigma = torch.randn(2, *teacher.sample_shape), torch.full((2,), 1.0)
+    before = [players(trainer.ctx, nets, cond, None, level=k).fake(x, sigma) for k in range(3)]
+    with torch.no_grad():
+        for p in nets.get("fake_score_2").parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    after = [players(trainer.ctx, nets, cond, None, level=k).fake(x, sigma) for k in range(3)]
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert not torch.allclose(before[2], after[2])
+
+
 def test_multistep_sampler_uses_the_trained_levels(class_teacher, tmp_path):
     """A 4-step DMD2 run samples with 1, 2 and 4 steps; the 2-step levels are among the 4 trained ones. The tiny
     teacher has DDPM's linear betas, so the student is capped by default (docs/CONDITIONING.md): its network reads
