@@ -109,8 +109,9 @@ def test_per_level_fake_scores_train_and_judge_only_their_level(class_teacher, t
     """``fake_score_per_level``: one fake score and head per generator level; each critic turn trains exactly
     the pair of the level it simulated (every level's pair trains over a run), the generator turn reads that
     level's fake score and trains none; a one-step generator is refused."""
-    from fewstep.config import ConfigError
     from fewstep_plugins.dmd import players
+
+    from fewstep.config import ConfigError
 
     with pytest.raises(ConfigError, match="num_steps > 1"):
         tiny_run_config(class_teacher, {"name": "dmd2", "fake_score_per_level": True})
