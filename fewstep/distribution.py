@@ -60,6 +60,7 @@ __all__ = [
     "generator_levels",
     "method_levels",
     "generator_objective",
+    "critic_names",
     "network_names",
     "optimizer_group",
     "optimizer_groups",
@@ -404,6 +405,11 @@ def network_names(prefix: str, k: int) -> list[str]:
     """Names of K networks of one role (MSD's students, per-student or per-level fake scores and heads):
     the first has the bare name, so a run with one keeps the usual name."""
     return [prefix] + [f"{prefix}_{i}" for i in range(1, k)]
+
+
+def critic_names(k: int) -> list[tuple[str, str]]:
+    """(fake score, GAN head) names of K critics (DMD2's per-level, MSD's per-student ones)."""
+    return list(zip(network_names("fake_score", k), network_names("gan_head", k)))
 
 
 def denoiser(process: Any, net: nn.Module, cond: Cond | None) -> Denoiser:

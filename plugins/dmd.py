@@ -33,12 +33,12 @@ from fewstep.distribution import (
     Players,
     Schedule,
     bottleneck_critic,
+    critic_names,
     critic_objective,
     denoiser,
     few_step_sample,
     generator_objective,
     method_levels,
-    network_names,
     optimizer_groups,
     probe_cond,
     simulation_steps,
@@ -52,8 +52,7 @@ from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunCont
 
 def critics(cfg) -> list[tuple[str, str]]:
     """(fake score, GAN head) names: one pair, or one per generator level (``fake_score_per_level``)."""
-    n = cfg.num_steps if getattr(cfg, "fake_score_per_level", False) else 1
-    return list(zip(network_names("fake_score", n), network_names("gan_head", n)))
+    return critic_names(cfg.num_steps if getattr(cfg, "fake_score_per_level", False) else 1)
 
 
 @hookimpl

@@ -56,6 +56,7 @@ from fewstep.distribution import (
     Players,
     Schedule,
     bottleneck_critic,
+    critic_names,
     critic_objective,
     denoiser,
     denoising_loss,
@@ -162,7 +163,7 @@ def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict
     for name in network_names("student", k)[1:]:
         nets[name] = smaller_backbone(teacher.net, cfg.width) if small else copy.deepcopy(student)
     fakes = 1 if cfg.shared_fake_score else k
-    for fake_name, head_name in zip(network_names("fake_score", fakes), network_names("gan_head", fakes)):
+    for fake_name, head_name in critic_names(fakes):
         fake = (copy.deepcopy(teacher.net).float() if small else copy.deepcopy(student)).requires_grad_(True)
         nets[fake_name] = fake
         if cfg.adversarial:
@@ -170,9 +171,9 @@ def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict
     return nets
 
 
-def _critic_network_names(cfg: MSDConfig) -> tuple[str, ...]:
-    fakes = 1 if cfg.shared_fake_score else cfg.num_students
-    return tuple(network_names("fake_score", fakes)) + (tuple(network_names("gan_head", fakes)) if cfg.adversarial else ())
+def _critic_names(cfg: MSDConfig) -> tuple[str, ...]:
+    pairs = critic_names(1 if cfg.shared_fake_score else cfg.num_students)
+    return tuple(f for f, _ in pairs) + (tuple(h for _, h in pairs) if cfg.adversarial else ())
 
 
 @hookimpl
@@ -180,7 +181,7 @@ def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup
     """tsm (smaller students only, every step), generator (every ``ratio``), critic (every step)."""
     cfg = ctx.method
     students = tuple(network_names("student", cfg.num_students))
-    groups = optimizer_groups(ctx, students, _critic_network_names(cfg))
+    groups = optimizer_groups(ctx, students, _critic_names(cfg))
     return ([optimizer_group(ctx, "tsm", students)] if cfg.width < 1 else []) + groups
 
 
@@ -201,7 +202,8 @@ def fewstep_sampling_networks(ctx: RunContext) -> list[str]:
 
 def students(cfg: MSDConfig, nets: Nets, process, who: Tensor, cond: Cond) -> Bound:
     """The K students as one denoiser routed by ``who``."""
-    bind = [lambda c, n=nets.get(name): denoiser(process, n, c) for name in network_names("student", cfg.num_students)]
+    names = network_names("student", cfg.num_students)
+    bind = [lambda c, n=nets.get(name): denoiser(process, n, c) for name in names]
     return routed(bind, who, cond)
 
 
@@ -214,7 +216,7 @@ def players(ctx: RunContext, nets: Nets, who: Tensor, cond: Cond, uncond: Cond |
         return teacher.denoise(x, sigma, cond, uncond=uncond, guidance=g)
 
     fakes = 1 if cfg.shared_fake_score else cfg.num_students
-    pairs = list(zip(network_names("fake_score", fakes), network_names("gan_head", fakes)))
+    pairs = critic_names(fakes)
     fake_of = [lambda c, f=f: denoiser(process, nets.get(f), c) for f, _ in pairs]
     critic_of = [lambda c, f=f, h=h: bottleneck_critic(process, nets.get(f), nets.get(h), c) for f, h in pairs]
     if cfg.shared_fake_score:
