@@ -61,10 +61,12 @@ __all__ = [
     "method_levels",
     "generator_objective",
     "critic_names",
+    "levels_per_sample",
     "network_names",
     "optimizer_group",
     "optimizer_groups",
     "probe_cond",
+    "routed",
     "simulate",
     "simulation_steps",
     "surrogate_loss",
@@ -229,13 +231,16 @@ def denoising_loss(process: Any, net: Denoiser, x: Tensor, sigma: Tensor, target
 # The generator: backward simulation and sampling (DMD2 §2.7)
 
 
-def simulate(generator: Denoiser, noise: Tensor, levels: Tensor, k: int, step: StepInfo,
+def simulate(generator: Denoiser, noise: Tensor, levels: Tensor, k: int | Tensor, step: StepInfo,
              bound: X0Clip = X0Clip()) -> tuple[Tensor, Tensor]:
     """Backward simulation: the generator's training input at level k. noise: (B, C, H, W).
 
     Without gradient, start from pure noise at levels[0] and run k steps of the sampler (x0 = G(x, s_j),
     then x = x0 + s_{j+1}·eps_j with fresh eps_j); k = 0 is the noise itself (§2.7 [C]). Returns the input
-    (B, C, H, W) and its level (B,).
+    (B, C, H, W) and its level (B,). ``k`` a (B,) CPU tensor (:func:`levels_per_sample`): each sample's own
+    level; the generator runs max(k) steps on the whole batch (it is bound to the batch's conditions) and a
+    row keeps its value once its k steps are done; every step draws eps for the whole batch, so row i is row i
+    of the one-level simulation at k_i.
 
     ``bound``: the teacher scheduler's x0 bound (``process.x0_clip``). The sampler applies it to every x0 before
     re-noising (``NoiseProcess.for_sampler``, the export's LCMScheduler), so the simulation does too: backward
@@ -244,6 +249,13 @@ def simulate(generator: Denoiser, noise: Tensor, levels: Tensor, k: int, step: S
     generator's output at level k, which the losses read, stays unbounded: a clamp would zero its gradient in
     every clipped pixel, and the sampler bounds it anyway."""
     x = noise * levels[0]
+    if isinstance(k, Tensor):
+        with torch.no_grad():
+            running = k.to(x.device)
+            for j in range(int(k.max()) if k.numel() else 0):
+                x0 = bound(generator(x, levels[j].expand(x.shape[0]).to(x.device)).float())
+                x = torch.where(append_dims(running > j, x.ndim), x0 + levels[j + 1] * step.randn_like(x0), x)
+        return x, levels.to(x.device)[k.to(x.device)]
     with torch.no_grad():
         for j in range(k):
             x0 = bound(generator(x, levels[j].expand(x.shape[0]).to(x.device)).float())
@@ -270,22 +282,52 @@ def simulation_steps(step: StepInfo, num_steps: int) -> int:
     return int(torch.randint(0, num_steps, (), generator=step.generator)) if num_steps > 1 else 0
 
 
+def levels_per_sample(step: StepInfo, num_steps: int) -> Tensor:
+    """(B_local,) CPU int64 levels 0..N-1, one per sample: a random permutation of the global batch taken
+    modulo N, so every level gets B/N samples (one more for the first B mod N) of every step's global batch,
+    and this micro-batch keeps its rows of it (exact replay and multi-process equality as the other draws).
+    DMD2's per-level critics (``fake_score_per_level``) train every level's fake score on its share each turn."""
+    perm = torch.randperm(step.global_batch, generator=step.generator)
+    return perm[step.offset : step.offset + step.local_batch] % num_steps
+
+
+def routed(parts: Sequence[tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]]) -> Callable[[Tensor, Tensor], Tensor]:
+    """One (x, sigma) -> (B, ...) callable over the batch whose rows go to their own networks: ``parts`` =
+    [(rows, fn)], the rows (n_k,) of the parts partitioning 0..B-1 (empty parts are skipped). The outputs come
+    back in the batch's order, differentiably (a concatenation and one gather)."""
+    parts = [(rows, fn) for rows, fn in parts if rows.numel()]
+    order = torch.cat([rows for rows, _ in parts])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+
+    def call(x: Tensor, sigma: Tensor) -> Tensor:
+        return torch.cat([fn(x[rows], sigma[rows]) for rows, fn in parts])[inverse]
+
+    return call
+
+
 def generate(cfg: DistributionMatchingConfig, sched: Schedule, generator: Denoiser, shape: tuple[int, ...],
-             step: StepInfo, x_real: Tensor | None = None, k: int | None = None) -> tuple[Tensor, int]:
+             step: StepInfo, x_real: Tensor | None = None,
+             k: int | Tensor | None = None) -> tuple[Tensor, int | Tensor]:
     """Generator samples (B, *shape) for one turn, and the simulated step k: one-step G(s_0·z), or for
     N > 1 the output at level k of a backward simulation (or of noised real images, without it). ``k``:
-    the level, drawn by the caller (who picks networks by it); None: drawn here."""
+    the level, drawn by the caller (who picks networks by it), or a (B,) CPU tensor of per-sample levels
+    (:func:`levels_per_sample`); None: one level drawn here."""
     z = step.randn(*shape)
     if k is None:
         k = simulation_steps(step, sched.levels.numel())
-    if cfg.backward_simulation or k == 0:
+    per_sample = isinstance(k, Tensor)
+    if cfg.backward_simulation or (not per_sample and k == 0):
         x_in, sigma = simulate(generator, z, sched.levels, k, step, sched.bound)
     else:
         if x_real is None:
             raise ValueError("method.backward_simulation: false trains on noised real images; the data "
                              "source has none (set backward_simulation: true)")
-        sigma = sched.levels[k].expand(z.shape[0]).to(z.device)
+        levels = sched.levels.to(z.device)
+        sigma = levels[k.to(z.device)] if per_sample else levels[k].expand(z.shape[0])
         x_in = x_real.float() + append_dims(sigma, z.ndim) * z
+        if per_sample:  # level 0 is pure noise, as the one-level path's simulate(k = 0)
+            x_in = torch.where(append_dims(k.to(z.device) == 0, z.ndim), z * levels[0], x_in)
     return generator(x_in, sigma), k
 
 
@@ -331,7 +373,7 @@ def generator_objective(cfg: DistributionMatchingConfig, sched: Schedule, p: Pla
 
 def critic_objective(cfg: DistributionMatchingConfig, sched: Schedule, p: Players, process: Any,
                      shape: tuple[int, ...], step: StepInfo, *, x_real: Tensor | None = None,
-                     k: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                     k: int | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """L_denoise of the fake score on detached generator samples at a level uniform over the whole grid
     (§1.3 [C]), plus lambda_D times the discriminator loss on real images x_real and those samples, each
     noised independently (§2.3(b)-(d)). Per sample (B,). ``k``: see :func:`generate`."""

@@ -25,7 +25,9 @@ Each turn draws its own generator samples: where DMD2 reuses the generator turn'
 from __future__ import annotations
 
 import copy
+import dataclasses
 
+import torch
 from fewstep_plugins.dmd_config import DMD2Config, DMDConfig, fewstep_configure, fewstep_method_config  # noqa: F401 - re-exported from the config module
 from torch import Tensor, nn
 
@@ -38,9 +40,11 @@ from fewstep.distribution import (
     denoiser,
     few_step_sample,
     generator_objective,
+    levels_per_sample,
     method_levels,
     optimizer_groups,
     probe_cond,
+    routed,
     simulation_steps,
 )
 from fewstep.gan import head_for
@@ -85,10 +89,29 @@ def players(ctx: RunContext, nets: Nets, cond: Cond, uncond: Cond | None, level:
         return teacher.denoise(x, sigma, cond, uncond=uncond, guidance=g)
 
     pairs = critics(ctx.method)
-    fake_name, head_name = pairs[level if len(pairs) > 1 else 0]
-    fake = nets.extra[fake_name]
-    critic = bottleneck_critic(process, fake, nets.extra[head_name], cond) if ctx.method.adversarial else None
-    return Players(denoiser(process, nets.student, cond), real, denoiser(process, fake, cond), critic)
+    fake, critic = _critic_pair(ctx, nets, pairs[level if len(pairs) > 1 else 0], cond)
+    return Players(denoiser(process, nets.student, cond), real, fake, critic)
+
+
+def _critic_pair(ctx: RunContext, nets: Nets, names: tuple[str, str], cond: Cond | None):
+    """(fake score denoiser, GAN critic or None) of one (fake score, head) pair, bound to ``cond``."""
+    process, fake = nets.teacher.process, nets.extra[names[0]]
+    critic = bottleneck_critic(process, fake, nets.extra[names[1]], cond) if ctx.method.adversarial else None
+    return denoiser(process, fake, cond), critic
+
+
+def level_players(ctx: RunContext, nets: Nets, cond: Cond | None, uncond: Cond | None, ks: Tensor,
+                  device: torch.device) -> Players:
+    """The critic turn's networks with ``fake_score_per_level``: sample i's generator output is at level
+    ``ks[i]`` (:func:`levels_per_sample`), and its fake score and GAN head are that level's, so every level's
+    pair trains on its share of every critic turn."""
+    parts = []
+    for level, names in enumerate(critics(ctx.method)):
+        rows = (ks == level).nonzero().squeeze(1).to(device)
+        parts.append((rows, _critic_pair(ctx, nets, names, cond.index(rows) if cond is not None else None)))
+    critic = routed([(rows, pair[1]) for rows, pair in parts]) if ctx.method.adversarial else None
+    return dataclasses.replace(players(ctx, nets, cond, uncond), fake=routed([(r, pair[0]) for r, pair in parts]),
+                               critic=critic)
 
 
 @hookimpl
@@ -97,13 +120,18 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     (+ lambda_D L_D), on this turn's own detached generator samples."""
     cfg, process = ctx.method, nets.teacher.process
     sched = Schedule.of(cfg, process)
-    # per-level critics: the turn's level is drawn first, so its fake score and head play it
-    k = simulation_steps(step, cfg.num_steps) if len(critics(cfg)) > 1 else None
-    p = players(ctx, nets, batch.cond, batch.uncond, level=k or 0)
+    per_level = len(critics(cfg)) > 1
     shape = nets.teacher.sample_shape
     if group.name == "critic":
-        loss, terms = critic_objective(cfg, sched, p, process, shape, step, x_real=batch.x0, k=k)
+        # per-level critics: the batch is shared out among the levels, so every level's pair trains each turn
+        ks = levels_per_sample(step, cfg.num_steps) if per_level else None
+        p = (level_players(ctx, nets, batch.cond, batch.uncond, ks, step.device) if per_level
+             else players(ctx, nets, batch.cond, batch.uncond))
+        loss, terms = critic_objective(cfg, sched, p, process, shape, step, x_real=batch.x0, k=ks)
         return LossOutput(loss=loss, terms=terms)
+    # the generator turn's level is drawn first, so that level's fake score and head play it
+    k = simulation_steps(step, cfg.num_steps) if per_level else None
+    p = players(ctx, nets, batch.cond, batch.uncond, level=k or 0)
     loss, terms = generator_objective(cfg, sched, p, shape, step, x_real=batch.x0,
                                       gan_weight=cfg.gan_generator_weight, k=k)
     if cfg.name == "dmd" and cfg.regression_weight > 0:

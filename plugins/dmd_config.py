@@ -45,9 +45,10 @@ class DMD2Config(DistributionMatchingConfig):
         "each trained on and used for that level's outputs only, so L_DM matches every level's output "
         "distribution to the data's; false: one fake score of the mixture of all levels' outputs, as DMD2 "
         "(§2.7), whose fixed point only asks the mixture to match. Our extension; costs N - 1 more copies of "
-        "the fake score and their optimizer state, and each trains on 1/N of the critic turns (the level is "
-        "drawn per step): on the Fashion benchmark's 4-step recipe it collapsed (recall 0.03-0.16, issue 14 "
-        "round 20), so it stays off.")
+        "the fake score and their optimizer state. Every critic turn shares its batch out among the levels "
+        "(B/N samples each, simulated to that level), so every critic trains every turn; the generator turn "
+        "draws one level per step. (Issue 14 round 20's version, one level per critic turn, starved each critic "
+        "of turns and collapsed: recall 0.03-0.16.)")
 
     @model_validator(mode="after")
     def _per_level_needs_levels(self) -> DMD2Config:

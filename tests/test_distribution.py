@@ -20,8 +20,11 @@ from fewstep.distribution import (
     dm_direction,
     dm_loss,
     few_step_sample,
+    generate,
     generator_levels,
     generator_objective,
+    levels_per_sample,
+    routed,
     simulate,
     simulation_steps,
     surrogate_loss,
@@ -226,6 +229,59 @@ def test_backward_simulation_feeds_the_generator_its_own_outputs(k):
         expected = (0.5 * x - s.view(-1, 1, 1, 1)) + levels[j + 1] * replay.randn_like(x)
     torch.testing.assert_close(x_in, expected)
     torch.testing.assert_close(sigma, levels[k].expand(3))
+
+
+def test_per_sample_simulation_gives_each_sample_the_input_of_its_own_level():
+    """simulate with a (B,) tensor of levels: row i equals row i of the one-level simulation at k_i (the same
+    step draws), the generator runs max(k) steps on the whole batch, and each row's level comes back."""
+    levels = torch.tensor([80.0, 20.0, 5.0, 1.0])
+    noise = torch.randn(6, 1, 2, 2)
+    ks = torch.tensor([3, 0, 1, 3, 2, 1])
+    g = Recording()
+    x_in, sigma = simulate(g, noise, levels, ks, step_info(6, seed=5))
+    assert [len(x) for x, *_ in g.calls] == [6, 6, 6] and not any(grad for *_, grad in g.calls)
+    torch.testing.assert_close(sigma, levels[ks])
+    for k in range(4):
+        rows = ks == k
+        one_level, _ = simulate(Recording(), noise, levels, k, step_info(6, seed=5))
+        torch.testing.assert_close(x_in[rows], one_level[rows])
+
+
+def test_per_sample_levels_without_simulation_noise_real_images_at_each_level():
+    """backward_simulation false with per-sample levels: level 0 is pure noise at the top level (as the one-level
+    path), every other row its real image noised to its own level; the generator is called at those levels."""
+    sched = Schedule(torch.linspace(0.01, 80, 1000), torch.tensor([80.0, 20.0, 5.0, 1.0]), (20, 980), 1000)
+    g, x_real, ks = Recording(), torch.randn(4, 1, 2, 2), torch.tensor([0, 2, 3, 1])
+    generate(SimpleNamespace(backward_simulation=False), sched, g, (1, 2, 2), step_info(4, seed=2), x_real, ks)
+    ((x_in, sigma, _),) = g.calls
+    z = step_info(4, seed=2).randn(1, 2, 2)
+    torch.testing.assert_close(sigma, torch.tensor([80.0, 5.0, 1.0, 20.0]))
+    torch.testing.assert_close(x_in[0], 80.0 * z[0])
+    torch.testing.assert_close(x_in[1:], x_real[1:] + sigma[1:].view(-1, 1, 1, 1) * z[1:])
+
+
+def test_levels_per_sample_share_the_global_batch_evenly_across_ranks():
+    """Every level gets B/N samples of the global batch (one more for the first B mod N); two ranks' rows are
+    the two halves of the one-process draw."""
+    whole = levels_per_sample(step_info(10, seed=3), 4)
+    assert torch.bincount(whole, minlength=4).sort(descending=True).values.tolist() == [3, 3, 2, 2]
+    halves = [levels_per_sample(step_info(5, seed=3, offset=r * 5, world=2, global_batch=10), 4) for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), whole)
+    assert not torch.equal(levels_per_sample(step_info(10, seed=4), 4), whole)
+
+
+def test_routed_sends_each_row_to_its_network_and_back_in_order():
+    """routed: the rows of each part go through that part's function; the result is in the batch's order and
+    the gradient reaches each function's own parameter through its rows only."""
+    w = torch.tensor([2.0, 3.0], requires_grad=True)
+    rows = [torch.tensor([0, 3]), torch.tensor([1, 2, 4]), torch.tensor([], dtype=torch.long)]
+    fns = [lambda x, s: w[0] * x + s, lambda x, s: w[1] * x - s, lambda x, s: x * float("nan")]
+    call = routed(list(zip(rows, fns)))
+    x, sigma = torch.arange(5.0), torch.full((5,), 0.5)
+    out = call(x, sigma)
+    torch.testing.assert_close(out, torch.tensor([0.5, 2.5, 5.5, 6.5, 11.5]))
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, torch.tensor([0.0 + 3.0, 1.0 + 2.0 + 4.0]))
 
 
 def test_simulation_step_is_shared_by_every_rank():
