@@ -17,7 +17,8 @@ generator every ``ratio`` steps and the critic every step (TTUR, §2.4).
 Costs per trainer step (B samples): critic turn 1 G forward (no grad), 1 fake-score forward + backward,
 with the GAN 2 bottleneck forwards + backward; generator turn (every ``ratio`` steps) G forward +
 backward, 1 teacher forward (2 with CFG), 1 fake forward (no grad), with the GAN 1 bottleneck forward +
-backward through the frozen critic; backward simulation adds up to N-1 G forwards (no grad) per turn.
+backward through the frozen critic; backward simulation adds up to N-1 G forwards (no grad) per turn
+(``fake_score_per_level``: the critic turn always N-1, its batch spanning every level).
 Each turn draws its own generator samples: where DMD2 reuses the generator turn's samples for the critic
 (§2.7 step 5), fewstep spends one more G forward every ``ratio`` steps and keeps the loss hook stateless.
 """
