@@ -283,12 +283,19 @@ def simulation_steps(step: StepInfo, num_steps: int) -> int:
 
 
 def levels_per_sample(step: StepInfo, num_steps: int) -> Tensor:
-    """(B_local,) CPU int64 levels 0..N-1, one per sample: a random permutation of the global batch taken
-    modulo N, so every level gets B/N samples (one more for the first B mod N) of every step's global batch,
-    and this micro-batch keeps its rows of it (exact replay and multi-process equality as the other draws).
-    DMD2's per-level critics (``fake_score_per_level``) train every level's fake score on its share each turn."""
-    perm = torch.randperm(step.global_batch, generator=step.generator)
-    return perm[step.offset : step.offset + step.local_batch] % num_steps
+    """(B_local,) CPU int64 levels 0..N-1, one per sample: global row j gets level (j + s) mod N, with s ~
+    U{0..N-1} drawn from the step's generator (shared by every rank). Every N consecutive rows hold every level
+    once, so each level gets B/N samples of the global batch (one more for B mod N of them) and every
+    micro-batch of at least N samples holds every level: each level's networks then run on every rank, as DDP
+    needs. The assignment depends on the global row only (exact replay, multi-process equality); the rows of a
+    level are a random share of the batch because the data order is. DMD2's per-level critics
+    (``fake_score_per_level``) train every level's fake score on its share each turn."""
+    if step.local_batch < num_steps:
+        raise ValueError(f"method.fake_score_per_level: every micro-batch must hold each of the {num_steps} "
+                         f"levels, but it has {step.local_batch} samples; raise train.batch_size (or lower "
+                         "gradient accumulation / the number of processes) to at least num_steps per micro-batch")
+    shift = int(torch.randint(0, num_steps, (), generator=step.generator))
+    return (torch.arange(step.offset, step.offset + step.local_batch) + shift) % num_steps
 
 
 def routed(parts: Sequence[tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]]) -> Callable[[Tensor, Tensor], Tensor]:

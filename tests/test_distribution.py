@@ -261,13 +261,17 @@ def test_per_sample_levels_without_simulation_noise_real_images_at_each_level():
 
 
 def test_levels_per_sample_share_the_global_batch_evenly_across_ranks():
-    """Every level gets B/N samples of the global batch (one more for the first B mod N); two ranks' rows are
-    the two halves of the one-process draw."""
+    """Every level gets B/N samples of the global batch (one more for B mod N of them); two ranks' rows are the
+    two halves of the one-process draw and each holds every level; the shift varies with the step; a
+    micro-batch smaller than N is refused."""
     whole = levels_per_sample(step_info(10, seed=3), 4)
     assert torch.bincount(whole, minlength=4).sort(descending=True).values.tolist() == [3, 3, 2, 2]
     halves = [levels_per_sample(step_info(5, seed=3, offset=r * 5, world=2, global_batch=10), 4) for r in (0, 1)]
     assert torch.equal(torch.cat(halves), whole)
-    assert not torch.equal(levels_per_sample(step_info(10, seed=4), 4), whole)
+    assert all(set(h.tolist()) == {0, 1, 2, 3} for h in halves)
+    assert {int(levels_per_sample(step_info(8, seed=s), 4)[0]) for s in range(40)} == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="at least num_steps per micro-batch"):
+        levels_per_sample(step_info(3, seed=0, offset=3, world=2, global_batch=6), 4)
 
 
 def test_routed_sends_each_row_to_its_network_and_back_in_order():

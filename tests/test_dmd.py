@@ -108,7 +108,8 @@ def test_dmd_needs_a_pair_store_and_one_step(class_teacher, tmp_path):
 def test_per_level_fake_scores_train_and_judge_only_their_level(class_teacher, tmp_path):
     """``fake_score_per_level``: one fake score and head per generator level; every critic turn trains every
     level's pair, each on its share of the batch (the samples simulated to that level), the generator turn
-    reads its level's fake score and trains none; a one-step generator is refused."""
+    reads its level's fake score and trains none; a one-step generator and a batch smaller than the number of
+    levels are refused."""
     from fewstep_plugins.dmd import players
 
     from fewstep.config import ConfigError
@@ -116,6 +117,8 @@ def test_per_level_fake_scores_train_and_judge_only_their_level(class_teacher, t
     with pytest.raises(ConfigError, match="num_steps > 1"):
         tiny_run_config(class_teacher, {"name": "dmd2", "fake_score_per_level": True})
     method = {"name": "dmd2", "ratio": 1, "num_steps": 3, "fake_score_per_level": True}
+    with pytest.raises(ValueError, match="a micro-batch holds 2 samples"):
+        run_tiny(tiny_run_config(class_teacher, method, batch=2), tmp_path / "small")
     trainer, rec = run_tiny(tiny_run_config(class_teacher, method, steps=8), tmp_path / "r")
     pairs = [("fake_score", "gan_head"), ("fake_score_1", "gan_head_1"), ("fake_score_2", "gan_head_2")]
     assert sorted(trainer.groups["critic"].modules) == sorted(n for pair in pairs for n in pair)
