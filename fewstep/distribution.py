@@ -249,18 +249,12 @@ def simulate(generator: Denoiser, noise: Tensor, levels: Tensor, k: int | Tensor
     generator's output at level k, which the losses read, stays unbounded: a clamp would zero its gradient in
     every clipped pixel, and the sampler bounds it anyway."""
     x = noise * levels[0]
-    if isinstance(k, Tensor):
-        with torch.no_grad():
-            running = k.to(x.device)
-            for j in range(int(k.max()) if k.numel() else 0):
-                x0 = bound(generator(x, levels[j].expand(x.shape[0]).to(x.device)).float())
-                x = torch.where(append_dims(running > j, x.ndim), x0 + levels[j + 1] * step.randn_like(x0), x)
-        return x, levels.to(x.device)[k.to(x.device)]
+    ks = k.to(x.device) if isinstance(k, Tensor) else torch.full((x.shape[0],), k, device=x.device)
     with torch.no_grad():
-        for j in range(k):
+        for j in range(int(k.max()) if isinstance(k, Tensor) else k):
             x0 = bound(generator(x, levels[j].expand(x.shape[0]).to(x.device)).float())
-            x = x0 + levels[j + 1] * step.randn_like(x0)
-    return x, levels[k].expand(x.shape[0]).to(x.device)
+            x = torch.where(append_dims(ks > j, x.ndim), x0 + levels[j + 1] * step.randn_like(x0), x)
+    return x, levels.to(x.device)[ks]
 
 
 def few_step_sample(generator: Denoiser, noise: Tensor, levels: Tensor, rng: torch.Generator | None) -> Tensor:
@@ -290,10 +284,9 @@ def levels_per_sample(step: StepInfo, num_steps: int) -> Tensor:
     needs. The assignment depends on the global row only (exact replay, multi-process equality); the rows of a
     level are a random share of the batch because the data order is. DMD2's per-level critics
     (``fake_score_per_level``) train every level's fake score on its share each turn."""
-    if step.local_batch < num_steps:
-        raise ValueError(f"method.fake_score_per_level: every micro-batch must hold each of the {num_steps} "
-                         f"levels, but it has {step.local_batch} samples; raise train.batch_size (or lower "
-                         "gradient accumulation / the number of processes) to at least num_steps per micro-batch")
+    if step.local_batch < num_steps:  # the methods refuse such a batch when they build their networks
+        raise ValueError(f"levels_per_sample: a micro-batch of {step.local_batch} samples cannot hold each of "
+                         f"{num_steps} levels; it needs at least num_steps samples per micro-batch")
     shift = int(torch.randint(0, num_steps, (), generator=step.generator))
     return (torch.arange(step.offset, step.offset + step.local_batch) + shift) % num_steps
 

@@ -270,7 +270,7 @@ def test_levels_per_sample_share_the_global_batch_evenly_across_ranks():
     assert torch.equal(torch.cat(halves), whole)
     assert all(set(h.tolist()) == {0, 1, 2, 3} for h in halves)
     assert {int(levels_per_sample(step_info(8, seed=s), 4)[0]) for s in range(40)} == {0, 1, 2, 3}
-    with pytest.raises(ValueError, match="at least num_steps per micro-batch"):
+    with pytest.raises(ValueError, match="at least num_steps samples per micro-batch"):
         levels_per_sample(step_info(3, seed=0, offset=3, world=2, global_batch=6), 4)
 
 
