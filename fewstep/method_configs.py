@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from fewstep.config import MethodConfig
 
 __all__ = ["Distance", "DistributionMatchingConfig", "FDivergence", "GanLoss", "TangentOptions", "check_pair_guidance",
-           "check_resolutions"]
+           "check_resolutions", "check_sample_guidance", "student_guidance"]
 
 # Option types of method configs, re-exported by the modules that implement them.
 Distance = Literal["l2", "l1", "pseudo_huber"]  # fewstep.losses.distance
@@ -134,6 +134,26 @@ def check_flow_sample_times(sample_times: dict[int, list[float]]) -> None:
     for n, times in sample_times.items():
         if len(times) != n + 1 or any(not 0 <= b < a < 1 for a, b in zip(times, times[1:])):
             raise ValueError(f"method.sample_times[{n}]: need {n + 1} decreasing flow times in [0, 1), got {times}")
+
+
+def check_sample_guidance(sample_guidance: float | dict[int, float] | None) -> None:
+    """Validate a guided student's sampling guidance (sCM, flow maps): a scale >= 0, or one per step count >= 1."""
+    scales = sample_guidance if isinstance(sample_guidance, dict) else {1: sample_guidance}
+    for n, w in scales.items():
+        if n < 1 or (w is not None and w < 0):
+            raise ValueError(f"method.sample_guidance: need a scale >= 0, or {{steps >= 1: scale >= 0}}, got "
+                             f"{sample_guidance}")
+
+
+def student_guidance(guidance: tuple[float, float] | None, sample_guidance: float | dict[int, float] | None,
+                     num_steps: int) -> float | None:
+    """The scale a guided student (trained on w ~ U[guidance]) is given when sampling in ``num_steps`` steps:
+    ``sample_guidance`` (a float for every step count, or a dict's entry for this one), else the middle of the
+    training range; None for an unguided student (``guidance`` None)."""
+    if guidance is None:
+        return None
+    w = sample_guidance.get(num_steps) if isinstance(sample_guidance, dict) else sample_guidance
+    return w if w is not None else sum(guidance) / 2
 
 
 def check_resolutions(resolutions: Sequence[int], size: int | None = None) -> list[int]:

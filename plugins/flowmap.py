@@ -51,6 +51,7 @@ from fewstep.flowmaps import (
 )
 from fewstep.hookspecs import hookimpl
 from fewstep.jvp import jvp, normalize_tangent, resolve_mode
+from fewstep.method_configs import student_guidance
 from fewstep.nn import same_dropout, unwrap
 from fewstep.sampling import sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
@@ -185,11 +186,8 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     process = teacher.process.for_sampler()  # each jump's x0 bounded as the teacher's scheduler bounds it
     times = cfg.sample_times.get(num_steps) or default_sample_times(process, num_steps)
     net = sampling_net(nets)
-    w = None
-    if cfg.guidance is not None:
-        value = cfg.sample_guidance if cfg.sample_guidance is not None else sum(cfg.guidance) / 2
-        w = torch.full((noise.shape[0],), value, device=noise.device)
-    scalars = guidance_inputs(w)
+    value = student_guidance(cfg.guidance, cfg.sample_guidance, num_steps)
+    scalars = guidance_inputs(None if value is None else torch.full((noise.shape[0],), value, device=noise.device))
 
     def F_fn(x: Tensor, t: Tensor, s: Tensor) -> Tensor:
         return average_velocity(net, process, x, t, s, cond, **scalars)
@@ -207,9 +205,7 @@ def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
     cfg, teacher = ctx.method, nets.teacher
     process, net = teacher.process.for_sampler(), sampling_net(nets)
     t_max = default_sample_times(process, 1)[0]
-    w = None
-    if cfg.guidance is not None:
-        w = cfg.sample_guidance if cfg.sample_guidance is not None else sum(cfg.guidance) / 2
+    w = student_guidance(cfg.guidance, cfg.sample_guidance, 1)  # a jump to data: the one-step sampler's scale
 
     def F_fn(x: Tensor, t: Tensor, s: Tensor) -> Tensor:
         scalars = guidance_inputs(None if w is None else torch.full((x.shape[0],), w, device=x.device))

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from fewstep.hookspecs import hookimpl
-from fewstep.method_configs import TangentOptions, check_flow_sample_times
+from fewstep.method_configs import TangentOptions, check_flow_sample_times, check_sample_guidance
 
 
 class FlowMapConfig(TangentOptions):
@@ -38,8 +38,9 @@ class FlowMapConfig(TangentOptions):
         None, description="lambda ~ U[lo, hi] per sample: the teacher velocity is guided with lambda (autoguidance "
         "when teacher.autoguidance is set, §9.5, else CFG) and the student takes lambda as an input "
         "([UNVERIFIED] range; one reimplementation uses U[1, 3]). None: teacher.guidance, fixed, no student input.")
-    sample_guidance: float | None = Field(None, ge=0, description="lambda of a guided student when sampling; none: "
-                                          "the middle of the guidance range.")
+    sample_guidance: float | dict[int, float] | None = Field(
+        None, description="lambda of a guided student when sampling: one scale, or one per step count ({1: 2.5, 4: "
+        "1.5}); none (or a step count the dict lacks): the middle of the guidance range.")
     sample_times: dict[int, list[float]] = Field(
         {}, description="Flow times t_0 > ... > t_N of the N-step sampler, per N (N + 1 values, usually ending in 0); "
         "default: the teacher's own N-step grid (VP: DDIM trailing) in flow time.")
@@ -52,6 +53,7 @@ class FlowMapConfig(TangentOptions):
         if self.guidance is not None and not 0 <= self.guidance[0] <= self.guidance[1]:
             raise ValueError(f"method.guidance must be (lo, hi) with 0 <= lo <= hi, got {self.guidance}")
         check_flow_sample_times(self.sample_times)
+        check_sample_guidance(self.sample_guidance)
         return self
 
 

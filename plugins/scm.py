@@ -53,6 +53,7 @@ from fewstep.diffusion import (
 )
 from fewstep.hookspecs import hookimpl
 from fewstep.jvp import jvp, normalize_tangent, resolve_mode, window_steps
+from fewstep.method_configs import student_guidance
 from fewstep.nn import same_dropout, unwrap
 from fewstep.sampling import sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
@@ -256,11 +257,8 @@ def fewstep_sample(ctx: RunContext, nets: Nets, noise: Tensor, cond: Cond | None
     sd = _sigma_data(cfg, process)
     times = sample_times(cfg, num_steps, time_range(cfg, process)[1])
     net = sampling_net(nets)
-    w = None
-    if cfg.guidance is not None:
-        value = cfg.sample_guidance if cfg.sample_guidance is not None else sum(cfg.guidance) / 2
-        w = torch.full((noise.shape[0],), value, device=noise.device)
-    scalars = guidance_inputs(w)
+    value = student_guidance(cfg.guidance, cfg.sample_guidance, num_steps)
+    scalars = guidance_inputs(None if value is None else torch.full((noise.shape[0],), value, device=noise.device))
     clamp = cfg.clamp and teacher.vae is None
     noise = noise.float()
 
@@ -288,8 +286,7 @@ def fewstep_stock_sampler(ctx: RunContext, nets: Nets, num_steps: int):
     sd = _sigma_data(cfg, teacher.process)
     times = sample_times(cfg, num_steps, time_range(cfg, teacher.process)[1])
     scalars = {}
-    if cfg.guidance is not None:
-        value = cfg.sample_guidance if cfg.sample_guidance is not None else sum(cfg.guidance) / 2
+    if (value := student_guidance(cfg.guidance, cfg.sample_guidance, num_steps)) is not None:
         scalars = {k: float(v[0]) for k, v in guidance_inputs(torch.full((1,), value)).items()}
     return renoise_sampler(teacher.process, [sd * math.tan(t) for t in times], clip=cfg.clamp and teacher.vae is None,
                            scalars=scalars)
@@ -307,9 +304,7 @@ def fewstep_denoiser(ctx: RunContext, nets: Nets, cond: Cond | None):
     sd = _sigma_data(cfg, process)
     t_min, t_max = time_range(cfg, process)
     net = sampling_net(nets)
-    w = None
-    if cfg.guidance is not None:
-        w = cfg.sample_guidance if cfg.sample_guidance is not None else sum(cfg.guidance) / 2
+    w = student_guidance(cfg.guidance, cfg.sample_guidance, 1)  # f jumps to data in one call: the 1-step scale
 
     def f(x: Tensor, sigma: Tensor) -> Tensor:
         t = torch.atan(sigma / sd)

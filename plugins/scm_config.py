@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from fewstep.hookspecs import hookimpl
-from fewstep.method_configs import TangentOptions
+from fewstep.method_configs import TangentOptions, check_sample_guidance
 
 
 class SCMConfig(TangentOptions):
@@ -35,8 +35,9 @@ class SCMConfig(TangentOptions):
         None, description="sCD only: w ~ U[lo, hi] per sample, the teacher velocity uses guidance w (CFG, or "
         "autoguidance with teacher.autoguidance) and the student takes w as an extra input (ImageNet-512 sCD: "
         "U[1, 2]). None: teacher.guidance, fixed, with no student input.")
-    sample_guidance: float | None = Field(None, ge=0, description="w of a guided student when sampling; none: the "
-                                          "middle of the guidance range.")
+    sample_guidance: float | dict[int, float] | None = Field(
+        None, description="w of a guided student when sampling: one scale, or one per step count ({1: 2.5, 4: 1.5}); "
+        "none (or a step count the dict lacks): the middle of the guidance range.")
     mid_t: float = Field(1.1, gt=0, lt=math.pi / 2, description="Intermediate time of the 2-step sampler (paper: 1.1); "
                          "N steps use t_max then N-1 times spaced evenly from mid_t towards 0 (our extension).")
     sample_times: dict[int, list[float]] = Field({}, description="TrigFlow times t_1 > ... > t_N of the N-step sampler, "
@@ -50,6 +51,7 @@ class SCMConfig(TangentOptions):
                 raise ValueError("method.guidance: only sCD has a teacher to guide; remove it or set mode: scd")
             if not 0 <= self.guidance[0] <= self.guidance[1]:
                 raise ValueError(f"method.guidance must be (lo, hi) with 0 <= lo <= hi, got {self.guidance}")
+        check_sample_guidance(self.sample_guidance)
         for n, times in self.sample_times.items():
             if len(times) != n or any(not 0 < b < a < math.pi / 2 for a, b in zip(times, times[1:])):
                 raise ValueError(f"method.sample_times[{n}]: need {n} decreasing times in (0, π/2), got {times}")

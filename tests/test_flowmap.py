@@ -3,6 +3,7 @@ against a Gaussian data distribution whose teacher velocity and flow map are kno
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 from fewstep_plugins import flowmap
 from torch import nn
 
+from fewstep.backbones import guidance_inputs
 from fewstep.diffusion import FlowProcess, sample_ode
+from fewstep.sampling import generate
 from fewstep.teacher import load_teacher
 from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_run_config
 
@@ -47,6 +50,34 @@ def test_autoguided_teacher_needs_no_null_condition(tmp_path):
     assert trainer.nets.teacher.autoguided
     assert trainer.nets.student.extra_scalars == ("s", "w")
     assert all(math.isfinite(log["student/loss"]) for log in rec.logs)
+
+
+def test_sample_guidance_per_step_count_gives_each_sampler_its_scale(tmp_path, monkeypatch):
+    """``sample_guidance: {1: 2.5, 4: 1.5}``: the 1- and 4-step samplers feed the student those scales, a step
+    count the dict lacks the middle of the training range; a float serves every step count."""
+    teacher = make_tiny_teacher(tmp_path / "t", "unet")
+    weak = make_tiny_teacher(tmp_path / "weak", "unet", seed=1)
+    config = tiny_run_config(teacher, {"name": "flowmap", "guidance": [1.0, 3.0], "sample_guidance": {1: 2.5, 4: 1.5}},
+                             steps=1, teacher={"autoguidance": str(weak)}, validation={"steps": [1]})
+    trainer, _ = run_tiny(config, tmp_path / "run")
+    seen = []
+
+    def spy(w):
+        seen.append(None if w is None else sorted(set(w.tolist())))
+        return guidance_inputs(w)
+
+    monkeypatch.setattr(flowmap, "guidance_inputs", spy)
+    noise = torch.randn((2, *trainer.nets.teacher.sample_shape), generator=torch.Generator().manual_seed(0))
+    for steps in (1, 4, 2):
+        generate(trainer.pm.hook, trainer.ctx, trainer.nets, noise, None, steps)
+    assert seen == [[2.5], [1.5], [2.0]]
+    flat = dataclasses.replace(trainer.ctx, method=trainer.ctx.method.model_copy(update={"sample_guidance": 1.25}))
+    generate(trainer.pm.hook, flat, trainer.nets, noise, None, 4)
+    assert seen[-1] == [1.25]
+    with pytest.raises(ValueError, match="sample_guidance"):
+        flowmap.FlowMapConfig(guidance=(1.0, 3.0), sample_guidance={0: 2.0})
+    with pytest.raises(ValueError, match="sample_guidance"):
+        flowmap.FlowMapConfig(guidance=(1.0, 3.0), sample_guidance={1: -1.0})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from fewstep.diffusion import (
     trigflow_to_sigma_space,
     trigflow_velocity,
 )
+from fewstep.method_configs import student_guidance
 from fewstep.teacher import load_teacher
 from fewstep.testing import (
     MethodConformance,
@@ -72,6 +73,18 @@ def test_guided_scd_of_an_unconditional_teacher_is_refused(tmp_path):
         run_tiny(tiny_run_config(teacher, {"name": "scm", "guidance": [1.0, 2.0]}, steps=1), tmp_path / "run")
     with pytest.raises(ValueError, match="mode: scd"):
         tiny_run_config(teacher, {"name": "scm", "mode": "sct", "guidance": [1.0, 2.0]})
+
+
+def test_sample_guidance_is_one_scale_or_one_per_step_count():
+    """The guided sCD student's sampling scale: a float for every step count, a dict's entry for its step count,
+    the middle of the training range where the dict has none; an unguided student takes none."""
+    assert student_guidance((1.0, 2.0), None, 4) == 1.5
+    assert student_guidance((1.0, 2.0), 1.75, 1) == student_guidance((1.0, 2.0), 1.75, 4) == 1.75
+    assert [student_guidance((1.0, 3.0), {1: 2.5, 4: 1.5}, n) for n in (1, 2, 4)] == [2.5, 2.0, 1.5]
+    assert student_guidance(None, {1: 2.5}, 1) is None
+    assert scm.SCMConfig(guidance=(1.0, 2.0), sample_guidance={1: 2.0}).sample_guidance == {1: 2.0}
+    with pytest.raises(ValueError, match="sample_guidance"):
+        scm.SCMConfig(guidance=(1.0, 2.0), sample_guidance=-0.5)
 
 
 def test_an_x0_predicting_teacher_is_refused(tmp_path):
