@@ -47,8 +47,8 @@ class DMD2Config(DistributionMatchingConfig):
         "(§2.7), whose fixed point only asks the mixture to match. Our extension; costs N - 1 more copies of "
         "the fake score and their optimizer state. Every critic turn shares its batch out among the levels "
         "(B/N samples each, simulated to that level), so every critic trains every turn; the generator turn "
-        "draws one level per step. (Issue 14 round 20's version, one level per critic turn, starved each critic "
-        "of turns and collapsed: recall 0.03-0.16.)")
+        "draws one level per step. Fashion DMD2-4step: 4-step FID 43.58 -> 29.03 (2 seeds; issue 14 round 20's "
+        "version, one level per critic turn, starved each critic of turns and collapsed: recall 0.03-0.16).")
 
     @model_validator(mode="after")
     def _per_level_needs_levels(self) -> DMD2Config:
