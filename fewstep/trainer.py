@@ -342,7 +342,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ctx = RunContext(method=cfg.method, config=cfg, device=acc.device, dtype=_DTYPES[cfg.train.mixed_precision],
                               run_dir=self.run_dir, seed=cfg.train.seed, rank=acc.process_index, world_size=world,
-                              global_batch=self.global_batch, is_main=acc.is_main_process)
+                              global_batch=self.global_batch, local_batch=self.local_batch,
+                              is_main=acc.is_main_process)
         hook.fewstep_configure(config=cfg)
         torch.manual_seed(cfg.train.seed)  # network initialisation is identical on every rank
         teacher = hook.fewstep_build_teacher(ctx=self.ctx)

@@ -351,7 +351,8 @@ class RunContext:
 
     method: the plugin's own validated sub-config (its pydantic model); config: the whole run config.
     dtype: the compute dtype (bf16/fp16 under mixed precision, else fp32); the frozen teacher lives in it.
-    global_batch: images per optimizer step over all processes and accumulation rounds.
+    global_batch: images per optimizer step over all processes and accumulation rounds; local_batch: the
+    images of one micro-batch on this process (global_batch / accumulation / world_size).
     """
 
     method: BaseModel
@@ -363,4 +364,5 @@ class RunContext:
     rank: int = 0
     world_size: int = 1
     global_batch: int = 1
+    local_batch: int = 1
     is_main: bool = True

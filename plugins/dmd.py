@@ -66,10 +66,9 @@ def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict
     teacher itself is already in the compute dtype). ``gan_head``: sized by a dry run of the fake score.
     With ``fake_score_per_level``, ``fake_score_k`` and ``gan_head_k`` for levels k = 1..N-1 as well."""
     pairs = critics(ctx.method)
-    micro_batch = ctx.global_batch // ctx.config.train.accumulation // ctx.world_size
-    if len(pairs) > 1 and micro_batch < len(pairs):
+    if len(pairs) > 1 and ctx.local_batch < len(pairs):
         raise ValueError(f"method.fake_score_per_level: every critic turn shares its batch out among the "
-                         f"{len(pairs)} levels, but a micro-batch holds {micro_batch} samples (train.batch_size "
+                         f"{len(pairs)} levels, but a micro-batch holds {ctx.local_batch} samples (train.batch_size "
                          f"{ctx.global_batch} / accumulation / {ctx.world_size} processes); make it at least "
                          f"{len(pairs)}")
     nets: dict[str, nn.Module] = {}
