@@ -31,6 +31,7 @@ __all__ = [
     "DiffusionDiscriminator",
     "GanLoss",
     "adaptive_weight",
+    "approximate_r1",
     "discriminator_loss",
     "generator_loss",
     "head_for",
@@ -112,6 +113,19 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: GanLoss =
     if kind == "hinge":
         return F.relu(1 + fake_logits) + F.relu(1 - real_logits)
     raise ValueError(f"unknown GAN loss {kind!r}; choose nonsaturating or hinge")
+
+
+def approximate_r1(critic, x: Tensor, logits: Tensor, noise: Tensor, std: float) -> Tensor:
+    """Per-sample approximated R1 penalty (B,) on real inputs: ((D(x + std·n) − D(x)) / std)², n = ``noise`` ~ N(0, I)
+    (the caller draws it, from the step's generators so that runs replay exactly).
+
+    ``critic`` maps a (B, C, H, W) input to logits (B,) and ``logits`` = critic(x). For a small ``std`` the
+    finite difference is ∇D(x)·n, whose square has expectation ||∇D(x)||², so gamma/2 times this term estimates
+    R1's gamma/2 ||∇D(x)||² (ADD's real-data penalty) with one more forward pass and no second derivative; APT
+    penalises the same change of D under a small Gaussian perturbation of the real input (distribution.md §9 [R];
+    the scaling by std² is ours, so gamma reads as R1's)."""
+    perturbed = critic(x + std * noise)
+    return ((perturbed - logits) / std).square()
 
 
 def generator_loss(fake_logits: Tensor, kind: GanLoss = "nonsaturating") -> Tensor:

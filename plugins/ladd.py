@@ -24,12 +24,13 @@ re-noising sampler. The first level reads pure noise (``first_input: noise``, wh
 ADD's student at timestep 999, real samples noised there (``first_input: real``).
 
 Departures: one feature map (the UNet mid block / DiT last block) instead of LADD's heads on every transformer
-block, and for ADD the teacher's noisy features instead of a frozen DINOv2 on clean pixels (a download); no R1
-penalty (ADD: R1 on real data); ADD's text/image-embedding conditioning of the heads is the teacher's own
-conditioning of its features.
+block, and for ADD the teacher's noisy features instead of a frozen DINOv2 on clean pixels (a download); ADD's R1 penalty on real
+data is off by default and, where on (``r1_weight``), approximated (the change of D under a small perturbation of
+its real, re-noised input, APT's; ``fewstep.gan.approximate_r1``); ADD's text/image-embedding conditioning of the
+heads is the teacher's own conditioning of its features.
 
 Costs per trainer step (B samples): disc turn 1 student forward (no grad) + 2 teacher bottleneck forwards
-(no grad through the teacher's weights) + head forward/backward; generator turn 1 student forward/backward +
+(no grad through the teacher's weights; a third with ``r1_weight``) + head forward/backward; generator turn 1 student forward/backward +
 1 bottleneck forward/backward through the frozen teacher; ``add`` adds 1 teacher forward (2 with CFG).
 """
 
@@ -57,7 +58,7 @@ from fewstep.distribution import (
     simulation_steps,
     training_sigmas,
 )
-from fewstep.gan import discriminator_loss, generator_loss, head_for, probe_cond
+from fewstep.gan import approximate_r1, discriminator_loss, generator_loss, head_for, probe_cond
 from fewstep.hookspecs import hookimpl
 from fewstep.sampling import sampling_net
 from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunContext, StepInfo
@@ -150,11 +151,18 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     if group.name == "disc":
         with torch.no_grad():
             fake = generate(cfg, levels, student, x_real, step, process.x0_clip).float()
-        real_logits = renoised_logits(critic, x_real, renoise_levels(cfg, process, step), step.randn_like(x_real))
+        real_sigma = renoise_levels(cfg, process, step)
+        real_in = x_real + append_dims(real_sigma, x_real.ndim) * step.randn_like(x_real)
+        real_logits = critic(real_in, real_sigma)
         fake_logits = renoised_logits(critic, fake, renoise_levels(cfg, process, step), step.randn_like(fake))
         loss = discriminator_loss(real_logits, fake_logits, cfg.gan_loss)
-        return LossOutput(loss=loss, terms={"d_real": real_logits.detach().mean(),
-                                            "d_fake": fake_logits.detach().mean()})
+        terms = {"d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
+        if cfg.r1_weight > 0:
+            r1 = approximate_r1(lambda x: critic(x, real_sigma), real_in, real_logits, step.randn_like(real_in),
+                                cfg.r1_std)
+            loss = loss + 0.5 * cfg.r1_weight * r1
+            terms["r1"] = r1.detach().mean()
+        return LossOutput(loss=loss, terms=terms)
     x = generate(cfg, levels, student, x_real, step, process.x0_clip).float()
     adv = generator_loss(renoised_logits(critic, x, renoise_levels(cfg, process, step), step.randn_like(x)),
                          cfg.gan_loss)

@@ -34,6 +34,13 @@ class _Adversarial(MethodConfig):
     renoise_mean: float = Field(1.0, description="Mean of log sigma of the discriminator's re-noising (LADD's "
                                 "logit-normal location m over flow time; m = 1 favours high noise [R]).")
     renoise_std: float = Field(1.0, gt=0, description="Std of log sigma of the re-noising (LADD's s = 1 [R]).")
+    r1_weight: float = Field(0.0, ge=0.0, description="gamma of an approximated R1 penalty on the real samples' "
+                             "discriminator inputs, gamma/2 ((D(x + std n) - D(x)) / std)², an estimate of R1's gamma/2 "
+                             "||grad D||² (ADD: R1 on real data [R]; APT's approximation [R]; fewstep.gan."
+                             "approximate_r1); 0: off (LADD has none).")
+    r1_std: float = Field(0.05, gt=0, description="Std of the perturbation of the approximated R1, in the units of "
+                          "the discriminator's (re-noised, sigma-space) input; small against the data's scale, large "
+                          "enough for the teacher's dtype to resolve (bf16: ~0.004 relative).")
     ratio: int = Field(1, ge=1, description="Discriminator updates per generator update (1: alternate, ADD [R]).")
     disc_lr: float | None = Field(None, gt=0, description="Learning rate of the discriminator head; none: "
                                   "optimizer.lr. On digits equal rates (1e-4) collapsed the student; head 1e-3 "

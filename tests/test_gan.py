@@ -1,4 +1,5 @@
-"""fewstep.gan: heads on the three backbones' bottlenecks, the losses' closed forms, the adaptive weight."""
+"""fewstep.gan: heads on the three backbones' bottlenecks, the losses' closed forms, the adaptive weight, the
+approximated R1 penalty against the exact one."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from fewstep.gan import (
     BottleneckHead,
     DiffusionDiscriminator,
     adaptive_weight,
+    approximate_r1,
     discriminator_loss,
     generator_loss,
     head_for,
@@ -79,6 +81,28 @@ def test_adaptive_weight_is_the_gradient_norm_ratio():
     assert adaptive_weight(main, 1e-9 * adversarial, layer).item() == 10.0   # clipped to CTM's upper bound
     (main + adversarial).backward()  # the graph was kept for the trainer
     torch.testing.assert_close(layer.grad, torch.tensor([5.0, 7.0]))
+
+
+def test_approximate_r1_estimates_the_squared_input_gradient():
+    """((D(x + std n) - D(x)) / std)² is (grad D · n)² for a linear D at any std, and its mean over n is
+    ||grad D||² (exact R1, by autograd) for a smooth nonlinear D at a small std."""
+    torch.manual_seed(0)
+    w = torch.randn(1, 3, 4, 4)
+    linear = lambda x: (w * x).flatten(1).sum(1)  # noqa: E731
+    x, n = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    for std in (1e-2, 1.0):
+        exact = (w * n).flatten(1).sum(1) ** 2
+        torch.testing.assert_close(approximate_r1(linear, x, linear(x), n, std), exact, rtol=1e-3, atol=1e-4)
+
+    def smooth(x):
+        return torch.tanh((w * x).flatten(1).sum(1) / 4) + (x**2).flatten(1).mean(1)
+
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(smooth(x).sum(), x)
+    many = x.detach().expand(20000, -1, -1, -1)
+    noise = torch.randn(many.shape, dtype=torch.float64)
+    estimate = approximate_r1(smooth, many, smooth(many), noise, 1e-4).mean()
+    assert estimate.item() == pytest.approx(grad.square().sum().item(), rel=0.03)
 
 
 def test_diffusion_discriminator_is_a_trainable_copy():

@@ -26,9 +26,9 @@ class TestLADDConformance(MethodConformance):
 
 
 class TestADDConformance(MethodConformance):
-    """Two student levels trained on noised real digits, sampled with 1 and 2 steps."""
+    """Two student levels trained on noised real digits with the approximated R1, sampled with 1 and 2 steps."""
 
-    method = {"name": "add", "num_steps": 2}
+    method = {"name": "add", "num_steps": 2, "r1_weight": 1.0}
     backbones = ("unet",)
     steps = 3
 
@@ -65,6 +65,37 @@ def test_hinge_losses_on_known_logits(teacher, tmp_path, monkeypatch):
     torch.testing.assert_close(out.loss, torch.tensor([0.0, 0.5, 2.0, 1.0]) + torch.tensor([0.0, 1.0, 2.0, 1.3]))
     queue[:] = [fake]
     torch.testing.assert_close(turn(trainer, "generator").loss, -fake)
+
+
+def test_r1_adds_half_gamma_times_the_penalty_on_the_real_inputs(teacher, tmp_path, monkeypatch):
+    """The disc turn's loss gains gamma/2 ((D(x_real + std n) - D(x_real)) / std)² per sample, x_real the
+    re-noised real input, and nothing else (the R1 noise is drawn last, so the hinge terms see the same draws);
+    with a linear D the term is (a · sum n)², the same at any std for the same n."""
+    a, gamma = 0.3, 2.0
+    inputs: list[torch.Tensor] = []
+
+    def linear_critic(nets, cond):
+        def critic(x, sigma):
+            inputs.append(x.detach().clone())
+            return a * x.flatten(1).sum(1)
+        return critic
+
+    monkeypatch.setattr(ladd, "teacher_critic", linear_critic)
+    losses, penalties = {}, {}
+    for name, extra in {"off": {}, "std 0.05": {"r1_weight": gamma}, "std 0.5": {"r1_weight": gamma, "r1_std": 0.5}}.items():
+        trainer = setup_trainer(tiny_run_config(teacher, {"name": "ladd", "real": "data", **extra}, steps=1),
+                                tmp_path / name.replace(" ", ""))
+        inputs.clear()
+        losses[name] = turn(trainer, "disc")
+        if extra:
+            real_in, perturbed = inputs[0], inputs[2]  # the real input, the fake one, then the perturbed real one
+            penalties[name] = (a * ((perturbed - real_in) / extra.get("r1_std", 0.05)).flatten(1).sum(1)) ** 2
+            torch.testing.assert_close(losses[name].terms["r1"], penalties[name].mean(), rtol=1e-3, atol=1e-4)
+    assert "r1" not in losses["off"].terms
+    for name, penalty in penalties.items():
+        torch.testing.assert_close(losses[name].loss - losses["off"].loss, 0.5 * gamma * penalty, rtol=1e-3, atol=1e-4)
+        assert penalty.min() > 0
+    torch.testing.assert_close(penalties["std 0.05"], penalties["std 0.5"], rtol=1e-3, atol=1e-4)
 
 
 def test_only_the_disc_group_trains_the_head_and_the_teacher_never(teacher, tmp_path):
