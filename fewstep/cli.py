@@ -432,14 +432,11 @@ def _built_run(run: Path, checkpoint: str | None = None, overrides: list[str] = 
     """Rebuild a run from its folder (resolved config + latest or named checkpoint) for sampling, evaluation
     or export."""
     from fewstep.builtin.checkpoint import find_checkpoint
-    from fewstep.config import load_config
+    from fewstep.config import load_run_config
     from fewstep.plugin import build_manager
     from fewstep.trainer import Trainer
 
-    config_path = run / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run} is not a run folder: {config_path} is missing")
-    config = load_config(config_path, ["train.progress_bar=false", *overrides])
+    config = load_run_config(run, ["train.progress_bar=false", *overrides])
     pm = build_manager(config.method.name, extra=config.plugins.extra, disabled=config.plugins.disable)
     chosen = find_checkpoint(run, checkpoint) if checkpoint is not None else None
     trainer = Trainer(config, pm, run, resume=True, checkpoint=chosen)

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from fewstep.reliability import current_config
+
 __all__ = ["compare_runs", "load_run_summary"]
 
 
@@ -27,7 +29,7 @@ def load_run_summary(run: Path) -> dict[str, Any]:
     config_path, summary_path = run / "config.yaml", run / "summary.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run} is not a run folder ({config_path.name} is missing)")
-    config = yaml.safe_load(config_path.read_text())
+    config = current_config(run, yaml.safe_load(config_path.read_text()))  # as its last resume left it
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if "eval" not in summary:
         raise ValueError(f"{run} has not been evaluated: run `fewstep eval {run}` first (or set eval.reference "

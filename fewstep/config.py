@@ -349,13 +349,7 @@ def validate_config(data: dict[str, Any], methods: dict[str, tuple[str, Any]], *
     return _resolve_paths(config.model_copy(update={"method": method}), base_dir)
 
 
-def load_config(path: str | Path, overrides: list[str] = (), methods: dict[str, tuple[str, Any]] | None = None,
-                *, plugins: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML recipe, apply ``--set`` overrides and validate it. Method models come from
-    ``methods`` when given, else from ``plugins`` (discovered when None) minus the recipe's disabled ones."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} does not exist (looked in {path.resolve().parent})")
+def _read_mapping(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -363,12 +357,41 @@ def load_config(path: str | Path, overrides: list[str] = (), methods: dict[str, 
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level (method:, train:, ...), got "
                           f"{type(data).__name__}")
-    data = apply_overrides(data, list(overrides))
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] = (), methods: dict[str, tuple[str, Any]] | None = None,
+                *, plugins: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML recipe, apply ``--set`` overrides and validate it. Method models come from
+    ``methods`` when given, else from ``plugins`` (discovered when None) minus the recipe's disabled ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist (looked in {path.resolve().parent})")
+    data = apply_overrides(_read_mapping(path), list(overrides))
     if methods is None:
         from fewstep.plugin import discover, method_registry
 
         disabled = set(((data.get("plugins") or {}).get("disable")) or [])
         methods = method_registry(discover() if plugins is None else plugins, disabled)
+    return validate_config(data, methods, base_dir=path.resolve().parent, source=str(path))
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """A run folder's config as its last resume left it (``RUN/config.yaml``, the original, with the changes the
+    last ``--resume --allow-config-change`` accepted: ``fewstep.reliability.current_config``), then ``overrides``."""
+    from fewstep.reliability import current_config
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: {path} is missing")
+    try:
+        data = current_config(Path(run_dir), _read_mapping(path))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    data = apply_overrides(data, list(overrides))
+    from fewstep.plugin import discover, method_registry
+
+    methods = method_registry(discover(), set(((data.get("plugins") or {}).get("disable")) or []))
     return validate_config(data, methods, base_dir=path.resolve().parent, source=str(path))
 
 

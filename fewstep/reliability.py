@@ -6,6 +6,7 @@ Only the standard library at import time (the CLI imports this module before tor
 
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import json
@@ -213,11 +214,52 @@ def check_resume_config(run_dir: Path, new: dict[str, Any], *, allow_change: boo
                           f"images, noise or maths of later steps, so the run would no longer replay exactly:\n  "
                           f"{listed}\nresume with the original settings, or pass --allow-config-change to "
                           f"accept them (recorded in {Path(run_dir) / CHANGES_FILE})")
-    if changes and record:
+    changes_path = Path(run_dir) / CHANGES_FILE
+    if record and (changes or changes_path.is_file()):  # an empty line: this resume is back to config.yaml
         line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": checkpoint, "changes": changes}
-        with open(Path(run_dir) / CHANGES_FILE, "a") as f:
+        with open(changes_path, "a") as f:
             f.write(json.dumps(line) + "\n")
     return changes
+
+
+def current_config(run_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:
+    """The run's config as its last resume left it: ``saved`` (``RUN/config.yaml``, the original) with the changes
+    of the last line of ``RUN/config-changes.jsonl`` (each line holds every difference between that resume's
+    recipe and the original, so the last one alone is the current run; an empty line is the original again)."""
+    path = Path(run_dir) / CHANGES_FILE
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    if not lines:
+        return saved
+    try:
+        changes = json.loads(lines[-1])["changes"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: the last line is not a record of `--resume --allow-config-change` ({exc}); "
+                         "restore it, or delete the file to rebuild the run from config.yaml alone") from None
+    data = copy.deepcopy(saved)
+    for change in changes:  # sorted by field, so a section is replaced before its own fields are set
+        *parents, leaf = change["field"].split(".")
+        removed = change["new"] == _ABSENT
+        node: Any = data
+        for part in parents:
+            key = _key(node, part)
+            if not isinstance(node.get(key), dict):
+                if removed:  # the section became a scalar, set by an earlier change
+                    break
+                node[key] = {}  # a scalar became a section, or a new section
+            node = node[key]
+        else:
+            if removed:
+                node.pop(_key(node, leaf), None)
+            else:
+                node[_key(node, leaf)] = change["new"]
+    return data
+
+
+def _key(node: dict[Any, Any], part: str) -> Any:
+    """The key of ``node`` that the flattened field name ``part`` stands for (YAML keeps integer keys, such as a
+    step count's, as integers; ``_flatten`` writes them as text, so a new all-digit key is read back as YAML
+    would read it: an integer)."""
+    return next((k for k in node if str(k) == part), int(part) if part.isdecimal() else part)
 
 
 # ------------------------------------------------------------------------------------------ non-finite

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from fewstep import cli
 from fewstep.builtin.checkpoint import checkpoint_dirs
-from fewstep.config import ConfigError, MethodConfig, validate_config
+from fewstep.config import ConfigError, MethodConfig, load_run_config, validate_config
 from fewstep.hookspecs import hookimpl
 from fewstep.plugin import PluginInfo, build_manager, discover, method_registry
 from fewstep.reliability import (
@@ -29,6 +29,7 @@ from fewstep.reliability import (
     StopSignals,
     check_resume_config,
     config_changes,
+    current_config,
 )
 from fewstep.testing import Recorder, make_tiny_teacher, run_tiny, tiny_run_config
 from fewstep.trainer import Trainer, TrainingError
@@ -263,6 +264,30 @@ def test_resume_config_changes(tmp_path):
         {"field": "a.c", "old": "(absent)", "new": 2, "replay_safe": False}]
 
 
+def test_current_config_is_the_original_with_the_last_resumes_changes(tmp_path):
+    """eval / sample / export / compare read the run as its last resume left it: each line of config-changes.jsonl
+    holds every difference from config.yaml, so the last line alone applies; a resume back to the original writes
+    an empty line; integer keys (a step count's) stay integers; a scalar may become a section and back."""
+    old = {"method": {"name": "flowmap", "sample_guidance": 1.5, "sample_times": {1: [0.9, 0.0]}},
+           "train": {"total_nimg": 100, "seed": 0}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert current_config(tmp_path, old) == old  # never resumed
+    new = {"method": {"name": "flowmap", "sample_guidance": {1: 2.5, 4: 1.5}, "sample_times": {1: [0.95, 0.0]}},
+           "train": {"total_nimg": 200, "seed": 0}}
+    check_resume_config(tmp_path, new, allow_change=True, checkpoint="step-1")
+    assert current_config(tmp_path, old) == new
+    back = {"method": {"name": "flowmap", "sample_guidance": 2.0, "sample_times": {}}, "train": {"total_nimg": 300}}
+    check_resume_config(tmp_path, back, allow_change=True, checkpoint="step-2")
+    assert current_config(tmp_path, old) == back  # the section back to a scalar, the seed removed
+    check_resume_config(tmp_path, old, allow_change=False, checkpoint="step-3")
+    assert json.loads((tmp_path / "config-changes.jsonl").read_text().splitlines()[-1])["changes"] == []
+    assert current_config(tmp_path, old) == old
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == old
+    (tmp_path / "config-changes.jsonl").write_text("not json\n")
+    with pytest.raises(ValueError, match="config-changes.jsonl: the last line"):
+        current_config(tmp_path, old)
+
+
 def test_a_runs_config_is_a_valid_recipe_for_a_class_conditional_teacher(in_repo, tmp_path, capsys):
     """config.yaml holds every field; data.class_conditional defaults to None (follow the teacher), so the written
     config passes the check that refuses an explicit false with a class-conditional teacher."""
@@ -303,6 +328,7 @@ def test_cli_resume_rules(in_repo, tmp_path, capsys):
     assert "train.batch_size: 16 -> 8" in err and "--allow-config-change" in err and "Traceback" not in err
     assert cli.main(digits_args(run, "--set", "train.total_nimg=48", "--resume", "--allow-config-change")) == 0
     assert (run / "config.yaml").read_text() == original
+    assert load_run_config(run).train.total_nimg == 48  # what eval, sample and export rebuild
     change = json.loads((run / "config-changes.jsonl").read_text())
     assert change["changes"][0]["field"] == "train.total_nimg" and change["resumed_from"] == "step-00000002"
     fresh = tmp_path / "fresh"
