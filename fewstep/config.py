@@ -379,6 +379,7 @@ def load_config(path: str | Path, overrides: list[str] = (), methods: dict[str, 
 def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> RunConfig:
     """A run folder's config as its last resume left it (``RUN/config.yaml``, the original, with the changes the
     last ``--resume --allow-config-change`` accepted: ``fewstep.reliability.current_config``), then ``overrides``."""
+    from fewstep.plugin import discover, method_registry
     from fewstep.reliability import current_config
 
     path = Path(run_dir) / "config.yaml"
@@ -389,8 +390,6 @@ def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> RunConfig
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     data = apply_overrides(data, list(overrides))
-    from fewstep.plugin import discover, method_registry
-
     methods = method_registry(discover(), set(((data.get("plugins") or {}).get("disable")) or []))
     return validate_config(data, methods, base_dir=path.resolve().parent, source=str(path))
 

@@ -24,14 +24,15 @@ re-noising sampler. The first level reads pure noise (``first_input: noise``, wh
 ADD's student at timestep 999, real samples noised there (``first_input: real``).
 
 Departures: one feature map (the UNet mid block / DiT last block) instead of LADD's heads on every transformer
-block, and for ADD the teacher's noisy features instead of a frozen DINOv2 on clean pixels (a download); ADD's R1 penalty on real
-data is off by default and, where on (``r1_weight``), approximated (the change of D under a small perturbation of
-its real, re-noised input, APT's; ``fewstep.gan.approximate_r1``); ADD's text/image-embedding conditioning of the
-heads is the teacher's own conditioning of its features.
+block, and for ADD the teacher's noisy features instead of a frozen DINOv2 on clean pixels (a download); ADD's
+R1 penalty on real data is off by default and, where on (``r1_weight``), approximated (the change of D under a
+small perturbation of its real, re-noised input, APT's; ``fewstep.gan.approximate_r1``); ADD's
+text/image-embedding conditioning of the heads is the teacher's own conditioning of its features.
 
-Costs per trainer step (B samples): disc turn 1 student forward (no grad) + 2 teacher bottleneck forwards
-(no grad through the teacher's weights; a third with ``r1_weight``) + head forward/backward; generator turn 1 student forward/backward +
-1 bottleneck forward/backward through the frozen teacher; ``add`` adds 1 teacher forward (2 with CFG).
+Costs per trainer step (B samples): disc turn 1 student forward (no grad) + 2 teacher bottleneck forwards (no
+grad through the teacher's weights; a third with ``r1_weight``) + head forward/backward; generator turn 1 student
+forward/backward + 1 bottleneck forward/backward through the frozen teacher; ``add`` adds 1 teacher forward (2
+with CFG).
 """
 
 from __future__ import annotations
