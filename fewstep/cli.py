@@ -326,7 +326,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from fewstep.config import ConfigError, write_resolved
     from fewstep.plugin import build_manager
     from fewstep.preflight import check_inputs
-    from fewstep.reliability import RunLock, check_resume_config, is_main_process
+    from fewstep.reliability import RunLock, check_resume_config, is_main_process, length_change_note
     from fewstep.trainer import Trainer
 
     config, plugins = _load(args)
@@ -344,8 +344,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
             raise ConfigError(f"run folder {run_dir} already holds checkpoints; pass --resume to continue it, "
                               "or --run-dir to start a new run elsewhere")
         if resume:  # every rank checks (so all refuse alike); the main process records accepted changes
-            check_resume_config(run_dir, config.dump(), allow_change=args.allow_config_change,
-                                checkpoint=done[-1].name, record=main_process)
+            length_use = config.method.run_length_use()
+            changes = check_resume_config(run_dir, config.dump(), allow_change=args.allow_config_change,
+                                          checkpoint=done[-1].name, record=main_process, length_use=length_use)
+            if main_process and (note := length_change_note(changes, config.dump(), length_use)):
+                print(f"fewstep: note: {note}", file=sys.stderr)
             if main_process and not (run_dir / "config.yaml").is_file():  # accepted in its place
                 write_resolved(config, run_dir)
         elif main_process:

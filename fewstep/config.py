@@ -38,6 +38,12 @@ class MethodConfig(Strict):
     #: student this method builds; False for a method that regresses the raw network output (teacher training).
     conditions_student: ClassVar[bool] = True
 
+    def run_length_use(self) -> str | None:
+        """What of this method's maths at a given image count depends on ``train.total_nimg`` (a curriculum over
+        the run's progress, a phase boundary placed from the run's end), or None. A resume with a new length
+        changes it for the steps already taken; `fewstep distill --resume` says so when the length changes."""
+        return None
+
 
 class TeacherConfig(Strict):
     pretrained: Path | None = Field(

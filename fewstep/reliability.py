@@ -187,11 +187,13 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, A
 
 
 def check_resume_config(run_dir: Path, new: dict[str, Any], *, allow_change: bool, checkpoint: str | None,
-                        record: bool = True) -> list[dict[str, Any]]:
+                        record: bool = True, length_use: str | None = None) -> list[dict[str, Any]]:
     """Compare a resumed run's resolved config with ``RUN/config.yaml`` (which is never rewritten).
 
     Raises ConfigError for changes that break exact replay unless ``allow_change``; records (when ``record``)
-    every accepted change as one JSON line in ``RUN/config-changes.jsonl`` and returns them."""
+    every accepted change as one JSON line in ``RUN/config-changes.jsonl`` and returns them. ``length_use``: what
+    the method reads from ``train.total_nimg`` (``MethodConfig.run_length_use``), named in the refusal when the
+    length changes."""
     from fewstep.config import ConfigError
 
     saved_path = Path(run_dir) / "config.yaml"
@@ -210,16 +212,27 @@ def check_resume_config(run_dir: Path, new: dict[str, Any], *, allow_change: boo
     breaking = [c for c in changes if not c["replay_safe"]]
     if breaking and not allow_change:
         listed = "\n  ".join(f"{c['field']}: {c['old']!r} -> {c['new']!r}" for c in breaking)
+        length = length_change_note(changes, new, length_use)
         raise ConfigError(f"--resume: the recipe differs from the run's {saved_path} in fields that change the "
                           f"images, noise or maths of later steps, so the run would no longer replay exactly:\n  "
-                          f"{listed}\nresume with the original settings, or pass --allow-config-change to "
-                          f"accept them (recorded in {Path(run_dir) / CHANGES_FILE})")
+                          f"{listed}\n{length + chr(10) if length else ''}resume with the original settings, or "
+                          f"pass --allow-config-change to accept them (recorded in {Path(run_dir) / CHANGES_FILE})")
     changes_path = Path(run_dir) / CHANGES_FILE
     if record and (changes or changes_path.is_file()):  # an empty line: this resume is back to config.yaml
         line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": checkpoint, "changes": changes}
         with open(changes_path, "a") as f:
             f.write(json.dumps(line) + "\n")
     return changes
+
+
+def length_change_note(changes: list[dict[str, Any]], new: dict[str, Any], length_use: str | None) -> str | None:
+    """A sentence for a resume that changes ``train.total_nimg`` of a method that reads it, else None."""
+    change = next((c for c in changes if c["field"] == "train.total_nimg"), None)
+    if change is None or length_use is None:
+        return None
+    return (f"train.total_nimg {change['old']} -> {change['new']}: method {new['method']['name']} reads the run's "
+            f"length ({length_use}), so the steps already taken followed the old length and the resumed run is not "
+            "the run a fresh start with the new length makes")
 
 
 def current_config(run_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:

@@ -47,6 +47,13 @@ class CAFConfig(_Flow):
     gan_real: Literal["data", "pairs"] = Field("data", description="Real samples of the discriminator: data: the "
                                                "data set (CAF §8.6); pairs: the teacher images x1 of the couplings.")
 
+    def run_length_use(self) -> str | None:
+        if self.velocity_nimg is None:
+            return "phase velocity takes half of what reflow and gan leave of train.total_nimg"
+        if self.gan_nimg:
+            return f"phase gan takes the last gan_nimg={self.gan_nimg} images of train.total_nimg"
+        return None
+
 
 class ReflowConfig(_Flow):
     """2-rectified flow on the teacher's couplings (distribution.md §8.2), N-step Euler sampler."""

@@ -77,6 +77,9 @@ class CTConfig(_Consistency):
     init: Literal["teacher", "random"] = Field("teacher", description="teacher: start from the teacher's weights (as "
                                                "the official ImageNet CT commands do); random: from scratch.")
 
+    def run_length_use(self) -> str | None:
+        return "its discretisation curriculum N(k) and target EMA mu(k) follow images seen / train.total_nimg"
+
 
 class ICTConfig(_Consistency):
     """Improved consistency training (iCT, consistency.md §3): stop-gradient target, lognormal pair
@@ -90,6 +93,9 @@ class ICTConfig(_Consistency):
     p_std: float = Field(2.0, gt=0, description="Lognormal std (iCT: 2.0).")
     init: Literal["teacher", "random"] = Field("teacher", description="teacher: start from the teacher's "
                                                "weights; random: from scratch as in the paper.")
+
+    def run_length_use(self) -> str | None:
+        return "its discretisation curriculum N(k) follows images seen / train.total_nimg"
 
 
 @hookimpl

@@ -68,6 +68,11 @@ class SCTConfig(ECTConfig):
     guidance: float = Field(1.0, ge=0, description="w of f_snapshot + w (f - f_snapshot) when sampling; 1: "
                             "unguided (2 network evaluations per step otherwise).")
 
+    def run_length_use(self) -> str | None:
+        if self.guidance_snapshot is None:
+            return None
+        return f"its guidance snapshot is taken at guidance_snapshot={self.guidance_snapshot} of train.total_nimg"
+
     @model_validator(mode="after")
     def _check(self) -> SCTConfig:
         edges = self.segment_edges

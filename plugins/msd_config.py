@@ -36,6 +36,11 @@ class MSDConfig(DistributionMatchingConfig):
     gan_generator_weight: float = Field(3e-3, ge=0.0, description="lambda_G in phase adm (DMD2 ImageNet: 3e-3).")
     gan_critic_weight: float = Field(1e-2, ge=0.0, description="lambda_D (DMD2: 1e-2).")
 
+    def run_length_use(self) -> str | None:
+        if not self.adversarial:
+            return None
+        return f"phase adm takes the last adm_nimg={self.adm_nimg} images of train.total_nimg"
+
     @model_validator(mode="after")
     def _check(self) -> MSDConfig:
         if self.adversarial and self.adm_nimg == 0:

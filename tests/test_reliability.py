@@ -30,6 +30,7 @@ from fewstep.reliability import (
     check_resume_config,
     config_changes,
     current_config,
+    length_change_note,
 )
 from fewstep.testing import Recorder, make_tiny_teacher, run_tiny, tiny_run_config
 from fewstep.trainer import Trainer, TrainingError
@@ -262,6 +263,36 @@ def test_resume_config_changes(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == old  # never rewritten
     assert config_changes({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) == [
         {"field": "a.c", "old": "(absent)", "new": 2, "replay_safe": False}]
+
+
+def test_a_new_length_names_what_the_method_reads_of_it(tmp_path):
+    """Resuming with a new train.total_nimg: the refusal (and, accepted, the CLI's note) says what of the method
+    follows the run's length; methods that read nothing of it, or another change, get no sentence."""
+    from fewstep_plugins.caf_config import CAFConfig
+    from fewstep_plugins.cm_config import CDConfig, CTConfig, ICTConfig
+    from fewstep_plugins.ect_config import ECTConfig, SCTConfig
+    from fewstep_plugins.msd_config import MSDConfig
+    from fewstep_plugins.tcm_config import TCMConfig
+
+    old = {"method": {"name": "ct"}, "train": {"total_nimg": 100}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    new = {"method": {"name": "ct"}, "train": {"total_nimg": 200}}
+    use = CTConfig().run_length_use()
+    with pytest.raises(ConfigError, match=r"total_nimg 100 -> 200: method ct reads the run's length \(its "
+                       r"discretisation curriculum[\s\S]*--allow-config-change"):
+        check_resume_config(tmp_path, new, allow_change=False, checkpoint="step-1", length_use=use)
+    changes = check_resume_config(tmp_path, new, allow_change=True, checkpoint="step-1", length_use=use)
+    assert "not the run a fresh start with the new length makes" in length_change_note(changes, new, use)
+    assert length_change_note(changes, new, None) is None
+    assert length_change_note(config_changes(old, {**old, "optimizer": {"lr": 1}}), old, use) is None
+    assert CDConfig().run_length_use() is None and ICTConfig().run_length_use() is not None
+    assert ECTConfig().run_length_use() is None and SCTConfig().run_length_use() is None
+    assert "0.5" in SCTConfig(guidance_snapshot=0.5, guidance=2.0).run_length_use()
+    assert "stage1_fraction=0.5" in TCMConfig().run_length_use()
+    assert MSDConfig(gan_generator_weight=0, gan_critic_weight=0).run_length_use() is None
+    assert "adm_nimg=20000" in MSDConfig().run_length_use()
+    assert "half" in CAFConfig().run_length_use() and CAFConfig(velocity_nimg=10).run_length_use() is None
+    assert "gan_nimg=5" in CAFConfig(velocity_nimg=10, gan_nimg=5).run_length_use()
 
 
 def test_current_config_is_the_original_with_the_last_resumes_changes(tmp_path):
