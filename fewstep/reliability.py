@@ -213,10 +213,11 @@ def check_resume_config(run_dir: Path, new: dict[str, Any], *, allow_change: boo
     if breaking and not allow_change:
         listed = "\n  ".join(f"{c['field']}: {c['old']!r} -> {c['new']!r}" for c in breaking)
         length = length_change_note(changes, new, length_use)
+        length = f"{length}\n" if length else ""
         raise ConfigError(f"--resume: the recipe differs from the run's {saved_path} in fields that change the "
                           f"images, noise or maths of later steps, so the run would no longer replay exactly:\n  "
-                          f"{listed}\n{length + chr(10) if length else ''}resume with the original settings, or "
-                          f"pass --allow-config-change to accept them (recorded in {Path(run_dir) / CHANGES_FILE})")
+                          f"{listed}\n{length}resume with the original settings, or pass --allow-config-change to "
+                          f"accept them (recorded in {Path(run_dir) / CHANGES_FILE})")
     changes_path = Path(run_dir) / CHANGES_FILE
     if record and (changes or changes_path.is_file()):  # an empty line: this resume is back to config.yaml
         line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": checkpoint, "changes": changes}
