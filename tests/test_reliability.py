@@ -349,7 +349,7 @@ def in_repo(monkeypatch):
     monkeypatch.chdir(Path(__file__).parents[1])
 
 
-def test_cli_resume_rules(in_repo, tmp_path, capsys):
+def test_cli_resume_rules(in_repo, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     (run / "checkpoints" / ".tmp-step-00000001" / "nets").mkdir(parents=True)  # a kill during the first write
     assert cli.main(digits_args(run)) == 0  # an incomplete first checkpoint does not block a fresh start
@@ -357,7 +357,13 @@ def test_cli_resume_rules(in_repo, tmp_path, capsys):
     assert cli.main(digits_args(run, "--set", "train.batch_size=8", "--resume")) == 2
     err = capsys.readouterr().err
     assert "train.batch_size: 16 -> 8" in err and "--allow-config-change" in err and "Traceback" not in err
+    from fewstep_plugins.cm_config import CDConfig
+
+    monkeypatch.setattr(CDConfig, "run_length_use", lambda self: "a curriculum of this test")
+    capsys.readouterr()
     assert cli.main(digits_args(run, "--set", "train.total_nimg=48", "--resume", "--allow-config-change")) == 0
+    assert "note: train.total_nimg 32 -> 48: method cd reads the run's length (a curriculum of this test)" in \
+        capsys.readouterr().err
     assert (run / "config.yaml").read_text() == original
     assert load_run_config(run).train.total_nimg == 48  # what eval, sample and export rebuild
     change = json.loads((run / "config-changes.jsonl").read_text())
