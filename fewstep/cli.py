@@ -449,14 +449,20 @@ def _built_run(run: Path, checkpoint: str | None = None, overrides: list[str] = 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     trainer, _ = _built_run(args.run, args.checkpoint, args.overrides)
-    results = trainer.evaluate(steps=args.steps, num=args.num, reference=args.reference, features=args.features,
-                               batch=args.batch, seed=args.seed, teacher_steps=args.teacher_steps)  # 0: no row
+    rows: dict[str, dict] = {}
+
+    def show(label: str, m: dict) -> None:  # each row as it is done: a 1000-sample row takes minutes on a CPU
+        if not rows:
+            print(f"{'row':<22} {'FID':>9} {'precision':>9} {'recall':>7} {'samples/s':>10}", flush=True)
+        rows[label] = m
+        print(f"{label:<22} {m['fid']:>9.2f} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['samples_per_s']:>10.1f}",
+              flush=True)
+
+    results = trainer.evaluate(on_row=show, steps=args.steps, num=args.num, reference=args.reference,
+                               features=args.features, batch=args.batch, seed=args.seed,
+                               teacher_steps=args.teacher_steps)  # teacher_steps 0: no teacher row
     path = trainer.write_summary(evaluation=results)
-    print(f"{'row':<22} {'FID':>9} {'precision':>9} {'recall':>7} {'samples/s':>10}   (n={results['num']})")
-    for label, m in results.items():
-        if isinstance(m, dict):
-            print(f"{label:<22} {m['fid']:>9.2f} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['samples_per_s']:>10.1f}")
-    print(f"written to {path}")
+    print(f"n = {results['num']} samples per row; written to {path}")
     return 0
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from fewstep.types import Cond
 
 
@@ -226,14 +228,15 @@ def reference_features(dataset, source: str, num: int, extractor: FeatureExtract
 
 def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int], num: int,
                  teacher_steps: int | None, reference: str = "data", batch_size: int = 64,
-                 seed: int = 0) -> dict[str, object]:
+                 seed: int = 0, on_row: Callable[[str, dict], None] | None = None) -> dict[str, object]:
     """Metrics of a built run (``Trainer.setup`` done) against ``num`` real images of ``reference``.
 
     The student is sampled at each step count in ``steps`` and the teacher at ``teacher_steps``
     (its usual ODE sampler; None or 0: no teacher row), all from the same noise and with the real
     images' labels or prompts as conditions. Reference features and the teacher row are cached
     (``eval_cache_dir``), so runs that share a teacher and a reference compute them once.
-    Returns {row label: {fid, precision, recall, samples_per_s}, "num", "reference", "features"}.
+    Returns {row label: {fid, precision, recall, samples_per_s}, "num", "reference", "features"}; ``on_row``
+    (label, metrics) is called as each row is done, so a long evaluation shows its rows as they come.
     """
     from fewstep.sampling import generate
 
@@ -268,7 +271,13 @@ def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int]
         return extractor(torch.cat(chunks), f"features: {label}"), {"samples_per_s": round(rate, 2)}
 
     results: dict[str, object] = {"num": num, "reference": dataset.describe(), "features": str(extractor.path)}
-    rows: dict[str, tuple[np.ndarray, dict]] = {}
+
+    def finish(label: str, row: tuple[np.ndarray, dict]) -> None:
+        features, info = row
+        results[label] = {**compare_features(real, features), **info}
+        if on_row is not None:
+            on_row(label, results[label])
+
     if teacher_steps:
         cfg = trainer.config
         guidance, solver = cfg.teacher.guidance, cfg.validation.teacher_solver
@@ -277,16 +286,14 @@ def evaluate_run(trainer, hook, extractor: FeatureExtractor, *, steps: list[int]
         key = _digest(ref_key, str(teacher.source), str(cfg.teacher.autoguidance), teacher_steps, solver, guidance,
                       seed, batch_size, *clip)
         label = f"teacher {teacher_steps} steps"
-        rows[label] = cached_features(
+        finish(label, cached_features(
             cache / f"fid-teacher-{key}.npz", key,
             lambda: features_of(lambda z, c: teacher.sample(z, c, num_steps=teacher_steps, solver=solver,
-                                                            guidance=guidance), label))
+                                                            guidance=guidance), label)))
     for k in steps:
         label = f"student {k} step" + ("s" if k > 1 else "")
-        rows[label] = features_of(
-            lambda z, c, k=k: generate(hook, trainer.ctx, trainer.nets, z, c, k, seed=seed + k), label)
-    for label, (features, info) in rows.items():
-        results[label] = {**compare_features(real, features), **info}
+        finish(label, features_of(
+            lambda z, c, k=k: generate(hook, trainer.ctx, trainer.nets, z, c, k, seed=seed + k), label))
     return results
 
 

@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -642,16 +643,17 @@ class Trainer:
             whole[name] = materialize(skeleton, state, self.ctx.device)
         self.nets, self.wrapped, self._skeletons = self.nets.replace(**whole), {}, {}
 
-    def evaluate(self, **overrides: Any) -> dict[str, Any]:
+    def evaluate(self, on_row: Callable[[str, dict], None] | None = None, **overrides: Any) -> dict[str, Any]:
         """FID / precision / recall / samples/s of the student at ``eval.steps`` and of the teacher
-        (fewstep.evaluation.evaluate_run) with the recipe's ``eval`` section, fields overridden by keyword."""
+        (fewstep.evaluation.evaluate_run) with the recipe's ``eval`` section, fields overridden by keyword;
+        ``on_row(label, metrics)`` as each row is done."""
         from fewstep.evaluation import FeatureExtractor, evaluate_run
 
         cfg = self.config.eval.model_copy(update={k: v for k, v in overrides.items() if v is not None})
         extractor = FeatureExtractor(cfg.features, device=self.ctx.device)
         return evaluate_run(self, self.pm.hook, extractor, steps=cfg.steps, num=cfg.num,
                             teacher_steps=cfg.teacher_steps, reference=cfg.reference or "data",
-                            batch_size=cfg.batch, seed=cfg.seed)
+                            batch_size=cfg.batch, seed=cfg.seed, on_row=on_row)
 
     def write_summary(self, evaluation: dict[str, Any] | None = None, coupling: dict[str, Any] | None = None) -> Path:
         """Merge this run's numbers (an evaluation under "eval", coupling preservation under "coupling") into

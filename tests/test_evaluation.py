@@ -122,7 +122,12 @@ def test_eval_command_writes_metrics_and_caches_reference(tmp_path, tiny_feature
     assert cli.main(args) == 0
     assert cache[0].stat().st_mtime_ns == stamp  # reference features reused
     captured = capsys.readouterr()
-    assert "student 1 step" in captured.out
+    out = captured.out.splitlines()
+    header = next(i for i, line in enumerate(out) if line.split()[:2] == ["row", "FID"])
+    lines = out[header:header + 5]  # each row printed as it is done, in the order they are computed
+    assert lines[4].startswith("n = 24 samples per row; written to")
+    for line, row in zip(lines[1:4], ("teacher 2 steps", "student 1 step", "student 2 steps")):
+        assert line.startswith(row) and float(line[len(row):].split()[0]) == pytest.approx(results[row]["fid"], abs=0.01)
     # the feature network's pass has its own bar (most of an evaluation's time on a CPU); the reference's was cached
     assert "features: student 2 steps" in captured.err and "24/24" in captured.err
 
