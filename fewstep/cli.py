@@ -344,10 +344,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
             raise ConfigError(f"run folder {run_dir} already holds checkpoints; pass --resume to continue it, "
                               "or --run-dir to start a new run elsewhere")
         if resume:  # every rank checks (so all refuse alike); the main process records accepted changes
-            length_use = config.method.run_length_use()
-            changes = check_resume_config(run_dir, config.dump(), allow_change=args.allow_config_change,
+            length_use, resolved = config.method.run_length_use(), config.dump()
+            changes = check_resume_config(run_dir, resolved, allow_change=args.allow_config_change,
                                           checkpoint=done[-1].name, record=main_process, length_use=length_use)
-            if main_process and (note := length_change_note(changes, config.dump(), length_use)):
+            if main_process and (note := length_change_note(changes, resolved, length_use)):
                 print(f"fewstep: note: {note}", file=sys.stderr)
             if main_process and not (run_dir / "config.yaml").is_file():  # accepted in its place
                 write_resolved(config, run_dir)
@@ -449,15 +449,12 @@ def _built_run(run: Path, checkpoint: str | None = None, overrides: list[str] = 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     trainer, _ = _built_run(args.run, args.checkpoint, args.overrides)
-    rows: dict[str, dict] = {}
 
     def show(label: str, m: dict) -> None:  # each row as it is done: a 1000-sample row takes minutes on a CPU
-        if not rows:
-            print(f"{'row':<22} {'FID':>9} {'precision':>9} {'recall':>7} {'samples/s':>10}", flush=True)
-        rows[label] = m
         print(f"{label:<22} {m['fid']:>9.2f} {m['precision']:>9.3f} {m['recall']:>7.3f} {m['samples_per_s']:>10.1f}",
               flush=True)
 
+    print(f"{'row':<22} {'FID':>9} {'precision':>9} {'recall':>7} {'samples/s':>10}", flush=True)
     results = trainer.evaluate(on_row=show, steps=args.steps, num=args.num, reference=args.reference,
                                features=args.features, batch=args.batch, seed=args.seed,
                                teacher_steps=args.teacher_steps)  # teacher_steps 0: no teacher row

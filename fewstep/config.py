@@ -373,7 +373,14 @@ def load_config(path: str | Path, overrides: list[str] = (), methods: dict[str, 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist (looked in {path.resolve().parent})")
-    data = apply_overrides(_read_mapping(path), list(overrides))
+    return _validated(_read_mapping(path), overrides, path, methods, plugins)
+
+
+def _validated(data: dict[str, Any], overrides: list[str], path: Path,
+               methods: dict[str, tuple[str, Any]] | None = None, plugins: dict[str, Any] | None = None) -> RunConfig:
+    """``data`` (read from ``path``) with ``--set`` overrides, validated against the method models (``methods``,
+    else those of ``plugins``, discovered when None, minus the recipe's disabled ones)."""
+    data = apply_overrides(data, list(overrides))
     if methods is None:
         from fewstep.plugin import discover, method_registry
 
@@ -385,7 +392,6 @@ def load_config(path: str | Path, overrides: list[str] = (), methods: dict[str, 
 def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> RunConfig:
     """A run folder's config as its last resume left it (``RUN/config.yaml``, the original, with the changes the
     last ``--resume --allow-config-change`` accepted: ``fewstep.reliability.current_config``), then ``overrides``."""
-    from fewstep.plugin import discover, method_registry
     from fewstep.reliability import current_config
 
     path = Path(run_dir) / "config.yaml"
@@ -395,9 +401,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> RunConfig
         data = current_config(Path(run_dir), _read_mapping(path))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    data = apply_overrides(data, list(overrides))
-    methods = method_registry(discover(), set(((data.get("plugins") or {}).get("disable")) or []))
-    return validate_config(data, methods, base_dir=path.resolve().parent, source=str(path))
+    return _validated(data, overrides, path)
 
 
 def write_resolved(config: RunConfig, run_dir: Path) -> Path:

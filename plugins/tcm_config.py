@@ -28,9 +28,6 @@ class TCMConfig(MethodConfig):
     p_mean_truncated: float = Field(0.0, description="Stage 2: location of ln t, log-Student-t (TCM: 0).")
     p_std_truncated: float = Field(0.2, gt=0, description="Stage 2: scale of ln t (TCM: 0.2).")
     student_df: float = Field(0.01, gt=0, description="Stage 2: degrees of freedom of the Student-t (TCM: 0.01).")
-
-    def run_length_use(self) -> str | None:
-        return f"stage 1 ends at stage1_fraction={self.stage1_fraction} of train.total_nimg"
     boundary_prob: float = Field(0.25, gt=0.0, lt=1.0, description="Stage 2: share of samples at t = t' (TCM: 0.25).")
     boundary_weight: float = Field(0.1, ge=0.0, description="Stage 2: weight of the boundary mean against the "
                                    "truncated mean (TCM: 0.1).")
@@ -48,6 +45,9 @@ class TCMConfig(MethodConfig):
     sample_sigmas: dict[int, list[float]] = Field({}, description="Levels of the N-step sampler, per N; default "
                                                   "[sigma_max] + the first N-1 points of a Karras grid from t_mid.")
     clamp: bool = Field(True, description="Clamp pixel samples to [-1, 1] after each step; never latents.")
+
+    def run_length_use(self) -> str | None:
+        return f"stage 1 ends at stage1_fraction={self.stage1_fraction} of train.total_nimg"
 
 
 @hookimpl
