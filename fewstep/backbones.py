@@ -51,7 +51,8 @@ and the student equals its teacher at every level up to the cap.
 
 Bottleneck features. :meth:`Backbone.bottleneck` returns the encoder's output (the UNets' mid block,
 DiT's last transformer block as a (B, D, H/p, W/p) map) without running the decoder: the feature
-map DMD2's GAN head and the diffusion discriminators of fewstep.gan classify.
+map DMD2's GAN head and the diffusion discriminators of fewstep.gan classify. :meth:`Backbone.features`
+returns one map per level (the UNets' mid and up blocks, every transformer block): LADD's heads.
 """
 
 from __future__ import annotations
@@ -191,7 +192,8 @@ class InputCap:
 
 
 class _Bottleneck(Exception):
-    """Raised by the forward hook of :meth:`Backbone.bottleneck` to skip the decoder."""
+    """Raised by the forward hook of :meth:`Backbone.bottleneck` / :meth:`Backbone.features` to skip the rest of the
+    forward pass."""
 
 
 class ScalarEmbedding(nn.Module):
@@ -591,26 +593,54 @@ class Backbone(nn.Module):
         if target is None:
             raise ValueError(f"{type(self.model).__name__} has no {self.family.bottleneck} (e.g. mid_block_type=None), "
                              "so it has no bottleneck features; use a backbone with one")
+        return self._capture([target], x, timestep, cond, extra_input=extra_input, **scalars)[0]
+
+    def feature_modules(self) -> list[nn.Module]:
+        """The modules of :meth:`features`, in the order the forward pass runs them (``Family.feature_levels``;
+        a path naming a module list stands for each of its blocks; absent paths are skipped)."""
+        modules: list[nn.Module] = []
+        for path in self.family.feature_levels:
+            module = _submodule(self.model, path)
+            modules += list(module) if isinstance(module, nn.ModuleList) else [] if module is None else [module]
+        if not modules:
+            raise ValueError(f"{type(self.model).__name__} has none of the feature levels "
+                             f"{self.family.feature_levels} of family {self.family.name}")
+        return modules
+
+    def features(self, x: Tensor, timestep: Tensor, cond: Cond | None = None, *,
+                 extra_input: Tensor | None = None, **scalars: Tensor) -> list[Tensor]:
+        """Feature maps of every level (:meth:`feature_modules`) for the same inputs as :meth:`forward`, each
+        (B, D_i, h_i, w_i): UNets the mid block and every up block, transformers every block's image tokens as
+        maps. The model stops after the last level; gradients flow to x and the parameters as usual."""
+        return self._capture(self.feature_modules(), x, timestep, cond, extra_input=extra_input, **scalars)
+
+    def _capture(self, targets: list[nn.Module], x: Tensor, timestep: Tensor, cond: Cond | None, *,
+                 extra_input: Tensor | None, **scalars: Tensor) -> list[Tensor]:
+        """Outputs of ``targets`` (run in this order) as (B, D, h, w) maps; the pass stops after the last."""
         captured: list[Tensor] = []
 
-        def stop(module: nn.Module, args: tuple, output: Any) -> None:
+        def keep(module: nn.Module, args: tuple, output: Any) -> None:
             # Joint-attention blocks (SD3, Flux) return (text tokens, image tokens).
             captured.append(output[-1] if isinstance(output, tuple) else output)
-            raise _Bottleneck
+            if len(captured) == len(targets):
+                raise _Bottleneck
 
-        handle = target.register_forward_hook(stop)
+        handles = [target.register_forward_hook(keep) for target in targets]
         try:
             self(x, timestep, cond, extra_input=extra_input, **scalars)
         except _Bottleneck:
             pass
         finally:
-            handle.remove()
-        features = captured[0]
-        if features.ndim == 3:  # transformer tokens (B, N, D) -> (B, D, H/p, W/p)
-            p = self._pack * int(self.model.config.get("patch_size") or 1)
-            h, w = x.shape[-2] // p, x.shape[-1] // p
-            features = features.transpose(1, 2).reshape(features.shape[0], features.shape[2], h, w)
-        return features
+            for handle in handles:
+                handle.remove()
+        if len(captured) != len(targets):
+            raise RuntimeError(f"{len(targets)} feature modules of {type(self.model).__name__}, but the forward pass "
+                               f"ran {len(captured)} of them; a module in family {self.family.name}'s feature "
+                               "paths is not called by its forward")
+        p = self._pack * int(self.model.config.get("patch_size") or 1)
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        # transformer tokens (B, N, D) -> (B, D, H/p, W/p)
+        return [f.transpose(1, 2).reshape(f.shape[0], f.shape[2], h, w) if f.ndim == 3 else f for f in captured]
 
     # ------------------------------------------------------------------------ extra scalar inputs
 

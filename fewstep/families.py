@@ -77,6 +77,10 @@ class Family:
         added to the output of the embedding module, built on the same sinusoidal features).
     bottleneck: path of the module whose output is the bottleneck feature map (``Backbone.bottleneck``);
         for transformers the image tokens of the last block.
+    feature_levels: paths of the modules whose outputs are the feature levels of ``Backbone.features`` (a
+        path naming a module list stands for each of its blocks): LADD's discriminator heads read one each.
+        UNets: the mid block and every up block (4x4 to full resolution); transformers: every block's
+        image tokens.
     output_layer: path of the denoiser's last layer (where an adaptive GAN weight compares gradient norms).
     input_layer: path of the layer that reads the latents (a Conv2d, or Flux's token Linear), widened by
         ``Backbone.add_input_channels``.
@@ -100,6 +104,7 @@ class Family:
     timestep_scale: float = 1.0
     time_embedding: tuple[tuple[str, str], ...] = ()
     bottleneck: str = "mid_block"
+    feature_levels: tuple[str, ...] = ("mid_block", "up_blocks")
     input_layer: str = "conv_in"
     output_layer: str = "proj_out"
     max_sequence_length: int | None = None
@@ -163,6 +168,7 @@ FAMILIES: dict[str, Family] = {
             prompt_encoder="pipeline",
             time_embedding=(("time_text_embed.time_proj", "time_text_embed.timestep_embedder"),),
             bottleneck="transformer_blocks.-1",
+            feature_levels=("transformer_blocks",),
             max_sequence_length=256,
             input_layer="pos_embed.proj",
         ),
@@ -181,6 +187,7 @@ FAMILIES: dict[str, Family] = {
             timestep_scale=1e-3,
             time_embedding=(("time_text_embed.time_proj", "time_text_embed.timestep_embedder"),),
             bottleneck="single_transformer_blocks.-1",
+            feature_levels=("transformer_blocks", "single_transformer_blocks"),
             max_sequence_length=512,
             default_sample_size=128,
             input_layer="x_embedder",
@@ -198,6 +205,7 @@ FAMILIES: dict[str, Family] = {
             prompt_encoder="pipeline",
             time_embedding=(("adaln_single.emb.time_proj", "adaln_single.emb.timestep_embedder"),),
             bottleneck="transformer_blocks.-1",
+            feature_levels=("transformer_blocks",),
             max_sequence_length=120,
             input_layer="pos_embed.proj",
         ),
@@ -213,6 +221,7 @@ FAMILIES: dict[str, Family] = {
             prompt_encoder="pipeline",
             time_embedding=(("adaln_single.emb.time_proj", "adaln_single.emb.timestep_embedder"),),
             bottleneck="transformer_blocks.-1",
+            feature_levels=("transformer_blocks",),
             max_sequence_length=300,
             input_layer="pos_embed.proj",
         ),
@@ -231,6 +240,7 @@ FAMILIES: dict[str, Family] = {
                 ("time_embed.time_proj", "time_embed.timestep_embedder"),
             ),
             bottleneck="transformer_blocks.-1",
+            feature_levels=("transformer_blocks",),
             input_layer="patch_embed.proj",
             max_sequence_length=300,
         ),
@@ -242,6 +252,7 @@ FAMILIES: dict[str, Family] = {
             pipeline_class="DiTPipeline",
             conditioning="class",
             bottleneck="transformer_blocks.-1",
+            feature_levels=("transformer_blocks",),
             input_layer="pos_embed.proj",
             output_layer="proj_out_2",
         ),

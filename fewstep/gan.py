@@ -28,6 +28,7 @@ from fewstep.types import Cond
 __all__ = [
     "probe_cond",
     "BottleneckHead",
+    "LevelHeads",
     "DiffusionDiscriminator",
     "GanLoss",
     "adaptive_weight",
@@ -35,6 +36,7 @@ __all__ = [
     "discriminator_loss",
     "generator_loss",
     "head_for",
+    "level_heads_for",
     "output_layer",
 ]
 
@@ -81,12 +83,45 @@ def head_for(backbone: Backbone, sample_shape: tuple[int, int, int], cond: Cond 
     """A :class:`BottleneckHead` sized for ``backbone``'s bottleneck, found by one dry run on zeros.
 
     cond: a one-sample condition when the backbone needs one (e.g. ``teacher.null_cond(1)``)."""
+    x, t = _probe(backbone, sample_shape)
+    features = backbone.bottleneck(x, t, cond)
+    return BottleneckHead(features.shape[1], _square_side(features, "bottleneck")).to(x.device)
+
+
+class LevelHeads(nn.Module):
+    """One :class:`BottleneckHead` per feature level (``Backbone.features``): LADD's independent discriminator
+    heads on the teacher's feature maps [R] (LADD: one per transformer block; here one per level of the
+    family, ``Family.feature_levels``). Features list -> logits (B, L), one column per level."""
+
+    def __init__(self, shapes: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(BottleneckHead(channels, size) for channels, size in shapes)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        if len(features) != len(self.heads):
+            raise ValueError(f"{len(features)} feature maps for {len(self.heads)} heads")
+        return torch.stack([head(f) for head, f in zip(self.heads, features)], dim=-1)
+
+
+def _probe(backbone: Backbone, sample_shape: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
     ref = next(backbone.parameters())
-    x = torch.zeros(1, *sample_shape, device=ref.device, dtype=ref.dtype)
-    features = backbone.bottleneck(x, torch.zeros(1, device=ref.device), cond)
+    return (torch.zeros(1, *sample_shape, device=ref.device, dtype=ref.dtype), torch.zeros(1, device=ref.device))
+
+
+def _square_side(features: Tensor, what: str) -> int:
     if features.shape[-1] != features.shape[-2]:
-        raise ValueError(f"bottleneck map {tuple(features.shape)} is not square; BottleneckHead needs h == w")
-    return BottleneckHead(features.shape[1], features.shape[-1]).to(ref.device)
+        raise ValueError(f"{what} map {tuple(features.shape)} is not square; BottleneckHead needs h == w")
+    return features.shape[-1]
+
+
+@torch.no_grad()
+def level_heads_for(backbone: Backbone, sample_shape: tuple[int, int, int], cond: Cond | None = None) -> LevelHeads:
+    """:class:`LevelHeads` sized for ``backbone``'s feature levels by one dry run on zeros (cond as
+    :func:`head_for`)."""
+    x, t = _probe(backbone, sample_shape)
+    features = backbone.features(x, t, cond)
+    shapes = [(f.shape[1], _square_side(f, f"feature level {i}")) for i, f in enumerate(features)]
+    return LevelHeads(shapes).to(x.device)
 
 
 class DiffusionDiscriminator(nn.Module):

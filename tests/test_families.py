@@ -171,6 +171,9 @@ def test_scalar_inputs_and_extra_channels_start_as_the_teacher_then_learn(folder
     grads = [p.grad for p in net.scalar_embeddings.parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     assert net.bottleneck(x, t, cond).shape[0] == 2
+    levels = net.features(x, t, cond)  # LADD's heads: one map per level, batch first, square
+    assert len(levels) == len(net.feature_modules()) >= 2
+    assert all(f.ndim == 4 and f.shape[0] == 2 and f.shape[-1] == f.shape[-2] for f in levels)
 
 
 # ------------------------------------------------------------------------------------------ refusals

@@ -14,6 +14,7 @@ from fewstep.gan import (
     discriminator_loss,
     generator_loss,
     head_for,
+    level_heads_for,
     output_layer,
 )
 from fewstep.testing import tiny_dit, tiny_unet, tiny_unet_condition
@@ -57,6 +58,34 @@ def test_bottleneck_skips_the_decoder():
     backbone(x, t)
     handle.remove()
     torch.testing.assert_close(backbone.bottleneck(x, t), seen[0])
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_features_are_the_levels_outputs_of_a_full_forward_and_each_gets_a_head(kind):
+    """``Backbone.features``: the mid and up blocks' outputs (UNet) or every block's tokens as maps (DiT), equal
+    to what a full forward computes; ``LevelHeads`` gives one logit per level and passes gradients to x."""
+    backbone, cond = _backbone(kind, 8)
+    modules = backbone.feature_modules()
+    expected = (1 + len(backbone.model.up_blocks)) if kind == "unet" else len(backbone.model.transformer_blocks)
+    assert len(modules) == expected
+    seen = []
+    handles = [m.register_forward_hook(lambda m, a, out: seen.append(out)) for m in modules]
+    x, t = torch.randn(2, 1, 8, 8, requires_grad=True), torch.tensor([1.0, 500.0])
+    cond2 = None if cond is None else cond.repeat(2)
+    backbone(x, t, cond2)
+    for h in handles:
+        h.remove()
+    features = backbone.features(x, t, cond2)
+    for f, out in zip(features, seen, strict=True):
+        if kind == "dit":  # tokens (B, N, D) -> (B, D, h, w), patch 2 on an 8x8 input
+            out = out.transpose(1, 2).reshape(2, out.shape[2], 4, 4)
+        torch.testing.assert_close(f, out)
+    heads = level_heads_for(backbone, (1, 8, 8), cond)
+    logits = heads(features)
+    assert logits.shape == (2, expected)
+    logits.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in heads.parameters())
 
 
 def test_losses_match_their_closed_forms():

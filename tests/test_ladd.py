@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fewstep.diffusion import VPProcess
+from fewstep.gan import LevelHeads
 from fewstep.testing import MethodConformance, make_tiny_teacher, run_tiny, tiny_pairs, tiny_run_config
 
 
@@ -26,9 +27,10 @@ class TestLADDConformance(MethodConformance):
 
 
 class TestADDConformance(MethodConformance):
-    """Two student levels trained on noised real digits with the approximated R1, sampled with 1 and 2 steps."""
+    """Two student levels trained on noised real digits with the approximated R1 and a head per feature level,
+    sampled with 1 and 2 steps."""
 
-    method = {"name": "add", "num_steps": 2, "r1_weight": 1.0}
+    method = {"name": "add", "num_steps": 2, "r1_weight": 1.0, "heads": "levels"}
     backbones = ("unet",)
     steps = 3
 
@@ -58,13 +60,39 @@ def test_hinge_losses_on_known_logits(teacher, tmp_path, monkeypatch):
     real = torch.tensor([2.0, 0.5, -1.0, 0.0])
     fake = torch.tensor([-2.0, 0.0, 1.0, 0.3])
     queue: list[torch.Tensor] = []
-    monkeypatch.setattr(ladd, "teacher_critic", lambda nets, cond: lambda x, s: queue.pop(0) + 0 * x.sum())
+    monkeypatch.setattr(ladd, "teacher_critic", lambda nets, cond, heads: lambda x, s: queue.pop(0) + 0 * x.sum())
     trainer = setup_trainer(tiny_run_config(teacher, {"name": "ladd", "real": "data"}, steps=1), tmp_path / "r")
     queue[:] = [real, fake]
     out = turn(trainer, "disc")
     torch.testing.assert_close(out.loss, torch.tensor([0.0, 0.5, 2.0, 1.0]) + torch.tensor([0.0, 1.0, 2.0, 1.3]))
     queue[:] = [fake]
     torch.testing.assert_close(turn(trainer, "generator").loss, -fake)
+
+
+def test_level_heads_each_take_their_own_hinge_loss_then_average(teacher, tmp_path, monkeypatch):
+    """With ``heads: levels`` the critic gives (B, L) logits; each head's hinge loss is taken on its own column
+    and the L losses are averaged per sample (not the hinge of the averaged logits: head 0 confident, head 1
+    wrong, the mean of their logits would hide head 1's loss)."""
+    real = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
+    fake = torch.tensor([[-2.0, 1.0], [0.0, -3.0]])
+    queue: list[torch.Tensor] = []
+    seen: list[str] = []
+
+    def critic(nets, cond, heads):
+        seen.append(heads)
+        return lambda x, s: queue.pop(0) + 0 * x.sum()
+
+    monkeypatch.setattr(ladd, "teacher_critic", critic)
+    trainer = setup_trainer(tiny_run_config(teacher, {"name": "ladd", "real": "data", "heads": "levels"}, steps=1,
+                                            batch=2), tmp_path / "r")
+    assert isinstance(trainer.nets.extra["disc_head"], LevelHeads)
+    queue[:] = [real, fake]
+    real_hinge = torch.tensor([[0.0, 2.0], [0.5, 0.5]])
+    fake_hinge = torch.tensor([[0.0, 2.0], [1.0, 0.0]])
+    torch.testing.assert_close(turn(trainer, "disc").loss, (real_hinge + fake_hinge).mean(-1))
+    queue[:] = [fake]
+    torch.testing.assert_close(turn(trainer, "generator").loss, -fake.mean(-1))
+    assert seen == ["levels", "levels"]
 
 
 def test_r1_adds_half_gamma_times_the_penalty_on_the_real_inputs(teacher, tmp_path, monkeypatch):
@@ -74,7 +102,7 @@ def test_r1_adds_half_gamma_times_the_penalty_on_the_real_inputs(teacher, tmp_pa
     a, gamma = 0.3, 2.0
     inputs: list[torch.Tensor] = []
 
-    def linear_critic(nets, cond):
+    def linear_critic(nets, cond, heads):
         def critic(x, sigma):
             inputs.append(x.detach().clone())
             return a * x.flatten(1).sum(1)
