@@ -456,9 +456,10 @@ class Trainer:
                 # a root module keeps its weights gathered after forward, awaiting a backward that a frozen
                 # network never runs; resharded, they stay shards like the leader's for the EMA/target update
                 self.nets.get(name).set_reshard_after_forward(True)
-            for name in self._skeletons:  # critics call Backbone.bottleneck, not forward (fewstep.distribution)
-                if callable(getattr(self.nets.get(name), "bottleneck", None)):
-                    register_fsdp_forward_method(self.nets.get(name), "bottleneck")
+            for name in self._skeletons:  # critics call Backbone.bottleneck / features, not forward (fewstep.gan)
+                for method in ("bottleneck", "features"):
+                    if callable(getattr(self.nets.get(name), method, None)):
+                        register_fsdp_forward_method(self.nets.get(name), method)
         if self.ctx.is_main and self.plan.engine != "ddp":
             print(f"fewstep: {self.plan.describe()}", file=sys.stderr, flush=True)
 
