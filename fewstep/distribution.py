@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fewstep.diffusion import X0Clip, append_dims, karras_sigmas
-from fewstep.gan import discriminator_loss, generator_loss, probe_cond
+from fewstep.gan import discriminator_loss, generator_loss, head_logits, probe_cond
 from fewstep.method_configs import (  # import-light
     DistributionMatchingConfig,
     FDivergence,
@@ -460,13 +460,14 @@ def denoiser(process: Any, net: nn.Module, cond: Cond | None) -> Denoiser:
 
 
 def bottleneck_critic(process: Any, backbone: nn.Module, head: nn.Module, cond: Cond | None) -> Critic:
-    """D(x, c) = head(bottleneck of ``backbone`` fed as the teacher would be at (x, sigma)) (§2.3(c)).
+    """D(x, c) = head(bottleneck of ``backbone`` fed as the teacher would be at (x, sigma)) (§2.3(c)); with
+    :class:`fewstep.gan.LevelHeads` (``gan_heads: levels``) one logit per feature level, (B, L).
 
-    ``Backbone.bottleneck`` is reached through ``unwrap``: under DDP the critic's wrapped forward also runs
+    ``Backbone.bottleneck`` / ``features`` is reached through ``unwrap``: under DDP the critic's wrapped forward also runs
     in the same turn (its denoising loss), and one backward then reduces the summed gradient."""
     def critic(x: Tensor, sigma: Tensor) -> Tensor:
         inputs, timestep = process.network_inputs(x, sigma)
-        return head(unwrap(backbone).bottleneck(inputs, timestep, cond))
+        return head_logits(head, unwrap(backbone), inputs, timestep, cond)
 
     return critic
 

@@ -9,7 +9,10 @@ own trainable copy of the teacher's encoder (:class:`DiffusionDiscriminator`). N
 downloaded: the projected StyleGAN-XL discriminators of CTM / CAF (DeiT, EfficientNet) are replaced
 by this one, which is a departure from those papers.
 
-Losses are per sample, (B,), so the trainer reduces them like any other loss.
+Heads: one :class:`BottleneckHead` on the bottleneck (DMD2's), or :class:`LevelHeads`, one per feature level
+(LADD's; ``gan_heads: levels``), whose logits are (B, L). Losses are per sample, (B,): with several heads each
+head's loss is taken on its own logits and the heads' losses are averaged (not the loss of averaged logits,
+which would let a confident head hide a wrong one), so the trainer reduces them like any other loss.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewstep.backbones import Backbone
-from fewstep.method_configs import GanLoss
+from fewstep.method_configs import GanHeads, GanLoss
 from fewstep.types import Cond
 
 __all__ = [
     "probe_cond",
+    "GanHeads",
     "BottleneckHead",
     "LevelHeads",
     "DiffusionDiscriminator",
@@ -36,7 +40,9 @@ __all__ = [
     "discriminator_loss",
     "generator_loss",
     "head_for",
+    "head_logits",
     "level_heads_for",
+    "make_head",
     "output_layer",
 ]
 
@@ -124,6 +130,29 @@ def level_heads_for(backbone: Backbone, sample_shape: tuple[int, int, int], cond
     return LevelHeads(shapes).to(x.device)
 
 
+def make_head(backbone: Backbone, sample_shape: tuple[int, int, int], cond: Cond | None = None,
+              kind: GanHeads = "bottleneck") -> BottleneckHead | LevelHeads:
+    """The discriminator head(s) of ``kind`` for ``backbone``: :func:`head_for` or :func:`level_heads_for`."""
+    if kind == "levels":
+        return level_heads_for(backbone, sample_shape, cond)
+    if kind == "bottleneck":
+        return head_for(backbone, sample_shape, cond)
+    raise ValueError(f"unknown gan_heads {kind!r}; choose bottleneck or levels")
+
+
+def head_logits(head: nn.Module, backbone: Backbone, x: Tensor, timestep: Tensor, cond: Cond | None = None) -> Tensor:
+    """Logits of ``head`` on ``backbone``'s features for the network inputs (x, timestep, cond): (B,) from the
+    bottleneck map for a :class:`BottleneckHead`, (B, L) from every level for :class:`LevelHeads`."""
+    if isinstance(head, LevelHeads):
+        return head(backbone.features(x, timestep, cond))
+    return head(backbone.bottleneck(x, timestep, cond))
+
+
+def _per_sample(loss: Tensor) -> Tensor:
+    """(B,) from per-head losses (B, L), averaged over heads, or from a per-sample loss (B,)."""
+    return loss.mean(-1) if loss.ndim == 2 else loss
+
+
 class DiffusionDiscriminator(nn.Module):
     """A trainable copy of a diffusion backbone's encoder with a :class:`BottleneckHead` (CTM / CAF GAN
     stages in fewstep; see the module docstring). Called like the backbone: network inputs, timestep
@@ -135,18 +164,18 @@ class DiffusionDiscriminator(nn.Module):
         self.head = head_for(self.backbone, sample_shape, cond)
 
     def forward(self, x: Tensor, timestep: Tensor, cond: Cond | None = None) -> Tensor:
-        return self.head(self.backbone.bottleneck(x, timestep, cond))
+        return head_logits(self.head, self.backbone, x, timestep, cond)
 
 
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, kind: GanLoss = "nonsaturating") -> Tensor:
-    """Per-sample discriminator loss (B,).
+    """Per-sample discriminator loss (B,) from logits (B,), or (B, L) for L heads (each head's loss, averaged).
 
     nonsaturating: softplus(D(fake)) + softplus(-D(real)) (DMD2, distribution.md §2.3(c));
     hinge: relu(1 + D(fake)) + relu(1 - D(real)) (CTM, CAF)."""
     if kind == "nonsaturating":
-        return F.softplus(fake_logits) + F.softplus(-real_logits)
+        return _per_sample(F.softplus(fake_logits) + F.softplus(-real_logits))
     if kind == "hinge":
-        return F.relu(1 + fake_logits) + F.relu(1 - real_logits)
+        return _per_sample(F.relu(1 + fake_logits) + F.relu(1 - real_logits))
     raise ValueError(f"unknown GAN loss {kind!r}; choose nonsaturating or hinge")
 
 
@@ -154,21 +183,23 @@ def approximate_r1(critic, x: Tensor, logits: Tensor, noise: Tensor, std: float)
     """Per-sample approximated R1 penalty (B,) on real inputs: ((D(x + std·n) − D(x)) / std)², n = ``noise`` ~ N(0, I)
     (the caller draws it, from the step's generators so that runs replay exactly).
 
-    ``critic`` maps a (B, C, H, W) input to logits (B,) and ``logits`` = critic(x). For a small ``std`` the
+    ``critic`` maps a (B, C, H, W) input to logits (B,) (or (B, L) for L heads: each head's penalty, averaged)
+    and ``logits`` = critic(x). For a small ``std`` the
     finite difference is ∇D(x)·n, whose square has expectation ||∇D(x)||², so gamma/2 times this term estimates
     R1's gamma/2 ||∇D(x)||² (ADD's real-data penalty) with one more forward pass and no second derivative; APT
     penalises the same change of D under a small Gaussian perturbation of the real input (distribution.md §9 [R];
     the scaling by std² is ours, so gamma reads as R1's)."""
     perturbed = critic(x + std * noise)
-    return ((perturbed - logits) / std).square()
+    return _per_sample(((perturbed - logits) / std).square())
 
 
 def generator_loss(fake_logits: Tensor, kind: GanLoss = "nonsaturating") -> Tensor:
-    """Per-sample generator loss (B,): softplus(-D(fake)) (non-saturating) or -D(fake) (hinge)."""
+    """Per-sample generator loss (B,): softplus(-D(fake)) (non-saturating) or -D(fake) (hinge); logits (B, L) of
+    L heads: each head's loss, averaged."""
     if kind == "nonsaturating":
-        return F.softplus(-fake_logits)
+        return _per_sample(F.softplus(-fake_logits))
     if kind == "hinge":
-        return -fake_logits
+        return _per_sample(-fake_logits)
     raise ValueError(f"unknown GAN loss {kind!r}; choose nonsaturating or hinge")
 
 

@@ -16,12 +16,17 @@ from pydantic import Field, model_validator
 
 from fewstep.config import MethodConfig
 
-__all__ = ["Distance", "DistributionMatchingConfig", "FDivergence", "GanLoss", "TangentOptions", "check_pair_guidance",
+__all__ = ["Distance", "DistributionMatchingConfig", "FDivergence", "GAN_HEADS_HELP", "GanHeads", "GanLoss", "TangentOptions", "check_pair_guidance",
            "check_resolutions", "check_sample_guidance", "student_guidance"]
 
 # Option types of method configs, re-exported by the modules that implement them.
 Distance = Literal["l2", "l1", "pseudo_huber"]  # fewstep.losses.distance
 GanLoss = Literal["nonsaturating", "hinge"]  # fewstep.gan
+GanHeads = Literal["bottleneck", "levels"]  # fewstep.gan.make_head
+GAN_HEADS_HELP = ("Discriminator heads on a backbone's features (fewstep.gan.make_head): bottleneck: one head on "
+                  "the bottleneck map (only the encoder runs); levels: one head per feature level (UNets: the mid "
+                  "and every up block; transformers: every block), LADD's independent heads [R], each with its "
+                  "own loss, averaged over heads; costs the backbone's full forward per critic call.")
 FDivergence = Literal["reverse_kl", "forward_kl", "js", "squared_hellinger", "jeffreys", "softened_rkl",
                       "neyman_chi2"]  # fewstep.distribution.F_DIVERGENCES
 
@@ -83,6 +88,8 @@ class DistributionMatchingConfig(MethodConfig):
                                      "the critic's (DMD2: 1e-2 everywhere, §2.3(d)).")
     gan_t_max: float = Field(1.0, gt=0.0, le=1.0, description="Diffusion-GAN noise: levels drawn uniformly "
                              "from this lowest fraction of the training grid (DMD2: the full range, §2.3(c)).")
+    gan_heads: GanHeads = Field("bottleneck", description=GAN_HEADS_HELP + " DMD2: one head on the fake score's "
+                                "bottleneck (§2.3(c)).")
 
     @model_validator(mode="after")
     def _check_shared(self) -> DistributionMatchingConfig:

@@ -48,7 +48,7 @@ from fewstep.distribution import (
     routed,
     simulation_steps,
 )
-from fewstep.gan import head_for
+from fewstep.gan import make_head
 from fewstep.hookspecs import hookimpl
 from fewstep.losses import distance
 from fewstep.sampling import sampling_net
@@ -75,7 +75,7 @@ def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict
     for fake_name, head_name in pairs:
         fake = nets[fake_name] = copy.deepcopy(student).requires_grad_(True)
         if ctx.method.adversarial:
-            nets[head_name] = head_for(fake, teacher.sample_shape, probe_cond(teacher))
+            nets[head_name] = make_head(fake, teacher.sample_shape, probe_cond(teacher), ctx.method.gan_heads)
     return nets
 
 

@@ -33,6 +33,9 @@ class FDistillConfig(DistributionMatchingConfig):
 
     @model_validator(mode="after")
     def _ratio_range(self) -> FDistillConfig:
+        if self.gan_heads != "bottleneck":
+            raise ValueError(f"gan_heads={self.gan_heads!r}: f-distill reads the GAN head's logit as the density "
+                             "ratio, one per sample, so it has one head; set gan_heads: bottleneck")
         lo, hi = self.ratio_clip
         if not 0.0 < lo <= 1.0 <= hi:
             raise ValueError(f"ratio_clip={self.ratio_clip}: need 0 < lo <= 1 <= hi (r = 1 where the "

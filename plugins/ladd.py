@@ -23,7 +23,7 @@ Multistep students (``num_steps`` > 1) train at level k > 0 on real samples nois
 re-noising sampler. The first level reads pure noise (``first_input: noise``, what the sampler gives it) or, as
 ADD's student at timestep 999, real samples noised there (``first_input: real``).
 
-Departures: by default one feature map (the UNet mid block / DiT last block); ``heads: levels`` puts LADD's
+Departures: by default one feature map (the UNet mid block / DiT last block); ``gan_heads: levels`` puts LADD's
 independent heads on every level (UNets: the mid and every up block; transformers: every block), each head with
 its own hinge loss, averaged over heads (LADD's reduction over heads is not verified). For ADD the teacher's noisy features instead of a frozen DINOv2 on clean pixels (a download); ADD's
 R1 penalty on real data is off by default and, where on (``r1_weight``), approximated (the change of D under a
@@ -31,7 +31,7 @@ small perturbation of its real, re-noised input, APT's; ``fewstep.gan.approximat
 text/image-embedding conditioning of the heads is the teacher's own conditioning of its features.
 
 Costs per trainer step (B samples): disc turn 1 student forward (no grad) + 2 teacher bottleneck forwards (full
-forwards with ``heads: levels``; no grad through the teacher's weights; a third with ``r1_weight``) + head forward/backward; generator turn 1 student
+forwards with ``gan_heads: levels``; no grad through the teacher's weights; a third with ``r1_weight``) + head forward/backward; generator turn 1 student
 forward/backward + 1 bottleneck forward/backward through the frozen teacher; ``add`` adds 1 teacher forward (2
 with CFG).
 """
@@ -64,8 +64,8 @@ from fewstep.gan import (
     approximate_r1,
     discriminator_loss,
     generator_loss,
-    head_for,
-    level_heads_for,
+    head_logits,
+    make_head,
     probe_cond,
 )
 from fewstep.hookspecs import hookimpl
@@ -77,8 +77,7 @@ from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunCont
 def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict[str, nn.Module]:
     """``disc_head``: a head sized by a dry run of the teacher's bottleneck, or one head per feature level
     (``heads: levels``); the teacher stays frozen."""
-    build = level_heads_for if ctx.method.heads == "levels" else head_for
-    return {"disc_head": build(teacher.net, teacher.sample_shape, probe_cond(teacher)).float()}
+    return {"disc_head": make_head(teacher.net, teacher.sample_shape, probe_cond(teacher), ctx.method.gan_heads).float()}
 
 
 @hookimpl
@@ -88,23 +87,17 @@ def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup
             optimizer_group(ctx, "disc", ("disc_head",), lr=cfg.disc_lr)]
 
 
-def teacher_critic(nets: Nets, cond: Cond | None, heads: str = "bottleneck") -> Critic:
+def teacher_critic(nets: Nets, cond: Cond | None) -> Critic:
     """D(x, sigma) = head(frozen teacher's bottleneck at the sigma-space point (x, sigma)), logits (B,); with
-    ``heads: levels`` one head per feature level, logits (B, L)."""
+    ``gan_heads: levels`` one head per feature level, logits (B, L)."""
     teacher, head = nets.teacher, nets.extra["disc_head"]
     cast = None if cond is None else cond.to(teacher.device, teacher.dtype)
-    read = teacher.net.features if heads == "levels" else teacher.net.bottleneck
 
     def critic(x: Tensor, sigma: Tensor) -> Tensor:
         inputs, timestep = teacher.process.network_inputs(x, sigma)
-        return head(read(inputs.to(teacher.dtype), timestep, cast)).float()
+        return head_logits(head, teacher.net, inputs.to(teacher.dtype), timestep, cast).float()
 
     return critic
-
-
-def per_sample(loss: Tensor) -> Tensor:
-    """(B,) from a per-sample, per-head loss (B, L) (the heads' losses averaged) or a per-sample one (B,)."""
-    return loss.mean(-1) if loss.ndim == 2 else loss
 
 
 def renoise_levels(cfg: _Adversarial, process, step: StepInfo) -> Tensor:
@@ -165,7 +158,7 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
     x_real, real_cond = real_samples(cfg, batch)
     cond = real_cond  # student samples share the real samples' conditions, so D compares like with like
     student = denoiser(process, nets.student, cond)
-    critic = teacher_critic(nets, cond, cfg.heads)
+    critic = teacher_critic(nets, cond)
     if group.name == "disc":
         with torch.no_grad():
             fake = generate(cfg, levels, student, x_real, step, process.x0_clip).float()
@@ -173,18 +166,17 @@ def fewstep_loss(ctx: RunContext, group: OptimizerGroup, batch: Batch, nets: Net
         real_in = x_real + append_dims(real_sigma, x_real.ndim) * step.randn_like(x_real)
         real_logits = critic(real_in, real_sigma)
         fake_logits = renoised_logits(critic, fake, renoise_levels(cfg, process, step), step.randn_like(fake))
-        loss = per_sample(discriminator_loss(real_logits, fake_logits, cfg.gan_loss))
+        loss = discriminator_loss(real_logits, fake_logits, cfg.gan_loss)
         terms = {"d_real": real_logits.detach().mean(), "d_fake": fake_logits.detach().mean()}
         if cfg.r1_weight > 0:
             r1 = approximate_r1(lambda x: critic(x, real_sigma), real_in, real_logits, step.randn_like(real_in),
                                 cfg.r1_std)
-            r1 = per_sample(r1)
             loss = loss + 0.5 * cfg.r1_weight * r1
             terms["r1"] = r1.detach().mean()
         return LossOutput(loss=loss, terms=terms)
     x = generate(cfg, levels, student, x_real, step, process.x0_clip).float()
-    adv = per_sample(generator_loss(renoised_logits(critic, x, renoise_levels(cfg, process, step),
-                                                    step.randn_like(x)), cfg.gan_loss))
+    adv = generator_loss(renoised_logits(critic, x, renoise_levels(cfg, process, step), step.randn_like(x)),
+                         cfg.gan_loss)
     terms = {"adv": adv.detach().mean()}
     loss = adv
     if cfg.name == "add" and cfg.distill_weight > 0:

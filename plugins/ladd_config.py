@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from fewstep.config import MethodConfig
 from fewstep.hookspecs import hookimpl
-from fewstep.method_configs import GanLoss
+from fewstep.method_configs import GAN_HEADS_HELP, GanHeads, GanLoss
 
 
 class _Adversarial(MethodConfig):
@@ -30,12 +30,7 @@ class _Adversarial(MethodConfig):
                                                    "included [R]. Choose a level where the real samples' share is "
                                                    "small (SD's 999: sigma 14.6), so that pure noise at sampling "
                                                    "is close to what the student trained on.")
-    heads: Literal["bottleneck", "levels"] = Field("bottleneck", description="Discriminator heads on the frozen "
-                                                   "teacher's features: bottleneck: one head on the bottleneck map "
-                                                   "(only the encoder runs); levels: one head per feature level "
-                                                   "(UNets: the mid and every up block; transformers: every block; "
-                                                   "LADD's independent heads [R]), each with its own loss, averaged "
-                                                   "over heads; costs the teacher's full forward per pass.")
+    gan_heads: GanHeads = Field("bottleneck", description=GAN_HEADS_HELP + " Here on the frozen teacher.")
     gan_loss: GanLoss = Field("hinge", description="Adversarial loss (ADD and LADD: hinge [R]).")
     renoise_mean: float = Field(1.0, description="Mean of log sigma of the discriminator's re-noising (LADD's "
                                 "logit-normal location m over flow time; m = 1 favours high noise [R]).")

@@ -68,7 +68,7 @@ from fewstep.distribution import (
     optimizer_groups,
     probe_cond,
 )
-from fewstep.gan import head_for
+from fewstep.gan import make_head
 from fewstep.hookspecs import hookimpl
 from fewstep.losses import distance
 from fewstep.nn import unwrap
@@ -167,7 +167,7 @@ def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict
         fake = (copy.deepcopy(teacher.net).float() if small else copy.deepcopy(student)).requires_grad_(True)
         nets[fake_name] = fake
         if cfg.adversarial:
-            nets[head_name] = head_for(fake, teacher.sample_shape, probe_cond(teacher))
+            nets[head_name] = make_head(fake, teacher.sample_shape, probe_cond(teacher), ctx.method.gan_heads)
     return nets
 
 

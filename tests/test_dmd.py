@@ -28,9 +28,10 @@ class TestDMD2Conformance(MethodConformance):
 
 
 class TestDMD2MultistepConformance(MethodConformance):
-    """Four generator steps with backward simulation; validation samples with 1 and 2 steps."""
+    """Four generator steps with backward simulation and a GAN head per feature level of the fake score;
+    validation samples with 1 and 2 steps."""
 
-    method = {"name": "dmd2", "ratio": 2, "num_steps": 4}
+    method = {"name": "dmd2", "ratio": 2, "num_steps": 4, "gan_heads": "levels"}
     steps = 3
 
 
@@ -89,6 +90,38 @@ def test_gan_term_reaches_the_generator_through_the_frozen_critic(class_teacher,
         grads[weight] = trainer.nets.student.model.conv_out.weight.grad.clone()
         assert ("gan" in out.terms) == (weight > 0)
     assert not torch.allclose(grads[0.0], grads[1.0])
+
+
+def test_level_heads_judge_every_level_of_the_fake_score(class_teacher, tmp_path):
+    """``gan_heads: levels``: one head per feature level of the fake score (mid and up blocks); the critic turn's
+    discriminator term is the heads' losses averaged and trains every head; f-distill, which reads one logit as
+    its density ratio, refuses it before any work."""
+    from fewstep.config import ConfigError
+    from fewstep.distribution import bottleneck_critic
+    from fewstep.gan import LevelHeads, discriminator_loss
+    from fewstep.plugin import build_manager
+    from fewstep.trainer import Trainer
+
+    method = {"name": "dmd2", "gan_heads": "levels", "ratio": 1}
+    trainer = Trainer(tiny_run_config(class_teacher, method, steps=1), build_manager("dmd2"), tmp_path / "r")
+    trainer.setup()
+    fake, head = trainer.nets.extra["fake_score"], trainer.nets.extra["gan_head"]
+    assert isinstance(head, LevelHeads) and len(head.heads) == len(fake.feature_modules()) == 1 + len(fake.model.up_blocks)
+    x, sigma = torch.randn(4, *trainer.nets.teacher.sample_shape), torch.full((4,), 0.5)
+    labels = torch.tensor([0, 1, 2, 3])
+    from fewstep.types import Cond
+
+    logits = bottleneck_critic(trainer.nets.teacher.process, fake, head, Cond(labels=labels))(x, sigma)
+    assert logits.shape == (4, len(head.heads))
+    per_head = [discriminator_loss(logits[:, i], -logits[:, i]) for i in range(len(head.heads))]
+    torch.testing.assert_close(discriminator_loss(logits, -logits), torch.stack(per_head, -1).mean(-1))
+    group = trainer.groups["critic"]
+    out = trainer.pm.hook.fewstep_loss(ctx=trainer.ctx, group=group, batch=trainer.batch(0), nets=trainer.nets,
+                                       step=trainer.step_info(0, group))
+    out.loss.mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for h in head.heads for p in h.net[-1].parameters())
+    with pytest.raises(ConfigError, match="density ratio"):
+        tiny_run_config(class_teacher, {"name": "fdistill", "gan_heads": "levels"})
 
 
 def test_dmd_needs_a_pair_store_and_one_step(class_teacher, tmp_path):

@@ -30,7 +30,7 @@ class TestADDConformance(MethodConformance):
     """Two student levels trained on noised real digits with the approximated R1 and a head per feature level,
     sampled with 1 and 2 steps."""
 
-    method = {"name": "add", "num_steps": 2, "r1_weight": 1.0, "heads": "levels"}
+    method = {"name": "add", "num_steps": 2, "r1_weight": 1.0, "gan_heads": "levels"}
     backbones = ("unet",)
     steps = 3
 
@@ -60,7 +60,7 @@ def test_hinge_losses_on_known_logits(teacher, tmp_path, monkeypatch):
     real = torch.tensor([2.0, 0.5, -1.0, 0.0])
     fake = torch.tensor([-2.0, 0.0, 1.0, 0.3])
     queue: list[torch.Tensor] = []
-    monkeypatch.setattr(ladd, "teacher_critic", lambda nets, cond, heads: lambda x, s: queue.pop(0) + 0 * x.sum())
+    monkeypatch.setattr(ladd, "teacher_critic", lambda nets, cond: lambda x, s: queue.pop(0) + 0 * x.sum())
     trainer = setup_trainer(tiny_run_config(teacher, {"name": "ladd", "real": "data"}, steps=1), tmp_path / "r")
     queue[:] = [real, fake]
     out = turn(trainer, "disc")
@@ -78,12 +78,12 @@ def test_level_heads_each_take_their_own_hinge_loss_then_average(teacher, tmp_pa
     queue: list[torch.Tensor] = []
     seen: list[str] = []
 
-    def critic(nets, cond, heads):
-        seen.append(heads)
+    def critic(nets, cond):
+        seen.append(nets.extra["disc_head"].__class__.__name__)
         return lambda x, s: queue.pop(0) + 0 * x.sum()
 
     monkeypatch.setattr(ladd, "teacher_critic", critic)
-    trainer = setup_trainer(tiny_run_config(teacher, {"name": "ladd", "real": "data", "heads": "levels"}, steps=1,
+    trainer = setup_trainer(tiny_run_config(teacher, {"name": "ladd", "real": "data", "gan_heads": "levels"}, steps=1,
                                             batch=2), tmp_path / "r")
     assert isinstance(trainer.nets.extra["disc_head"], LevelHeads)
     queue[:] = [real, fake]
@@ -92,7 +92,7 @@ def test_level_heads_each_take_their_own_hinge_loss_then_average(teacher, tmp_pa
     torch.testing.assert_close(turn(trainer, "disc").loss, (real_hinge + fake_hinge).mean(-1))
     queue[:] = [fake]
     torch.testing.assert_close(turn(trainer, "generator").loss, -fake.mean(-1))
-    assert seen == ["levels", "levels"]
+    assert seen == ["LevelHeads", "LevelHeads"]
 
 
 def test_r1_adds_half_gamma_times_the_penalty_on_the_real_inputs(teacher, tmp_path, monkeypatch):
@@ -102,7 +102,7 @@ def test_r1_adds_half_gamma_times_the_penalty_on_the_real_inputs(teacher, tmp_pa
     a, gamma = 0.3, 2.0
     inputs: list[torch.Tensor] = []
 
-    def linear_critic(nets, cond, heads):
+    def linear_critic(nets, cond):
         def critic(x, sigma):
             inputs.append(x.detach().clone())
             return a * x.flatten(1).sum(1)
