@@ -463,8 +463,8 @@ def bottleneck_critic(process: Any, backbone: nn.Module, head: nn.Module, cond: 
     """D(x, c) = head(bottleneck of ``backbone`` fed as the teacher would be at (x, sigma)) (§2.3(c)); with
     :class:`fewstep.gan.LevelHeads` (``gan_heads: levels``) one logit per feature level, (B, L).
 
-    ``Backbone.bottleneck`` / ``features`` is reached through ``unwrap``: under DDP the critic's wrapped forward also runs
-    in the same turn (its denoising loss), and one backward then reduces the summed gradient."""
+    ``Backbone.bottleneck`` / ``features`` is reached through ``unwrap``: under DDP the critic's wrapped forward
+    also runs in the same turn (its denoising loss), and one backward then reduces the summed gradient."""
     def critic(x: Tensor, sigma: Tensor) -> Tensor:
         inputs, timestep = process.network_inputs(x, sigma)
         return head_logits(head, unwrap(backbone), inputs, timestep, cond)

@@ -184,11 +184,10 @@ def approximate_r1(critic, x: Tensor, logits: Tensor, noise: Tensor, std: float)
     (the caller draws it, from the step's generators so that runs replay exactly).
 
     ``critic`` maps a (B, C, H, W) input to logits (B,) (or (B, L) for L heads: each head's penalty, averaged)
-    and ``logits`` = critic(x). For a small ``std`` the
-    finite difference is ∇D(x)·n, whose square has expectation ||∇D(x)||², so gamma/2 times this term estimates
-    R1's gamma/2 ||∇D(x)||² (ADD's real-data penalty) with one more forward pass and no second derivative; APT
-    penalises the same change of D under a small Gaussian perturbation of the real input (distribution.md §9 [R];
-    the scaling by std² is ours, so gamma reads as R1's)."""
+    and ``logits`` = critic(x). For a small ``std`` the finite difference is ∇D(x)·n, whose square has expectation
+    ||∇D(x)||², so gamma/2 times this term estimates R1's gamma/2 ||∇D(x)||² (ADD's real-data penalty) with one
+    more forward pass and no second derivative; APT penalises the same change of D under a small Gaussian
+    perturbation of the real input (distribution.md §9 [R]; the scaling by std² is ours, so gamma reads as R1's)."""
     perturbed = critic(x + std * noise)
     return _per_sample(((perturbed - logits) / std).square())
 

@@ -16,8 +16,8 @@ from pydantic import Field, model_validator
 
 from fewstep.config import MethodConfig
 
-__all__ = ["Distance", "DistributionMatchingConfig", "FDivergence", "GAN_HEADS_HELP", "GanHeads", "GanLoss", "TangentOptions", "check_pair_guidance",
-           "check_resolutions", "check_sample_guidance", "student_guidance"]
+__all__ = ["Distance", "DistributionMatchingConfig", "FDivergence", "GAN_HEADS_HELP", "GanHeads", "GanLoss",
+           "TangentOptions", "check_pair_guidance", "check_resolutions", "check_sample_guidance", "student_guidance"]
 
 # Option types of method configs, re-exported by the modules that implement them.
 Distance = Literal["l2", "l1", "pseudo_huber"]  # fewstep.losses.distance

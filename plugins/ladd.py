@@ -4,9 +4,9 @@ and ``add`` (Sauer et al., "Adversarial Diffusion Distillation", 2023, arXiv:231
 specs/distribution.md §9 (ADD facts there are [R]).
 
 Networks: the student (a copy of the teacher) is the generator, called at DMD2's generator levels
-(``fewstep.distribution``: one step at sigma_max, or N levels of the training grid); ``disc_head`` is a
-trainable ``fewstep.gan.BottleneckHead`` on the *frozen teacher's* bottleneck features. The discriminator
-D(x, sigma) = head(teacher bottleneck at x + sigma·eps) reads samples re-noised to a level drawn as
+(``fewstep.distribution``: one step at sigma_max, or N levels of the training grid); ``disc_head`` holds
+trainable heads (``fewstep.gan.LevelHeads`` or a ``BottleneckHead``) on the *frozen teacher's* features. The
+discriminator D(x, sigma) = head(teacher features at x + sigma·eps) reads samples re-noised to a level drawn as
 log sigma ~ N(renoise_mean, renoise_std²), i.e. LADD's logit-normal over flow time t = sigma/(1 + sigma),
 clipped to the teacher's range; generator samples and real samples are re-noised independently. The teacher's
 weights never train; the generator's adversarial gradient flows through them into its samples. Hinge loss
@@ -23,17 +23,20 @@ Multistep students (``num_steps`` > 1) train at level k > 0 on real samples nois
 re-noising sampler. The first level reads pure noise (``first_input: noise``, what the sampler gives it) or, as
 ADD's student at timestep 999, real samples noised there (``first_input: real``).
 
-Departures: by default one feature map (the UNet mid block / DiT last block); ``gan_heads: levels`` puts LADD's
-independent heads on every level (UNets: the mid and every up block; transformers: every block), each head with
-its own hinge loss, averaged over heads (LADD's reduction over heads is not verified). For ADD the teacher's noisy features instead of a frozen DINOv2 on clean pixels (a download); ADD's
+Heads: by default (``gan_heads: levels``) one per feature level of the teacher, LADD's independent heads (UNets:
+the mid and every up block, where LADD has one per transformer block; transformers: every block), each with its
+own hinge loss, averaged over heads (LADD's reduction over heads is not verified); ``gan_heads: bottleneck``: one
+head on the bottleneck (the UNet mid block / DiT last block), which runs only the encoder.
+
+Departures: for ADD the teacher's noisy features instead of a frozen DINOv2 on clean pixels (a download); ADD's
 R1 penalty on real data is off by default and, where on (``r1_weight``), approximated (the change of D under a
 small perturbation of its real, re-noised input, APT's; ``fewstep.gan.approximate_r1``); ADD's
 text/image-embedding conditioning of the heads is the teacher's own conditioning of its features.
 
-Costs per trainer step (B samples): disc turn 1 student forward (no grad) + 2 teacher bottleneck forwards (full
-forwards with ``gan_heads: levels``; no grad through the teacher's weights; a third with ``r1_weight``) + head forward/backward; generator turn 1 student
-forward/backward + 1 bottleneck forward/backward through the frozen teacher; ``add`` adds 1 teacher forward (2
-with CFG).
+Costs per trainer step (B samples): disc turn 1 student forward (no grad) + 2 teacher forwards (encoder only with
+``gan_heads: bottleneck``; no grad through the teacher's weights; a third with ``r1_weight``) + head
+forward/backward; generator turn 1 student forward/backward + 1 teacher forward/backward through the frozen
+teacher; ``add`` adds 1 teacher forward (2 with CFG).
 """
 
 from __future__ import annotations
@@ -75,9 +78,10 @@ from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunCont
 
 @hookimpl
 def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict[str, nn.Module]:
-    """``disc_head``: a head sized by a dry run of the teacher's bottleneck, or one head per feature level
-    (``heads: levels``); the teacher stays frozen."""
-    return {"disc_head": make_head(teacher.net, teacher.sample_shape, probe_cond(teacher), ctx.method.gan_heads).float()}
+    """``disc_head``: one head per feature level of the teacher, or one on its bottleneck (``gan_heads``), sized
+    by a dry run; the teacher stays frozen."""
+    head = make_head(teacher.net, teacher.sample_shape, probe_cond(teacher), ctx.method.gan_heads)
+    return {"disc_head": head.float()}
 
 
 @hookimpl
