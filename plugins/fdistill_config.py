@@ -32,10 +32,14 @@ class FDistillConfig(DistributionMatchingConfig):
                             "samples per bin the weights flatten towards DMD2's.")
 
     @model_validator(mode="after")
-    def _ratio_range(self) -> FDistillConfig:
+    def _one_head(self) -> FDistillConfig:
         if self.gan_heads != "bottleneck":
             raise ValueError(f"gan_heads={self.gan_heads!r}: f-distill reads the GAN head's logit as the density "
                              "ratio, one per sample, so it has one head; set gan_heads: bottleneck")
+        return self
+
+    @model_validator(mode="after")
+    def _ratio_range(self) -> FDistillConfig:
         lo, hi = self.ratio_clip
         if not 0.0 < lo <= 1.0 <= hi:
             raise ValueError(f"ratio_clip={self.ratio_clip}: need 0 < lo <= 1 <= hi (r = 1 where the "

@@ -101,6 +101,7 @@ def test_level_heads_judge_every_level_of_the_fake_score(class_teacher, tmp_path
     from fewstep.gan import LevelHeads, discriminator_loss
     from fewstep.plugin import build_manager
     from fewstep.trainer import Trainer
+    from fewstep.types import Cond
 
     method = {"name": "dmd2", "gan_heads": "levels", "ratio": 1}
     trainer = Trainer(tiny_run_config(class_teacher, method, steps=1), build_manager("dmd2"), tmp_path / "r")
@@ -108,10 +109,7 @@ def test_level_heads_judge_every_level_of_the_fake_score(class_teacher, tmp_path
     fake, head = trainer.nets.extra["fake_score"], trainer.nets.extra["gan_head"]
     assert isinstance(head, LevelHeads) and len(head.heads) == len(fake.feature_modules()) == 1 + len(fake.model.up_blocks)
     x, sigma = torch.randn(4, *trainer.nets.teacher.sample_shape), torch.full((4,), 0.5)
-    labels = torch.tensor([0, 1, 2, 3])
-    from fewstep.types import Cond
-
-    logits = bottleneck_critic(trainer.nets.teacher.process, fake, head, Cond(labels=labels))(x, sigma)
+    logits = bottleneck_critic(trainer.nets.teacher.process, fake, head, Cond(labels=torch.tensor([0, 1, 2, 3])))(x, sigma)
     assert logits.shape == (4, len(head.heads))
     per_head = [discriminator_loss(logits[:, i], -logits[:, i]) for i in range(len(head.heads))]
     torch.testing.assert_close(discriminator_loss(logits, -logits), torch.stack(per_head, -1).mean(-1))
