@@ -461,7 +461,8 @@ def denoiser(process: Any, net: nn.Module, cond: Cond | None) -> Denoiser:
 
 def bottleneck_critic(process: Any, backbone: nn.Module, head: nn.Module, cond: Cond | None) -> Critic:
     """D(x, c) = head(bottleneck of ``backbone`` fed as the teacher would be at (x, sigma)) (§2.3(c)); with
-    :class:`fewstep.gan.LevelHeads` (``gan_heads: levels``) one logit per feature level, (B, L).
+    :class:`fewstep.gan.LevelHeads` (``gan_heads: levels``) one logit per feature level, (B, L); patch heads
+    (``gan_head_grid`` g > 1) g² logits per head.
 
     ``Backbone.bottleneck`` / ``features`` is reached through ``unwrap``: under DDP the critic's wrapped forward
     also runs in the same turn (its denoising loss), and one backward then reduces the summed gradient."""

@@ -10,9 +10,11 @@ downloaded: the projected StyleGAN-XL discriminators of CTM / CAF (DeiT, Efficie
 by this one, which is a departure from those papers.
 
 Heads: one :class:`BottleneckHead` on the bottleneck (DMD2's), or :class:`LevelHeads`, one per feature level
-(LADD's; ``gan_heads: levels``), whose logits are (B, L). Losses are per sample, (B,): with several heads each
-head's loss is taken on its own logits and the heads' losses are averaged (not the loss of averaged logits,
-which would let a confident head hide a wrong one), so the trainer reduces them like any other loss.
+(LADD's; ``gan_heads: levels``), whose logits are (B, L); either with one logit per image or, ``gan_head_grid``
+g > 1, a g x g grid of patch logits per head (ADD's heads judge every feature token [R]). Losses are per sample,
+(B,): with several heads (or cells) each one's loss is taken on its own logits and the losses are averaged (not
+the loss of averaged logits, which would let a confident head hide a wrong one), so the trainer reduces them like
+any other loss.
 """
 
 from __future__ import annotations
@@ -57,56 +59,73 @@ def _norm(channels: int, pixels: int) -> nn.GroupNorm:
 
 
 class BottleneckHead(nn.Module):
-    """DMD2's classifier head on a (B, D, h, w) bottleneck map (distribution.md §2.3(c)).
+    """DMD2's classifier head on a (B, D, h, w) bottleneck map (distribution.md §2.3(c)), or with ``grid`` > 1 a
+    patch head: a ``grid`` x ``grid`` map of logits, each judging its own region of the image.
 
-    4x4 stride-2 convolutions halve the map while it is larger than 4x4, a 4x4 stride-4 convolution
-    takes 4x4 to 1x1 (DMD2 on ImageNet / SD1.5: 8 -> 4 -> 1), each followed by GroupNorm (32 groups,
-    fewer for narrow maps, see `_norm`) and SiLU,
-    and a 1x1 convolution gives one logit. The width stays at D. Maps whose side is not 4·2^k are
-    averaged to 1x1 after the last halving.
+    grid 1 (DMD2's): 4x4 stride-2 convolutions halve the map while it is larger than 4x4, a 4x4 stride-4
+    convolution takes 4x4 to 1x1 (DMD2 on ImageNet / SD1.5: 8 -> 4 -> 1), each followed by GroupNorm (32
+    groups, fewer for narrow maps, see `_norm`) and SiLU, and a 1x1 convolution gives one logit. Maps whose side
+    is not 4·2^k are averaged to 1x1 after the last halving.
+
+    grid g > 1: the same halvings while the map is larger than g x g (then averaged to g x g where the side is not
+    g·2^k), a 3x3 convolution with GroupNorm and SiLU at g x g, and a 1x1 convolution to one logit per cell:
+    the per-position logits of PatchGAN and of ADD's discriminator heads (StyleGAN-T's heads give one logit per
+    feature token [R]), coarsened to g x g so that every head, whatever its level's size, gives g² logits and a
+    plain mean over them weighs the heads equally. The width stays at D.
     """
 
-    def __init__(self, channels: int, size: int) -> None:
+    def __init__(self, channels: int, size: int, grid: int = 1) -> None:
         super().__init__()
+        if grid > size:
+            raise ValueError(f"a {grid}x{grid} grid of logits on a {size}x{size} feature map: the map is smaller "
+                             f"than the grid; choose gan_head_grid <= {size}")
+        self.grid = grid
+        floor = 4 if grid == 1 else grid
         layers: list[nn.Module] = []
-        while size > 4:
+        while size > floor and size // 2 >= grid:
             size //= 2
             layers += [nn.Conv2d(channels, channels, 4, 2, 1), _norm(channels, size * size), nn.SiLU()]
-        if size == 4:
+        if grid == 1 and size == 4:
             layers += [nn.Conv2d(channels, channels, 4, 4, 0), _norm(channels, 1), nn.SiLU()]
-        else:
-            layers.append(nn.AdaptiveAvgPool2d(1))
+        elif size != grid:
+            layers.append(nn.AdaptiveAvgPool2d(grid))
+        if grid > 1:
+            layers += [nn.Conv2d(channels, channels, 3, 1, 1), _norm(channels, grid * grid), nn.SiLU()]
         layers.append(nn.Conv2d(channels, 1, 1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, features: Tensor) -> Tensor:
-        """features: (B, D, h, w) -> logits (B,)."""
-        return self.net(features.to(self.net[-1].weight.dtype)).reshape(-1)
+        """features: (B, D, h, w) -> logits (B,) for grid 1, else (B, grid²)."""
+        logits = self.net(features.to(self.net[-1].weight.dtype))
+        return logits.reshape(-1) if self.grid == 1 else logits.flatten(1)
 
 
 @torch.no_grad()
-def head_for(backbone: Backbone, sample_shape: tuple[int, int, int], cond: Cond | None = None) -> BottleneckHead:
-    """A :class:`BottleneckHead` sized for ``backbone``'s bottleneck, found by one dry run on zeros.
+def head_for(backbone: Backbone, sample_shape: tuple[int, int, int], cond: Cond | None = None,
+             grid: int = 1) -> BottleneckHead:
+    """A :class:`BottleneckHead` (``grid`` x ``grid`` logits) sized for ``backbone``'s bottleneck, found by one dry
+    run on zeros.
 
     cond: a one-sample condition when the backbone needs one (e.g. ``teacher.null_cond(1)``)."""
     x, t = _probe(backbone, sample_shape)
     features = backbone.bottleneck(x, t, cond)
-    return BottleneckHead(features.shape[1], _square_side(features, "bottleneck")).to(x.device)
+    return BottleneckHead(features.shape[1], _square_side(features, "bottleneck"), grid).to(x.device)
 
 
 class LevelHeads(nn.Module):
     """One :class:`BottleneckHead` per feature level (``Backbone.features``): LADD's independent discriminator
     heads on the teacher's feature maps [R] (LADD: one per transformer block; here one per level of the
-    family, ``Family.feature_levels``). Features list -> logits (B, L), one column per level."""
+    family, ``Family.feature_levels``). Features list -> logits (B, L·grid²): one column per level, or with
+    patch heads its grid² columns, level after level."""
 
-    def __init__(self, shapes: list[tuple[int, int]]) -> None:
+    def __init__(self, shapes: list[tuple[int, int]], grid: int = 1) -> None:
         super().__init__()
-        self.heads = nn.ModuleList(BottleneckHead(channels, size) for channels, size in shapes)
+        self.heads = nn.ModuleList(BottleneckHead(channels, size, grid) for channels, size in shapes)
 
     def forward(self, features: list[Tensor]) -> Tensor:
         if len(features) != len(self.heads):
             raise ValueError(f"{len(features)} feature maps for {len(self.heads)} heads")
-        return torch.stack([head(f) for head, f in zip(self.heads, features)], dim=-1)
+        return torch.cat([head(f).reshape(f.shape[0], -1) for head, f in zip(self.heads, features)], dim=-1)
 
 
 def _probe(backbone: Backbone, sample_shape: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
@@ -121,35 +140,39 @@ def _square_side(features: Tensor, what: str) -> int:
 
 
 @torch.no_grad()
-def level_heads_for(backbone: Backbone, sample_shape: tuple[int, int, int], cond: Cond | None = None) -> LevelHeads:
-    """:class:`LevelHeads` sized for ``backbone``'s feature levels by one dry run on zeros (cond as
-    :func:`head_for`)."""
+def level_heads_for(backbone: Backbone, sample_shape: tuple[int, int, int], cond: Cond | None = None,
+                    grid: int = 1) -> LevelHeads:
+    """:class:`LevelHeads` (``grid`` x ``grid`` logits each) sized for ``backbone``'s feature levels by one dry run
+    on zeros (cond as :func:`head_for`)."""
     x, t = _probe(backbone, sample_shape)
     features = backbone.features(x, t, cond)
     shapes = [(f.shape[1], _square_side(f, f"feature level {i}")) for i, f in enumerate(features)]
-    return LevelHeads(shapes).to(x.device)
+    return LevelHeads(shapes, grid).to(x.device)
 
 
 def make_head(backbone: Backbone, sample_shape: tuple[int, int, int], cond: Cond | None = None,
-              kind: GanHeads = "bottleneck") -> BottleneckHead | LevelHeads:
-    """The discriminator head(s) of ``kind`` for ``backbone``: :func:`head_for` or :func:`level_heads_for`."""
+              kind: GanHeads = "bottleneck", grid: int = 1) -> BottleneckHead | LevelHeads:
+    """The discriminator head(s) of ``kind`` for ``backbone``, each with ``grid`` x ``grid`` logits: :func:`head_for`
+    or :func:`level_heads_for`."""
     if kind == "levels":
-        return level_heads_for(backbone, sample_shape, cond)
+        return level_heads_for(backbone, sample_shape, cond, grid)
     if kind == "bottleneck":
-        return head_for(backbone, sample_shape, cond)
+        return head_for(backbone, sample_shape, cond, grid)
     raise ValueError(f"unknown gan_heads {kind!r}; choose bottleneck or levels")
 
 
 def head_logits(head: nn.Module, backbone: Backbone, x: Tensor, timestep: Tensor, cond: Cond | None = None) -> Tensor:
     """Logits of ``head`` on ``backbone``'s features for the network inputs (x, timestep, cond): (B,) from the
-    bottleneck map for a :class:`BottleneckHead`, (B, L) from every level for :class:`LevelHeads`."""
+    bottleneck map for a :class:`BottleneckHead`, (B, L) from every level for :class:`LevelHeads`; with patch
+    heads (grid g > 1) (B, g²) and (B, L·g²)."""
     if isinstance(head, LevelHeads):
         return head(backbone.features(x, timestep, cond))
     return head(backbone.bottleneck(x, timestep, cond))
 
 
 def _per_sample(loss: Tensor) -> Tensor:
-    """(B,) from per-head losses (B, L), averaged over heads, or from a per-sample loss (B,)."""
+    """(B,) from per-head losses (B, L), averaged over heads, or from a per-sample loss (B,). Patch heads' columns
+    are their cells' losses; every head has as many, so the plain mean still weighs the heads equally."""
     return loss.mean(-1) if loss.ndim == 2 else loss
 
 

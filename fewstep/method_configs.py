@@ -16,7 +16,8 @@ from pydantic import Field, model_validator
 
 from fewstep.config import MethodConfig
 
-__all__ = ["Distance", "DistributionMatchingConfig", "FDivergence", "GAN_HEADS_HELP", "GanHeads", "GanLoss",
+__all__ = ["Distance", "DistributionMatchingConfig", "FDivergence", "GAN_HEAD_GRID_HELP", "GAN_HEADS_HELP", "GanHeads",
+           "GanLoss",
            "TangentOptions", "check_pair_guidance", "check_resolutions", "check_sample_guidance", "student_guidance"]
 
 # Option types of method configs, re-exported by the modules that implement them.
@@ -27,6 +28,10 @@ GAN_HEADS_HELP = ("Discriminator heads on a backbone's features (fewstep.gan.mak
                   "the bottleneck map (only the encoder runs); levels: one head per feature level (UNets: the mid "
                   "and every up block; transformers: every block), LADD's independent heads [R], each with its "
                   "own loss, averaged over heads; costs the backbone's full forward per critic call.")
+GAN_HEAD_GRID_HELP = ("Logits per discriminator head (fewstep.gan.BottleneckHead): 1: one per image (DMD2's head); "
+                      "g > 1: a g x g grid of patch logits, each judging its region of the image, every cell with "
+                      "its own loss, averaged (PatchGAN; ADD's heads judge every feature token [R]). g must not "
+                      "exceed the side of the smallest feature map a head reads.")
 FDivergence = Literal["reverse_kl", "forward_kl", "js", "squared_hellinger", "jeffreys", "softened_rkl",
                       "neyman_chi2"]  # fewstep.distribution.F_DIVERGENCES
 
@@ -90,6 +95,7 @@ class DistributionMatchingConfig(MethodConfig):
                              "from this lowest fraction of the training grid (DMD2: the full range, §2.3(c)).")
     gan_heads: GanHeads = Field("bottleneck", description=GAN_HEADS_HELP + " DMD2: one head on the fake score's "
                                 "bottleneck (§2.3(c)).")
+    gan_head_grid: int = Field(1, ge=1, le=64, description=GAN_HEAD_GRID_HELP + " DMD2: 1 (§2.3(c)).")
 
     @model_validator(mode="after")
     def _check_shared(self) -> DistributionMatchingConfig:

@@ -75,7 +75,8 @@ def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict
     for fake_name, head_name in pairs:
         fake = nets[fake_name] = copy.deepcopy(student).requires_grad_(True)
         if ctx.method.adversarial:
-            nets[head_name] = make_head(fake, teacher.sample_shape, probe_cond(teacher), ctx.method.gan_heads)
+            nets[head_name] = make_head(fake, teacher.sample_shape, probe_cond(teacher), ctx.method.gan_heads,
+                                         ctx.method.gan_head_grid)
     return nets
 
 

@@ -33,9 +33,10 @@ class FDistillConfig(DistributionMatchingConfig):
 
     @model_validator(mode="after")
     def _one_head(self) -> FDistillConfig:
-        if self.gan_heads != "bottleneck":
-            raise ValueError(f"gan_heads={self.gan_heads!r}: f-distill reads the GAN head's logit as the density "
-                             "ratio, one per sample, so it has one head; set gan_heads: bottleneck")
+        if self.gan_heads != "bottleneck" or self.gan_head_grid != 1:
+            raise ValueError(f"gan_heads={self.gan_heads!r}, gan_head_grid={self.gan_head_grid}: f-distill reads the "
+                             "GAN head's logit as the density ratio, one per sample, so it has one head with one "
+                             "logit; set gan_heads: bottleneck and gan_head_grid: 1")
         return self
 
     @model_validator(mode="after")

@@ -26,7 +26,9 @@ ADD's student at timestep 999, real samples noised there (``first_input: real``)
 Heads: by default (``gan_heads: levels``) one per feature level of the teacher, LADD's independent heads (UNets:
 the mid and every up block, where LADD has one per transformer block; transformers: every block), each with its
 own hinge loss, averaged over heads (LADD's reduction over heads is not verified); ``gan_heads: bottleneck``: one
-head on the bottleneck (the UNet mid block / DiT last block), which runs only the encoder.
+head on the bottleneck (the UNet mid block / DiT last block), which runs only the encoder. ``gan_head_grid`` g > 1
+gives every head a g x g grid of patch logits, each cell with its own hinge loss (ADD's heads, StyleGAN-T's, give
+one logit per feature token [R]; here the cells are coarsened to g x g so every level weighs the same).
 
 Departures: for ADD the teacher's noisy features instead of a frozen DINOv2 on clean pixels (a download); ADD's
 R1 penalty on real data is off by default and, where on (``r1_weight``), approximated (the change of D under a
@@ -80,7 +82,8 @@ from fewstep.types import Batch, Cond, LossOutput, Nets, OptimizerGroup, RunCont
 def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict[str, nn.Module]:
     """``disc_head``: one head per feature level of the teacher, or one on its bottleneck (``gan_heads``), sized
     by a dry run; the teacher stays frozen."""
-    head = make_head(teacher.net, teacher.sample_shape, probe_cond(teacher), ctx.method.gan_heads)
+    head = make_head(teacher.net, teacher.sample_shape, probe_cond(teacher), ctx.method.gan_heads,
+                     ctx.method.gan_head_grid)
     return {"disc_head": head.float()}
 
 
@@ -93,7 +96,8 @@ def fewstep_optimizer_groups(ctx: RunContext, nets: Nets) -> list[OptimizerGroup
 
 def teacher_critic(nets: Nets, cond: Cond | None) -> Critic:
     """D(x, sigma) = head(frozen teacher's bottleneck at the sigma-space point (x, sigma)), logits (B,); with
-    ``gan_heads: levels`` one head per feature level, logits (B, L)."""
+    ``gan_heads: levels`` one head per feature level, logits (B, L); with ``gan_head_grid`` g > 1 each head's g²
+    patch logits."""
     teacher, head = nets.teacher, nets.extra["disc_head"]
     cast = None if cond is None else cond.to(teacher.device, teacher.dtype)
 

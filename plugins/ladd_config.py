@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from fewstep.config import MethodConfig
 from fewstep.hookspecs import hookimpl
-from fewstep.method_configs import GAN_HEADS_HELP, GanHeads, GanLoss
+from fewstep.method_configs import GAN_HEAD_GRID_HELP, GAN_HEADS_HELP, GanHeads, GanLoss
 
 
 class _Adversarial(MethodConfig):
@@ -34,6 +34,7 @@ class _Adversarial(MethodConfig):
                                 "LADD's design, and on the Fashion benchmark it lowered ADD's one-step FID from "
                                 "114.5 to 68.2 and LADD's from 240.8 to 72.3 (2 seeds each, docs/BENCHMARKS.md "
                                 "round 24).")
+    gan_head_grid: int = Field(1, ge=1, le=64, description=GAN_HEAD_GRID_HELP)
     gan_loss: GanLoss = Field("hinge", description="Adversarial loss (ADD and LADD: hinge [R]).")
     renoise_mean: float = Field(1.0, description="Mean of log sigma of the discriminator's re-noising (LADD's "
                                 "logit-normal location m over flow time; m = 1 favours high noise [R]).")

@@ -167,7 +167,8 @@ def fewstep_extra_networks(ctx: RunContext, teacher, student: nn.Module) -> dict
         fake = (copy.deepcopy(teacher.net).float() if small else copy.deepcopy(student)).requires_grad_(True)
         nets[fake_name] = fake
         if cfg.adversarial:
-            nets[head_name] = make_head(fake, teacher.sample_shape, probe_cond(teacher), ctx.method.gan_heads)
+            nets[head_name] = make_head(fake, teacher.sample_shape, probe_cond(teacher), ctx.method.gan_heads,
+                                         ctx.method.gan_head_grid)
     return nets
 
 

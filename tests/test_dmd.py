@@ -94,8 +94,8 @@ def test_gan_term_reaches_the_generator_through_the_frozen_critic(class_teacher,
 
 def test_level_heads_judge_every_level_of_the_fake_score(class_teacher, tmp_path):
     """``gan_heads: levels``: one head per feature level of the fake score (mid and up blocks); the critic turn's
-    discriminator term is the heads' losses averaged and trains every head; f-distill, which reads one logit as
-    its density ratio, refuses it before any work."""
+    discriminator term is the heads' losses averaged and trains every head; with ``gan_head_grid: 2`` each head
+    gives 4 patch logits; f-distill, which reads one logit as its density ratio, refuses both before any work."""
     from fewstep.config import ConfigError
     from fewstep.distribution import bottleneck_critic
     from fewstep.gan import LevelHeads, discriminator_loss
@@ -120,6 +120,15 @@ def test_level_heads_judge_every_level_of_the_fake_score(class_teacher, tmp_path
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for h in head.heads for p in h.net[-1].parameters())
     with pytest.raises(ConfigError, match="density ratio"):
         tiny_run_config(class_teacher, {"name": "fdistill", "gan_heads": "levels"})
+    with pytest.raises(ConfigError, match="density ratio"):
+        tiny_run_config(class_teacher, {"name": "fdistill", "gan_head_grid": 2})
+    patches = Trainer(tiny_run_config(class_teacher, {**method, "gan_head_grid": 2}, steps=1), build_manager("dmd2"),
+                      tmp_path / "p")
+    patches.setup()
+    head = patches.nets.extra["gan_head"]
+    critic = bottleneck_critic(patches.nets.teacher.process, patches.nets.extra["fake_score"], head,
+                               Cond(labels=torch.tensor([0, 1, 2, 3])))
+    assert critic(x, sigma).shape == (4, 4 * len(head.heads))
 
 
 def test_dmd_needs_a_pair_store_and_one_step(class_teacher, tmp_path):

@@ -88,6 +88,39 @@ def test_features_are_the_levels_outputs_of_a_full_forward_and_each_gets_a_head(
     assert all(p.grad is not None for p in heads.parameters())
 
 
+@pytest.mark.parametrize("size, grid", [(4, 4), (8, 4), (16, 4), (6, 4), (16, 2), (5, 2)])
+def test_patch_head_gives_a_grid_of_logits(size, grid):
+    """``grid`` g > 1: g² logits per image from any map at least g wide, the convolutions' halvings stopping at g
+    (then averaged to g where the side is not g·2^k); a map narrower than the grid is refused with the fix."""
+    head = BottleneckHead(16, size, grid)
+    assert head(torch.randn(3, 16, size, size)).shape == (3, grid * grid)
+    halvings = sum(isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2) for m in head.net)
+    side = size
+    for _ in range(halvings):
+        side //= 2
+    assert grid <= side < 2 * grid
+    with pytest.raises(ValueError, match=f"choose gan_head_grid <= {grid - 1}"):
+        BottleneckHead(16, grid - 1, grid)
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_patch_level_heads_weigh_every_level_equally(kind):
+    """``LevelHeads`` with grid 2: (B, L·4) logits, level after level; the mean loss over the columns is the
+    mean over heads of each head's own mean over its cells, and every head gets a gradient."""
+    backbone, cond = _backbone(kind, 8)
+    heads = level_heads_for(backbone, (1, 8, 8), cond, grid=2)
+    x = torch.randn(3, 1, 8, 8)
+    cond3 = None if cond is None else cond.repeat(3)
+    logits = heads(backbone.features(x, torch.tensor([3.0, 300.0, 900.0]), cond3))
+    levels = len(heads.heads)
+    assert logits.shape == (3, levels * 4)
+    fake = logits.flip(0)
+    per_head = [discriminator_loss(logits[:, 4 * i:4 * i + 4], fake[:, 4 * i:4 * i + 4], "hinge") for i in range(levels)]
+    torch.testing.assert_close(discriminator_loss(logits, fake, "hinge"), torch.stack(per_head, -1).mean(-1))
+    generator_loss(logits, "hinge").sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for h in heads.heads for p in h.net[-1].parameters())
+
+
 def test_losses_match_their_closed_forms():
     real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
     torch.testing.assert_close(discriminator_loss(real, fake), F.softplus(fake) + F.softplus(-real))

@@ -95,6 +95,29 @@ def test_level_heads_each_take_their_own_hinge_loss_then_average(teacher, tmp_pa
     assert seen == ["LevelHeads", "LevelHeads"]
 
 
+def test_patch_heads_judge_a_grid_of_cells_per_level_of_the_frozen_teacher(teacher, tmp_path):
+    """``gan_head_grid: 2``: the teacher's critic gives 4 logits per feature level; the disc turn's loss is each
+    cell's hinge loss averaged (so it is the loss of the cells' logits, recomputed here) and trains every head;
+    the generator's is minus their mean."""
+    from fewstep.gan import discriminator_loss
+    from fewstep.types import Cond
+
+    trainer = setup_trainer(tiny_run_config(teacher, {"name": "ladd", "real": "data", "gan_head_grid": 2}, steps=1),
+                            tmp_path / "r")
+    head = trainer.nets.extra["disc_head"]
+    assert isinstance(head, LevelHeads) and all(h.grid == 2 for h in head.heads)
+    x, sigma = torch.randn(4, *trainer.nets.teacher.sample_shape), torch.full((4,), 0.7)
+    cond = Cond(labels=torch.arange(4)) if trainer.nets.teacher.conditioning == "class" else None
+    logits = ladd.teacher_critic(trainer.nets, cond)(x, sigma)
+    assert logits.shape == (4, 4 * len(head.heads))
+    torch.testing.assert_close(discriminator_loss(logits, -logits, "hinge"),
+                               (torch.relu(1 - logits) + torch.relu(1 - logits)).mean(-1))
+    out = turn(trainer, "disc")
+    assert out.loss.shape == (trainer.config.train.batch_size,) and torch.isfinite(out.loss).all()
+    out.loss.mean().backward()  # the last bias's gradient cancels while every hinge is active: the weights
+    assert all(h.net[-1].weight.grad is not None and h.net[-1].weight.grad.abs().sum() > 0 for h in head.heads)
+
+
 def test_r1_adds_half_gamma_times_the_penalty_on_the_real_inputs(teacher, tmp_path, monkeypatch):
     """The disc turn's loss gains gamma/2 ((D(x_real + std n) - D(x_real)) / std)² per sample, x_real the
     re-noised real input, and nothing else (the R1 noise is drawn last, so the hinge terms see the same draws);
