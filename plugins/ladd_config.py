@@ -66,6 +66,11 @@ class ADDConfig(_Adversarial):
 
     name: Literal["add"] = "add"
     real: Literal["pairs", "data"] = Field("data", description="Real samples: data (ADD's real images) or pairs.")
+    renoise_mean: float = Field(-3.0, description="Mean of log sigma of the discriminator's re-noising. ADD's "
+                                "discriminator reads clean images [R]; a diffusion-feature discriminator needs some "
+                                "noise, and a low level is the nearest: on the Fashion benchmark -3 (median sigma "
+                                "0.05) lowered the one-step FID from 68.2 at 0 to 46.7 (-2: 50.8; 2 seeds each, "
+                                "docs/BENCHMARKS.md round 25). LADD's m = 1 favours high noise [R].")
     distill_weight: float = Field(2.5, ge=0.0, description="lambda of the distillation term (ADD: 2.5 [R]).")
     distill_weighting: Literal["alpha_bar", "uniform"] = Field("alpha_bar", description="c(t) of the distillation "
                                                                "term: alpha_bar = 1/(1 + sigma²) (ADD's exponential "
