@@ -120,6 +120,10 @@ class LevelHeads(nn.Module):
 
     def __init__(self, shapes: list[tuple[int, int]], grid: int = 1) -> None:
         super().__init__()
+        smallest = min(size for _, size in shapes)
+        if grid > smallest:  # name the smallest level, whichever head would meet it first
+            raise ValueError(f"a {grid}x{grid} grid of logits per head, but the smallest feature level is "
+                             f"{smallest}x{smallest}; choose gan_head_grid <= {smallest}")
         self.heads = nn.ModuleList(BottleneckHead(channels, size, grid) for channels, size in shapes)
 
     def forward(self, features: list[Tensor]) -> Tensor:

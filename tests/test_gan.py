@@ -9,6 +9,7 @@ from fewstep.backbones import Backbone
 from fewstep.gan import (
     BottleneckHead,
     DiffusionDiscriminator,
+    LevelHeads,
     adaptive_weight,
     approximate_r1,
     discriminator_loss,
@@ -119,6 +120,8 @@ def test_patch_level_heads_weigh_every_level_equally(kind):
     torch.testing.assert_close(discriminator_loss(logits, fake, "hinge"), torch.stack(per_head, -1).mean(-1))
     generator_loss(logits, "hinge").sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for h in heads.heads for p in h.net[-1].parameters())
+    with pytest.raises(ValueError, match="smallest feature level is 2x2; choose gan_head_grid <= 2"):
+        LevelHeads([(8, 8), (8, 2), (8, 16)], grid=4)
 
 
 def test_losses_match_their_closed_forms():
