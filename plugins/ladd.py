@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import torch
 from fewstep_plugins.ladd_config import (  # noqa: F401 - re-exported from the config module
+    MIN_REAL_INPUT_SIGMA,
     ADDConfig,
     LADDConfig,
     _Adversarial,

@@ -227,3 +227,18 @@ def test_first_level_input_is_pure_noise_or_noised_real_samples(first_input):
     x_in, sigma = seen[0]
     torch.testing.assert_close(sigma, torch.full((2,), 14.6))
     torch.testing.assert_close(x_in, (x_real if first_input == "real" else 0.0) + 14.6 * z)
+
+
+def test_real_first_input_is_refused_at_a_level_where_it_shows_through_the_noise():
+    """``first_input: real`` below sigma 5 trains on inputs the sampler never gives (real images are 24 % of the
+    input's std at sigma 2): refused with the fix, for both methods; above it, with noise, or at the grid's top
+    (sigma_max unset) accepted."""
+    from pydantic import ValidationError
+
+    for config in (ladd.ADDConfig, ladd.LADDConfig):
+        with pytest.raises(ValidationError, match=r"sigma_max=2 .* about 24% real image.*first_input: noise"):
+            config(first_input="real", sigma_max=2.0)
+        assert config(first_input="real", sigma_max=14.6).sigma_max == 14.6
+        assert config(first_input="real", sigma_max=ladd.MIN_REAL_INPUT_SIGMA).first_input == "real"
+        assert config(first_input="noise", sigma_max=2.0).first_input == "noise"
+        assert config(first_input="real").sigma_max is None
