@@ -36,7 +36,8 @@ class _Adversarial(MethodConfig):
                                                    "input x_s = alpha_s x_real + sigma_s eps at every level, 999 "
                                                    "included [R]. Choose a level where the real samples' share is "
                                                    "small (SD's 999: sigma 14.6), so that pure noise at sampling "
-                                                   "is close to what the student trained on.")
+                                                   "is close to what the student trained on; real below sigma 5 "
+                                                   "is refused (MIN_REAL_INPUT_SIGMA).")
     gan_heads: GanHeads = Field("levels", description=GAN_HEADS_HELP + " Here on the frozen teacher; levels is "
                                 "LADD's design, and on the Fashion benchmark it lowered ADD's one-step FID from "
                                 "114.5 to 68.2 and LADD's from 240.8 to 72.3 (2 seeds each, docs/BENCHMARKS.md "
